@@ -1,0 +1,5 @@
+import sys
+
+from evc.cli import main
+
+sys.exit(main())

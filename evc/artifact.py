@@ -1,0 +1,34 @@
+"""What a target writes: an artifact file, described for the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Artifact:
+    path: Path  # relative to the bundle
+    format: str
+    parity: dict | None = None
+    details: dict = field(default_factory=dict)  # format-specific facts (opset, ops, ...)
+
+    def describe(self, root: Path) -> dict:
+        file = root / self.path
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "size": file.stat().st_size,
+            "sha256": sha256_file(file),
+            "parity": self.parity,
+            **self.details,
+        }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

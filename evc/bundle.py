@@ -1,0 +1,69 @@
+"""Writing a bundle so that no one ever sees half of one.
+
+A bundle is built in a hidden temporary folder beside its final place and
+renamed into place only when complete. The previous good bundle is moved
+aside, not deleted, until the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def recover(final: Path) -> None:
+    """Undo what a killed build left: stale temporary folders, a bundle moved aside."""
+    if not final.parent.is_dir():
+        return
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    aside = _aside(final)
+    if aside.is_dir():
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, final)
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    aside = _aside(final)
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+    os.rename(new, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def staged(final: Path):
+    """Yield a temporary folder; on success it replaces `final`, on any failure it is removed."""
+    recover(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def read_manifest(bundle: Path) -> dict | None:
+    try:
+        return json.loads((bundle / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,315 @@
+"""Check a parsed spec against the registries and turn it into a Plan.
+
+Everything that can be checked without loading a model is checked here, and
+every problem is reported at once, in source order:
+
+    >>> plan = check_spec(parse_spec(text, "specs/deit.evc"))
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from evc.errors import Diagnostic, Span, SpecError
+from evc.params import (
+    Choice, DataRef, Float, Int, Invalid, Kind, ListOf, Param, Text, did_you_mean,
+)
+from evc.plan import DataPlan, ImageInput, ModelPlan, PassPlan, Plan, Source, TargetPlan
+from evc.registry import DEVICES, FORMATS, PASSES, load_plugins
+from evc.spec import ast
+
+BLOCK_KINDS = ("model", "data", "compress", "target")
+
+
+def _literal(value: ast.Value) -> Any:
+    """A plain Python value for a call's keyword argument (`num_classes = 10`)."""
+    if isinstance(value, ast.List):
+        return [_literal(v) for v in value.items]
+    if isinstance(value, ast.Ident):
+        return value.name
+    if isinstance(value, ast.Call):
+        raise Invalid(f"a call is not allowed here: {value.name}(...)", value.span)
+    if isinstance(value, ast.Percent):
+        return value.value / 100
+    return float(value.value) if isinstance(value, ast.Fraction) else value.value
+
+
+class ModelSource(Kind):
+    text = 'timm("model_name") or python("package.module:factory")'
+    _python_ref = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
+
+    def check(self, value):
+        if not isinstance(value, ast.Call) or value.name not in ("timm", "python"):
+            hint = did_you_mean(value.name, ("timm", "python")) if isinstance(value, ast.Call) else None
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span, hint)
+        if len(value.args) != 1 or not isinstance(value.args[0], ast.String):
+            raise Invalid(f"{value.name}(...) takes one string: the model's name", value.span)
+        name = value.args[0].value
+        if value.name == "python" and not re.fullmatch(self._python_ref, name):
+            raise Invalid(f'"{name}" is not of the form "package.module:factory"', value.args[0].span)
+        kwargs = tuple((k.name, _literal(k.value)) for k in value.kwargs)
+        return Source(value.name, name, kwargs)
+
+
+class ImageInputKind(Kind):
+    text = "image(height, width, mean = [r, g, b], std = [r, g, b])"
+    _size = Int(1, 8192)
+    _keywords = {
+        "mean": ListOf(Float(0, 1), length=3),
+        "std": ListOf(Float(0, 1e3, open_low=True), length=3),
+        "crop_pct": Float(0, 1, open_low=True),
+        "interpolation": Choice(("bilinear", "bicubic", "nearest")),
+    }
+
+    def check(self, value):
+        if not isinstance(value, ast.Call) or value.name != "image":
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
+        if len(value.args) != 2:
+            raise Invalid("image(...) takes two sizes: height and width", value.span)
+        height, width = (self._size.check(v) for v in value.args)
+        options = {}
+        for kw in value.kwargs:
+            kind = self._keywords.get(kw.name)
+            if kind is None:
+                raise Invalid(f"unknown argument '{kw.name}' of image(...)", kw.span,
+                              did_you_mean(kw.name, self._keywords))
+            options[kw.name] = kind.check(kw.value)
+        return ImageInput(height, width, **options)
+
+
+MODEL_PARAMS = (
+    Param("source", ModelSource(), help="where the model comes from"),
+    Param("input", ImageInputKind(), help="the input image: size and normalisation"),
+    Param("weights", Text(shape="a path to a .safetensors or .pth file"), None,
+          "checkpoint to load; without it the model is randomly initialised"),
+)
+
+DATA_PARAMS = (
+    Param("synthetic", Int(1), None, "this many random images, drawn from a seeded generator"),
+    Param("images", Text(shape="a path to a folder of images"), None, "a folder of images (searched recursively)"),
+    Param("seed", Int(0), 0, "seed for synthetic images and for sampling"),
+    Param("limit", Int(1), None, "use at most this many images of the folder"),
+)
+
+TARGET_PARAMS = (
+    Param("device", Choice(()), help="the device the bundle is for"),
+    Param("format", Choice(()), help="the artifact format lowered to"),
+)
+
+
+def parse_and_check(text: str, path: str | Path) -> Plan:
+    from evc.spec import parse_spec
+
+    return check_spec(parse_spec(text, str(path)))
+
+
+def check_spec(spec: ast.Spec) -> Plan:
+    load_plugins()
+    checker = _Checker(spec)
+    plan = checker.run()
+    if checker.diagnostics:
+        diagnostics = sorted(checker.diagnostics, key=lambda d: (d.span.line, d.span.col) if d.span else (0, 0))
+        raise SpecError(spec.path, spec.source, diagnostics)
+    return plan
+
+
+class _Checker:
+    def __init__(self, spec: ast.Spec):
+        self.spec = spec
+        self.base = Path(spec.path).parent
+        self.diagnostics: list[Diagnostic] = []
+        self.data_refs: list[tuple[str, Span]] = []
+
+    def report(self, message: str, span: Span | None, hint: str | None = None) -> None:
+        self.diagnostics.append(Diagnostic(message, span, hint))
+
+    def run(self) -> Plan | None:
+        by_kind: dict[str, list[ast.Block]] = {k: [] for k in BLOCK_KINDS}
+        for block in self.spec.blocks:
+            if block.kind in by_kind:
+                by_kind[block.kind].append(block)
+            else:
+                self.report(f"unknown block '{block.kind}'", block.span, did_you_mean(block.kind, BLOCK_KINDS))
+        model = self.model(by_kind["model"])
+        data = {d.name: d for b in self.named(by_kind["data"], "data") if (d := self.data(b)) is not None}
+        passes = self.compress(by_kind["compress"])
+        targets = tuple(t for b in self.named(by_kind["target"], "target") if (t := self.target(b)))
+        if not by_kind["target"]:
+            self.report("the spec has no target block; add one, e.g. `target cpu { device = cpu, format = onnx }`",
+                        self.spec.version_span)
+        for name, span in self.data_refs:
+            if name not in data:
+                self.report(f"undefined data '{name}'", span, did_you_mean(name, data) or self._defined(data))
+        if self.diagnostics or model is None:
+            return None
+        return Plan(Path(self.spec.path), self.spec.source, model, data, passes, targets)
+
+    @staticmethod
+    def _defined(data) -> str:
+        return f"defined data blocks: {', '.join(data)}" if data else "define it with `data NAME { synthetic = 64 }`"
+
+    def named(self, blocks: list[ast.Block], kind: str) -> list[ast.Block]:
+        """Blocks that have a name not used before; reports the others."""
+        seen: dict[str, ast.Block] = {}
+        for block in blocks:
+            if block.name is None:
+                self.report(f"a {kind} block needs a name, as in `{kind} NAME {{ ... }}`", block.span)
+            elif block.name in seen:
+                line = seen[block.name].name_span.line
+                self.report(f"duplicate {kind} '{block.name}' (first defined on line {line})", block.name_span)
+            else:
+                seen[block.name] = block
+        return list(seen.values())
+
+    def model(self, blocks: list[ast.Block]) -> ModelPlan | None:
+        if not blocks:
+            self.report("the spec has no model block", self.spec.version_span)
+            return None
+        for extra in blocks[1:]:
+            self.report("a spec has exactly one model block; this is a second one", extra.span)
+        block = blocks[0]
+        if block.name is None:
+            self.report("the model block needs a name, as in `model deit_tiny { ... }`", block.span)
+            return None
+        values = self.entries(block, MODEL_PARAMS, f"model '{block.name}'")
+        if values is None:
+            return None
+        source, weights = values["source"], values["weights"]
+        if weights is not None:
+            weights = self.existing_path(weights, block, "weights", want_dir=False)
+        return ModelPlan(block.name, source, values["input"], weights)
+
+    def data(self, block: ast.Block) -> DataPlan | None:
+        values = self.entries(block, DATA_PARAMS, f"data '{block.name}'")
+        if values is None:
+            return None
+        if (values["synthetic"] is None) == (values["images"] is None):
+            self.report(f"data '{block.name}' needs exactly one of `synthetic = N` or `images = \"folder\"`",
+                        block.name_span)
+            return None
+        images = values["images"]
+        if images is not None:
+            images = self.existing_path(images, block, "images", want_dir=True)
+        return DataPlan(block.name, values["synthetic"], images, values["seed"], values["limit"])
+
+    def existing_path(self, raw: str, block: ast.Block, key: str, want_dir: bool) -> Path | None:
+        path = (self.base / raw).resolve()
+        ok = path.is_dir() if want_dir else path.is_file()
+        if not ok:
+            span = next(e.value.span for e in block.entries if e.key == key)
+            what = "folder" if want_dir else "file"
+            self.report(f"{key}: no such {what}: {path}", span, "paths are relative to the spec's folder")
+        return path
+
+    def compress(self, blocks: list[ast.Block]) -> tuple[PassPlan, ...]:
+        for extra in blocks[1:]:
+            self.report("a spec has at most one compress block; this is a second one", extra.span)
+        if not blocks:
+            return ()
+        block = blocks[0]
+        if block.name is not None:
+            self.report("the compress block takes no name", block.name_span)
+        for entry in block.entries:
+            self.report(f"'{entry.key}' is a setting, but compress holds passes, as in `head_prune {{ keep = 0.5 }}`",
+                        entry.span)
+        passes = []
+        for nested in block.nested:
+            info = PASSES.get(nested.kind)
+            if info is None:
+                self.report(f"unknown pass '{nested.kind}'", nested.span, did_you_mean(nested.kind, PASSES))
+                continue
+            values = self.entries(nested, info.params, f"pass '{nested.kind}'")
+            if values is None:
+                continue
+            spans = {e.key: e.value.span for e in nested.entries}
+            if info.check is not None:
+                try:
+                    info.check(values, spans)
+                except Invalid as e:
+                    self.report(e.message, e.span or nested.span, e.hint)
+                    continue
+            passes.append(PassPlan(nested.kind, values, spans))
+        return tuple(passes)
+
+    def target(self, block: ast.Block) -> TargetPlan | None:
+        where = f"target '{block.name}'"
+        given = {e.key: e for e in block.entries}
+        device = self.registered(given.get("device"), DEVICES, "device", block, where)
+        fmt = self.registered(given.get("format"), FORMATS, "format", block, where)
+        if device is None or fmt is None:
+            self.entries_known(block, {"device", "format"} | _all_target_keys(), where)
+            return None
+        if fmt.name not in device.formats:
+            self.report(f"device '{device.name}' does not take format '{fmt.name}'",
+                        given["format"].value.span, f"it takes: {', '.join(device.formats)}")
+            return None
+        values = self.entries(block, TARGET_PARAMS + device.params + fmt.params, where, skip=("device", "format"))
+        if values is None:
+            return None
+        spans = {e.key: e.value.span for e in block.entries}
+        return TargetPlan(block.name, device.name, fmt.name, values, spans)
+
+    def registered(self, entry: ast.Entry | None, registry: dict, key: str, block: ast.Block, where: str):
+        if entry is None:
+            self.report(f"{where} is missing required key '{key}'", block.name_span or block.span,
+                        f"known {key}s: {', '.join(sorted(registry))}")
+            return None
+        value = entry.value
+        name = value.name if isinstance(value, ast.Ident) else value.value if isinstance(value, ast.String) else None
+        if name is None:
+            self.report(f"expected the name of a {key}, found {value.describe()}", value.span)
+            return None
+        if name not in registry:
+            self.report(f"unknown {key} '{name}'", value.span,
+                        did_you_mean(name, registry) or f"known {key}s: {', '.join(sorted(registry))}")
+            return None
+        return registry[name]
+
+    def entries_known(self, block: ast.Block, keys: set[str], where: str) -> None:
+        for entry in block.entries:
+            if entry.key not in keys:
+                self.report(f"unknown key '{entry.key}' in {where}", entry.span, did_you_mean(entry.key, keys))
+
+    def entries(self, block: ast.Block, params: tuple[Param, ...], where: str, skip=()) -> dict | None:
+        """Check a block's entries against its declared params; None if any was wrong."""
+        by_name = {p.name: p for p in params}
+        before = len(self.diagnostics)
+        values: dict[str, Any] = {}
+        for nested in block.nested:
+            self.report(f"{where} cannot hold a block", nested.span)
+        for entry in block.entries:
+            param = by_name.get(entry.key)
+            if param is None:
+                self.report(f"unknown key '{entry.key}' in {where}", entry.span, did_you_mean(entry.key, by_name))
+            elif entry.key in values:
+                self.report(f"duplicate key '{entry.key}' in {where}", entry.span)
+            elif entry.key in skip:
+                values[entry.key] = None
+            else:
+                try:
+                    values[entry.key] = param.check(entry.value)
+                except Invalid as e:
+                    self.report(f"{entry.key}: {e.message}", e.span, e.hint)
+                    values[entry.key] = None
+                if isinstance(param.kind, DataRef) and isinstance(entry.value, ast.Ident):
+                    self.data_refs.append((entry.value.name, entry.value.span))
+        for param in params:
+            if param.name in skip:
+                continue
+            if param.name not in values:
+                if param.required:
+                    self.report(f"{where} is missing required key '{param.name}'", block.name_span or block.span,
+                                param.help or None)
+                else:
+                    values[param.name] = param.default
+        for key in skip:
+            values.pop(key, None)
+        return values if len(self.diagnostics) == before else None
+
+
+def _all_target_keys() -> set[str]:
+    keys = {p.name for d in DEVICES.values() for p in d.params}
+    return keys | {p.name for f in FORMATS.values() for p in f.params}
+

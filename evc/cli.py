@@ -1,0 +1,115 @@
+"""The command line: `evc build|check|explain|bench`.
+
+Exit codes: 0 done, 1 the build failed, 2 bad input. Every EvcError becomes
+its rendered text here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from evc.errors import EvcError, InputError
+
+
+def _read_plan(path: str):
+    from evc.check import parse_and_check
+
+    spec = Path(path)
+    try:
+        text = spec.read_text()
+    except FileNotFoundError:
+        raise InputError(f"no such spec file: {spec}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read spec file {spec}: {e}") from None
+    return parse_and_check(text, spec)
+
+
+def cmd_check(args) -> int:
+    plan = _read_plan(args.spec)
+    passes = ", ".join(p.name for p in plan.passes) or "no passes"
+    targets = ", ".join(f"{t.name} ({t.device}, {t.format})" for t in plan.targets)
+    print(f"{args.spec}: ok: model {plan.model.name} = {plan.model.source}; {passes}; targets {targets}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from evc.driver import build
+
+    plan = _read_plan(args.spec)
+    unknown = [t for t in args.target or () if t not in {x.name for x in plan.targets}]
+    if unknown:
+        raise InputError(f"--target {unknown[0]}: {args.spec} has no such target "
+                         f"(it has: {', '.join(t.name for t in plan.targets)})")
+    for result in build(plan, Path(args.out), force=args.force, only=args.target):
+        artifacts = ", ".join(
+            f"{a['path']} {a['size'] / 1e6:.1f} MB, parity max|Δ| {a['parity']['max_abs_diff']:.2g}"
+            for a in result.manifest["artifacts"])
+        state = "up to date" if result.cached else "built"
+        print(f"{state}: {result.bundle} ({artifacts})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from evc.explain import explain
+
+    explain(_read_plan(args.spec), Path(args.out))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from evc.bench import bench
+
+    bench(Path(args.bundle), runs=args.runs, threads=args.threads)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="evc", description="A model-compression compiler for vision transformers.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="build one deployable bundle per target of a spec")
+    p.add_argument("spec", help="the .evc spec file")
+    p.add_argument("--out", default="build", help="where bundles go: OUT/<spec stem>/<target> (default: build)")
+    p.add_argument("--target", action="append", metavar="NAME", help="build only this target (repeatable)")
+    p.add_argument("--force", action="store_true", help="rebuild everything, ignoring the cache")
+    p.set_defaults(run=cmd_build)
+
+    p = sub.add_parser("check", help="check a spec without loading the model")
+    p.add_argument("spec", help="the .evc spec file")
+    p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("explain", help="show the recognised model, what each pass does, and the targets")
+    p.add_argument("spec", help="the .evc spec file")
+    p.add_argument("--out", default="build", help="the build folder whose cache may be read (nothing is written)")
+    p.set_defaults(run=cmd_explain)
+
+    p = sub.add_parser("bench", help="benchmark a bundle's artifacts on this machine")
+    p.add_argument("bundle", help="a bundle folder, e.g. build/deit_tiny_x5/cpu")
+    p.add_argument("--runs", type=int, help="timed runs (default: the target's)")
+    p.add_argument("--threads", nargs="+", help="thread counts, or 'all' (default: the target's)")
+    p.set_defaults(run=cmd_bench)
+    return top
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # clean up staged bundles as on Ctrl-C
+    try:
+        return args.run(args)
+    except EvcError as e:
+        print(e.render(), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: no bundle was changed", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The load and passes stages: spec model → Program → compressed Program, cached.
+
+    compiled = compile_model(plan, cache, progress)
+    compiled.program, compiled.before, compiled.after
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evc.artifact import sha256_file
+from evc.cache import Cache, canonical, library_versions, stage_key
+from evc.data import load_images
+from evc.params import DataRef, Invalid, per_layer
+from evc.plan import PassPlan, Plan
+from evc.progress import Progress
+from evc.registry import PASSES
+
+
+def weights_digest(plan: Plan) -> str:
+    return sha256_file(plan.model.weights) if plan.model.weights else "random"
+
+
+def load_key(plan: Plan, weights: str) -> str:
+    return stage_key("load", plan.model.source, plan.model.input, weights, library_versions())
+
+
+def passes_key(plan: Plan, load: str) -> str:
+    if not plan.passes:
+        return load
+    used = {name: plan.data[name] for p in plan.passes for name in data_refs(p)}
+    return stage_key("passes", load, plan.passes, used)
+
+
+def data_refs(pass_plan: PassPlan) -> list[str]:
+    info = PASSES[pass_plan.name]
+    return [pass_plan.params[p.name] for p in info.params
+            if isinstance(p.kind, DataRef) and pass_plan.params.get(p.name)]
+
+
+@dataclass
+class PassContext:
+    """What a pass may ask of the build besides its Program."""
+
+    plan: Plan
+    pass_plan: PassPlan
+
+    def per_layer(self, key: str, depth: int) -> tuple:
+        """The pass's `key` for each of `depth` blocks; a list of the wrong length is a spec error."""
+        try:
+            return per_layer(self.pass_plan.params[key], depth)
+        except Invalid as e:
+            raise self.plan.error(e.span, f"{self.pass_plan.name}: {key}: {e.message}") from None
+
+    def images(self, data_name: str) -> np.ndarray:
+        return load_images(self.plan.data[data_name], self.plan.model.input)
+
+
+@dataclass
+class Compiled:
+    program: object  # evc.program.Program
+    before: dict  # params and MACs per block, of the model as loaded
+    after: dict  # the same after the passes
+    weights: str  # the checkpoint's sha256, or "random"
+    key: str
+
+
+def compile_model(plan: Plan, cache: Cache, progress: Progress, weights: str | None = None,
+                  write_cache: bool = True) -> Compiled:
+    from evc.program import Program
+
+    weights = weights or weights_digest(plan)
+    key = passes_key(plan, load_key(plan, weights))
+    if weights == "random":
+        progress.warn(f"model '{plan.model.name}' names no weights: it is randomly initialised, "
+                      "so its outputs mean nothing (the bundle is still complete and checked)")
+    hit = cache.get("program", key)
+    if hit is not None:
+        summaries = json.loads((hit / "summary.json").read_text())
+        return Compiled(Program.load(hit / "program.pt"), summaries["before"], summaries["after"], weights, key)
+
+    program, before = _loaded(plan, cache, progress, weights, write_cache)
+    for pass_plan in plan.passes:
+        with progress.stage(f"pass {pass_plan.name}"):
+            program = PASSES[pass_plan.name].run(program, pass_plan.params, PassContext(plan, pass_plan))
+    after = _summary(program) if plan.passes else before
+
+    def write(folder: Path) -> None:
+        program.save(folder / "program.pt")
+        (folder / "summary.json").write_text(json.dumps({"before": before, "after": after}))
+
+    if write_cache and plan.passes:
+        cache.put("program", key, write)
+    return Compiled(program, before, after, weights, key)
+
+
+def _loaded(plan: Plan, cache: Cache, progress: Progress, weights: str, write_cache: bool):
+    from evc.load import load_model
+    from evc.program import Program
+
+    key = load_key(plan, weights)
+    hit = cache.get("program", key)
+    if hit is not None:
+        summary = json.loads((hit / "summary.json").read_text())["before"]
+        return Program.load(hit / "program.pt"), summary
+    with progress.stage(f"load {plan.model.source}"):
+        module = load_model(plan.model, plan.path.parent)
+        program = Program.from_module(module, plan.model.input)
+        before = _summary(program)
+
+    def write(folder: Path) -> None:
+        program.save(folder / "program.pt")
+        (folder / "summary.json").write_text(json.dumps({"before": before, "after": before}))
+
+    if write_cache:
+        cache.put("program", key, write)
+    return program, before
+
+
+def _summary(program) -> dict:
+    from evc.ir import summarize
+
+    return canonical(summarize(program.graph, program.structure, program.example()).to_dict())
+

@@ -1,0 +1,203 @@
+"""The build driver: load → passes → lower → validate → scripts, one bundle per target.
+
+    results = build(plan, out=Path("build"))
+
+A target whose bundle already carries the key of everything it depends on
+is left alone without loading torch, so an unchanged spec rebuilds in well
+under a second and changing one target re-runs only that target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import evc
+from evc.bundle import MANIFEST, read_manifest, recover, replace_dir, staged, write_json
+from evc.cache import Cache, canonical, library_versions, stage_key
+from evc.compile import Compiled, compile_model, load_key, passes_key, weights_digest
+from evc.data import DEFAULT_VALIDATION
+from evc.errors import BuildError
+from evc.plan import DataPlan, Plan, TargetPlan
+from evc.progress import Progress
+from evc.registry import DEVICES, FORMATS
+from evc.scripts import render_scripts, templates_digest
+
+
+@dataclass
+class BuildResult:
+    target: str
+    bundle: Path
+    cached: bool
+    manifest: dict
+
+
+def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = None,
+          progress: Progress | None = None) -> list[BuildResult]:
+    progress = progress or Progress()
+    cache = Cache(out / ".cache")
+    weights = weights_digest(plan)
+    program_key = passes_key(plan, load_key(plan, weights))
+    compiled: Compiled | None = None
+    results = []
+    for target in plan.targets:
+        if only and target.name not in only:
+            continue
+        bundle = out / plan.stem / target.name
+        key = target_key(plan, target, program_key)
+        recover(bundle)
+        manifest = read_manifest(bundle)
+        if not force and manifest and manifest.get("cache_key") == key:
+            results.append(BuildResult(target.name, bundle, True, _restamp(manifest, plan, bundle)))
+            continue
+        if compiled is None:
+            compiled = compile_model(plan, cache, progress, weights)
+        manifest = build_target(plan, target, compiled, cache, bundle, key, progress)
+        results.append(BuildResult(target.name, bundle, False, manifest))
+    return results
+
+
+def _restamp(manifest: dict, plan: Plan, bundle: Path) -> dict:
+    """A spec edit that changes no result (a comment) still shows in the manifest's spec record."""
+    spec = _spec_record(plan)
+    if manifest["spec"] != spec:
+        manifest["spec"] = spec
+        tmp = bundle / f".{MANIFEST}.tmp"
+        write_json(tmp, manifest)
+        os.replace(tmp, bundle / MANIFEST)
+    return manifest
+
+
+def _spec_record(plan: Plan) -> dict:
+    return {"path": str(plan.path), "sha256": hashlib.sha256(plan.text.encode()).hexdigest()}
+
+
+def validation_data(plan: Plan, target: TargetPlan) -> DataPlan:
+    name = target.params.get("validate")
+    return plan.data[name] if name else DEFAULT_VALIDATION
+
+
+def _data_identity(data: DataPlan) -> dict:
+    """What a data block's images are: its settings, and for a folder, its files' names, sizes and times."""
+    identity = canonical(data)
+    if data.images is not None:
+        identity["files"] = [(str(p.relative_to(data.images)), p.stat().st_size, p.stat().st_mtime_ns)
+                             for p in sorted(data.images.rglob("*")) if p.is_file()]
+    return identity
+
+
+def lower_key(plan: Plan, target: TargetPlan, program_key: str) -> str:
+    fmt = FORMATS[target.format]
+    params = {p.name: target.params[p.name] for p in fmt.params}
+    return stage_key("lower", program_key, target.format, params, _data_identity(validation_data(plan, target)))
+
+
+def target_key(plan: Plan, target: TargetPlan, program_key: str) -> str:
+    device = DEVICES[target.device]
+    return stage_key("target", lower_key(plan, target, program_key), target, templates_digest(device.templates),
+                     plan.path.name)
+
+
+def build_target(plan: Plan, target: TargetPlan, compiled: Compiled, cache: Cache, bundle: Path,
+                 key: str, progress: Progress) -> dict:
+    lkey = lower_key(plan, target, compiled.key)
+    lowered = cache.get("lower", lkey)
+    if lowered is None:
+        lowered = cache.put("lower", lkey, lambda folder: _lower_and_validate(plan, target, compiled, folder,
+                                                                             bundle, progress))
+    checked = json.loads((lowered / "lowered.json").read_text())
+    with staged(bundle) as folder:
+        for artifact in checked["artifacts"]:
+            _link_or_copy(lowered / artifact["path"], folder / artifact["path"])
+        manifest = _manifest(plan, target, compiled, checked, key)
+        context = _script_context(plan, target, manifest, bundle)
+        manifest["scripts"] = render_scripts(DEVICES[target.device].templates, context, folder)
+        write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _lower_and_validate(plan: Plan, target: TargetPlan, compiled: Compiled, folder: Path, bundle: Path,
+                        progress: Progress) -> None:
+    from evc.data import load_images
+    from evc.parity import compare
+
+    backend = FORMATS[target.format].backend
+    with progress.stage(f"lower to {target.format} for target '{target.name}'"):
+        artifacts = backend.lower(compiled.program, target, folder)
+    data = validation_data(plan, target)
+    with progress.stage(f"validate target '{target.name}' on {data.name}"):
+        images = load_images(data, plan.model.input)
+        reference = compiled.program.run(images).numpy()
+        failures = []
+        for artifact in artifacts:
+            parity = compare(reference, backend.run(folder / artifact.path, images))
+            artifact.parity = parity.to_dict()
+            reason = backend.check_parity(parity, target.params)
+            if reason:
+                failures.append(f"{artifact.path}: {reason}")
+    described = [a.describe(folder) for a in artifacts]
+    checked = {"artifacts": described, "output_shape": [1, *reference.shape[1:]],
+               "validation": {"data": data.name, "samples": len(images)}}
+    write_json(folder / "lowered.json", checked)
+    if failures:
+        failed = bundle.with_name(f"{bundle.name}.failed")
+        keep = failed.with_name(f".{failed.name}.tmp")
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(folder, keep)
+        write_json(keep / MANIFEST, {**_manifest(plan, target, compiled, checked, None), "failed": failures})
+        replace_dir(keep, failed)
+        raise BuildError(f"target '{target.name}' failed parity against PyTorch: {'; '.join(failures)}; "
+                         f"the failed artifact is kept in {failed}")
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+def _manifest(plan: Plan, target: TargetPlan, compiled: Compiled, checked: dict, key: str | None) -> dict:
+    model, image = plan.model, plan.model.input
+    weights = ("random" if compiled.weights == "random"
+               else {"path": str(model.weights), "sha256": compiled.weights})
+    return {
+        "evc_version": evc.__version__,
+        "spec": _spec_record(plan),
+        "model": {"name": model.name, "source": str(model.source), "weights": weights},
+        "input": {"name": "input", "shape": list(image.shape), "dtype": "float32", "layout": "NCHW",
+                  "preprocessing": {"color": "RGB", "scale": "pixels / 255", "mean": list(image.mean),
+                                    "std": list(image.std), "crop_pct": image.crop_pct,
+                                    "interpolation": image.interpolation}},
+        "output": {"name": "logits", "shape": checked["output_shape"]},
+        "structure": compiled.program.structure.to_dict(),
+        "passes": [{"name": p.name, "params": canonical(p.params)} for p in plan.passes],
+        "params_macs": {"before": compiled.before, "after": compiled.after},
+        "target": {"name": target.name, "device": target.device, "format": target.format,
+                   "params": canonical(target.params)},
+        "artifacts": checked["artifacts"],
+        "validation": checked["validation"],
+        "libraries": library_versions(),
+        "cache_key": key,
+    }
+
+
+def _script_context(plan: Plan, target: TargetPlan, manifest: dict, bundle: Path) -> dict:
+    return {
+        **target.params,
+        "evc_version": evc.__version__,
+        "spec_name": plan.path.name,
+        "spec_path": str(plan.path),
+        "target": target,
+        "artifact": manifest["artifacts"][0]["path"],
+        "artifacts": manifest["artifacts"],
+        "input": {**manifest["input"], **manifest["input"]["preprocessing"]},
+        "input_shape": manifest["input"]["shape"],
+        "output_shape": manifest["output"]["shape"],
+        "random_weights": manifest["model"]["weights"] == "random",
+        "bundle_path": str(bundle),
+    }

@@ -1,0 +1,81 @@
+"""The errors evc reports to people.
+
+Every user-facing failure is an `EvcError`. The CLI alone turns one into text
+and an exit code: 2 for bad input (a spec, a checkpoint, a model evc cannot
+recognise), 1 for a build that ran and failed (parity, a lowering crash).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Span:
+    """A 1-based, end-exclusive region of a spec's text."""
+
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    message: str
+    span: Span | None = None
+    hint: str | None = None
+
+
+class EvcError(Exception):
+    """An error a user can act on. `exit_code` 2 is bad input, 1 a failed build."""
+
+    exit_code = 2
+
+    def render(self) -> str:
+        return f"error: {self}"
+
+
+class InputError(EvcError):
+    """Bad input outside the spec text: a missing file, a checkpoint that does not fit."""
+
+
+class BuildError(EvcError):
+    """The build ran and failed; what it names (a node, an artifact) is at fault."""
+
+    exit_code = 1
+
+
+class SpecError(EvcError):
+    """One or more diagnostics against a spec file, each with its source span."""
+
+    def __init__(self, path: str, source: str, diagnostics: list[Diagnostic]):
+        self.path, self.source, self.diagnostics = path, source, diagnostics
+        super().__init__(diagnostics[0].message if diagnostics else "invalid spec")
+
+    @classmethod
+    def at(cls, path: str, source: str, span: Span | None, message: str, hint: str | None = None):
+        return cls(path, source, [Diagnostic(message, span, hint)])
+
+    def render(self) -> str:
+        return "\n".join(render_diagnostic(self.path, self.source, d) for d in self.diagnostics)
+
+
+def render_diagnostic(path: str, source: str, d: Diagnostic) -> str:
+    """rustc-style text: `path:line:col: error: message`, the line, a caret under the span."""
+    if d.span is None:
+        text = f"{path}: error: {d.message}"
+        return text + (f"\n  = help: {d.hint}" if d.hint else "")
+    line, col = d.span.line, d.span.col
+    lines = source.splitlines()
+    code = lines[line - 1] if 0 < line <= len(lines) else ""
+    end = d.span.end_col if d.span.end_line == line else len(code) + 1
+    width = max(1, end - col)
+    gutter = " " * len(str(line))
+    caret = " " * (col - 1) + "^" * width + (f" {d.hint}" if d.hint else "")
+    return (
+        f"{path}:{line}:{col}: error: {d.message}\n"
+        f"{gutter} |\n"
+        f"{line} | {code}\n"
+        f"{gutter} | {caret}"
+    )

@@ -1,0 +1,61 @@
+"""`evc explain SPEC`: the recognised model, what the passes do to it, and the targets. Writes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from evc.cache import Cache, canonical
+from evc.compile import compile_model
+from evc.plan import Plan
+from evc.progress import Progress
+from evc.registry import DEVICES, FORMATS, PASSES
+
+
+def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    compiled = compile_model(plan, Cache(out / ".cache"), Progress(), write_cache=False)
+    structure = compiled.program.structure
+    console.print(f"[bold]model[/] {plan.model.name} = {plan.model.source}, "
+                  f"input {'x'.join(map(str, plan.model.input.shape))}, "
+                  f"weights {plan.model.weights or 'none (random init)'}")
+    console.print(structure.describe())
+    for p in plan.passes:
+        info = PASSES[p.name]
+        params = ", ".join(f"{k} = {v}" for k, v in canonical(p.params).items())
+        console.print(f"[bold]pass[/] {p.name} {{ {params} }}: {info.help}")
+    console.print(blocks_table(compiled.before, compiled.after))
+    for t in plan.targets:
+        params = ", ".join(f"{k} = {v}" for k, v in canonical(t.params).items())
+        console.print(f"[bold]target[/] {t.name}: {DEVICES[t.device].help or t.device}, "
+                      f"{FORMATS[t.format].help} ({params})")
+
+
+def _arrow(before, after, fmt=str) -> str:
+    if before == after:
+        return fmt(before)
+    return f"{fmt(before)} → {fmt(after)}"
+
+
+def _millions(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} M"
+
+
+def blocks_table(before: dict, after: dict) -> Table:
+    """Per block: tokens, heads, hidden width, params and MACs, before → after."""
+    table = Table(title="params and MACs per block (before → after)")
+    for column in ("block", "tokens", "heads", "hidden", "params", "MACs"):
+        table.add_column(column, justify="right")
+    table.add_row("stem", "", "", "", _arrow(before["stem"]["params"], after["stem"]["params"], _millions),
+                  _arrow(before["stem"]["macs"], after["stem"]["macs"], _millions))
+    for b, a in zip(before["blocks"], after["blocks"]):
+        table.add_row(str(b["index"]), _arrow(b["tokens"], a["tokens"]), _arrow(b["heads"], a["heads"]),
+                      _arrow(b["hidden"], a["hidden"]), _arrow(b["params"], a["params"], _millions),
+                      _arrow(b["macs"], a["macs"], _millions))
+    table.add_row("head", "", "", "", _arrow(before["head"]["params"], after["head"]["params"], _millions),
+                  _arrow(before["head"]["macs"], after["head"]["macs"], _millions))
+    table.add_row("total", "", "", "", _arrow(before["params"], after["params"], _millions),
+                  _arrow(before["macs"], after["macs"], _millions), style="bold")
+    return table

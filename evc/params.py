@@ -1,0 +1,279 @@
+"""Parameter declarations: one place per pass, target and block that drives
+checking, defaults, `evc explain` and the README's tables.
+
+    KEEP = Param("keep", FractionOf(), 1.0, "share of heads to keep", per_layer=True)
+
+A Kind turns one spec value into a Python value or raises Invalid with the
+span at fault. Ranges live in the Kind, so the message says what was allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from evc.errors import Span
+from evc.spec import ast
+
+
+class Invalid(Exception):
+    def __init__(self, message: str, span: Span | None, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.span, self.hint = message, span, hint
+
+
+def did_you_mean(word: str, choices) -> str | None:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def _number(value: ast.Value, what: str) -> float | Fraction:
+    if isinstance(value, ast.Number):
+        return value.value
+    if isinstance(value, ast.Fraction):
+        return value.value
+    if isinstance(value, ast.Percent):
+        return Fraction(str(value.value)) / 100
+    raise Invalid(f"expected {what}, found {value.describe()}", value.span)
+
+
+class Kind:
+    """What a parameter accepts; `text` reads well in messages and tables."""
+
+    text = "a value"
+
+    def check(self, value: ast.Value) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Ratio(Kind):
+    """A share such as `keep`: `0.5`, `2/3` or `70%`, in (low, high]."""
+
+    low: float = 0.0
+    high: float = 1.0
+
+    @property
+    def text(self) -> str:
+        return f"a fraction in ({self.low:g}, {self.high:g}]"
+
+    def check(self, value):
+        x = _number(value, self.text)
+        if not self.low < x <= self.high:
+            raise Invalid(f"{_show(value)} is out of range: expected {self.text}", value.span)
+        return float(x)
+
+
+@dataclass(frozen=True)
+class Int(Kind):
+    low: int | None = None
+    high: int | None = None
+
+    @property
+    def text(self) -> str:
+        return "an integer" + _range_text(self.low, self.high)
+
+    def check(self, value):
+        if not isinstance(value, ast.Number) or not isinstance(value.value, int):
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
+        _in_range(value, value.value, self.low, self.high, self.text)
+        return value.value
+
+
+@dataclass(frozen=True)
+class Float(Kind):
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False  # (low, high] rather than [low, high]
+
+    @property
+    def text(self) -> str:
+        if self.open_low and self.low is not None:
+            return f"a number > {self.low:g}" + (f" and <= {self.high:g}" if self.high is not None else "")
+        return "a number" + _range_text(self.low, self.high)
+
+    def check(self, value):
+        x = float(_number(value, self.text))
+        if self.open_low and self.low is not None and x <= self.low:
+            raise Invalid(f"{_show(value)} is out of range: expected {self.text}", value.span)
+        _in_range(value, x, self.low, self.high, self.text)
+        return x
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    options: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return "one of " + ", ".join(self.options)
+
+    def check(self, value):
+        if not isinstance(value, (ast.Ident, ast.String)):
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
+        word = value.name if isinstance(value, ast.Ident) else value.value
+        if word not in self.options:
+            raise Invalid(f"unknown value '{word}': expected {self.text}", value.span,
+                          did_you_mean(word, self.options))
+        return word
+
+
+@dataclass(frozen=True)
+class Text(Kind):
+    """A string; `pattern` (a regex) and `shape` (how to describe it) constrain it."""
+
+    pattern: str | None = None
+    shape: str = "a string"
+
+    @property
+    def text(self) -> str:
+        return self.shape
+
+    def check(self, value):
+        if not isinstance(value, ast.String):
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
+        if self.pattern and not re.fullmatch(self.pattern, value.value):
+            raise Invalid(f"{_show(value)} is not {self.text}", value.span)
+        return value.value
+
+
+@dataclass(frozen=True)
+class DataRef(Kind):
+    """The name of a `data` block; whether it exists is checked against the spec."""
+
+    text = "the name of a data block"
+
+    def check(self, value):
+        if not isinstance(value, ast.Ident):
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
+        return value.name
+
+
+@dataclass(frozen=True)
+class ListOf(Kind):
+    item: Kind
+    length: int | None = None
+    or_single: bool = False  # `threads = 4` is the list [4]
+
+    @property
+    def text(self) -> str:
+        n = f"{self.length} " if self.length else ""
+        return f"a list of {n}values, each {self.item.text}"
+
+    def check(self, value):
+        if not isinstance(value, ast.List):
+            if self.or_single:
+                return (self.item.check(value),)
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
+        if self.length is not None and len(value.items) != self.length:
+            raise Invalid(f"expected {self.length} values, found {len(value.items)}", value.span)
+        if not value.items:
+            raise Invalid("expected at least one value, found an empty list", value.span)
+        return tuple(self.item.check(v) for v in value.items)
+
+
+@dataclass(frozen=True)
+class AnyOf(Kind):
+    kinds: tuple[Kind, ...]
+
+    @property
+    def text(self) -> str:
+        return " or ".join(k.text for k in self.kinds)
+
+    def check(self, value):
+        for kind in self.kinds:
+            try:
+                return kind.check(value)
+            except Invalid:
+                continue
+        raise Invalid(f"expected {self.text}, found {_show(value)}", value.span)
+
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One key of a block: its name, what it accepts, its default, one line of help.
+
+    A `per_layer` parameter takes one value or a list as long as the model's
+    depth; the length is checked once the model is known.
+    """
+
+    name: str
+    kind: Kind
+    default: Any = REQUIRED
+    help: str = ""
+    per_layer: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def check(self, value: ast.Value) -> Any:
+        if self.per_layer and isinstance(value, ast.List):
+            return PerLayer(tuple(self.kind.check(v) for v in value.items), value.span)
+        return self.kind.check(value)
+
+    def describe_default(self) -> str:
+        if self.required:
+            return "required"
+        if self.default is None:
+            return "none"
+        if isinstance(self.default, tuple):
+            return "[" + ", ".join(map(str, self.default)) + "]"
+        return str(self.default)
+
+
+@dataclass(frozen=True)
+class PerLayer:
+    """A per-layer list as written; `for_depth` checks it against the model."""
+
+    values: tuple
+    span: Span = field(compare=False)
+
+    def for_depth(self, depth: int) -> tuple:
+        if len(self.values) != depth:
+            raise Invalid(
+                f"expected one value per block: the model has depth {depth}, "
+                f"this list has {len(self.values)}",
+                self.span,
+            )
+        return self.values
+
+
+def per_layer(value, depth: int) -> tuple:
+    """A per-layer parameter's value for each of `depth` blocks."""
+    return value.for_depth(depth) if isinstance(value, PerLayer) else (value,) * depth
+
+
+def _range_text(low, high) -> str:
+    if low is not None and high is not None:
+        return f" in [{low:g}, {high:g}]"
+    if low is not None:
+        return f" >= {low:g}"
+    if high is not None:
+        return f" <= {high:g}"
+    return ""
+
+
+def _in_range(value: ast.Value, x, low, high, text: str) -> None:
+    if (low is not None and x < low) or (high is not None and x > high):
+        raise Invalid(f"{_show(value)} is out of range: expected {text}", value.span)
+
+
+def _show(value: ast.Value) -> str:
+    if isinstance(value, ast.Number):
+        return str(value.value)
+    if isinstance(value, ast.Fraction):
+        return f"{value.value.numerator}/{value.value.denominator}"
+    if isinstance(value, ast.Percent):
+        return f"{value.value:g}%"
+    if isinstance(value, ast.String):
+        return f'"{value.value}"'
+    if isinstance(value, ast.Ident):
+        return value.name
+    return value.describe()

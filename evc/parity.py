@@ -1,0 +1,38 @@
+"""How close an artifact's outputs are to the PyTorch model's on the same inputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_diff: float
+    cosine: float  # the worst per-sample cosine similarity
+    top1_agreement: float  # share of samples whose argmax agrees
+    samples: int
+
+    def within(self, tolerance: float) -> bool:
+        return self.max_abs_diff <= tolerance
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(reference: np.ndarray, outputs: np.ndarray) -> Parity:
+    reference = reference.reshape(len(reference), -1).astype(np.float64)
+    outputs = outputs.reshape(len(outputs), -1).astype(np.float64)
+    if reference.shape != outputs.shape:
+        raise ValueError(f"output shapes differ: {reference.shape} vs {outputs.shape}")
+    dot = (reference * outputs).sum(axis=1)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(outputs, axis=1)
+    cosine = np.where(norms > 0, dot / np.maximum(norms, 1e-300), 1.0)
+    agree = reference.argmax(axis=1) == outputs.argmax(axis=1)
+    return Parity(
+        max_abs_diff=float(np.abs(reference - outputs).max()),
+        cosine=float(cosine.min()),
+        top1_agreement=float(agree.mean()),
+        samples=len(reference),
+    )

@@ -1,0 +1,94 @@
+"""The Plan: a checked spec, with every value typed, defaulted and resolved.
+
+Everything after checking works from a Plan. It keeps the spans of the values
+a later stage may still reject (a per-layer list against the model's depth),
+so that error too points into the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evc.errors import Span, SpecError
+
+
+@dataclass(frozen=True)
+class Source:
+    """`timm("deit_tiny_patch16_224")` or `python("pkg.module:factory")`, with keyword arguments."""
+
+    kind: str
+    name: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __str__(self) -> str:
+        args = [repr(self.name)] + [f"{k}={v!r}" for k, v in self.kwargs]
+        return f"{self.kind}({', '.join(args)})"
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """`image(224, 224, mean = [...], std = [...])`: an RGB image, NCHW float32, normalised."""
+
+    height: int
+    width: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (1, 3, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    name: str
+    source: Source
+    input: ImageInput
+    weights: Path | None
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    name: str
+    synthetic: int | None
+    images: Path | None
+    seed: int
+    limit: int | None
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    name: str
+    params: dict[str, Any]
+    spans: dict[str, Span] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    name: str
+    device: str
+    format: str
+    params: dict[str, Any]
+    spans: dict[str, Span] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: Path
+    text: str
+    model: ModelPlan
+    data: dict[str, DataPlan]
+    passes: tuple[PassPlan, ...]
+    targets: tuple[TargetPlan, ...]
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+    def error(self, span: Span | None, message: str, hint: str | None = None) -> SpecError:
+        """A spec error found after checking, e.g. once the model's depth is known."""
+        return SpecError.at(str(self.path), self.text, span, message, hint)

@@ -1,0 +1,58 @@
+"""The Program: what passes transform and targets lower.
+
+A Program is a traced model (a torch.fx GraphModule: an ordinary nn.Module a
+user can run and export without evc) plus the transformer structure
+recognised in its graph, and the input it expects. Passes take a Program and
+return a new one; they rewrite the graph and say what changed by returning a
+fresh Structure (`Program.rebuilt` re-recognises it from the graph).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from evc.ir import Structure, recognise, trace
+from evc.plan import ImageInput
+
+
+@dataclass(frozen=True)
+class Program:
+    graph: fx.GraphModule
+    structure: Structure
+    input: ImageInput
+
+    @classmethod
+    def from_module(cls, module: nn.Module, image: ImageInput) -> Program:
+        graph = trace(module, example_input(image))
+        return cls(graph, recognise(graph), image)
+
+    def example(self) -> torch.Tensor:
+        return example_input(self.input)
+
+    def rebuilt(self, graph: fx.GraphModule | None = None) -> Program:
+        """This program with `graph` (default: its own, after in-place surgery) re-traced and re-recognised."""
+        graph = graph if graph is not None else self.graph
+        graph.recompile()
+        fresh = trace(graph, self.example())
+        return replace(self, graph=fresh, structure=recognise(fresh))
+
+    def run(self, images) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.graph(torch.as_tensor(images))
+
+    def save(self, path: Path) -> None:
+        torch.save({"graph": self.graph, "structure": self.structure, "input": self.input}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Program:
+        # evc wrote this file itself into its cache; it pickles an fx GraphModule.
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        return cls(saved["graph"].eval(), saved["structure"], saved["input"])
+
+
+def example_input(image: ImageInput) -> torch.Tensor:
+    return torch.zeros(image.shape)

@@ -1,0 +1,97 @@
+"""Where passes, formats and devices register themselves under the names a spec uses.
+
+A pass module in `passes/` (installed as `evc.passes`) registers like this:
+
+    @register_pass("head_prune",
+        Param("keep", Ratio(), 1.0, "share of heads to keep", per_layer=True))
+    def head_prune(program, params, ctx):
+        '''Remove whole attention heads.'''
+        ...
+        return program
+
+Plug-in modules are imported by `load_plugins()` and must stay light at import
+time (no torch at module level): `evc check` reads their declarations and must
+stay well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Callable
+
+from evc.params import Param
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    params: tuple[Param, ...]
+    run: Callable  # (Program, params: dict, PassContext) -> Program
+    check: Callable | None = None  # (params: dict, spans: dict) -> None, raises Invalid
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """A lowering backend: turns a Program into artifacts and, where a runtime exists here, runs them."""
+
+    name: str
+    params: tuple[Param, ...]
+    backend: Any  # an object with lower(program, target, out_dir) and run(path, inputs)
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A device profile: the formats it runs, its keys, its facts, its script templates."""
+
+    name: str
+    formats: tuple[str, ...]
+    params: tuple[Param, ...]
+    templates: str  # a folder under targets/templates
+    facts: dict = field(default_factory=dict)
+    help: str = ""
+
+
+PASSES: dict[str, PassInfo] = {}
+FORMATS: dict[str, FormatInfo] = {}
+DEVICES: dict[str, DeviceInfo] = {}
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+
+
+def register_pass(name: str, *params: Param, check: Callable | None = None):
+    def decorate(run: Callable) -> Callable:
+        PASSES[name] = PassInfo(name, tuple(params), run, check, _first_line(run.__doc__))
+        return run
+
+    return decorate
+
+
+def register_format(name: str, *params: Param):
+    def decorate(cls):
+        FORMATS[name] = FormatInfo(name, tuple(params), cls(), _first_line(cls.__doc__))
+        return cls
+
+    return decorate
+
+
+def register_device(name: str, *params: Param, formats: tuple[str, ...], templates: str,
+                    facts: dict | None = None, help: str = "") -> DeviceInfo:
+    DEVICES[name] = DeviceInfo(name, formats, tuple(params), templates, facts or {}, help)
+    return DEVICES[name]
+
+
+@cache
+def load_plugins() -> None:
+    """Import every module of evc.passes and evc.targets so they register."""
+    for package_name in ("evc.passes", "evc.targets"):
+        package = importlib.import_module(package_name)
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{module.name}")

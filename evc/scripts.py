@@ -1,0 +1,44 @@
+"""Generated scripts: every jinja2 template of a device's folder, rendered into the bundle."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import jinja2
+
+
+
+def templates_root() -> Path:
+    import evc.targets
+
+    return Path(evc.targets.__file__).parent / "templates"
+
+
+def _environment(folder: str) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates_root() / folder),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def render_scripts(folder: str, context: dict, out_dir: Path) -> list[str]:
+    """Render each `NAME.j2` to `out_dir/NAME`; scripts are made executable."""
+    env = _environment(folder)
+    written = []
+    for name in env.list_templates(filter_func=lambda n: n.endswith(".j2")):
+        path = out_dir / name.removesuffix(".j2")
+        path.write_text(env.get_template(name).render(**context))
+        if path.suffix in (".sh", ".py"):
+            path.chmod(0o755)
+        written.append(path.name)
+    return written
+
+
+def templates_digest(folder: str) -> str:
+    digest = hashlib.sha256()
+    for path in sorted((templates_root() / folder).glob("*.j2")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,179 @@
+"""Spec text to AST: the lark grammar in `evc.lark`, and one Transformer method per rule.
+
+    >>> spec = parse_spec("evc 1\\nmodel m { source = timm(\\"deit_tiny_patch16_224\\") }", "m.evc")
+    >>> spec.blocks[0].kind, spec.blocks[0].entries[0].value.name
+    ('model', 'timm')
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from functools import cache
+from pathlib import Path
+
+import lark
+
+from evc.errors import Span, SpecError
+from evc.spec import ast
+
+LANGUAGE_VERSIONS = (1,)
+
+# How lark's terminal names read in a message.
+_TERMINALS = {
+    "EQUAL": "'='",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "COMMA": "','",
+    "SLASH": "'/'",
+    "PERCENT": "'%'",
+    "EVC": "'evc'",
+    "_SEP": "a line break or ','",
+    "_NL": "a line break",
+    "NAME": "a name",
+    "STRING": "a string",
+    "INT": "a number",
+    "FLOAT": "a number",
+    "SIGNED_INT": "a number",
+    "SIGNED_FLOAT": "a number",
+    "$END": "end of file",
+}
+
+
+@cache
+def _parser() -> lark.Lark:
+    grammar = (Path(__file__).parent / "evc.lark").read_text()
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
+
+def parse_spec(text: str, path: str) -> ast.Spec:
+    """Parse spec text; a syntax error raises SpecError with its file:line:col."""
+    try:
+        tree = _parser().parse(text)
+    except lark.exceptions.UnexpectedInput as e:
+        raise _syntax_error(e, text, path) from None
+    spec = _ToAst(path, text).transform(tree)
+    if spec.version not in LANGUAGE_VERSIONS:
+        raise SpecError.at(
+            path, text, spec.version_span,
+            f"unknown spec language version {spec.version}",
+            hint=f"this evc reads version {', '.join(map(str, LANGUAGE_VERSIONS))}",
+        )
+    return spec
+
+
+def _span(item) -> Span:
+    """The span of a lark Token or of a Tree's meta."""
+    return Span(item.line, item.column, item.end_line, item.end_column)
+
+
+class _ToAst(lark.Transformer):
+    def __init__(self, path: str, source: str):
+        super().__init__()
+        self.path, self.source = path, source
+
+    @lark.v_args(meta=True)
+    def start(self, meta, children):
+        version, *blocks = children
+        return ast.Spec(self.path, self.source, version[0], version[1], tuple(blocks))
+
+    def version(self, children):
+        (token,) = children
+        return int(token), _span(token)
+
+    def block(self, children):
+        kind, *rest = children
+        name = rest[0] if len(rest) == 2 else None
+        items = rest[-1]
+        return ast.Block(str(kind), str(name) if name else None, items, _span(kind), _span(name) if name else None)
+
+    def body(self, children):
+        return tuple(children)
+
+    def nested(self, children):
+        name, items = children
+        return ast.Block(str(name), None, items, _span(name), None)
+
+    def entry(self, children):
+        key, value = children
+        return ast.Entry(str(key), value, _span(key))
+
+    def number(self, children):
+        (token,) = children
+        text = str(token)
+        is_int = token.type in ("INT", "SIGNED_INT")
+        return ast.Number(int(text) if is_int else float(text), _span(token))
+
+    @lark.v_args(meta=True)
+    def fraction(self, meta, children):
+        num, den = children
+        span = _span(meta)
+        if int(den) == 0:
+            raise SpecError.at(self.path, self.source, span, "division by zero in a fraction")
+        return ast.Fraction(Fraction(int(num), int(den)), span)
+
+    @lark.v_args(meta=True)
+    def percent(self, meta, children):
+        (token,) = children
+        return ast.Percent(float(token), _span(meta))
+
+    def string(self, children):
+        (token,) = children
+        raw = str(token)[1:-1]
+        return ast.String(raw.encode().decode("unicode_escape") if "\\" in raw else raw, _span(token))
+
+    def ident(self, children):
+        (token,) = children
+        return ast.Ident(str(token), _span(token))
+
+    @lark.v_args(meta=True)
+    def list(self, meta, children):
+        return ast.List(tuple(c for c in children if c is not None), _span(meta))
+
+    @lark.v_args(meta=True)
+    def call(self, meta, children):
+        name, *arguments = (c for c in children if c is not None)
+        args = tuple(a for a in arguments if not isinstance(a, ast.Keyword))
+        kwargs = tuple(a for a in arguments if isinstance(a, ast.Keyword))
+        if kwargs and any(arguments.index(a) > arguments.index(kwargs[0]) for a in args):
+            raise SpecError.at(
+                self.path, self.source, args[-1].span,
+                "positional argument after a keyword argument",
+            )
+        return ast.Call(str(name), args, kwargs, _span(meta))
+
+    def keyword(self, children):
+        name, value = children
+        return ast.Keyword(str(name), value, _span(name))
+
+
+def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, path: str) -> SpecError:
+    line, col = e.line, e.column
+    if isinstance(e, lark.exceptions.UnexpectedCharacters):
+        char = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
+        if char == '"':
+            message = "unterminated string"
+        else:
+            message = f"unexpected character {char!r}"
+        return SpecError.at(path, text, Span(line, col, line, col + 1), message)
+    if isinstance(e, lark.exceptions.UnexpectedEOF) or getattr(e, "token", None) is None or e.token.type == "$END":
+        lines = text.splitlines() or [""]
+        last = len(lines)
+        span = Span(last, len(lines[-1]) + 1, last, len(lines[-1]) + 2)
+        return SpecError.at(path, text, span, f"unexpected end of file; expected {_expected(e)}")
+    token = e.token
+    span = _span(token)
+    if token.line == 1 and "EVC" in e.expected:
+        return SpecError.at(path, text, span, "a spec starts with its language version, as in `evc 1`")
+    shown = "a line break" if token.type in ("_NL", "_SEP") and "\n" in token else repr(str(token))
+    return SpecError.at(path, text, span, f"unexpected {shown}; expected {_expected(e)}")
+
+
+def _expected(e: lark.exceptions.UnexpectedInput) -> str:
+    names = sorted({_TERMINALS.get(t, t) for t in getattr(e, "expected", ()) or ()})
+    if not names:
+        return "more input"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]

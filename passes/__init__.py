@@ -1,0 +1,1 @@
+"""Compression passes, one module each; every module registers itself with `evc.registry.register_pass`."""

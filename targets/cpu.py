@@ -1,0 +1,15 @@
+"""device = cpu: a plain CPU running ONNX Runtime, benchmarked by a generated Python script."""
+
+from evc.params import AnyOf, Choice, Int, ListOf, Param
+from evc.registry import register_device
+
+register_device(
+    "cpu",
+    Param("threads", ListOf(AnyOf((Int(1, 1024), Choice(("all",)))), or_single=True), (1, "all"),
+          "thread counts to benchmark at; `all` is every core of the machine"),
+    Param("runs", Int(1), 50, "timed runs per thread count"),
+    Param("warmups", Int(0), 10, "untimed runs before timing"),
+    formats=("onnx",),
+    templates="cpu",
+    help="a plain CPU with ONNX Runtime",
+)

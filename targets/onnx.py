@@ -1,0 +1,74 @@
+"""format = onnx: torch.onnx export, simplified by onnxslim, checked in ONNX Runtime.
+
+    target cpu { device = cpu, format = onnx, opset = 17, tolerance = 1e-4 }
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from evc.artifact import Artifact
+from evc.params import Float, Int, Param
+from evc.registry import register_format
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@register_format(
+    "onnx",
+    Param("opset", Int(11, 21), 17, "ONNX opset to export at"),
+    Param("tolerance", Float(0, open_low=True), 1e-4,
+          "largest max abs diff from PyTorch that passes parity"),
+)
+class Onnx:
+    """ONNX, exported with torch.onnx, simplified with onnxslim, checked in ONNX Runtime."""
+
+    def lower(self, program, target, out_dir: Path) -> list[Artifact]:
+        path = out_dir / "model.onnx"
+        export_onnx(program, path, target.params["opset"])
+        return [Artifact(Path(path.name), "onnx", details={"opset": target.params["opset"],
+                                                          "ops": op_counts(path)})]
+
+    def run(self, path: Path, images, threads: int | None = None):
+        import numpy as np
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: x[None]})[0] for x in images])
+
+    def check_parity(self, parity, params) -> str | None:
+        """None if `parity` passes, else why not."""
+        if parity.within(params["tolerance"]):
+            return None
+        return f"max abs diff {parity.max_abs_diff:.3g} exceeds tolerance {params['tolerance']:g}"
+
+
+def export_onnx(program, path: Path, opset: int) -> None:
+    """Export at batch 1 with stable node names, then simplify in place with onnxslim."""
+    import onnx
+    import onnxslim
+    import torch
+
+    raw = path.with_suffix(".raw.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about asserts on static shapes
+        # The TorchScript exporter keeps node names stable across builds and
+        # still writes opset 11, which device toolchains (RDK X5) require.
+        torch.onnx.export(program.graph, (program.example(),), str(raw), dynamo=False,
+                          opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    slim = onnxslim.slim(str(raw))
+    onnx.save(slim, str(path))
+    raw.unlink()
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(sorted(Counter(node.op_type for node in graph.node).items()))
