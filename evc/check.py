@@ -96,6 +96,7 @@ DATA_PARAMS = (
 TARGET_PARAMS = (
     Param("device", Choice(()), help="the device the bundle is for"),
     Param("format", Choice(()), help="the artifact format lowered to"),
+    Param("validate", DataRef(), None, "data for the parity check (default: 8 synthetic images)"),
 )
 
 
@@ -138,7 +139,7 @@ class _Checker:
         targets = tuple(t for b in self.named(by_kind["target"], "target") if (t := self.target(b)))
         if not by_kind["target"]:
             self.report("the spec has no target block; add one, e.g. `target cpu { device = cpu, format = onnx }`",
-                        self.spec.version_span)
+                        self.spec.header_span)
         for name, span in self.data_refs:
             if name not in data:
                 self.report(f"undefined data '{name}'", span, did_you_mean(name, data) or self._defined(data))
@@ -165,7 +166,7 @@ class _Checker:
 
     def model(self, blocks: list[ast.Block]) -> ModelPlan | None:
         if not blocks:
-            self.report("the spec has no model block", self.spec.version_span)
+            self.report("the spec has no model block", self.spec.header_span)
             return None
         for extra in blocks[1:]:
             self.report("a spec has exactly one model block; this is a second one", extra.span)
@@ -239,7 +240,7 @@ class _Checker:
         device = self.registered(given.get("device"), DEVICES, "device", block, where)
         fmt = self.registered(given.get("format"), FORMATS, "format", block, where)
         if device is None or fmt is None:
-            self.entries_known(block, {"device", "format"} | _all_target_keys(), where)
+            self.entries_known(block, _all_target_keys(), where)
             return None
         if fmt.name not in device.formats:
             self.report(f"device '{device.name}' does not take format '{fmt.name}'",
@@ -310,6 +311,6 @@ class _Checker:
 
 
 def _all_target_keys() -> set[str]:
-    keys = {p.name for d in DEVICES.values() for p in d.params}
+    keys = {p.name for p in TARGET_PARAMS} | {p.name for d in DEVICES.values() for p in d.params}
     return keys | {p.name for f in FORMATS.values() for p in f.params}
 

@@ -125,5 +125,6 @@ class Spec:
     path: str
     source: str
     version: int
-    version_span: Span
+    version_span: Span  # the number
+    header_span: Span  # the whole `evc 1` line: where errors about the whole file point
     blocks: tuple[Block, ...]

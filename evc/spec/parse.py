@@ -55,7 +55,12 @@ def parse_spec(text: str, path: str) -> ast.Spec:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as e:
         raise _syntax_error(e, text, path) from None
-    spec = _ToAst(path, text).transform(tree)
+    try:
+        spec = _ToAst(path, text).transform(tree)
+    except lark.exceptions.VisitError as e:
+        if isinstance(e.orig_exc, SpecError):
+            raise e.orig_exc from None
+        raise
     if spec.version not in LANGUAGE_VERSIONS:
         raise SpecError.at(
             path, text, spec.version_span,
@@ -78,11 +83,13 @@ class _ToAst(lark.Transformer):
     @lark.v_args(meta=True)
     def start(self, meta, children):
         version, *blocks = children
-        return ast.Spec(self.path, self.source, version[0], version[1], tuple(blocks))
+        number, number_span, header_span = version
+        return ast.Spec(self.path, self.source, number, number_span, header_span, tuple(blocks))
 
-    def version(self, children):
+    @lark.v_args(meta=True)
+    def version(self, meta, children):
         (token,) = children
-        return int(token), _span(token)
+        return int(token), _span(token), _span(meta)
 
     def block(self, children):
         kind, *rest = children
@@ -160,9 +167,7 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, path: str) -> S
             message = f"unexpected character {char!r}"
         return SpecError.at(path, text, Span(line, col, line, col + 1), message)
     if isinstance(e, lark.exceptions.UnexpectedEOF) or getattr(e, "token", None) is None or e.token.type == "$END":
-        lines = text.splitlines() or [""]
-        last = len(lines)
-        span = Span(last, len(lines[-1]) + 1, last, len(lines[-1]) + 2)
+        span = _after_last_line(text)
         return SpecError.at(path, text, span, f"unexpected end of file; expected {_expected(e)}")
     token = e.token
     span = _span(token)
@@ -170,6 +175,15 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, path: str) -> S
         return SpecError.at(path, text, span, "a spec starts with its language version, as in `evc 1`")
     shown = "a line break" if token.type in ("_NL", "_SEP") and "\n" in token else repr(str(token))
     return SpecError.at(path, text, span, f"unexpected {shown}; expected {_expected(e)}")
+
+
+def _after_last_line(text: str) -> Span:
+    """Just after the last line that holds more than a comment."""
+    lines = text.splitlines() or [""]
+    number = next((i for i in range(len(lines), 0, -1)
+                   if lines[i - 1].strip() and not lines[i - 1].lstrip().startswith("#")), len(lines))
+    end = len(lines[number - 1].rstrip()) + 1
+    return Span(number, end, number, end + 1)
 
 
 def _expected(e: lark.exceptions.UnexpectedInput) -> str:

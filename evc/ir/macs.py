@@ -1,0 +1,143 @@
+"""Count parameters and multiply-accumulates, per node and per block.
+
+    summary = summarize(gm, recognise(gm), torch.randn(1, 3, 224, 224))
+    summary.macs                 # 1_253_683_200 for deit_tiny_patch16_224
+    summary.blocks[0].macs       # one block's share; stem + blocks + head == total
+
+MACs come from torch.utils.flop_counter (MACs = FLOPs / 2). Its registry has
+no formula for the CPU kernel of scaled_dot_product_attention, which would
+count attention as free; `SDPA_FORMULAS` adds one with flop_counter's own
+sdpa_flop_count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from evc.ir.structure import Block, Structure
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+SDPA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
+
+
+class _NodeMacs(fx.Interpreter):
+    """Runs a graph inside one FlopCounterMode and books each node the FLOPs it added."""
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
+        super().__init__(gm)
+        self.counter = counter
+        self.macs: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node):
+        before = self.counter.get_total_flops()
+        result = super().run_node(n)
+        self.macs[n.name] = (self.counter.get_total_flops() - before) // 2
+        return result
+
+
+def node_macs(gm: fx.GraphModule, example: torch.Tensor) -> dict[str, int]:
+    """MACs of every node of `gm` on `example`, keyed by node name."""
+    counter = FlopCounterMode(display=False, custom_mapping=SDPA_FORMULAS)
+    interpreter = _NodeMacs(gm, counter)
+    with torch.no_grad(), counter:
+        interpreter.run(example)
+    return interpreter.macs
+
+
+def _parameters(gm: fx.GraphModule, name: str) -> Iterator[nn.Parameter]:
+    """The parameters behind a module name (all of its own and its children's) or a parameter name."""
+    owner, _, attr = name.rpartition(".")
+    value = getattr(gm.get_submodule(owner), attr)
+    if isinstance(value, nn.Module):
+        yield from value.parameters()
+    elif isinstance(value, nn.Parameter):
+        yield value
+
+
+def params_of(gm: fx.GraphModule, names: Iterable[str]) -> int:
+    """Parameters of the named modules or parameters, each tensor counted once."""
+    unique = {id(p): p for name in names for p in _parameters(gm, name)}
+    return sum(p.numel() for p in unique.values())
+
+
+def node_params(gm: fx.GraphModule) -> dict[str, int]:
+    """Parameters each call_module or get_attr node brings in; a shared tensor counts at its first use."""
+    seen: set[int] = set()
+    counts = {}
+    for node in gm.graph.nodes:
+        named = node.op in ("call_module", "get_attr")
+        fresh = [p for p in (_parameters(gm, node.target) if named else ()) if id(p) not in seen]
+        seen.update(id(p) for p in fresh)
+        counts[node.name] = sum(p.numel() for p in fresh)
+    return counts
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    index: int
+    heads: int  # 0 where the attention was removed
+    hidden: int  # 0 where the MLP was removed
+    tokens: int
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    stem: Cost  # every node before the first block
+    blocks: tuple[BlockCost, ...]
+    head: Cost  # every node after the last block
+    total: Cost
+
+    @property
+    def params(self) -> int:
+        return self.total.params
+
+    @property
+    def macs(self) -> int:
+        return self.total.macs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cost(names: Iterable[str], params: dict[str, int], macs: dict[str, int]) -> Cost:
+    names = list(names)
+    return Cost(sum(params[n] for n in names), sum(macs[n] for n in names))
+
+
+def _block_cost(block: Block, params: dict[str, int], macs: dict[str, int]) -> BlockCost:
+    cost = _cost(block.nodes, params, macs)
+    heads = block.attn.num_heads if block.attn else 0
+    hidden = block.mlp.hidden if block.mlp else 0
+    return BlockCost(block.index, heads, hidden, block.tokens, cost.params, cost.macs)
+
+
+def summarize(gm: fx.GraphModule, structure: Structure, example: torch.Tensor) -> Summary:
+    """Params and MACs of the stem, each block and the head; they add up to the totals."""
+    params, macs = node_params(gm), node_macs(gm, example)
+    names = [n.name for n in gm.graph.nodes]
+    in_blocks = {name for b in structure.blocks for name in b.nodes}
+    first = next((i for i, name in enumerate(names) if name in in_blocks), len(names))
+    outside = [(i, name) for i, name in enumerate(names) if name not in in_blocks]
+    return Summary(
+        stem=_cost((name for i, name in outside if i < first), params, macs),
+        blocks=tuple(_block_cost(b, params, macs) for b in structure.blocks),
+        head=_cost((name for i, name in outside if i > first), params, macs),
+        total=_cost(names, params, macs),
+    )
