@@ -37,7 +37,11 @@ def bench(bundle: Path, runs: int | None = None, threads: list[str] | None = Non
     result = run_bench_script(bundle, runs, threads)
     console = console or Console()
     artifact = result["manifest"]["artifacts"][0]
-    table = Table(title=f"{bundle}: {artifact['path']} ({artifact['size'] / 1e6:.1f} MB) on {result['runtime']}")
+    parity = artifact["parity"]
+    console.print(f"{bundle}: {artifact['path']}, {artifact['format']}, {artifact['size'] / 1e6:.1f} MB, "
+                  f"parity max|Δ| {parity['max_abs_diff']:.2g} (top-1 agreement {parity['top1_agreement']:.0%}), "
+                  f"on {result['runtime']}")
+    table = Table()
     for column in ("threads", "median ms", "p90 ms", "images/s"):
         table.add_column(column, justify="right")
     for row in result["results"]:

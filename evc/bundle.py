@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from evc.atomic import remove_stale, temp_dir
 
 MANIFEST = "manifest.json"
 
@@ -23,10 +24,7 @@ def _aside(final: Path) -> Path:
 
 def recover(final: Path) -> None:
     """Undo what a killed build left: stale temporary folders, a bundle moved aside."""
-    if not final.parent.is_dir():
-        return
-    for stale in final.parent.glob(f".{final.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(final)
     aside = _aside(final)
     if aside.is_dir():
         if final.exists():
@@ -48,8 +46,7 @@ def replace_dir(new: Path, final: Path) -> None:
 def staged(final: Path):
     """Yield a temporary folder; on success it replaces `final`, on any failure it is removed."""
     recover(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = temp_dir(final)
     try:
         yield tmp
     except BaseException:

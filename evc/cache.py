@@ -14,11 +14,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from evc.atomic import remove_stale, temp_dir
 from evc.params import PerLayer
 
 # Libraries whose versions change what a stage produces.
@@ -66,8 +66,8 @@ class Cache:
 
     def put(self, stage: str, key: str, write: Callable[[Path], None]) -> Path:
         final = self.root / stage / key
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final.parent))
+        remove_stale(final)
+        tmp = temp_dir(final)
         try:
             write(tmp)
             if final.exists():  # another build got there first; theirs is as good

@@ -93,9 +93,16 @@ DATA_PARAMS = (
     Param("limit", Int(1), None, "use at most this many images of the folder"),
 )
 
+class RegisteredName(Kind):
+    """A device or format name; checked against its registry by the checker itself."""
+
+    def __init__(self, what: str):
+        self.text = f"the name of a {what} (below)"
+
+
 TARGET_PARAMS = (
-    Param("device", Choice(()), help="the device the bundle is for"),
-    Param("format", Choice(()), help="the artifact format lowered to"),
+    Param("device", RegisteredName("device"), help="the device the bundle is for"),
+    Param("format", RegisteredName("format"), help="the artifact format lowered to"),
     Param("validate", DataRef(), None, "data for the parity check (default: 8 synthetic images)"),
 )
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import evc
+from evc.atomic import temp_dir
 from evc.bundle import MANIFEST, read_manifest, recover, replace_dir, staged, write_json
 from evc.cache import Cache, canonical, library_versions, stage_key
 from evc.compile import Compiled, compile_model, load_key, passes_key, weights_digest
@@ -112,7 +113,8 @@ def build_target(plan: Plan, target: TargetPlan, compiled: Compiled, cache: Cach
     checked = json.loads((lowered / "lowered.json").read_text())
     with staged(bundle) as folder:
         for artifact in checked["artifacts"]:
-            _link_or_copy(lowered / artifact["path"], folder / artifact["path"])
+            # A copy, not a link: editing a bundle's file in place must not change the cache.
+            shutil.copyfile(lowered / artifact["path"], folder / artifact["path"])
         manifest = _manifest(plan, target, compiled, checked, key)
         context = _script_context(plan, target, manifest, bundle)
         manifest["scripts"] = render_scripts(DEVICES[target.device].templates, context, folder)
@@ -127,7 +129,11 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled: Compiled, fold
 
     backend = FORMATS[target.format].backend
     with progress.stage(f"lower to {target.format} for target '{target.name}'"):
-        artifacts = backend.lower(compiled.program, target, folder)
+        try:
+            artifacts = backend.lower(compiled.program, target, folder)
+        except Exception as e:  # the exporter's own message names the op or node at fault
+            reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise BuildError(f"target '{target.name}': lowering to {target.format} failed: {reason}") from e
     data = validation_data(plan, target)
     with progress.stage(f"validate target '{target.name}' on {data.name}"):
         images = load_images(data, plan.model.input)
@@ -145,20 +151,12 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled: Compiled, fold
     write_json(folder / "lowered.json", checked)
     if failures:
         failed = bundle.with_name(f"{bundle.name}.failed")
-        keep = failed.with_name(f".{failed.name}.tmp")
-        shutil.rmtree(keep, ignore_errors=True)
-        shutil.copytree(folder, keep)
+        keep = temp_dir(failed)
+        shutil.copytree(folder, keep, dirs_exist_ok=True)
         write_json(keep / MANIFEST, {**_manifest(plan, target, compiled, checked, None), "failed": failures})
         replace_dir(keep, failed)
         raise BuildError(f"target '{target.name}' failed parity against PyTorch: {'; '.join(failures)}; "
                          f"the failed artifact is kept in {failed}")
-
-
-def _link_or_copy(source: Path, dest: Path) -> None:
-    try:
-        os.link(source, dest)
-    except OSError:
-        shutil.copy2(source, dest)
 
 
 def _manifest(plan: Plan, target: TargetPlan, compiled: Compiled, checked: dict, key: str | None) -> dict:
@@ -174,7 +172,7 @@ def _manifest(plan: Plan, target: TargetPlan, compiled: Compiled, checked: dict,
                                     "std": list(image.std), "crop_pct": image.crop_pct,
                                     "interpolation": image.interpolation}},
         "output": {"name": "logits", "shape": checked["output_shape"]},
-        "structure": compiled.program.structure.to_dict(),
+        "structure": _structure_record(compiled.program.structure),
         "passes": [{"name": p.name, "params": canonical(p.params)} for p in plan.passes],
         "params_macs": {"before": compiled.before, "after": compiled.after},
         "target": {"name": target.name, "device": target.device, "format": target.format,
@@ -184,6 +182,14 @@ def _manifest(plan: Plan, target: TargetPlan, compiled: Compiled, checked: dict,
         "libraries": library_versions(),
         "cache_key": key,
     }
+
+
+def _structure_record(structure) -> dict:
+    """The recognised structure, less the per-block node lists that only passes need."""
+    record = structure.to_dict()
+    for block in record["blocks"]:
+        block.pop("nodes", None)
+    return record
 
 
 def _script_context(plan: Plan, target: TargetPlan, manifest: dict, bundle: Path) -> dict:

@@ -160,6 +160,8 @@ class ListOf(Kind):
 
     @property
     def text(self) -> str:
+        if self.or_single:
+            return f"{self.item.text}, or a list of them"
         n = f"{self.length} " if self.length else ""
         return f"a list of {n}values, each {self.item.text}"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from evc.ir import Structure, recognise, trace
 from evc.plan import ImageInput
@@ -45,13 +46,20 @@ class Program:
             return self.graph(torch.as_tensor(images))
 
     def save(self, path: Path) -> None:
+        # A GraphModule pickles as its code and re-traces it on load, with the
+        # tracer class it was made by unless told otherwise; torch.fx's own
+        # tracer reproduces the same graph and needs no evc to be importable.
+        self.graph._tracer_cls = None
         torch.save({"graph": self.graph, "structure": self.structure, "input": self.input}, path)
 
     @classmethod
     def load(cls, path: Path) -> Program:
         # evc wrote this file itself into its cache; it pickles an fx GraphModule.
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        return cls(saved["graph"].eval(), saved["structure"], saved["input"])
+        graph = saved["graph"].eval()
+        with torch.no_grad():
+            ShapeProp(graph).propagate(example_input(saved["input"]))
+        return cls(graph, saved["structure"], saved["input"])
 
 
 def example_input(image: ImageInput) -> torch.Tensor:

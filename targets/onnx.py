@@ -49,22 +49,57 @@ class Onnx:
         return f"max abs diff {parity.max_abs_diff:.3g} exceeds tolerance {params['tolerance']:g}"
 
 
+# torch.onnx writes scaled_dot_product_attention only from opset 14 on.
+_SDPA_OPSET = 14
+
+
 def export_onnx(program, path: Path, opset: int) -> None:
     """Export at batch 1 with stable node names, then simplify in place with onnxslim."""
     import onnx
     import onnxslim
     import torch
 
+    graph = program.graph if opset >= _SDPA_OPSET else explicit_attention(program.graph)
     raw = path.with_suffix(".raw.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about asserts on static shapes
         # The TorchScript exporter keeps node names stable across builds and
         # still writes opset 11, which device toolchains (RDK X5) require.
-        torch.onnx.export(program.graph, (program.example(),), str(raw), dynamo=False,
+        torch.onnx.export(graph, (program.example(),), str(raw), dynamo=False,
                           opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     slim = onnxslim.slim(str(raw))
     onnx.save(slim, str(path))
     raw.unlink()
+
+
+def attention_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+    """scaled_dot_product_attention in MatMul and Softmax, as inference computes it."""
+    import torch
+
+    if is_causal or enable_gqa:
+        raise NotImplementedError("causal or grouped-query attention in an image model")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query * scale) @ key.transpose(-2, -1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    return scores.softmax(dim=-1) @ value
+
+
+def explicit_attention(graph_module):
+    """A copy of `graph_module` whose scaled_dot_product_attention calls are spelled out."""
+    import copy
+
+    import torch.nn.functional as F
+
+    gm = copy.deepcopy(graph_module)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            node.target = attention_math
+    gm.recompile()
+    return gm
 
 
 def op_counts(path: Path) -> dict[str, int]:

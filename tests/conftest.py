@@ -30,3 +30,25 @@ def run_evc(*args, cwd=None, timeout=600):
 
     return subprocess.run([sys.executable, "-m", "evc", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout)
+
+
+# A two-block ViT at 32x32: the whole pipeline in a couple of seconds.
+SMALL_MODEL = 'timm("vit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = 2, num_classes = 10)'
+
+
+def small_spec(targets: str = "target cpu { device = cpu, format = onnx, runs = 3, warmups = 1 }",
+               model_extra: str = "", extra: str = "") -> str:
+    return (f"evc 1\nmodel small {{\n    source = {SMALL_MODEL}\n    input = image(32, 32)\n{model_extra}}}\n"
+            f"{extra}{targets}\n")
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """Write a spec into a fresh folder: `write_spec(text, name="small.evc") -> Path`."""
+
+    def write(text: str, name: str = "small.evc") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

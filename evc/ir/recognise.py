@@ -25,6 +25,7 @@ from evc.errors import InputError
 from evc.ir.structure import Attention, Block, Mlp, Structure
 
 _ADDS = (operator.add, operator.iadd, torch.add)
+_CATS = (torch.cat, torch.concat, torch.concatenate)
 _SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax)
 _RESHAPE_METHODS = ("reshape", "view", "unflatten")
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm, torch.einsum, "matmul", "bmm")
@@ -99,7 +100,16 @@ def _is_add(node: fx.Node) -> bool:
 def _is_score(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target == "softmax"
-    return node.op == "call_function" and (node.target in _SOFTMAX or node.target is F.scaled_dot_product_attention)
+    return node.op == "call_function" and (node.target in _SOFTMAX or _is_sdpa(node))
+
+
+def _is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is F.scaled_dot_product_attention
+
+
+def _end(view: _View, residual: _Residual) -> fx.Node:
+    """The node a branch is named by in errors: its last Linear, else the add."""
+    return next((n for n in reversed(residual.branch) if view.is_a(n, nn.Linear)), residual.add)
 
 
 def _between(view: _View, source: fx.Node, sink: fx.Node) -> tuple[fx.Node, ...]:
@@ -141,9 +151,8 @@ def _patch_embed(view: _View) -> fx.Node:
     image = next(n for n in view.nodes if n.op == "placeholder")
     conv = next((n for n in view.nodes if view.is_a(n, nn.Conv2d)), None)
     if conv is None:
-        raise RecognitionError(
-            image.name, f"the input '{image.name}' reaches no Conv2d; expected a patch-embedding Conv2d"
-        )
+        message = f"the input '{image.name}' reaches no Conv2d; expected a patch-embedding Conv2d"
+        raise RecognitionError(image.name, message)
     m = view.module(conv)
     if m.kernel_size != m.stride:
         raise RecognitionError(
@@ -157,9 +166,8 @@ def _patch_embed(view: _View) -> fx.Node:
 def _stream(view: _View, conv: fx.Node, dim: int) -> list[_Residual]:
     residuals = [r for n in view.after(conv) if (r := _residual(view, n, dim)) is not None]
     if not residuals:
-        raise RecognitionError(
-            conv.name, f"no residual add `x + f(x)` on the (B, N, {dim}) token stream after node '{conv.name}'"
-        )
+        message = f"no residual add `x + f(x)` on the (B, N, {dim}) token stream after node '{conv.name}'"
+        raise RecognitionError(conv.name, message)
     stream = residuals[:1]
     for r in residuals[1:]:
         if _follows(r.skip, stream[-1].add, dim):  # adds nested inside a branch are not on the stream
@@ -167,7 +175,7 @@ def _stream(view: _View, conv: fx.Node, dim: int) -> list[_Residual]:
     return stream
 
 
-def _param_source(view: _View, node: fx.Node) -> fx.Node | None:
+def _param_source(node: fx.Node) -> fx.Node | None:
     """The get_attr a value is derived from through its first inputs (`cls_token.expand(B, -1, -1)`)."""
     while node.op != "get_attr":
         tensors = [a for a in node.all_input_nodes if shape(a) is not None]
@@ -182,35 +190,42 @@ def _embedding(view: _View, conv: fx.Node, start: fx.Node, dim: int) -> tuple[tu
     from_patches = view.reached(conv, start)
     prefix, pos = [], None
     for node in view.after(conv, start):
-        operands = node.args[0] if node.target is torch.cat else node.args[:2] if _is_add(node) else ()
-        sources = [_param_source(view, a) for a in operands if isinstance(a, fx.Node) and a not in from_patches]
+        is_cat = node.op == "call_function" and node.target in _CATS
+        operands = node.args[0] if is_cat else node.args[:2] if _is_add(node) else ()
+        sources = [_param_source(a) for a in operands if isinstance(a, fx.Node) and a not in from_patches]
         params = [s for s in sources if s is not None and shape(s) is not None and shape(s)[-1] == dim]
-        if node.target is torch.cat:
+        if is_cat:
             prefix += [p.target for p in params if shape(p) == (1, 1, dim)]
         elif params and pos is None:
             pos = params[0].target
     return tuple(prefix), pos
 
 
-def _heads_split(node: fx.Node, counts: tuple[int, int]) -> bool:
+def _ints(value) -> list[int]:
+    if isinstance(value, (tuple, list)):
+        return [i for v in value for i in _ints(v)]
+    return [value] if type(value) is int else []
+
+
+def _carries_head_count(node: fx.Node, counts: tuple[int, int]) -> bool:
     reshape = (node.op == "call_method" and node.target in _RESHAPE_METHODS) or node.target is torch.reshape
-    values = list(torch.utils._pytree.tree_leaves((node.args[1:], node.kwargs)))
-    return reshape and any(type(v) is int and v in counts for v in values)
+    return reshape and any(i in counts for i in _ints([*node.args[1:], *node.kwargs.values()]))
 
 
 def _mixing(view: _View, residual: _Residual, score: fx.Node) -> fx.Node | None:
     """Where the attention weights meet v: sdpa itself, or the first matmul after the softmax."""
-    if score.op == "call_function" and score.target is F.scaled_dot_product_attention:
+    if _is_sdpa(score):
         return score
     after = view.reached(score, residual.add)
     return next((n for n in view.after(score, residual.add) if n in after and n.target in _MATMULS), None)
 
 
 def _attention(view: _View, residual: _Residual, score: fx.Node, index: int) -> Attention:
-    where = f"block {index}: the attention branch ending at node '{residual.add.name}'"
+    where = f"block {index}: the attention branch ending at node '{_end(view, residual).name}'"
     mix = _mixing(view, residual, score)
     if mix is None:
-        raise RecognitionError(score.name, f"{where} never multiplies the weights of node '{score.name}' with v")
+        message = f"{where} never multiplies the weights of node '{score.name}' with v"
+        raise RecognitionError(score.name, message)
     linears = [n for n in residual.branch if view.is_a(n, nn.Linear)]
     upstream = _between(view, residual.skip, mix)
     downstream = view.reached(mix, residual.add)
@@ -219,14 +234,17 @@ def _attention(view: _View, residual: _Residual, score: fx.Node, index: int) -> 
     if not qkv:
         raise RecognitionError(score.name, f"{where} has no q/k/v Linear before node '{score.name}'")
     if len(proj) != 1:
-        raise RecognitionError(mix.name, f"{where} has {len(proj)} Linears after node '{mix.name}', expected one output projection")
+        message = f"{where} has {len(proj)} Linears after node '{mix.name}', expected one output projection"
+        raise RecognitionError(mix.name, message)
     s = shape(score)
     if s is None or len(s) < 4:
-        raise RecognitionError(score.name, f"{where}: node '{score.name}' has shape {s}, with no head axis (B, heads, N, ...)")
+        message = f"{where}: node '{score.name}' has shape {s}, with no head axis (B, heads, N, ...)"
+        raise RecognitionError(score.name, message)
     heads = s[-3]
     head_dim = view.module(proj[0]).in_features // heads
     counts = (heads, heads * head_dim)
-    head_count = tuple(n.name for n in upstream + _between(view, mix, proj[0]) if _heads_split(n, counts))
+    splits = upstream + _between(view, mix, proj[0])
+    head_count = tuple(n.name for n in splits if _carries_head_count(n, counts))
     if not head_count:
         raise RecognitionError(score.name, f"{where} has no reshape or view by the head count {heads}")
     return Attention(tuple(n.target for n in qkv), proj[0].target, heads, head_dim, head_count, score.name)
@@ -238,49 +256,53 @@ def _is_activation(view: _View, node: fx.Node) -> bool:
     return view.is_a(node, _ACT_MODULES) or (node.op == "call_function" and node.target in _ACT_FUNCTIONS)
 
 
-def _mlp(view: _View, residual: _Residual, fc1: fx.Node, fc2: fx.Node, index: int) -> Mlp:
+def _mlp(view: _View, fc1: fx.Node, fc2: fx.Node, index: int) -> Mlp:
     act = next((n for n in _between(view, fc1, fc2) if _is_activation(view, n)), None)
     if act is None:
-        raise RecognitionError(
-            fc2.name, f"block {index}: the MLP branch ending at node '{residual.add.name}' has no activation "
-            f"between nodes '{fc1.name}' and '{fc2.name}'"
-        )
+        where = f"block {index}: the MLP branch ending at node '{fc2.name}'"
+        message = f"{where} has no activation after node '{fc1.name}'"
+        raise RecognitionError(fc2.name, message)
     return Mlp(fc1.target, fc2.target, view.module(fc1).out_features, act.name)
 
 
 def _sublayer(view: _View, residual: _Residual, index: int) -> Attention | Mlp:
     scores = [n for n in residual.branch if _is_score(n)]
     linears = [n for n in residual.branch if view.is_a(n, nn.Linear)]
-    last = linears[-1] if linears else residual.add
+    end = _end(view, residual).name
+    where = f"block {index}: the branch ending at node '{end}'"
     if len(scores) > 1:
-        raise RecognitionError(scores[1].name, f"block {index}: the branch ending at node '{last.name}' has {len(scores)} softmax/attention nodes, expected one")
+        message = f"{where} has {len(scores)} softmax/attention nodes, expected one"
+        raise RecognitionError(scores[1].name, message)
     if scores:
         return _attention(view, residual, scores[0], index)
     has_heads = any(len(shape(n) or ()) >= 4 for n in residual.branch)
     if len(linears) == 2 and not has_heads:
-        return _mlp(view, residual, linears[0], linears[1], index)
+        return _mlp(view, linears[0], linears[1], index)
     if len(linears) > 2 or has_heads:
-        raise RecognitionError(last.name, f"block {index}: the attention branch ending at node '{last.name}' has no softmax or scaled_dot_product_attention")
-    raise RecognitionError(
-        last.name, f"block {index}: the branch ending at node '{last.name}' has {len(linears)} Linear(s) and no softmax; "
-        "expected attention (softmax or scaled_dot_product_attention) or an MLP (Linear, activation, Linear)"
+        where = where.replace("the branch", "the attention branch")
+        raise RecognitionError(end, f"{where} has no softmax or scaled_dot_product_attention")
+    message = (
+        f"{where} has {len(linears)} Linear(s) and no softmax; expected attention "
+        "(softmax or scaled_dot_product_attention) or an MLP (Linear, activation, Linear)"
     )
+    raise RecognitionError(end, message)
 
 
 def _blocks(view: _View, start: fx.Node, stream: list[_Residual]) -> tuple[Block, ...]:
     """Pair sublayers into blocks: attention then MLP; either alone where a pass removed the other."""
-    groups: list[list] = []  # [attn, mlp, first residual, last residual]
+    groups: list[list[tuple[Attention | Mlp, _Residual]]] = []
     for r in stream:
-        is_open = bool(groups) and groups[-1][0] is not None and groups[-1][1] is None
+        is_open = bool(groups) and len(groups[-1]) == 1 and isinstance(groups[-1][0][0], Attention)
         sub = _sublayer(view, r, len(groups) - is_open)
         if isinstance(sub, Mlp) and is_open:
-            groups[-1][1], groups[-1][3] = sub, r
-        elif isinstance(sub, Mlp):
-            groups.append([None, sub, r, r])
+            groups[-1].append((sub, r))
         else:
-            groups.append([sub, None, r, r])
+            groups.append([(sub, r)])
     blocks, previous = [], start
-    for i, (attn, mlp, first, last) in enumerate(groups):
+    for i, group in enumerate(groups):
+        attn = next((s for s, _ in group if isinstance(s, Attention)), None)
+        mlp = next((s for s, _ in group if isinstance(s, Mlp)), None)
+        first, last = group[0][1], group[-1][1]
         nodes = tuple(n.name for n in view.after(previous, last.add))
         blocks.append(Block(i, attn, mlp, shape(first.skip)[1], nodes))
         previous = last.add
@@ -291,7 +313,8 @@ def _module_of_norm(view: _View, node: fx.Node) -> str | None:
     if view.is_a(node, _NORMS):
         return node.target
     weight = node.kwargs.get("weight") if node.target is F.layer_norm else None
-    return weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    is_param = isinstance(weight, fx.Node) and weight.op == "get_attr"
+    return weight.target.rpartition(".")[0] if is_param else None
 
 
 def _pooling(view: _View, last: fx.Node, tail: list[fx.Node], dim: int) -> tuple[fx.Node, str]:
@@ -304,7 +327,8 @@ def _pooling(view: _View, last: fx.Node, tail: list[fx.Node], dim: int) -> tuple
             return node, "token"
         if node.target in ("mean", torch.mean):
             return node, "avg"
-        raise RecognitionError(node.name, f"expected pooling at node '{node.name}': x[:, 0] or a mean over tokens")
+        message = f"expected pooling at node '{node.name}': x[:, 0] or a mean over tokens"
+        raise RecognitionError(node.name, message)
     raise RecognitionError(last.name, f"no pooling of the tokens after node '{last.name}'")
 
 
@@ -315,12 +339,15 @@ def _head(view: _View, last: fx.Node, dim: int) -> tuple[str | None, str, tuple[
     norm = next((m for n in tail if (m := _module_of_norm(view, n)) is not None), None)
     heads = [n for n in tail if view.is_a(n, nn.Linear) and view.order[n] > view.order[pool_node]]
     if not heads:
-        raise RecognitionError(pool_node.name, f"no classifier Linear after the pooling at node '{pool_node.name}'")
+        message = f"no classifier Linear after the pooling at node '{pool_node.name}'"
+        raise RecognitionError(pool_node.name, message)
     return norm, pool, tuple(n.target for n in heads), view.module(heads[0]).out_features
 
 
 def recognise(gm: fx.GraphModule) -> Structure:
     """The ViT structure of a traced graph whose nodes carry `tensor_meta` (see `trace`)."""
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        raise ValueError("recognise needs the shapes that evc.ir.trace records")
     view = _View(gm)
     conv = _patch_embed(view)
     m = view.module(conv)

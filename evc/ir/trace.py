@@ -12,6 +12,9 @@ into; any other nn.Module traces with plain torch.fx.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import sys
 
 import torch
@@ -43,11 +46,32 @@ def _timm_no_trace() -> tuple[tuple[type, ...], tuple]:
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
 
-def _drop_unused_defaults(graph: fx.Graph) -> None:
-    """timm's `forward(x, attn_mask=None, ...)`: the program takes the image alone."""
-    for node in list(graph.nodes):
-        if node.op == "placeholder" and node.args and not node.users:
-            graph.erase_node(node)
+def _fixed_defaults(model: nn.Module) -> dict:
+    """forward's defaulted arguments (timm's `attn_mask=None`), traced as the constants they default to."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.kind in kinds and p.default is not p.empty}
+
+
+def _drop_fixed_inputs(graph: fx.Graph) -> None:
+    """Remove fixed arguments' placeholders and fx's checks on them: the program takes the image alone."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    for placeholder in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        downstream = {placeholder}
+        for node in graph.nodes:
+            if any(a in downstream for a in node.all_input_nodes):
+                downstream.add(node)
+        if output not in downstream:
+            for node in reversed([n for n in graph.nodes if n in downstream]):
+                graph.erase_node(node)
+
+
+class _ShapeProp(ShapeProp):
+    """torch.fx's ShapeProp, remembering the node it is at so a failure can name it."""
+
+    def run_node(self, n: fx.Node):
+        self.node = n
+        return super().run_node(n)
 
 
 def _reason(error: Exception) -> str:
@@ -61,15 +85,16 @@ def trace(model: nn.Module, example: torch.Tensor, name: str | None = None) -> f
     model.eval()
     leaf_types, autowrap = _timm_no_trace()
     try:
-        graph = _Tracer(leaf_types, autowrap).trace(model)
+        graph = _Tracer(leaf_types, autowrap).trace(model, concrete_args=_fixed_defaults(model))
     except Exception as e:  # torch.fx raises many types; all mean "not traceable"
         raise InputError(f"cannot trace model '{name}': {_reason(e)}") from e
-    _drop_unused_defaults(graph)
+    _drop_fixed_inputs(graph)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    prop = _ShapeProp(gm)
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
+            prop.propagate(example)
     except Exception as e:
-        shape = tuple(example.shape)
-        raise InputError(f"model '{name}' fails on an example input of shape {shape}: {_reason(e)}") from e
+        where = f"at node '{prop.node.name}' on an example input of shape {tuple(example.shape)}"
+        raise InputError(f"model '{name}' fails {where}: {_reason(e.__cause__ or e)}") from e
     return gm

@@ -1,0 +1,39 @@
+"""Folders that appear whole or not at all: written under a temporary name, renamed into place.
+
+Temporary names carry the writer's pid, so a later build can tell what a
+killed build left behind from what a running one is still writing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def temp_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the result private once renamed
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(final: Path) -> None:
+    """Remove temporary folders for `final` whose writer is gone."""
+    if not final.parent.is_dir():
+        return
+    for tmp in final.parent.glob(f".{final.name}.*.tmp"):
+        pid = tmp.name[len(final.name) + 2:].split(".")[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,93 @@
+import math
+
+import onnx
+import pytest
+import timm
+import torch
+
+from evc.ir import recognise, trace
+from evc.ir.macs import node_macs, params_of, summarize
+
+EXAMPLE = torch.randn(1, 3, 224, 224)
+
+
+@pytest.fixture(scope="module")
+def deit_tiny():
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def traced(deit_tiny):
+    gm = trace(deit_tiny, EXAMPLE)
+    return gm, recognise(gm)
+
+
+@pytest.fixture(scope="module")
+def summary(traced):
+    gm, structure = traced
+    return summarize(gm, structure, EXAMPLE)
+
+
+def onnx_macs(model, example, path) -> int:
+    """MACs of MatMul, Gemm and Conv counted from the shapes in an exported ONNX graph."""
+    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path)), data_prop=True).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.input, *graph.value_info, *graph.output]}
+    shapes.update({t.name: list(t.dims) for t in graph.initializer})
+    total = 0
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        assert all(shapes[name] and 0 not in shapes[name] for name in [*node.input[:2], node.output[0]])
+        out = math.prod(shapes[node.output[0]])
+        if node.op_type == "MatMul":
+            total += out * shapes[node.input[0]][-1]
+        elif node.op_type == "Gemm":
+            trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+            total += out * shapes[node.input[0]][0 if trans_a else -1]
+        elif node.op_type == "Conv":
+            total += out * math.prod(shapes[node.input[1]][1:])
+    return total
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_deit_tiny_macs_match_an_onnx_count_within_1_percent(deit_tiny, summary, tmp_path):
+    independent = onnx_macs(deit_tiny, EXAMPLE, tmp_path / "deit_tiny.onnx")
+    assert summary.macs == pytest.approx(independent, rel=0.01)
+    assert summary.macs == pytest.approx(1.254e9, rel=0.001)
+
+
+def test_scaled_dot_product_attention_on_cpu_is_counted(traced):
+    gm, structure = traced
+    macs = node_macs(gm, EXAMPLE)
+    tokens, dim = 197, 192
+    assert macs[structure.blocks[0].attn.score_node] == 2 * tokens * tokens * dim
+
+
+def test_stem_blocks_and_head_add_up_to_the_total(summary):
+    parts = [summary.stem, *summary.blocks, summary.head]
+    assert sum(p.macs for p in parts) == summary.macs
+    assert sum(p.params for p in parts) == summary.params
+
+
+def test_every_block_of_deit_tiny_costs_the_same(summary):
+    assert len({(b.heads, b.hidden, b.tokens, b.params, b.macs) for b in summary.blocks}) == 1
+    assert (summary.blocks[0].heads, summary.blocks[0].hidden, summary.blocks[0].tokens) == (3, 768, 197)
+
+
+def test_params_match_the_model_parameter_count(deit_tiny, summary):
+    assert summary.params == sum(p.numel() for p in deit_tiny.parameters())
+
+
+def test_params_of_counts_named_modules_and_parameters_once(traced):
+    gm, _ = traced
+    qkv = 192 * 576 + 576
+    assert params_of(gm, ["blocks.0.attn.qkv", "blocks.0.attn.qkv.weight"]) == qkv
+    assert params_of(gm, ["cls_token"]) == 192
+
+
+def test_summary_to_dict_lists_each_block(summary):
+    data = summary.to_dict()
+    assert len(data["blocks"]) == 12
+    assert data["total"]["macs"] == summary.macs
