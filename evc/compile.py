@@ -122,7 +122,7 @@ def _loaded(plan: Plan, cache: Cache, progress: Progress, weights: str, write_ca
 
 
 def _summary(program) -> dict:
-    from evc.ir.macs import summarize
+    from evc.ir import summarize
 
     return canonical(summarize(program.graph, program.structure, program.example()).to_dict())
 

@@ -56,6 +56,6 @@ def blocks_table(before: dict, after: dict) -> Table:
                       _arrow(b["macs"], a["macs"], _millions))
     table.add_row("head", "", "", "", _arrow(before["head"]["params"], after["head"]["params"], _millions),
                   _arrow(before["head"]["macs"], after["head"]["macs"], _millions))
-    table.add_row("total", "", "", "", _arrow(before["params"], after["params"], _millions),
-                  _arrow(before["macs"], after["macs"], _millions), style="bold")
+    table.add_row("total", "", "", "", _arrow(before["total"]["params"], after["total"]["params"], _millions),
+                  _arrow(before["total"]["macs"], after["total"]["macs"], _millions), style="bold")
     return table

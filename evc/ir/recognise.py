@@ -81,13 +81,13 @@ class _View:
         return reach
 
 
-def shape(node: fx.Node) -> tuple[int, ...] | None:
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _is_tokens(node: fx.Node, dim: int) -> bool:
-    s = shape(node)
+    s = node_shape(node)
     return s is not None and len(s) == 3 and s[-1] == dim
 
 
@@ -178,7 +178,7 @@ def _stream(view: _View, conv: fx.Node, dim: int) -> list[_Residual]:
 def _param_source(node: fx.Node) -> fx.Node | None:
     """The get_attr a value is derived from through its first inputs (`cls_token.expand(B, -1, -1)`)."""
     while node.op != "get_attr":
-        tensors = [a for a in node.all_input_nodes if shape(a) is not None]
+        tensors = [a for a in node.all_input_nodes if node_shape(a) is not None]
         if node.op in ("placeholder", "output") or not tensors:
             return None
         node = tensors[0]
@@ -193,9 +193,9 @@ def _embedding(view: _View, conv: fx.Node, start: fx.Node, dim: int) -> tuple[tu
         is_cat = node.op == "call_function" and node.target in _CATS
         operands = node.args[0] if is_cat else node.args[:2] if _is_add(node) else ()
         sources = [_param_source(a) for a in operands if isinstance(a, fx.Node) and a not in from_patches]
-        params = [s for s in sources if s is not None and shape(s) is not None and shape(s)[-1] == dim]
+        params = [s for s in sources if s is not None and node_shape(s) is not None and node_shape(s)[-1] == dim]
         if is_cat:
-            prefix += [p.target for p in params if shape(p) == (1, 1, dim)]
+            prefix += [p.target for p in params if node_shape(p) == (1, 1, dim)]
         elif params and pos is None:
             pos = params[0].target
     return tuple(prefix), pos
@@ -236,7 +236,7 @@ def _attention(view: _View, residual: _Residual, score: fx.Node, index: int) -> 
     if len(proj) != 1:
         message = f"{where} has {len(proj)} Linears after node '{mix.name}', expected one output projection"
         raise RecognitionError(mix.name, message)
-    s = shape(score)
+    s = node_shape(score)
     if s is None or len(s) < 4:
         message = f"{where}: node '{score.name}' has shape {s}, with no head axis (B, heads, N, ...)"
         raise RecognitionError(score.name, message)
@@ -275,7 +275,7 @@ def _sublayer(view: _View, residual: _Residual, index: int) -> Attention | Mlp:
         raise RecognitionError(scores[1].name, message)
     if scores:
         return _attention(view, residual, scores[0], index)
-    has_heads = any(len(shape(n) or ()) >= 4 for n in residual.branch)
+    has_heads = any(len(node_shape(n) or ()) >= 4 for n in residual.branch)
     if len(linears) == 2 and not has_heads:
         return _mlp(view, linears[0], linears[1], index)
     if len(linears) > 2 or has_heads:
@@ -304,7 +304,7 @@ def _blocks(view: _View, start: fx.Node, stream: list[_Residual]) -> tuple[Block
         mlp = next((s for s, _ in group if isinstance(s, Mlp)), None)
         first, last = group[0][1], group[-1][1]
         nodes = tuple(n.name for n in view.after(previous, last.add))
-        blocks.append(Block(i, attn, mlp, shape(first.skip)[1], nodes))
+        blocks.append(Block(i, attn, mlp, node_shape(first.skip)[1], nodes))
         previous = last.add
     return tuple(blocks)
 
@@ -319,7 +319,7 @@ def _module_of_norm(view: _View, node: fx.Node) -> str | None:
 
 def _pooling(view: _View, last: fx.Node, tail: list[fx.Node], dim: int) -> tuple[fx.Node, str]:
     for node in tail:
-        s = shape(node)
+        s = node_shape(node)
         if s is None or len(s) != 2 or not any(_is_tokens(a, dim) for a in node.all_input_nodes):
             continue
         index = node.args[1] if node.target is operator.getitem else None
@@ -360,7 +360,7 @@ def recognise(gm: fx.GraphModule) -> Structure:
         embed_dim=dim,
         patch_embed=conv.target,
         patch_size=tuple(m.kernel_size),
-        grid=shape(conv)[-2:],
+        grid=node_shape(conv)[-2:],
         prefix_tokens=prefix,
         pos_embed=pos,
         blocks=_blocks(view, start, stream),

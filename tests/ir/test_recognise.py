@@ -187,3 +187,11 @@ def test_trace_keeps_only_the_image_input_of_timm_models():
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32)
     gm = trace(model, torch.randn(1, 3, 32, 32))
     assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+
+
+def test_traced_timm_model_computes_the_models_output():
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32).eval()
+    images = torch.randn(2, 3, 32, 32)
+    gm = trace(model, images)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(images), model(images))
