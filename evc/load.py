@@ -33,7 +33,7 @@ def build_module(source: Source, spec_dir: Path) -> nn.Module:
 def _timm_model(name: str, kwargs: dict) -> nn.Module:
     import timm
 
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         hint = did_you_mean(name, timm.list_models())
         raise InputError(f"timm has no model '{name}'" + (f"; {hint}" if hint else ""))
     try:

@@ -1,0 +1,121 @@
+"""How long `evc build` takes against the same work done by hand, for deit_tiny to ONNX.
+
+    .venv/bin/python benchmarks/build_time.py [--rounds 3]
+
+Each round runs, side by side in fresh processes (imports included, as a user
+waits for them):
+- `evc build` of the README's spec with an empty build folder;
+- the same work by hand: timm create + torch.onnx.export + an ONNX Runtime
+  check on the same 8 images;
+- `evc build` again, which finds everything in the cache;
+- `evc check`.
+It prints the median of the rounds. This machine is shared and noisy:
+compare the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "specs" / "deit_tiny_x5.evc"
+
+BY_HAND = """
+import numpy as np, onnxruntime as ort, timm, torch, sys
+model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), sys.argv[1], dynamo=False, opset_version=17,
+                  input_names=["input"], output_names=["logits"])
+images = np.random.default_rng(0).random((8, 3, 224, 224), dtype=np.float32)
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+onnx_logits = np.concatenate([session.run(None, {"input": x[None]})[0] for x in images])
+with torch.inference_mode():
+    torch_logits = model(torch.from_numpy(images)).numpy()
+assert np.abs(onnx_logits - torch_logits).max() < 1e-4
+"""
+
+# What evc does beyond the hand path: onnxslim on the same export, timed alone.
+SLIM = """
+import sys, time, onnxslim
+start = time.perf_counter()
+onnxslim.slim(sys.argv[1])
+print(time.perf_counter() - start)
+"""
+
+
+def timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def one_round(scratch: Path) -> dict[str, float]:
+    out = Path(tempfile.mkdtemp(dir=scratch))
+    evc = [sys.executable, "-m", "evc"]
+    times = {
+        "evc build": timed([*evc, "build", str(SPEC), "--out", str(out)]),
+        "by hand": timed([sys.executable, "-c", BY_HAND, str(out / "by_hand.onnx")]),
+        "evc build (from cache)": timed([*evc, "build", str(SPEC), "--out", str(out)]),
+        "evc check": timed([*evc, "check", str(SPEC)]),
+    }
+    slim = subprocess.run([sys.executable, "-c", SLIM, str(out / "by_hand.onnx")], check=True,
+                          capture_output=True, text=True)
+    times["onnxslim"] = float(slim.stdout.strip().splitlines()[-1])
+    times["ratio"] = times["evc build"] / times["by hand"]
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        rounds = [one_round(Path(scratch)) for _ in range(args.rounds)]
+    median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    ratio = median["ratio"]
+    rows = [
+        ("evc build, deit_tiny → ONNX, empty cache", f"{median['evc build']:.2f} s", ""),
+        ("by hand: timm + torch.onnx.export + ONNX Runtime check", f"{median['by hand']:.2f} s", ""),
+        ("ratio evc / by hand (median of the rounds' ratios)", f"{ratio:.2f}", _goal(ratio <= 1.3, "≤ 1.3")),
+        ("of which onnxslim alone (evc simplifies, the hand path does not)", f"{median['onnxslim']:.2f} s", ""),
+        ("evc build, rebuild from cache", f"{median['evc build (from cache)']:.2f} s",
+         _goal(median["evc build (from cache)"] <= 2, "≤ 2 s")),
+        ("evc check", f"{median['evc check']:.2f} s", _goal(median["evc check"] <= 0.5, "≤ 0.5 s")),
+    ]
+    print(f"machine: {platform.machine()}, {_cpu()}, {_cores()} cores, Python {platform.python_version()}; "
+          f"median of {args.rounds} rounds")
+    print()
+    print("| measure | value | goal |")
+    print("|---|---|---|")
+    for name, value, goal in rows:
+        print(f"| {name} | {value} | {goal} |")
+
+
+def _goal(met: bool, text: str) -> str:
+    return f"{text}: {'met' if met else 'missed'}"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+if __name__ == "__main__":
+    main()
