@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,20 @@ def weights_digest(plan: Plan) -> str:
 
 
 def load_key(plan: Plan, weights: str) -> str:
-    return stage_key("load", plan.model.source, plan.model.input, weights, library_versions())
+    return stage_key("load", plan.model.source, plan.model.input, weights, source_code_digest(plan),
+                     library_versions())
+
+
+def source_code_digest(plan: Plan) -> str | None:
+    """For `python("pkg.module:factory")`, the module file's sha256, found without importing it."""
+    if plan.model.source.kind != "python":
+        return None
+    module = plan.model.source.name.split(":")[0].replace(".", "/")
+    for base in (plan.path.parent, *map(Path, filter(None, sys.path))):
+        for candidate in (base / f"{module}.py", base / module / "__init__.py"):
+            if candidate.is_file():
+                return sha256_file(candidate)
+    return None
 
 
 def passes_key(plan: Plan, load: str) -> str:

@@ -144,3 +144,18 @@ def test_a_model_evc_cannot_recognise_exits_2_naming_the_graph_node(write_spec, 
     assert done.returncode == 2, done.stderr
     assert "node '" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out" / "cnn").exists()
+
+
+def test_editing_the_users_model_code_misses_the_cache(write_spec, tmp_path):
+    _copy_plain_vit(tmp_path)
+    spec = write_spec('evc 1\nmodel plain {\n    source = python("vit:plain_vit_tiny", depth = 1)\n'
+                      '    input = image(32, 32)\n}\ntarget cpu { device = cpu, format = onnx }\n')
+    out = tmp_path / "out"
+    build(parse_and_check(spec.read_text(), spec), out)
+    code = (tmp_path / "vit.py").read_text().replace("mlp_ratio: float = 4.0", "mlp_ratio: float = 2.0")
+    (tmp_path / "vit.py").write_text(code)
+    run = run_evc("build", spec, "--out", out)  # a fresh process: the edited module is imported anew
+    assert run.returncode == 0, run.stderr
+    assert "built" in run.stdout
+    manifest = json.loads((out / "small" / "cpu" / "manifest.json").read_text())
+    assert manifest["structure"]["blocks"][0]["mlp"]["hidden"] == 384
