@@ -6,7 +6,7 @@ from evc.progress import Progress
 
 
 def test_stages_show_on_a_terminal():
-    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    console = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=80)
     with Progress(console).stage("lower to onnx"):
         pass
     assert "✓ lower to onnx" in console.file.getvalue()
