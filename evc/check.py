@@ -141,15 +141,17 @@ class _Checker:
             else:
                 self.report(f"unknown block '{block.kind}'", block.span, did_you_mean(block.kind, BLOCK_KINDS))
         model = self.model(by_kind["model"])
-        data = {d.name: d for b in self.named(by_kind["data"], "data") if (d := self.data(b)) is not None}
+        data_blocks = self.named(by_kind["data"], "data")
+        data = {d.name: d for b in data_blocks if (d := self.data(b)) is not None}
         passes = self.compress(by_kind["compress"])
         targets = tuple(t for b in self.named(by_kind["target"], "target") if (t := self.target(b)))
         if not by_kind["target"]:
             self.report("the spec has no target block; add one, e.g. `target cpu { device = cpu, format = onnx }`",
                         self.spec.header_span)
+        defined = [b.name for b in data_blocks]  # a block with its own errors is still defined
         for name, span in self.data_refs:
-            if name not in data:
-                self.report(f"undefined data '{name}'", span, did_you_mean(name, data) or self._defined(data))
+            if name not in defined:
+                self.report(f"undefined data '{name}'", span, did_you_mean(name, defined) or self._defined(defined))
         if self.diagnostics or model is None:
             return None
         return Plan(Path(self.spec.path), self.spec.source, model, data, passes, targets)

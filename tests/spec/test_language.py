@@ -185,3 +185,11 @@ def test_cli_check_ok_exits_0():
     done = run_evc("check", ROOT / "specs" / "deit_tiny_x5.evc")
     assert done.returncode == 0, done.stderr
     assert "ok" in done.stdout
+
+
+def test_a_reference_to_a_data_block_with_its_own_error_is_not_undefined():
+    text = MINIMAL.replace("target cpu { device = cpu, format = onnx }",
+                           "data calib { synthetic = 0 }\ntarget cpu { device = cpu, format = onnx, validate = calib }")
+    with pytest.raises(SpecError) as caught:
+        parse_and_check(text, "t.evc")
+    assert [d.message for d in caught.value.diagnostics] == ["synthetic: 0 is out of range: expected an integer >= 1"]
