@@ -37,3 +37,24 @@ def remove_stale(final: Path) -> None:
         pid = tmp.name[len(final.name) + 2:].split(".")[0]
         if not pid.isdigit() or not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put `new` at `final`. An old `final` is moved aside, not deleted, until `new` is in place."""
+    aside = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+    os.rename(new, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover(final: Path) -> None:
+    """Undo what a killed writer left: its temporary folders, an old `final` moved aside."""
+    remove_stale(final)
+    aside = final.with_name(f".{final.name}.old")
+    if aside.is_dir():
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, final)

@@ -8,38 +8,13 @@ aside, not deleted, until the new one is in place.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from evc.atomic import remove_stale, temp_dir
+from evc.atomic import recover, replace_dir, temp_dir
 
 MANIFEST = "manifest.json"
-
-
-def _aside(final: Path) -> Path:
-    return final.with_name(f".{final.name}.old")
-
-
-def recover(final: Path) -> None:
-    """Undo what a killed build left: stale temporary folders, a bundle moved aside."""
-    remove_stale(final)
-    aside = _aside(final)
-    if aside.is_dir():
-        if final.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(aside, final)
-
-
-def replace_dir(new: Path, final: Path) -> None:
-    aside = _aside(final)
-    if final.exists():
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(final, aside)
-    os.rename(new, final)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextmanager

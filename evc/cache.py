@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from evc.atomic import remove_stale, temp_dir
+from evc.atomic import recover, replace_dir, temp_dir
 from evc.params import PerLayer
 
 # Libraries whose versions change what a stage produces.
@@ -57,24 +56,23 @@ def stage_key(*parts: Any) -> str:
 
 
 class Cache:
-    def __init__(self, root: Path):
-        self.root = root
+    """`fresh` (a forced build) reads no entry and replaces every entry it writes."""
+
+    def __init__(self, root: Path, fresh: bool = False):
+        self.root, self.fresh = root, fresh
 
     def get(self, stage: str, key: str) -> Path | None:
         path = self.root / stage / key
-        return path if path.is_dir() else None
+        return path if path.is_dir() and not self.fresh else None
 
     def put(self, stage: str, key: str, write: Callable[[Path], None]) -> Path:
         final = self.root / stage / key
-        remove_stale(final)
+        recover(final)
         tmp = temp_dir(final)
         try:
             write(tmp)
-            if final.exists():  # another build got there first; theirs is as good
-                shutil.rmtree(tmp)
-            else:
-                os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        replace_dir(tmp, final)
         return final

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import evc
-from evc.atomic import temp_dir
-from evc.bundle import MANIFEST, read_manifest, recover, replace_dir, staged, write_json
+from evc.atomic import recover, replace_dir, temp_dir
+from evc.bundle import MANIFEST, read_manifest, staged, write_json
 from evc.cache import Cache, canonical, library_versions, stage_key
 from evc.compile import Compiled, compile_model, load_key, passes_key, weights_digest
 from evc.data import DEFAULT_VALIDATION
@@ -40,7 +40,7 @@ class BuildResult:
 def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = None,
           progress: Progress | None = None) -> list[BuildResult]:
     progress = progress or Progress()
-    cache = Cache(out / ".cache")
+    cache = Cache(out / ".cache", fresh=force)
     weights = weights_digest(plan)
     program_key = passes_key(plan, load_key(plan, weights))
     compiled: Compiled | None = None

@@ -130,11 +130,17 @@ def test_changing_the_model_misses_every_cache(write_spec, tmp_path):
     assert len(list((out / ".cache" / "program").iterdir())) == 2
 
 
-def test_force_rebuilds_an_up_to_date_bundle(write_spec, tmp_path):
+def test_force_rebuilds_every_stage_of_an_up_to_date_bundle(write_spec, tmp_path):
     spec = write_spec(small_spec())
-    build(plan_of(spec), tmp_path / "out")
-    (result,) = build(plan_of(spec), tmp_path / "out", force=True)
+    out = tmp_path / "out"
+    build(plan_of(spec), out)
+    entries = [d / f for d, f in ((next((out / ".cache" / "program").iterdir()), "program.pt"),
+                                  (next((out / ".cache" / "lower").iterdir()), "model.onnx"))]
+    stamps = [e.stat().st_mtime_ns for e in entries]
+    (result,) = build(plan_of(spec), out, force=True)
     assert not result.cached
+    assert all(e.stat().st_mtime_ns != s for e, s in zip(entries, stamps))
+    assert len(list((out / ".cache" / "program").iterdir())) == 1  # replaced, not added
 
 
 def test_parity_beyond_tolerance_fails_and_keeps_the_artifact_beside_the_bundle(write_spec, tmp_path):
