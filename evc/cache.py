@@ -42,7 +42,7 @@ def canonical(value: Any) -> Any:
         return {f.name: canonical(getattr(value, f.name)) for f in dataclasses.fields(value)
                 if f.name not in ("span", "spans")}
     if isinstance(value, dict):
-        return {str(k): canonical(v) for k, v in sorted(value.items())}
+        return {str(k): canonical(v) for k, v in value.items()}  # stage_key sorts when it hashes
     if isinstance(value, (list, tuple)):
         return [canonical(v) for v in value]
     if isinstance(value, Path):

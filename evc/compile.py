@@ -16,6 +16,7 @@ import numpy as np
 from evc.artifact import sha256_file
 from evc.cache import Cache, canonical, library_versions, stage_key
 from evc.data import load_images
+from evc.errors import SpecError
 from evc.params import DataRef, Invalid, per_layer
 from evc.plan import PassPlan, Plan
 from evc.progress import Progress
@@ -73,6 +74,10 @@ class PassContext:
     def images(self, data_name: str) -> np.ndarray:
         return load_images(self.plan.data[data_name], self.plan.model.input)
 
+    def error(self, key: str, message: str) -> SpecError:
+        """A spec error at this pass's `key` (or the pass itself), found once the model is known."""
+        return self.plan.error(self.pass_plan.spans.get(key), f"{self.pass_plan.name}: {message}")
+
 
 @dataclass
 class Compiled:
@@ -98,10 +103,11 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, weights: str | N
         return Compiled(Program.load(hit / "program.pt"), summaries["before"], summaries["after"], weights, key)
 
     program, before = _loaded(plan, cache, progress, weights, write_cache)
+    original = program.structure
     for pass_plan in plan.passes:
         with progress.stage(f"pass {pass_plan.name}"):
             program = PASSES[pass_plan.name].run(program, pass_plan.params, PassContext(plan, pass_plan))
-    after = _summary(program) if plan.passes else before
+    after = aligned(_summary(program), original, program.structure) if plan.passes else before
 
     def write(folder: Path) -> None:
         program.save(folder / "program.pt")
@@ -133,6 +139,28 @@ def _loaded(plan: Plan, cache: Cache, progress: Progress, weights: str, write_ca
     if write_cache:
         cache.put("program", key, write)
     return program, before
+
+
+def aligned(after: dict, original, compressed) -> dict:
+    """`after`'s block rows in the original model's block order, matched by module names.
+
+    A block that a pass removed whole is a row of zeros, so before and after
+    read side by side, block by block.
+    """
+    owner = {name: b.index for b in original.blocks for name in _module_names(b)}
+    rows = {}
+    for row, block in zip(after["blocks"], compressed.blocks):
+        origin = next((owner[n] for n in _module_names(block) if n in owner), None)
+        if origin is not None:
+            rows.setdefault(origin, {**row, "index": origin})
+    gone = {"heads": 0, "hidden": 0, "params": 0, "macs": 0}
+    blocks = [rows.get(b.index, {"index": b.index, "tokens": b.tokens, **gone}) for b in original.blocks]
+    return {**after, "blocks": blocks}
+
+
+def _module_names(block) -> list[str]:
+    names = [*block.attn.qkv, block.attn.proj] if block.attn else []
+    return names + ([block.mlp.fc1, block.mlp.fc2] if block.mlp else [])
 
 
 def _summary(program) -> dict:

@@ -163,7 +163,7 @@ def _manifest(plan: Plan, target: TargetPlan, compiled: Compiled, checked: dict,
     model, image = plan.model, plan.model.input
     weights = ("random" if compiled.weights == "random"
                else {"path": str(model.weights), "sha256": compiled.weights})
-    return {
+    return canonical({
         "evc_version": evc.__version__,
         "spec": _spec_record(plan),
         "model": {"name": model.name, "source": str(model.source), "weights": weights},
@@ -181,7 +181,7 @@ def _manifest(plan: Plan, target: TargetPlan, compiled: Compiled, checked: dict,
         "validation": checked["validation"],
         "libraries": library_versions(),
         "cache_key": key,
-    }
+    })
 
 
 def _structure_record(structure) -> dict:

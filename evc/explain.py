@@ -43,19 +43,25 @@ def _millions(n) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} M"
 
 
+def _skipped(before: dict, after: dict) -> str:
+    attn = before["heads"] and not after["heads"]
+    mlp = before["hidden"] and not after["hidden"]
+    return "block" if attn and mlp else "attn" if attn else "mlp" if mlp else ""
+
+
 def blocks_table(before: dict, after: dict) -> Table:
     """Per block: tokens, heads, hidden width, params and MACs, before → after."""
     table = Table(title="params and MACs per block (before → after)")
-    for column in ("block", "tokens", "heads", "hidden", "params", "MACs"):
+    for column in ("block", "tokens", "heads", "hidden", "skipped", "params", "MACs"):
         table.add_column(column, justify="right")
-    table.add_row("stem", "", "", "", _arrow(before["stem"]["params"], after["stem"]["params"], _millions),
-                  _arrow(before["stem"]["macs"], after["stem"]["macs"], _millions))
-    for b, a in zip(before["blocks"], after["blocks"]):
-        table.add_row(str(b["index"]), _arrow(b["tokens"], a["tokens"]), _arrow(b["heads"], a["heads"]),
-                      _arrow(b["hidden"], a["hidden"]), _arrow(b["params"], a["params"], _millions),
-                      _arrow(b["macs"], a["macs"], _millions))
-    table.add_row("head", "", "", "", _arrow(before["head"]["params"], after["head"]["params"], _millions),
-                  _arrow(before["head"]["macs"], after["head"]["macs"], _millions))
-    table.add_row("total", "", "", "", _arrow(before["total"]["params"], after["total"]["params"], _millions),
-                  _arrow(before["total"]["macs"], after["total"]["macs"], _millions), style="bold")
+    for part in ("stem", "blocks", "head", "total"):
+        if part != "blocks":
+            b, a = before[part], after[part]
+            table.add_row(part, "", "", "", "", _arrow(b["params"], a["params"], _millions),
+                          _arrow(b["macs"], a["macs"], _millions), style="bold" if part == "total" else None)
+            continue
+        for b, a in zip(before["blocks"], after["blocks"]):
+            table.add_row(str(b["index"]), _arrow(b["tokens"], a["tokens"]), _arrow(b["heads"], a["heads"]),
+                          _arrow(b["hidden"], a["hidden"]), _skipped(b, a),
+                          _arrow(b["params"], a["params"], _millions), _arrow(b["macs"], a["macs"], _millions))
     return table

@@ -157,6 +157,7 @@ class ListOf(Kind):
     item: Kind
     length: int | None = None
     or_single: bool = False  # `threads = 4` is the list [4]
+    empty_ok: bool = False
 
     @property
     def text(self) -> str:
@@ -172,7 +173,7 @@ class ListOf(Kind):
             raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
         if self.length is not None and len(value.items) != self.length:
             raise Invalid(f"expected {self.length} values, found {len(value.items)}", value.span)
-        if not value.items:
+        if not value.items and not self.empty_ok:
             raise Invalid("expected at least one value, found an empty list", value.span)
         return tuple(self.item.check(v) for v in value.items)
 

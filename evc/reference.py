@@ -19,7 +19,8 @@ def _table(params: tuple[Param, ...]) -> list[str]:
     rows = ["| key | takes | default | what it does |", "|---|---|---|---|"]
     for p in params:
         takes = p.kind.text + (", or one per block" if p.per_layer else "")
-        rows.append(f"| `{p.name}` | {takes} | {p.describe_default()} | {p.help} |")
+        text = p.help.replace("|", "\\|")  # a pipe in help text would end the table cell
+        rows.append(f"| `{p.name}` | {takes} | {p.describe_default()} | {text} |")
     return rows
 
 

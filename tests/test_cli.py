@@ -9,7 +9,7 @@ from tests.conftest import ROOT, run_evc, small_spec
 
 
 def test_the_readme_spec_builds_its_cpu_target(tmp_path):
-    """specs/deit_tiny_x5.evc: the contract spec without its compress block and x5 target."""
+    """specs/deit_tiny_x5.evc: the contract spec without its x5 target."""
     done = run_evc("build", ROOT / "specs" / "deit_tiny_x5.evc", "--out", tmp_path)
     assert done.returncode == 0, done.stderr
     bundle = tmp_path / "deit_tiny_x5" / "cpu"
@@ -19,6 +19,10 @@ def test_the_readme_spec_builds_its_cpu_target(tmp_path):
     # torch.utils.flop_counter, with CPU attention counted: 1.254 G MACs, as an ONNX graph count gives.
     assert manifest["params_macs"]["before"]["total"]["macs"] == pytest.approx(1.2537e9, rel=1e-3)
     assert manifest["params_macs"]["before"]["total"]["params"] == 5_717_416
+    # head_prune keep 2/3 of 3 heads, ffn_prune 70% of 768 rounded to a multiple of 8
+    assert {(b["attn"]["num_heads"], b["mlp"]["hidden"]) for b in manifest["structure"]["blocks"]} == {(2, 536)}
+    after = manifest["params_macs"]["after"]["total"]
+    assert after["params"] < 0.75 * 5_717_416 and after["macs"] < 0.75 * 1.2537e9
     parity = manifest["artifacts"][0]["parity"]
     assert parity["max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
     # Not on a terminal, a build says only what matters: the random weights, once.

@@ -247,7 +247,8 @@ def _attention(view: _View, residual: _Residual, score: fx.Node, index: int) -> 
     head_count = tuple(n.name for n in splits if _carries_head_count(n, counts))
     if not head_count:
         raise RecognitionError(score.name, f"{where} has no reshape or view by the head count {heads}")
-    return Attention(tuple(n.target for n in qkv), proj[0].target, heads, head_dim, head_count, score.name)
+    return Attention(tuple(n.target for n in qkv), proj[0].target, heads, head_dim, head_count, score.name,
+                     mix.name, residual.add.name)
 
 
 def _is_activation(view: _View, node: fx.Node) -> bool:
@@ -256,13 +257,13 @@ def _is_activation(view: _View, node: fx.Node) -> bool:
     return view.is_a(node, _ACT_MODULES) or (node.op == "call_function" and node.target in _ACT_FUNCTIONS)
 
 
-def _mlp(view: _View, fc1: fx.Node, fc2: fx.Node, index: int) -> Mlp:
+def _mlp(view: _View, residual: _Residual, fc1: fx.Node, fc2: fx.Node, index: int) -> Mlp:
     act = next((n for n in _between(view, fc1, fc2) if _is_activation(view, n)), None)
     if act is None:
         where = f"block {index}: the MLP branch ending at node '{fc2.name}'"
         message = f"{where} has no activation after node '{fc1.name}'"
         raise RecognitionError(fc2.name, message)
-    return Mlp(fc1.target, fc2.target, view.module(fc1).out_features, act.name)
+    return Mlp(fc1.target, fc2.target, view.module(fc1).out_features, act.name, residual.add.name)
 
 
 def _sublayer(view: _View, residual: _Residual, index: int) -> Attention | Mlp:
@@ -277,7 +278,7 @@ def _sublayer(view: _View, residual: _Residual, index: int) -> Attention | Mlp:
         return _attention(view, residual, scores[0], index)
     has_heads = any(len(node_shape(n) or ()) >= 4 for n in residual.branch)
     if len(linears) == 2 and not has_heads:
-        return _mlp(view, linears[0], linears[1], index)
+        return _mlp(view, residual, linears[0], linears[1], index)
     if len(linears) > 2 or has_heads:
         where = where.replace("the branch", "the attention branch")
         raise RecognitionError(end, f"{where} has no softmax or scaled_dot_product_attention")

@@ -25,6 +25,8 @@ class Attention:
     # or as `num_heads * head_dim` (a merge). head_prune rewrites these.
     head_count_nodes: tuple[str, ...]
     score_node: str  # node name of the softmax or scaled_dot_product_attention
+    context_node: str  # node name of the weights applied to v: (B, heads, N, head_dim)
+    residual: str  # node name of the residual add `x + attn(x)` that closes the sublayer
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Mlp:
     fc2: str  # module name
     hidden: int
     act_node: str  # node name
+    residual: str  # node name of the residual add `x + mlp(x)` that closes the sublayer
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,158 @@
+"""Torch-Pruning as the baseline for evc's structural pruning of a timm ViT.
+
+    from torch_pruning_baseline import export_onnx, prune_with_torch_pruning
+    result = prune_with_torch_pruning(model, heads_to_remove={0: [0, 1, 2]},
+                                      hidden_to_remove={0: list(range(768))})
+    ok, message = export_onnx(result.model, "pruned.onnx")
+
+    .venv/bin/python benchmarks/torch_pruning_baseline.py   # self-check on deit_small
+
+The caller chooses which heads and MLP hidden units go; Torch-Pruning's
+DependencyGraph finds and slices every layer coupled to them, as its
+examples/transformers/prune_timm_vit.py does. Its importance criteria and
+MetaPruner are left out so that both tools remove the same units.
+Torch-Pruning is a benchmark-only dependency (benchmarks/requirements.txt).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+
+@dataclass
+class TorchPruningResult:
+    model: nn.Module
+    seconds: float  # dependency graph build + pruning + head-count rewrite
+    params: int
+    needed_patch: bool
+    patch_note: str
+
+
+def prune_with_torch_pruning(
+    model: nn.Module,
+    heads_to_remove: dict[int, list[int]],
+    hidden_to_remove: dict[int, list[int]],
+) -> TorchPruningResult:
+    """Remove the given heads and MLP hidden units of each block, in place, as Torch-Pruning does."""
+    example_input = torch.zeros(1, 3, *model.patch_embed.img_size)
+    start = time.perf_counter()
+    graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+    for index, heads in heads_to_remove.items():
+        if heads:
+            qkv = model.blocks[index].attn.qkv
+            graph.get_pruning_group(qkv, tp.prune_linear_out_channels, qkv_rows(model.blocks[index].attn, heads)).prune()
+    for index, hidden in hidden_to_remove.items():
+        if hidden:
+            fc1 = model.blocks[index].mlp.fc1
+            graph.get_pruning_group(fc1, tp.prune_linear_out_channels, list(hidden)).prune()
+    rewritten = rewrite_head_counts(model)
+    seconds = time.perf_counter() - start
+    note = f"set {', '.join(rewritten)} by hand on each pruned Attention; forward not replaced" if rewritten else "none"
+    return TorchPruningResult(
+        model=model,
+        seconds=seconds,
+        params=sum(p.numel() for p in model.parameters()),
+        needed_patch=bool(rewritten),
+        patch_note=note,
+    )
+
+
+def qkv_rows(attn: Attention, heads: list[int]) -> list[int]:
+    """Rows of timm's fused qkv Linear that belong to `heads`: its rows run [q|k|v] x heads x head_dim."""
+    width = attn.num_heads * attn.head_dim
+    return [part * width + head * attn.head_dim + dim for part in range(3) for head in sorted(heads) for dim in range(attn.head_dim)]
+
+
+def rewrite_head_counts(model: nn.Module) -> list[str]:
+    """Torch-Pruning slices weights only; timm reshapes by num_heads (and attn_dim), so they are set from the new shapes."""
+    rewritten: dict[str, None] = {}
+    for attn in model.modules():
+        if not isinstance(attn, Attention) or attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim:
+            continue
+        attn.num_heads = attn.qkv.out_features // (3 * attn.head_dim)
+        rewritten["num_heads"] = None
+        if hasattr(attn, "attn_dim"):  # newer timm reshapes the attention output by attn_dim
+            attn.attn_dim = attn.num_heads * attn.head_dim
+            rewritten["attn_dim"] = None
+    return list(rewritten)
+
+
+def export_onnx(model: nn.Module, path: str) -> tuple[bool, str]:
+    """Try the plain TorchScript ONNX export a user would run; return (ok, 'ok' or the first line of the failure)."""
+    try:
+        torch.onnx.export(model.eval(), (torch.zeros(1, 3, 224, 224),), path, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"])
+    except Exception as error:  # any failure is a result to report, not to raise
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        return False, f"{type(error).__name__}: {lines[0]}"
+    return True, "ok"
+
+
+def zero_units(model: nn.Module, heads_to_remove: dict[int, list[int]], hidden_to_remove: dict[int, list[int]]) -> None:
+    """Zero what pruning removes, so the zeroed model must compute what the pruned one does."""
+    with torch.no_grad():
+        for index, heads in heads_to_remove.items():
+            attn = model.blocks[index].attn
+            rows = qkv_rows(attn, heads)
+            attn.qkv.weight[rows] = 0
+            attn.qkv.bias[rows] = 0
+            attn.proj.weight[:, rows[: len(rows) // 3]] = 0  # the q rows' indices are proj's input columns
+        for index, hidden in hidden_to_remove.items():
+            mlp = model.blocks[index].mlp
+            mlp.fc1.weight[hidden] = 0
+            mlp.fc1.bias[hidden] = 0
+            mlp.fc2.weight[:, hidden] = 0
+
+
+def self_check() -> None:
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import onnxruntime as ort
+    import timm
+
+    torch.manual_seed(0)
+    original = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    heads = {index: [0, 1, 2] for index in range(len(original.blocks))}
+    hidden = {index: list(range(768)) for index in range(len(original.blocks))}
+    zeroed = copy.deepcopy(original)
+    zero_units(zeroed, heads, hidden)
+
+    params_before = sum(p.numel() for p in original.parameters())
+    result = prune_with_torch_pruning(copy.deepcopy(original), heads, hidden)
+    pruned = result.model.eval()
+
+    images = torch.randn(4, 3, 224, 224)
+    with torch.inference_mode():
+        reference, expected, actual = original(images), zeroed(images), pruned(images)
+    exact = (actual - expected).abs().max().item()
+    print(f"params: {params_before:,} -> {result.params:,}")
+    print(f"pruning seconds: {result.seconds:.3f}")
+    print(f"needed_patch: {result.needed_patch}; patch_note: {result.patch_note}")
+    block = pruned.blocks[0]
+    print(f"block 0: qkv {tuple(block.attn.qkv.weight.shape)}, proj {tuple(block.attn.proj.weight.shape)}, "
+          f"fc1 {tuple(block.mlp.fc1.weight.shape)}, fc2 {tuple(block.mlp.fc2.weight.shape)}, num_heads {block.attn.num_heads}")
+    print(f"max |pruned - zeroed original|: {exact:.2e} (zeroing itself moved the logits by "
+          f"{(expected - reference).abs().max().item():.2e}; max |logit| {expected.abs().max().item():.2e})")
+    assert exact < 1e-4, "Torch-Pruning did not remove exactly the given units"
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = str(Path(scratch) / "pruned.onnx")
+        ok, message = export_onnx(pruned, path)
+        print(f"onnx export: {ok} ({message})")
+        if ok:
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            onnx_logits = np.concatenate([session.run(None, {"input": x[None].numpy()})[0] for x in images])
+            print(f"max |onnxruntime - torch| on the pruned model: {np.abs(onnx_logits - actual.numpy()).max():.2e}")
+
+
+if __name__ == "__main__":
+    self_check()

@@ -1,0 +1,177 @@
+"""Structure surgery: the one set of helpers every structural pass rewrites a model with.
+
+    graph = copy_graph(program.graph)
+    keep_heads(graph, block.attn, [0, 2], where="block 3")
+    keep_hidden(graph, block.mlp, kept_units, where="block 3")
+    skip_sublayer(graph, block.mlp.residual)
+    program = program.rebuilt(graph)
+
+Weights are removed for real: Linears are replaced by smaller ones and the
+head counts the graph reshapes by are rewritten, so the exported model is
+smaller and faster, not just sparser.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from evc.errors import InputError
+from evc.ir.recognise import node_shape
+from evc.ir.structure import Attention, Mlp
+
+_RESHAPES = ("reshape", "view")
+
+
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    return copy.deepcopy(gm)
+
+
+def set_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def keep_rows(linear: nn.Linear, rows: Sequence[int]) -> nn.Linear:
+    """A Linear with only the given output features of `linear`."""
+    index = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    smaller = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None)
+    with torch.no_grad():
+        smaller.weight.copy_(linear.weight[index])
+        if linear.bias is not None:
+            smaller.bias.copy_(linear.bias[index])
+    return smaller
+
+
+def keep_cols(linear: nn.Linear, cols: Sequence[int]) -> nn.Linear:
+    """A Linear with only the given input features of `linear`."""
+    index = torch.as_tensor(np.asarray(cols), dtype=torch.long)
+    smaller = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        smaller.weight.copy_(linear.weight[:, index])
+        if linear.bias is not None:
+            smaller.bias.copy_(linear.bias)
+    return smaller
+
+
+def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}
+
+
+def _shape_args(node: fx.Node) -> list:
+    """The sizes a reshape or view is given: `x.view(B, N, 3, -1)` or `x.reshape((B, N, 3, -1))`."""
+    sizes = node.args[1:]
+    return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
+
+
+def _set_shape_args(node: fx.Node, sizes: list) -> None:
+    node.args = (node.args[0], *sizes)
+
+
+def _head_axis(shape: tuple[int, ...], heads: int, head_dim: int) -> int | None:
+    """The axis of size `heads` followed by one of size `head_dim`."""
+    return next((i for i in range(1, len(shape) - 1) if shape[i] == heads and shape[i + 1] == head_dim), None)
+
+
+def _split_of(gm: fx.GraphModule, attn: Attention, linear: str, where: str) -> fx.Node:
+    """The head-count reshape that the output of the q/k/v Linear `linear` reaches."""
+    counts = set(attn.head_count_nodes)
+    start = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == linear)
+    frontier = [start]
+    for _ in range(4):
+        frontier = [u for n in frontier for u in n.users]
+        found = [n for n in frontier if n.name in counts]
+        if found:
+            return found[0]
+    raise InputError(f"{where}: cannot find where the output of node '{start.name}' is split into heads")
+
+
+def head_rows(gm: fx.GraphModule, attn: Attention, linear: str, where: str) -> np.ndarray:
+    """Output rows of a q/k/v Linear by head: an array (heads, rows per head), from the split's shape."""
+    split = _split_of(gm, attn, linear, where)
+    out = gm.get_submodule(linear).out_features
+    shape = node_shape(split)
+    dims = next((shape[i:] for i in range(len(shape)) if int(np.prod(shape[i:])) == out), None)
+    axis = _head_axis((0, *dims), attn.num_heads, attn.head_dim) if dims else None
+    if axis is None:
+        raise InputError(f"{where}: node '{split.name}' splits '{linear}' as {shape}, with no axis of "
+                         f"{attn.num_heads} heads of {attn.head_dim}")
+    grid = np.arange(out).reshape(dims)
+    return np.moveaxis(grid, axis - 1, 0).reshape(attn.num_heads, -1)
+
+
+def _check_head_major(gm: fx.GraphModule, attn: Attention, where: str) -> None:
+    """The output projection must read heads one after another: (..., heads, head_dim) flattened."""
+    proj = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == attn.proj)
+    node = proj.args[0]
+    for _ in range(4):
+        shape = node_shape(node) or ()
+        if len(shape) >= 2 and shape[-2:] == (attn.num_heads, attn.head_dim):
+            return
+        tensors = [a for a in node.all_input_nodes if node_shape(a) is not None]
+        if not tensors:
+            break
+        node = tensors[0]
+    raise InputError(f"{where}: cannot tell that node '{proj.name}' reads the heads one after another")
+
+
+def keep_heads(gm: fx.GraphModule, attn: Attention, keep: Sequence[int], where: str) -> None:
+    """Keep only heads `keep` of `attn`: q/k/v rows, output projection columns, head counts."""
+    keep = sorted(keep)
+    if not keep:
+        raise ValueError("at least one head must stay")
+    _check_head_major(gm, attn, where)
+    for linear in attn.qkv:
+        rows = head_rows(gm, attn, linear, where)[keep].ravel()
+        set_submodule(gm, linear, keep_rows(gm.get_submodule(linear), np.sort(rows)))
+    cols = (np.asarray(keep)[:, None] * attn.head_dim + np.arange(attn.head_dim)).ravel()
+    set_submodule(gm, attn.proj, keep_cols(gm.get_submodule(attn.proj), cols))
+    nodes = _nodes(gm)
+    for name in attn.head_count_nodes:
+        _rewrite_head_count(nodes[name], attn, len(keep), where)
+    gm.recompile()
+
+
+def _rewrite_head_count(node: fx.Node, attn: Attention, heads: int, where: str) -> None:
+    if not (node.op == "call_method" and node.target in _RESHAPES) and node.target is not torch.reshape:
+        raise InputError(f"{where}: node '{node.name}' ({node.target}) changes shape by the head count in a way "
+                         "evc cannot rewrite; expected reshape or view")
+    shape, sizes = node_shape(node), _shape_args(node)
+    axis = _head_axis(shape, attn.num_heads, attn.head_dim)
+    if axis is not None and sizes[axis] == attn.num_heads:
+        sizes[axis] = heads
+    elif shape[-1] == attn.num_heads * attn.head_dim and sizes[-1] == shape[-1]:
+        sizes[-1] = heads * attn.head_dim
+    _set_shape_args(node, sizes)
+
+
+def keep_hidden(gm: fx.GraphModule, mlp: Mlp, keep: Sequence[int], where: str) -> None:
+    """Keep only hidden units `keep` of `mlp`: fc1's output rows and fc2's input columns."""
+    keep = np.sort(np.asarray(keep))
+    nodes = list(gm.graph.nodes)
+    fc1 = next(i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == mlp.fc1)
+    fc2 = next(i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == mlp.fc2)
+    for node in nodes[fc1 + 1 : fc2]:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if module is not None and any(p.shape[0] == mlp.hidden for p in module.parameters()):
+            raise InputError(f"{where}: node '{node.name}' has weights over the MLP's hidden units; "
+                             "ffn_prune cannot remove units under it")
+    set_submodule(gm, mlp.fc1, keep_rows(gm.get_submodule(mlp.fc1), keep))
+    set_submodule(gm, mlp.fc2, keep_cols(gm.get_submodule(mlp.fc2), keep))
+    gm.recompile()
+
+
+def skip_sublayer(gm: fx.GraphModule, residual: str) -> None:
+    """Remove the sublayer that the residual add `residual` closes; the residual path stays."""
+    add = _nodes(gm)[residual]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    skip = min((a for a in add.args[:2] if isinstance(a, fx.Node)), key=order.__getitem__)
+    add.replace_all_uses_with(skip)
+    gm.graph.erase_node(add)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()

@@ -1,0 +1,60 @@
+"""ffn_prune: remove hidden units of each MLP.
+
+    ffn_prune { keep = 70%, score = l1, round_to = 8 }
+    ffn_prune { keep = [1, 1, 0.5, ...], score = activation, data = calib }
+
+fc1's output rows and fc2's input columns go together, ranked by one shared
+score, as Hugging Face nn_pruning does.
+"""
+
+from __future__ import annotations
+
+from evc.params import Choice, DataRef, Int, Invalid, Param, Ratio
+from evc.registry import register_pass
+
+
+def _check(params, spans):
+    if params["score"] in ("taylor", "activation") and params["data"] is None:
+        raise Invalid(f"score = {params['score']} needs data: add `data = <a data block>`", spans.get("score"))
+
+
+@register_pass(
+    "ffn_prune",
+    Param("keep", Ratio(), help="share of each MLP's hidden units to keep", per_layer=True),
+    Param("score", Choice(("l1", "l2", "taylor", "activation")), "l1",
+          "how units are ranked: weight norms, Taylor importance or mean |activation| on data"),
+    Param("round_to", Int(1), 8, "keep the hidden width a multiple of this (kernels are fastest on 8 or 16)"),
+    Param("data", DataRef(), None, "images for score = taylor or activation"),
+    check=_check,
+)
+def ffn_prune(program, params, ctx):
+    """Remove MLP hidden units: fc1 rows and fc2 columns, by one shared score."""
+    from evc.passes._importance import activations, hidden_norms, hidden_taylor, top
+    from evc.surgery import copy_graph, keep_hidden
+
+    structure = program.structure
+    keep = ctx.per_layer("keep", structure.depth)
+    blocks = [b for b in structure.blocks if b.mlp is not None]
+    score = params["score"]
+    if score == "taylor":
+        scores = hidden_taylor(program.graph, blocks, ctx.images(params["data"]))
+    elif score == "activation":
+        scores = activations(program.graph, blocks, ctx.images(params["data"]))
+    else:
+        scores = [hidden_norms(program.graph, b.mlp, 1 if score == "l1" else 2) for b in blocks]
+    widths = [width(keep[b.index], b.mlp.hidden, params["round_to"]) for b in blocks]
+    if all(w == b.mlp.hidden for w, b in zip(widths, blocks)):
+        return program  # nothing to remove: the model stays bit-identical
+    graph = copy_graph(program.graph)
+    for block, s, w in zip(blocks, scores, widths):
+        if w < block.mlp.hidden:
+            keep_hidden(graph, block.mlp, top(s, w), where=f"block {block.index}")
+    return program.rebuilt(graph)
+
+
+def width(keep: float, hidden: int, round_to: int) -> int:
+    """Hidden units kept: keep × hidden rounded to a multiple of round_to, at least one multiple."""
+    if keep >= 1:
+        return hidden
+    rounded = round(keep * hidden / round_to) * round_to
+    return min(hidden, max(round_to, rounded))

@@ -1,0 +1,79 @@
+"""head_prune: remove whole attention heads.
+
+    head_prune { keep = 2/3, score = l1, scope = layer, min_heads = 1 }
+    head_prune { keep = 0.5, score = taylor, scope = global, data = calib }
+
+The q/k/v output rows of the removed heads, the matching input columns of the
+output projection, and the head count wherever the graph reshapes by it all
+go: the model gets smaller and faster, not sparser.
+"""
+
+from __future__ import annotations
+
+from evc.params import Choice, DataRef, Int, Invalid, Param, PerLayer, Ratio
+from evc.registry import register_pass
+
+
+def _check(params, spans):
+    if params["score"] == "taylor" and params["data"] is None:
+        raise Invalid("score = taylor needs data: add `data = <a data block>`", spans.get("score"))
+    if params["scope"] == "global" and isinstance(params["keep"], PerLayer):
+        raise Invalid("scope = global ranks all heads together and takes one keep, not a list",
+                      params["keep"].span)
+
+
+@register_pass(
+    "head_prune",
+    Param("keep", Ratio(), help="share of attention heads to keep", per_layer=True),
+    Param("score", Choice(("l1", "l2", "taylor")), "l1",
+          "how heads are ranked: weight norms, or Taylor importance on data"),
+    Param("scope", Choice(("layer", "global")), "layer",
+          "keep that share in every layer, or rank all heads of the model together"),
+    Param("min_heads", Int(1), 1, "heads every layer keeps, whatever the scores"),
+    Param("data", DataRef(), None, "images for score = taylor"),
+    check=_check,
+)
+def head_prune(program, params, ctx):
+    """Remove whole attention heads, ranked by weight norm or Taylor importance."""
+    from evc.passes._importance import head_norms, head_taylor, top
+    from evc.surgery import copy_graph, keep_heads
+
+    structure = program.structure
+    keep = ctx.per_layer("keep", structure.depth)
+    blocks = [b for b in structure.blocks if b.attn is not None]
+    if params["score"] == "taylor":
+        scores = head_taylor(program.graph, blocks, ctx.images(params["data"]))
+    else:
+        p = 1 if params["score"] == "l1" else 2
+        scores = [head_norms(program.graph, b.attn, p, f"block {b.index}") for b in blocks]
+    counts = [b.attn.num_heads for b in blocks]
+    if params["scope"] == "global":
+        kept = _global_choice(scores, keep[0], params["min_heads"])
+    else:
+        kept = [top(s, _count(keep[b.index], n, params["min_heads"])) for b, s, n in zip(blocks, scores, counts)]
+    if all(len(k) == n for k, n in zip(kept, counts)):
+        return program  # nothing to remove: the model stays bit-identical
+    graph = copy_graph(program.graph)
+    for block, heads in zip(blocks, kept):
+        if len(heads) < block.attn.num_heads:
+            keep_heads(graph, block.attn, heads, where=f"block {block.index}")
+    return program.rebuilt(graph)
+
+
+def _count(keep: float, heads: int, min_heads: int) -> int:
+    return max(min(min_heads, heads), min(heads, round(keep * heads)))
+
+
+def _global_choice(scores, keep: float, min_heads: int) -> list[list[int]]:
+    """Rank every head of the model together; each layer still keeps its `min_heads` best."""
+    from evc.passes._importance import top
+
+    total = sum(len(s) for s in scores)
+    budget = max(round(keep * total), sum(min(min_heads, len(s)) for s in scores))
+    kept = [set(top(s, min(min_heads, len(s)))) for s in scores]
+    ranked = sorted(((-v, layer, head) for layer, s in enumerate(scores) for head, v in enumerate(s)))
+    for _, layer, head in ranked:
+        if sum(map(len, kept)) >= budget:
+            break
+        kept[layer].add(head)
+    return [sorted(k) for k in kept]

@@ -1,0 +1,103 @@
+"""Model families every structural pass is tested on, and helpers to zero units before pruning them."""
+
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from evc.plan import ImageInput
+from evc.program import Program
+from evc.surgery import head_rows
+from tests.conftest import ROOT
+
+SIZE = 32
+
+FAMILIES = {
+    # class token, 3 heads of 64
+    "deit_tiny": lambda: timm.create_model("deit_tiny_patch16_224", img_size=SIZE, patch_size=8),
+    # class token, 6 heads of 64
+    "vit_small": lambda: timm.create_model("vit_small_patch16_224", img_size=SIZE, patch_size=8, depth=6),
+    # class and distillation tokens, two heads
+    "deit_tiny_distilled": lambda: timm.create_model("deit_tiny_distilled_patch16_224", img_size=SIZE,
+                                                      patch_size=8, depth=6),
+    # global average pooling, no class token
+    "vit_gap": lambda: timm.create_model("vit_tiny_patch16_224", img_size=SIZE, patch_size=8, depth=6,
+                                         class_token=False, global_pool="avg"),
+    # plain PyTorch, no timm code
+    "plain_vit": lambda: _plain_vit(),
+}
+
+
+def _plain_vit():
+    sys.path.insert(0, str(ROOT / "examples" / "plain_vit"))
+    from vit import plain_vit_tiny
+
+    return plain_vit_tiny(depth=4, img_size=SIZE)
+
+
+def program_of(family: str) -> Program:
+    torch.manual_seed(0)
+    return Program.from_module(FAMILIES[family]().eval(), ImageInput(SIZE, SIZE))
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
+
+
+class Ctx:
+    """A PassContext for calling a pass directly: per-layer values and images."""
+
+    def __init__(self, params, images=None):
+        self.params, self._images = params, images
+
+    def per_layer(self, key, depth):
+        value = self.params[key]
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,) * depth
+
+    def images(self, name):
+        return self._images
+
+    def error(self, key, message):
+        from evc.errors import SpecError
+
+        return SpecError("test.evc", "", [])
+
+
+def images(n=8):
+    return np.random.default_rng(0).standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def zero_heads(program: Program, heads_per_block: dict[int, list[int]]) -> None:
+    """Zero those heads' q/k/v rows and projection columns: they then contribute nothing."""
+    gm = program.graph
+    with torch.no_grad():
+        for index, heads in heads_per_block.items():
+            attn = program.structure.blocks[index].attn
+            for linear in attn.qkv:
+                rows = head_rows(gm, attn, linear, "test")[heads].ravel()
+                module = gm.get_submodule(linear)
+                module.weight[rows] = 0
+                module.bias[rows] = 0
+            proj = gm.get_submodule(attn.proj)
+            for h in heads:
+                proj.weight[:, h * attn.head_dim:(h + 1) * attn.head_dim] = 0
+
+
+def zero_hidden(program: Program, units_per_block: dict[int, list[int]]) -> None:
+    """Zero those hidden units' fc1 rows and fc2 columns: GELU(0) = 0, so they contribute nothing."""
+    gm = program.graph
+    with torch.no_grad():
+        for index, units in units_per_block.items():
+            mlp = program.structure.blocks[index].mlp
+            fc1, fc2 = gm.get_submodule(mlp.fc1), gm.get_submodule(mlp.fc2)
+            fc1.weight[units] = 0
+            fc1.bias[units] = 0
+            fc2.weight[:, units] = 0
+
+
+def outputs(program: Program, x=None):
+    x = torch.from_numpy(images(4)) if x is None else x
+    return program.run(x)

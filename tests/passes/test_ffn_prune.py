@@ -1,0 +1,52 @@
+"""ffn_prune: MLP hidden units removed for real, on every model family."""
+
+import pytest
+import torch
+
+from evc.passes.ffn_prune import ffn_prune, width
+from tests.passes.conftest import Ctx, images, outputs, program_of, zero_hidden
+
+
+def run(program, **params):
+    params = {"score": "l1", "round_to": 8, "data": None, **params}
+    return ffn_prune(program, params, Ctx(params, images()))
+
+
+def test_keep_1_leaves_the_outputs_bit_identical(family):
+    program = program_of(family)
+    assert torch.equal(outputs(run(program, keep=1.0)), outputs(program))
+
+
+@pytest.mark.parametrize("score", ["l1", "l2", "taylor", "activation"])
+def test_pruning_units_zeroed_first_changes_the_outputs_by_under_1e_5(family, score):
+    program = program_of(family)
+    hidden = program.structure.blocks[0].mlp.hidden
+    zeroed = list(range(0, hidden, 3))  # a third of the units, spread out
+    zero_hidden(program, {b.index: zeroed for b in program.structure.blocks})
+    reference = outputs(program)
+    pruned = run(program, keep=(hidden - len(zeroed)) / hidden, round_to=1, score=score, data="calib")
+    assert [b.mlp.hidden for b in pruned.structure.blocks] == [hidden - len(zeroed)] * program.structure.depth
+    assert (outputs(pruned) - reference).abs().max() < 1e-5
+
+
+def test_round_to_keeps_the_width_a_multiple():
+    pruned = run(program_of("deit_tiny"), keep=0.7, round_to=16)
+    assert {b.mlp.hidden for b in pruned.structure.blocks} == {544}  # 0.7 × 768 = 537.6 → 544 = 34 × 16
+
+
+@pytest.mark.parametrize("keep, hidden, round_to, expected", [
+    (1.0, 768, 8, 768), (0.5, 768, 8, 384), (0.001, 768, 8, 8), (0.7, 768, 16, 544), (0.99, 100, 8, 96), (0.99, 103, 8, 103)])
+def test_width_rounds_to_the_nearest_multiple_within_bounds(keep, hidden, round_to, expected):
+    assert width(keep, hidden, round_to) == expected
+
+
+def test_params_and_macs_go_down_by_the_units_removed():
+    from evc.ir import summarize
+
+    program = program_of("deit_tiny")
+    pruned = run(program, keep=0.5)
+    before = summarize(program.graph, program.structure, program.example())
+    after = summarize(pruned.graph, pruned.structure, pruned.example())
+    removed = program.structure.depth * 384  # units removed
+    assert before.params - after.params == removed * (192 + 1 + 192)  # an fc1 row with its bias, an fc2 column
+    assert before.macs - after.macs == removed * 17 * 2 * 192  # 17 tokens through fc1 and fc2
