@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
+from evc.errors import BuildError, InputError
 from evc.ir import Structure, recognise, trace
+from evc.ir.trace import propagate_shapes
 from evc.plan import ImageInput
 
 
@@ -34,12 +35,14 @@ class Program:
     def example(self) -> torch.Tensor:
         return example_input(self.input)
 
-    def rebuilt(self, graph: fx.GraphModule | None = None) -> Program:
-        """This program with `graph` (default: its own, after in-place surgery) re-traced and re-recognised."""
-        graph = graph if graph is not None else self.graph
+    def rebuilt(self, graph: fx.GraphModule) -> Program:
+        """This program with `graph`, a rewritten copy of its own: shapes re-propagated, structure re-recognised."""
         graph.recompile()
-        fresh = trace(graph, self.example())
-        return replace(self, graph=fresh, structure=recognise(fresh))
+        try:
+            propagate_shapes(graph, self.example(), "rewritten")
+        except InputError as e:
+            raise BuildError(f"a pass left a model that does not run: {e}") from e
+        return replace(self, graph=graph, structure=recognise(graph))
 
     def run(self, images) -> torch.Tensor:
         with torch.inference_mode():
@@ -57,8 +60,7 @@ class Program:
         # evc wrote this file itself into its cache; it pickles an fx GraphModule.
         saved = torch.load(path, map_location="cpu", weights_only=False)
         graph = saved["graph"].eval()
-        with torch.no_grad():
-            ShapeProp(graph).propagate(example_input(saved["input"]))
+        propagate_shapes(graph, example_input(saved["input"]), "cached")
         return cls(graph, saved["structure"], saved["input"])
 
 

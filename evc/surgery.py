@@ -4,7 +4,7 @@
     keep_heads(graph, block.attn, [0, 2], where="block 3")
     keep_hidden(graph, block.mlp, kept_units, where="block 3")
     skip_sublayer(graph, block.mlp.residual)
-    program = program.rebuilt(graph)
+    program = program.rebuilt(graph)      # recompiles once, re-propagates shapes
 
 Weights are removed for real: Linears are replaced by smaller ones and the
 head counts the graph reshapes by are rewritten, so the exported model is
@@ -133,7 +133,6 @@ def keep_heads(gm: fx.GraphModule, attn: Attention, keep: Sequence[int], where: 
     nodes = _nodes(gm)
     for name in attn.head_count_nodes:
         _rewrite_head_count(nodes[name], attn, len(keep), where)
-    gm.recompile()
 
 
 def _rewrite_head_count(node: fx.Node, attn: Attention, heads: int, where: str) -> None:
@@ -162,7 +161,6 @@ def keep_hidden(gm: fx.GraphModule, mlp: Mlp, keep: Sequence[int], where: str) -
                              "ffn_prune cannot remove units under it")
     set_submodule(gm, mlp.fc1, keep_rows(gm.get_submodule(mlp.fc1), keep))
     set_submodule(gm, mlp.fc2, keep_cols(gm.get_submodule(mlp.fc2), keep))
-    gm.recompile()
 
 
 def skip_sublayer(gm: fx.GraphModule, residual: str) -> None:
@@ -174,4 +172,3 @@ def skip_sublayer(gm: fx.GraphModule, residual: str) -> None:
     gm.graph.erase_node(add)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    gm.recompile()

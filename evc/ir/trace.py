@@ -90,6 +90,12 @@ def trace(model: nn.Module, example: torch.Tensor, name: str | None = None) -> f
         raise InputError(f"cannot trace model '{name}': {_reason(e)}") from e
     _drop_fixed_inputs(graph)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    propagate_shapes(gm, example, name)
+    return gm
+
+
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor, name: str) -> None:
+    """Record every node's shape on `example`; a failure names the node it happened at."""
     prop = _ShapeProp(gm)
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
@@ -97,4 +103,3 @@ def trace(model: nn.Module, example: torch.Tensor, name: str | None = None) -> f
     except Exception as e:
         where = f"at node '{prop.node.name}' on an example input of shape {tuple(example.shape)}"
         raise InputError(f"model '{name}' fails {where}: {_reason(e.__cause__ or e)}") from e
-    return gm
