@@ -1,51 +1,94 @@
-"""`evc bench BUNDLE`: run the bundle's generated benchmark here and print its table."""
+"""`evc bench BUNDLE`: time here every artifact of a bundle that has a runtime here.
+
+With `--serial`, the bundle's device benchmarks it instead (an Android phone
+over adb), where its device profile knows how.
+"""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import os
+import statistics
+import time
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from evc.bundle import read_manifest
-from evc.errors import BuildError, InputError
+from evc.errors import InputError
+from evc.registry import DEVICES, FORMATS, load_plugins
+
+DEFAULTS = {"runs": 50, "warmups": 10, "threads": (1, "all")}
 
 
-def run_bench_script(bundle: Path, runs: int | None = None, threads: list[str] | None = None) -> dict:
+def measure(run, feed: np.ndarray, runs: int, warmups: int) -> dict:
+    for _ in range(warmups):
+        run(feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    median = statistics.median(times)
+    return {"median_ms": median, "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+            "throughput_per_s": len(feed) * 1e3 / median}
+
+
+def _threads(value) -> int:
+    return len(os.sched_getaffinity(0)) if value == "all" else int(value)
+
+
+def bench_here(bundle: Path, manifest: dict, runs: int | None = None, threads=None) -> list[dict]:
+    """One row per artifact with a runtime here and per thread count."""
+    params = {**DEFAULTS, **manifest["target"]["params"]}
+    runs = runs or params["runs"]
+    counts = [_threads(t) for t in (threads or params["threads"])]
+    feed = np.random.default_rng(0).standard_normal(manifest["input"]["shape"], dtype=np.float32)
+    rows = []
+    for artifact in manifest["artifacts"]:
+        backend = FORMATS[artifact["format"]].backend if artifact["format"] in FORMATS else None
+        if backend is None or not hasattr(backend, "session"):
+            continue
+        for count in dict.fromkeys(counts):
+            run = backend.session(bundle / artifact["path"], count)
+            rows.append({"artifact": artifact, "threads": count,
+                         **measure(run, feed, runs, params["warmups"])})
+    return rows
+
+
+def parity_text(parity: dict | None) -> str:
+    if not parity:
+        return "not checked"
+    return (f"max|Δ| {parity['max_abs_diff']:.2g}, cosine {parity['cosine']:.5f}, "
+            f"top-1 {parity['top1_agreement']:.0%}")
+
+
+def bench(bundle: Path, runs: int | None = None, threads=None, serial: str | None = None,
+          console: Console | None = None):
+    load_plugins()
+    console = console or Console()
     manifest = read_manifest(bundle)
     if manifest is None:
         raise InputError(f"{bundle} is not a bundle: it has no readable manifest.json")
-    script = bundle / "bench.py"
-    if not script.is_file():
-        raise InputError(f"bundle {bundle} has no benchmark that runs on this machine (no bench.py)")
-    command = [sys.executable, str(script), "--json"]
-    if runs:
-        command += ["--runs", str(runs)]
-    if threads:
-        command += ["--threads", *threads]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise BuildError(f"{script} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "manifest": manifest}
-
-
-def bench(bundle: Path, runs: int | None = None, threads: list[str] | None = None,
-          console: Console | None = None) -> dict:
-    result = run_bench_script(bundle, runs, threads)
-    console = console or Console()
-    artifact = result["manifest"]["artifacts"][0]
-    parity = artifact["parity"]
-    console.print(f"{bundle}: {artifact['path']}, {artifact['format']}, {artifact['size'] / 1e6:.1f} MB, "
-                  f"parity max|Δ| {parity['max_abs_diff']:.2g} (top-1 agreement {parity['top1_agreement']:.0%}), "
-                  f"on {result['runtime']}")
-    table = Table()
-    for column in ("threads", "median ms", "p90 ms", "images/s"):
-        table.add_column(column, justify="right")
-    for row in result["results"]:
-        table.add_row(str(row["threads"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
+    if serial is not None:
+        device = DEVICES.get(manifest["target"]["device"])
+        if device is None or device.bench is None:
+            raise InputError(f"--serial: the {manifest['target']['device']} device of {bundle} is not "
+                             "benchmarked remotely; run its bench script on the device")
+        return device.bench(bundle, manifest, serial, runs, console)
+    rows = bench_here(bundle, manifest, runs, threads)
+    if not rows:
+        raise InputError(f"no artifact of {bundle} has a runtime on this machine; "
+                         "see its README for benchmarking on the device")
+    table = Table(title=f"{bundle} on this machine")
+    for column in ("artifact", "format", "MB", "parity", "threads", "median ms", "p90 ms", "images/s"):
+        table.add_column(column, justify="right" if column not in ("artifact", "parity") else "left")
+    for row in rows:
+        a = row["artifact"]
+        table.add_row(a["path"], a["format"], f"{a['size'] / 1e6:.1f}", parity_text(a.get("parity")),
+                      str(row["threads"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
                       f"{row['throughput_per_s']:.1f}")
     console.print(table)
-    return result
+    return rows

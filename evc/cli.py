@@ -52,17 +52,25 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _console():
+    """Standard output for tables: wide enough not to wrap them when piped to a file."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def cmd_explain(args) -> int:
     from evc.explain import explain
 
-    explain(_read_plan(args.spec), Path(args.out))
+    explain(_read_plan(args.spec), Path(args.out), _console())
     return 0
 
 
 def cmd_bench(args) -> int:
     from evc.bench import bench
 
-    bench(Path(args.bundle), runs=args.runs, threads=args.threads)
+    bench(Path(args.bundle), runs=args.runs, threads=args.threads, serial=args.serial, console=_console())
     return 0
 
 
@@ -90,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="a bundle folder, e.g. build/deit_tiny_x5/cpu")
     p.add_argument("--runs", type=int, help="timed runs (default: the target's)")
     p.add_argument("--threads", nargs="+", help="thread counts, or 'all' (default: the target's)")
+    p.add_argument("--serial", help="benchmark on this device over adb (Android bundles)")
     p.set_defaults(run=cmd_bench)
     return top
 

@@ -104,6 +104,8 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, weights: str | N
 
     program, before = _loaded(plan, cache, progress, weights, write_cache)
     original = program.structure
+    if plan.passes:
+        program.require_structure(f"pass {plan.passes[0].name}")
     for pass_plan in plan.passes:
         with progress.stage(f"pass {pass_plan.name}"):
             program = PASSES[pass_plan.name].run(program, pass_plan.params, PassContext(plan, pass_plan))

@@ -29,6 +29,23 @@ from evc.registry import DEVICES, FORMATS
 from evc.scripts import render_scripts, templates_digest
 
 
+LOWERED = "lowered.json"
+
+
+@dataclass
+class LowerContext:
+    """What a format backend may ask of the build besides the Program and its target."""
+
+    plan: Plan
+    target: TargetPlan
+
+    def images(self, data_name: str):
+        """A data block's images, preprocessed as the model expects (N×3×H×W float32)."""
+        from evc.data import load_images
+
+        return load_images(self.plan.data[data_name], self.plan.model.input)
+
+
 @dataclass
 class BuildResult:
     target: str
@@ -99,8 +116,8 @@ def lower_key(plan: Plan, target: TargetPlan, program_key: str) -> str:
 
 def target_key(plan: Plan, target: TargetPlan, program_key: str) -> str:
     device = DEVICES[target.device]
-    return stage_key("target", lower_key(plan, target, program_key), target, templates_digest(device.templates),
-                     plan.path.name)
+    return stage_key("target", lower_key(plan, target, program_key), target,
+                     templates_digest(device.templates, device.files), plan.path.name)
 
 
 def build_target(plan: Plan, target: TargetPlan, compiled: Compiled, cache: Cache, bundle: Path,
@@ -110,14 +127,14 @@ def build_target(plan: Plan, target: TargetPlan, compiled: Compiled, cache: Cach
     if lowered is None:
         lowered = cache.put("lower", lkey, lambda folder: _lower_and_validate(plan, target, compiled, folder,
                                                                              bundle, progress))
-    checked = json.loads((lowered / "lowered.json").read_text())
+    checked = json.loads((lowered / LOWERED).read_text())
     with staged(bundle) as folder:
-        for artifact in checked["artifacts"]:
-            # A copy, not a link: editing a bundle's file in place must not change the cache.
-            shutil.copyfile(lowered / artifact["path"], folder / artifact["path"])
+        # Copies, not links: editing a bundle's file in place must not change the cache.
+        shutil.copytree(lowered, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOWERED))
         manifest = _manifest(plan, target, compiled, checked, key)
         context = _script_context(plan, target, manifest, bundle)
-        manifest["scripts"] = render_scripts(DEVICES[target.device].templates, context, folder)
+        device = DEVICES[target.device]
+        manifest["scripts"] = render_scripts(device.templates, context, folder, device.files)
         write_json(folder / MANIFEST, manifest)
     return manifest
 
@@ -130,7 +147,7 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled: Compiled, fold
     backend = FORMATS[target.format].backend
     with progress.stage(f"lower to {target.format} for target '{target.name}'"):
         try:
-            artifacts = backend.lower(compiled.program, target, folder)
+            artifacts = backend.lower(compiled.program, target, folder, LowerContext(plan, target))
         except Exception as e:  # the exporter's own message names the op or node at fault
             reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise BuildError(f"target '{target.name}': lowering to {target.format} failed: {reason}") from e
@@ -142,13 +159,13 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled: Compiled, fold
         for artifact in artifacts:
             parity = compare(reference, backend.run(folder / artifact.path, images))
             artifact.parity = parity.to_dict()
-            reason = backend.check_parity(parity, target.params)
+            reason = backend.check_parity(parity, target.params, artifact)
             if reason:
                 failures.append(f"{artifact.path}: {reason}")
     described = [a.describe(folder) for a in artifacts]
     checked = {"artifacts": described, "output_shape": [1, *reference.shape[1:]],
                "validation": {"data": data.name, "samples": len(images)}}
-    write_json(folder / "lowered.json", checked)
+    write_json(folder / LOWERED, checked)
     if failures:
         failed = bundle.with_name(f"{bundle.name}.failed")
         keep = temp_dir(failed)
@@ -172,7 +189,7 @@ def _manifest(plan: Plan, target: TargetPlan, compiled: Compiled, checked: dict,
                                     "std": list(image.std), "crop_pct": image.crop_pct,
                                     "interpolation": image.interpolation}},
         "output": {"name": "logits", "shape": checked["output_shape"]},
-        "structure": _structure_record(compiled.program.structure),
+        "structure": _structure_record(compiled.program),
         "passes": [{"name": p.name, "params": canonical(p.params)} for p in plan.passes],
         "params_macs": {"before": compiled.before, "after": compiled.after},
         "target": {"name": target.name, "device": target.device, "format": target.format,
@@ -184,9 +201,11 @@ def _manifest(plan: Plan, target: TargetPlan, compiled: Compiled, checked: dict,
     })
 
 
-def _structure_record(structure) -> dict:
+def _structure_record(program) -> dict:
     """The recognised structure, less the per-block node lists that only passes need."""
-    record = structure.to_dict()
+    if program.structure is None:
+        return {"recognised": False, "reason": program.unrecognised}
+    record = {"recognised": True, **program.structure.to_dict()}
     for block in record["blocks"]:
         block.pop("nodes", None)
     return record

@@ -21,7 +21,11 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
     console.print(f"[bold]model[/] {plan.model.name} = {plan.model.source}, "
                   f"input {'x'.join(map(str, plan.model.input.shape))}, "
                   f"weights {plan.model.weights or 'none (random init)'}")
-    console.print(structure.describe())
+    if structure is None:
+        console.print(f"not recognised as a ViT, so it lowers but cannot be compressed: "
+                      f"{compiled.program.unrecognised}")
+    else:
+        console.print(structure.describe())
     for p in plan.passes:
         info = PASSES[p.name]
         params = ", ".join(f"{k} = {v}" for k, v in canonical(p.params).items())

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from evc.errors import BuildError, InputError
-from evc.ir import Structure, recognise, trace
+from evc.ir import RecognitionError, Structure, recognise, trace
 from evc.ir.trace import propagate_shapes
 from evc.plan import ImageInput
 
@@ -24,13 +24,24 @@ from evc.plan import ImageInput
 @dataclass(frozen=True)
 class Program:
     graph: fx.GraphModule
-    structure: Structure
+    structure: Structure | None  # None: not a ViT evc recognises; it lowers, but passes cannot compress it
     input: ImageInput
+    unrecognised: str | None = None  # why recognition stopped, naming the node
 
     @classmethod
     def from_module(cls, module: nn.Module, image: ImageInput) -> Program:
         graph = trace(module, example_input(image))
-        return cls(graph, recognise(graph), image)
+        try:
+            return cls(graph, recognise(graph), image)
+        except RecognitionError as e:
+            return cls(graph, None, image, str(e))
+
+    def require_structure(self, what: str) -> Structure:
+        """The recognised structure, or an error saying why `what` cannot work on this model."""
+        if self.structure is None:
+            raise RecognitionError("", f"{what} needs a ViT evc recognises, and this model is not one: "
+                                       f"{self.unrecognised}")
+        return self.structure
 
     def example(self) -> torch.Tensor:
         return example_input(self.input)
@@ -53,7 +64,8 @@ class Program:
         # tracer class it was made by unless told otherwise; torch.fx's own
         # tracer reproduces the same graph and needs no evc to be importable.
         self.graph._tracer_cls = None
-        torch.save({"graph": self.graph, "structure": self.structure, "input": self.input}, path)
+        torch.save({"graph": self.graph, "structure": self.structure, "input": self.input,
+                    "unrecognised": self.unrecognised}, path)
 
     @classmethod
     def load(cls, path: Path) -> Program:
@@ -61,7 +73,7 @@ class Program:
         saved = torch.load(path, map_location="cpu", weights_only=False)
         graph = saved["graph"].eval()
         propagate_shapes(graph, example_input(saved["input"]), "cached")
-        return cls(graph, saved["structure"], saved["input"])
+        return cls(graph, saved["structure"], saved["input"], saved.get("unrecognised"))
 
 
 def example_input(image: ImageInput) -> torch.Tensor:

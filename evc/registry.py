@@ -40,7 +40,10 @@ class FormatInfo:
 
     name: str
     params: tuple[Param, ...]
-    backend: Any  # an object with lower(program, target, out_dir) and run(path, inputs)
+    # An object with lower(program, target, out_dir, ctx) -> [Artifact],
+    # check_parity(parity, params, artifact) -> reason or None, and, where the
+    # format has a runtime on this machine, session(path, threads) -> run(x).
+    backend: Any
     help: str = ""
 
 
@@ -54,6 +57,8 @@ class DeviceInfo:
     templates: str  # a folder under targets/templates
     facts: dict = field(default_factory=dict)
     help: str = ""
+    bench: Callable | None = None  # (bundle, manifest, serial, runs, console) -> result: benchmark on the device
+    files: tuple[str, ...] = ()  # modules of evc.targets copied verbatim into the bundle (stdlib-only parsers)
 
 
 PASSES: dict[str, PassInfo] = {}
@@ -82,8 +87,9 @@ def register_format(name: str, *params: Param):
 
 
 def register_device(name: str, *params: Param, formats: tuple[str, ...], templates: str,
-                    facts: dict | None = None, help: str = "") -> DeviceInfo:
-    DEVICES[name] = DeviceInfo(name, formats, tuple(params), templates, facts or {}, help)
+                    facts: dict | None = None, help: str = "", bench: Callable | None = None,
+                    files: tuple[str, ...] = ()) -> DeviceInfo:
+    DEVICES[name] = DeviceInfo(name, formats, tuple(params), templates, facts or {}, help, bench, files)
     return DEVICES[name]
 
 

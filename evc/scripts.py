@@ -24,10 +24,15 @@ def _environment(folder: str) -> jinja2.Environment:
     )
 
 
-def render_scripts(folder: str, context: dict, out_dir: Path) -> list[str]:
-    """Render each `NAME.j2` to `out_dir/NAME`; scripts are made executable."""
+def render_scripts(folder: str, context: dict, out_dir: Path, files: tuple[str, ...] = ()) -> list[str]:
+    """Render each `NAME.j2` to `out_dir/NAME` and copy `files` (modules of evc.targets); scripts are executable."""
     env = _environment(folder)
     written = []
+    for name in files:
+        path = out_dir / name
+        path.write_text((templates_root().parent / name).read_text())
+        path.chmod(0o755)
+        written.append(name)
     for name in env.list_templates(filter_func=lambda n: n.endswith(".j2")):
         path = out_dir / name.removesuffix(".j2")
         path.write_text(env.get_template(name).render(**context))
@@ -37,8 +42,9 @@ def render_scripts(folder: str, context: dict, out_dir: Path) -> list[str]:
     return written
 
 
-def templates_digest(folder: str) -> str:
+def templates_digest(folder: str, files: tuple[str, ...] = ()) -> str:
     digest = hashlib.sha256()
-    for path in sorted((templates_root() / folder).glob("*.j2")):
+    paths = sorted((templates_root() / folder).glob("*.j2")) + [templates_root().parent / f for f in files]
+    for path in paths:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()

@@ -25,24 +25,30 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 class Onnx:
     """ONNX, exported with torch.onnx, simplified with onnxslim, checked in ONNX Runtime."""
 
-    def lower(self, program, target, out_dir: Path) -> list[Artifact]:
+    def lower(self, program, target, out_dir: Path, ctx) -> list[Artifact]:
         path = out_dir / "model.onnx"
         export_onnx(program, path, target.params["opset"])
         return [Artifact(Path(path.name), "onnx", details={"opset": target.params["opset"],
                                                           "ops": op_counts(path)})]
 
-    def run(self, path: Path, images, threads: int | None = None):
-        import numpy as np
+    def session(self, path: Path, threads: int | None = None):
+        """run(x) for one input batch, in ONNX Runtime on this machine's CPU."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
-            options.intra_op_num_threads = threads
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        return np.concatenate([session.run(None, {name: x[None]})[0] for x in images])
+        return lambda x: session.run(None, {name: x})[0]
 
-    def check_parity(self, parity, params) -> str | None:
+    def run(self, path: Path, images):
+        import numpy as np
+
+        run = self.session(path)
+        return np.concatenate([run(x[None]) for x in images])
+
+    def check_parity(self, parity, params, artifact) -> str | None:
         """None if `parity` passes, else why not."""
         if parity.within(params["tolerance"]):
             return None

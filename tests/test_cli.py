@@ -55,8 +55,10 @@ def test_bench_runs_the_generated_script_and_prints_latency(write_spec, tmp_path
     done = run_evc("bench", bundle, "--runs", "5", "--threads", "1", "2")
     assert done.returncode == 0, done.stderr
     assert "median ms" in done.stdout and "p90 ms" in done.stdout
-    rows = [line for line in done.stdout.splitlines() if line.strip().startswith("│")]
-    assert [row.split("│")[1].strip() for row in rows] == ["1", "2"]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in done.stdout.splitlines()
+            if line.strip().startswith("│") and "model.onnx" in line]
+    assert [(r[0], r[1], r[4]) for r in rows] == [("model.onnx", "onnx", "1"), ("model.onnx", "onnx", "2")]
+    assert all(float(r[5]) > 0 for r in rows) and rows[0][3].startswith("max|Δ|")
 
 
 def test_the_bench_script_runs_alone_in_a_copied_bundle(write_spec, tmp_path):

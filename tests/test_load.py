@@ -132,17 +132,31 @@ def test_a_bad_python_source_names_the_module_or_factory(write_spec, tmp_path, f
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
-def test_a_model_evc_cannot_recognise_exits_2_naming_the_graph_node(write_spec, tmp_path):
+def _cnn_spec(write_spec, tmp_path, compress=""):
     (tmp_path / "cnn.py").write_text(
         "from torch import nn\n"
         "def small_cnn():\n"
         "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
         " nn.Linear(8, 10))\n")
-    spec = write_spec('evc 1\nmodel cnn {\n    source = python("cnn:small_cnn")\n    input = image(32, 32)\n}\n'
-                      'target cpu { device = cpu, format = onnx }\n')
+    return write_spec('evc 1\nmodel cnn {\n    source = python("cnn:small_cnn")\n    input = image(32, 32)\n}\n'
+                      f'{compress}target cpu {{ device = cpu, format = onnx }}\n', "cnn.evc")
+
+
+def test_a_model_evc_cannot_recognise_still_lowers_when_no_pass_needs_its_structure(write_spec, tmp_path):
+    spec = _cnn_spec(write_spec, tmp_path)
+    (result,) = build(parse_and_check(spec.read_text(), spec), tmp_path / "out")
+    assert result.manifest["structure"]["recognised"] is False
+    assert "node '_0'" in result.manifest["structure"]["reason"]
+    assert result.manifest["params_macs"]["before"]["total"]["macs"] == 8 * 27 * 30 * 30 + 80
+    assert result.manifest["artifacts"][0]["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_a_pass_on_a_model_evc_cannot_recognise_exits_2_naming_the_graph_node(write_spec, tmp_path):
+    spec = _cnn_spec(write_spec, tmp_path, "compress {\n    head_prune { keep = 0.5 }\n}\n")
     done = run_evc("build", spec, "--out", tmp_path / "out")
     assert done.returncode == 2, done.stderr
-    assert "node '" in done.stderr and "Traceback" not in done.stderr
+    assert "pass head_prune needs a ViT evc recognises" in done.stderr
+    assert "node '_0'" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out" / "cnn").exists()
 
 

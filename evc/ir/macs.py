@@ -128,16 +128,20 @@ def _block_cost(block: Block, params: dict[str, int], macs: dict[str, int]) -> B
     return BlockCost(block.index, heads, hidden, block.tokens, cost.params, cost.macs)
 
 
-def summarize(gm: fx.GraphModule, structure: Structure, example: torch.Tensor) -> Summary:
-    """Params and MACs of the stem, each block and the head; they add up to the totals."""
+def summarize(gm: fx.GraphModule, structure: Structure | None, example: torch.Tensor) -> Summary:
+    """Params and MACs of the stem, each block and the head; they add up to the totals.
+
+    Without a structure (a model evc does not recognise) the stem is the whole model.
+    """
     params, macs = node_params(gm), node_macs(gm, example)
     names = [n.name for n in gm.graph.nodes]
-    in_blocks = {name for b in structure.blocks for name in b.nodes}
+    blocks = structure.blocks if structure is not None else ()
+    in_blocks = {name for b in blocks for name in b.nodes}
     first = next((i for i, name in enumerate(names) if name in in_blocks), len(names))
     outside = [(i, name) for i, name in enumerate(names) if name not in in_blocks]
     return Summary(
         stem=_cost((name for i, name in outside if i < first), params, macs),
-        blocks=tuple(_block_cost(b, params, macs) for b in structure.blocks),
+        blocks=tuple(_block_cost(b, params, macs) for b in blocks),
         head=_cost((name for i, name in outside if i > first), params, macs),
         total=_cost(names, params, macs),
     )
