@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shlex
 from pathlib import Path
 
 import jinja2
@@ -16,12 +17,16 @@ def templates_root() -> Path:
 
 
 def _environment(folder: str) -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates_root() / folder),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+    # `{{ value | sh }}`: every value that reaches a shell script goes through
+    # this, so a spec string can never inject shell.
+    env.filters["sh"] = lambda value: shlex.quote(str(value))
+    return env
 
 
 def render_scripts(folder: str, context: dict, out_dir: Path, files: tuple[str, ...] = ()) -> list[str]:
