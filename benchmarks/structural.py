@@ -29,13 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evc.ir import node_macs, trace  # noqa: E402
 from evc.passes._importance import head_norms, hidden_norms, top  # noqa: E402
 from evc.passes.ffn_prune import ffn_prune, width  # noqa: E402
 from evc.passes.head_prune import head_prune  # noqa: E402
+from evc.targets.onnx import export_onnx  # noqa: E402
+
+from evc.ir import node_macs, trace  # noqa: E402
 from evc.plan import ImageInput  # noqa: E402
 from evc.program import Program  # noqa: E402
-from evc.targets.onnx import export_onnx  # noqa: E402
 
 MODEL, KEEP, SHAPE = "deit_small_patch16_224", 0.5, (1, 3, 224, 224)
 
@@ -147,7 +148,8 @@ def main() -> None:
     print("|---|---|---|---|")
     print("| params (M) | " + " | ".join(f"{counts[k][0] / 1e6:.2f}" for k in counts) + " |")
     print("| MACs (G) | " + " | ".join(f"{counts[k][1] / 1e9:.3f}" for k in counts) + " |")
-    print(f"| ideal speedup (MACs ratio) | 1 | {ideal:.2f} | {counts['unpruned'][1] / counts['torch-pruning'][1]:.2f} |")
+    tp_ideal = counts["unpruned"][1] / counts["torch-pruning"][1]
+    print(f"| ideal speedup (MACs ratio) | 1 | {ideal:.2f} | {tp_ideal:.2f} |")
     print(f"| ONNX export | ok | ok | {tp_export[1]} |")
     for threads, medians in timings.items():
         row = [f"{medians[k]:.1f}" if k in medians else "-" for k in counts]

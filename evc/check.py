@@ -14,7 +14,16 @@ from typing import Any
 
 from evc.errors import Diagnostic, Span, SpecError
 from evc.params import (
-    Choice, DataRef, Float, Int, Invalid, Kind, ListOf, Param, Text, did_you_mean,
+    Choice,
+    DataRef,
+    Float,
+    Int,
+    Invalid,
+    Kind,
+    ListOf,
+    Param,
+    Text,
+    did_you_mean,
 )
 from evc.plan import DataPlan, ImageInput, ModelPlan, PassPlan, Plan, Source, TargetPlan
 from evc.registry import DEVICES, FORMATS, PASSES, load_plugins

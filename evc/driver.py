@@ -28,7 +28,6 @@ from evc.progress import Progress
 from evc.registry import DEVICES, FORMATS
 from evc.scripts import render_scripts, templates_digest
 
-
 LOWERED = "lowered.json"
 
 

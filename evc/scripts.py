@@ -9,7 +9,6 @@ from pathlib import Path
 import jinja2
 
 
-
 def templates_root() -> Path:
     import evc.targets
 

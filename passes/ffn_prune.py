@@ -30,6 +30,7 @@ def _check(params, spans):
 def ffn_prune(program, params, ctx):
     """Remove MLP hidden units: fc1 rows and fc2 columns, by one shared score."""
     from evc.passes._importance import activations, hidden_norms, hidden_taylor, top
+
     from evc.surgery import copy_graph, keep_hidden
 
     structure = program.structure

@@ -36,6 +36,7 @@ def _check(params, spans):
 def head_prune(program, params, ctx):
     """Remove whole attention heads, ranked by weight norm or Taylor importance."""
     from evc.passes._importance import head_norms, head_taylor, top
+
     from evc.surgery import copy_graph, keep_heads
 
     structure = program.structure

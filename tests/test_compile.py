@@ -1,7 +1,6 @@
 """The passes stage: passes run in order on the Program, change it for real, and are cached."""
 
 import copy
-import json
 
 import pytest
 import torch

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from evc.passes.block_skip import block_skip
 
 from evc.errors import SpecError
-from evc.passes.block_skip import block_skip
 from tests.passes.conftest import Ctx, images, outputs, program_of
 
 NOTHING = dict(attn=(), mlp=(), blocks=(), count=None, part="attn", score="residual", data=None)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from evc.passes.ffn_prune import ffn_prune, width
+
 from tests.passes.conftest import Ctx, images, outputs, program_of, zero_hidden
 
 
@@ -35,7 +35,8 @@ def test_round_to_keeps_the_width_a_multiple():
 
 
 @pytest.mark.parametrize("keep, hidden, round_to, expected", [
-    (1.0, 768, 8, 768), (0.5, 768, 8, 384), (0.001, 768, 8, 8), (0.7, 768, 16, 544), (0.99, 100, 8, 96), (0.99, 103, 8, 103)])
+    (1.0, 768, 8, 768), (0.5, 768, 8, 384), (0.001, 768, 8, 8), (0.7, 768, 16, 544),
+    (0.99, 100, 8, 96), (0.99, 103, 8, 103)])
 def test_width_rounds_to_the_nearest_multiple_within_bounds(keep, hidden, round_to, expected):
     assert width(keep, hidden, round_to) == expected
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from evc.passes.head_prune import head_prune
+
 from tests.passes.conftest import Ctx, images, outputs, program_of, zero_heads
 
 LAYER = dict(score="l1", scope="layer", min_heads=1, data=None)

@@ -1,6 +1,5 @@
 """The structural passes inside a build: specs, ONNX parity, the cache, explain, per-layer errors."""
 
-import json
 
 import onnx
 
