@@ -22,7 +22,8 @@ from evc.bundle import MANIFEST, read_manifest, staged, write_json
 from evc.cache import Cache, canonical, library_versions, stage_key
 from evc.compile import Compiled, compile_model, load_key, passes_key, weights_digest
 from evc.data import DEFAULT_VALIDATION
-from evc.errors import BuildError
+from evc.errors import BuildError, EvcError
+from evc.params import DataRef
 from evc.plan import DataPlan, Plan, TargetPlan
 from evc.progress import Progress
 from evc.registry import DEVICES, FORMATS
@@ -110,7 +111,10 @@ def _data_identity(data: DataPlan) -> dict:
 def lower_key(plan: Plan, target: TargetPlan, program_key: str) -> str:
     fmt = FORMATS[target.format]
     params = {p.name: target.params[p.name] for p in fmt.params}
-    return stage_key("lower", program_key, target.format, params, _data_identity(validation_data(plan, target)))
+    data = [validation_data(plan, target)] + [plan.data[params[p.name]] for p in fmt.params
+                                              if isinstance(p.kind, DataRef) and params[p.name]]
+    return stage_key("lower", program_key, target.format, params, [_data_identity(d) for d in data],
+                     DEVICES[target.device].facts)
 
 
 def target_key(plan: Plan, target: TargetPlan, program_key: str) -> str:
@@ -147,6 +151,8 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled: Compiled, fold
     with progress.stage(f"lower to {target.format} for target '{target.name}'"):
         try:
             artifacts = backend.lower(compiled.program, target, folder, LowerContext(plan, target))
+        except EvcError:
+            raise
         except Exception as e:  # the exporter's own message names the op or node at fault
             reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise BuildError(f"target '{target.name}': lowering to {target.format} failed: {reason}") from e

@@ -35,6 +35,18 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
         params = ", ".join(f"{k} = {v}" for k, v in canonical(t.params).items())
         console.print(f"[bold]target[/] {t.name}: {DEVICES[t.device].help or t.device}, "
                       f"{FORMATS[t.format].help} ({params})")
+        backend = FORMATS[t.format].backend
+        if hasattr(backend, "placement"):
+            console.print(placement_text(backend.placement(compiled.program, t)))
+
+
+def placement_text(check: dict) -> str:
+    """Where each node of the lowered model runs on the device: counts, then every node off its accelerator."""
+    counts = ", ".join(f"{n} {where}" for where, n in check["summary"].items() if n)
+    lines = [f"  operator check ({check['march']}): {counts}"]
+    for node in check["cpu"] + check["unsupported"]:
+        lines.append(f"    {node['node']} ({node['op']}): {node['on']}, {node['why']}")
+    return "\n".join(lines)
 
 
 def _arrow(before, after, fmt=str) -> str:

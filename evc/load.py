@@ -21,8 +21,9 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
 
 
 def build_module(source: Source, spec_dir: Path) -> nn.Module:
-    """An nn.Module in eval mode, randomly initialised."""
+    """An nn.Module in eval mode, randomly initialised from a fixed seed, so random-weight builds repeat."""
     kwargs = dict(source.kwargs)
+    torch.manual_seed(0)
     if source.kind == "timm":
         module = _timm_model(source.name, kwargs)
     else:

@@ -8,8 +8,8 @@ import pytest
 from tests.conftest import ROOT, run_evc, small_spec
 
 
-def test_the_readme_spec_builds_its_cpu_target(tmp_path):
-    """specs/deit_tiny_x5.evc: the contract spec without its x5 target."""
+def test_the_readme_spec_builds_its_cpu_and_x5_targets(tmp_path):
+    """specs/deit_tiny_x5.evc: the contract spec, compressed, for a CPU and for the RDK X5's BPU."""
     done = run_evc("build", ROOT / "specs" / "deit_tiny_x5.evc", "--out", tmp_path)
     assert done.returncode == 0, done.stderr
     bundle = tmp_path / "deit_tiny_x5" / "cpu"
@@ -25,6 +25,13 @@ def test_the_readme_spec_builds_its_cpu_target(tmp_path):
     assert after["params"] < 0.75 * 5_717_416 and after["macs"] < 0.75 * 1.2537e9
     parity = manifest["artifacts"][0]["parity"]
     assert parity["max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
+    # The x5 bundle: the compressed model still has one Softmax per block, each on the BPU in int16.
+    x5 = tmp_path / "deit_tiny_x5" / "x5"
+    onnx_artifact, proxy = json.loads((x5 / "manifest.json").read_text())["artifacts"]
+    assert onnx_artifact["ops"]["Softmax"] == 12 == len(onnx_artifact["node_info"])
+    assert onnx_artifact["op_check"]["summary"]["unsupported"] == 0
+    assert onnx_artifact["parity"]["max_abs_diff"] < 1e-4 and proxy["quantize"] == "int8"
+    assert len(list((x5 / "calibration").iterdir())) == 64
     # Not on a terminal, a build says only what matters: the random weights, once.
     assert done.stderr.count("randomly initialised") == 1
     assert len(done.stderr.strip().splitlines()) == 1

@@ -73,14 +73,15 @@ def test_the_contract_spec_parses_as_written():
     assert compress.nested[1].entries[0].value.value == 70.0
 
 
-def test_check_reports_the_x5_target_that_is_not_here_yet():
-    with pytest.raises(SpecError) as caught:
-        parse_and_check((SPECS / "contract.evc").read_text(), "contract.evc")
-    found = [(d.span.line, d.span.col, d.message) for d in caught.value.diagnostics]
-    assert found[:2] == [(24, 17, "unknown device 'rdk_x5'"), (25, 17, "unknown format 'bpu'")]
+def test_the_contract_checks_clean_with_its_x5_target():
+    plan = parse_and_check((SPECS / "contract.evc").read_text(), "contract.evc")
+    x5 = plan.targets[1]
+    assert (x5.name, x5.device, x5.format) == ("x5", "rdk_x5", "bpu")
+    assert (x5.params["quantize"], x5.params["calibrate"]) == ("int8", "calib")
+    assert x5.params["threads"] == (1, 4) and x5.params["frame_count"] == 200  # declared defaults
 
 
-def test_the_contract_without_x5_checks_into_a_plan():
+def test_the_readme_spec_checks_into_a_plan():
     plan = parse_and_check((ROOT / "specs" / "deit_tiny_x5.evc").read_text(), ROOT / "specs" / "deit_tiny_x5.evc")
     assert plan.model.source.kind == "timm" and plan.model.source.name == "deit_tiny_patch16_224"
     assert plan.model.input.shape == (1, 3, 224, 224)
@@ -88,8 +89,9 @@ def test_the_contract_without_x5_checks_into_a_plan():
     assert plan.data["calib"].synthetic == 64
     assert [(p.name, p.params["keep"], p.params["score"]) for p in plan.passes] == [
         ("head_prune", 2 / 3, "l1"), ("ffn_prune", 0.7, "l1")]
-    (cpu,) = plan.targets
+    cpu, x5 = plan.targets
     assert (cpu.device, cpu.format) == ("cpu", "onnx")
+    assert (x5.device, x5.format, x5.params["quantize"], x5.params["calibrate"]) == ("rdk_x5", "bpu", "int8", "calib")
     assert cpu.params["threads"] == (1, "all") and cpu.params["opset"] == 17  # declared defaults
 
 
