@@ -46,7 +46,8 @@ def prune_with_torch_pruning(
     for index, heads in heads_to_remove.items():
         if heads:
             qkv = model.blocks[index].attn.qkv
-            graph.get_pruning_group(qkv, tp.prune_linear_out_channels, qkv_rows(model.blocks[index].attn, heads)).prune()
+            rows = qkv_rows(model.blocks[index].attn, heads)
+            graph.get_pruning_group(qkv, tp.prune_linear_out_channels, rows).prune()
     for index, hidden in hidden_to_remove.items():
         if hidden:
             fc1 = model.blocks[index].mlp.fc1
@@ -66,11 +67,12 @@ def prune_with_torch_pruning(
 def qkv_rows(attn: Attention, heads: list[int]) -> list[int]:
     """Rows of timm's fused qkv Linear that belong to `heads`: its rows run [q|k|v] x heads x head_dim."""
     width = attn.num_heads * attn.head_dim
-    return [part * width + head * attn.head_dim + dim for part in range(3) for head in sorted(heads) for dim in range(attn.head_dim)]
+    return [part * width + head * attn.head_dim + dim
+            for part in range(3) for head in sorted(heads) for dim in range(attn.head_dim)]
 
 
 def rewrite_head_counts(model: nn.Module) -> list[str]:
-    """Torch-Pruning slices weights only; timm reshapes by num_heads (and attn_dim), so they are set from the new shapes."""
+    """Torch-Pruning slices weights only; timm reshapes by num_heads (and attn_dim): set them from the new shapes."""
     rewritten: dict[str, None] = {}
     for attn in model.modules():
         if not isinstance(attn, Attention) or attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim:
@@ -139,7 +141,8 @@ def self_check() -> None:
     print(f"needed_patch: {result.needed_patch}; patch_note: {result.patch_note}")
     block = pruned.blocks[0]
     print(f"block 0: qkv {tuple(block.attn.qkv.weight.shape)}, proj {tuple(block.attn.proj.weight.shape)}, "
-          f"fc1 {tuple(block.mlp.fc1.weight.shape)}, fc2 {tuple(block.mlp.fc2.weight.shape)}, num_heads {block.attn.num_heads}")
+          f"fc1 {tuple(block.mlp.fc1.weight.shape)}, fc2 {tuple(block.mlp.fc2.weight.shape)}, "
+          f"num_heads {block.attn.num_heads}")
     print(f"max |pruned - zeroed original|: {exact:.2e} (zeroing itself moved the logits by "
           f"{(expected - reference).abs().max().item():.2e}; max |logit| {expected.abs().max().item():.2e})")
     assert exact < 1e-4, "Torch-Pruning did not remove exactly the given units"

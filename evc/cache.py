@@ -21,7 +21,8 @@ from evc.atomic import recover, replace_dir, temp_dir
 from evc.params import PerLayer
 
 # Libraries whose versions change what a stage produces.
-_LIBRARIES = ("evc", "torch", "timm", "onnx", "onnxruntime", "onnxslim")
+_LIBRARIES = ("evc", "torch", "timm", "onnx", "onnxruntime", "onnxslim", "litert-torch", "ai-edge-litert",
+              "ai-edge-quantizer")
 
 
 def library_versions() -> dict[str, str]:

@@ -268,6 +268,12 @@ class _Checker:
         if values is None:
             return None
         spans = {e.key: e.value.span for e in block.entries}
+        if fmt.check is not None:
+            try:
+                fmt.check(values, spans)
+            except Invalid as e:
+                self.report(f"{where}: {e.message}", e.span or block.name_span, e.hint)
+                return None
         return TargetPlan(block.name, device.name, fmt.name, values, spans)
 
     def registered(self, entry: ast.Entry | None, registry: dict, key: str, block: ast.Block, where: str):

@@ -28,7 +28,10 @@ def compare(reference: np.ndarray, outputs: np.ndarray) -> Parity:
         raise ValueError(f"output shapes differ: {reference.shape} vs {outputs.shape}")
     dot = (reference * outputs).sum(axis=1)
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(outputs, axis=1)
-    cosine = np.where(norms > 0, dot / np.maximum(norms, 1e-300), 1.0)
+    ref_norm, out_norm = np.linalg.norm(reference, axis=1), np.linalg.norm(outputs, axis=1)
+    # Two zero vectors agree; one zero vector agrees with nothing (a collapsed int8 model outputs zeros).
+    both_zero = (ref_norm == 0) & (out_norm == 0)
+    cosine = np.where(norms > 0, dot / np.maximum(norms, 1e-300), np.where(both_zero, 1.0, 0.0))
     agree = reference.argmax(axis=1) == outputs.argmax(axis=1)
     return Parity(
         max_abs_diff=float(np.abs(reference - outputs).max()),

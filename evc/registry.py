@@ -45,6 +45,7 @@ class FormatInfo:
     # format has a runtime on this machine, session(path, threads) -> run(x).
     backend: Any
     help: str = ""
+    check: Callable | None = None  # (params: dict, spans: dict) -> None, raises Invalid
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,9 @@ def register_pass(name: str, *params: Param, check: Callable | None = None):
     return decorate
 
 
-def register_format(name: str, *params: Param):
+def register_format(name: str, *params: Param, check: Callable | None = None):
     def decorate(cls):
-        FORMATS[name] = FormatInfo(name, tuple(params), cls(), _first_line(cls.__doc__))
+        FORMATS[name] = FormatInfo(name, tuple(params), cls(), _first_line(cls.__doc__), check)
         return cls
 
     return decorate

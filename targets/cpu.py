@@ -1,4 +1,8 @@
-"""device = cpu: a plain CPU running ONNX Runtime, benchmarked by a generated Python script."""
+"""device = cpu: a plain CPU running ONNX Runtime or LiteRT, benchmarked by a generated Python script.
+
+    target cpu { device = cpu, format = onnx }
+    target cpu { device = cpu, format = tflite, quantize = dynamic }   # bench.py times it in LiteRT
+"""
 
 from evc.params import AnyOf, Choice, Int, ListOf, Param
 from evc.registry import register_device
@@ -9,7 +13,7 @@ register_device(
           "thread counts to benchmark at; `all` is every core of the machine"),
     Param("runs", Int(1), 50, "timed runs per thread count"),
     Param("warmups", Int(0), 10, "untimed runs before timing"),
-    formats=("onnx",),
+    formats=("onnx", "tflite"),
     templates="cpu",
-    help="a plain CPU with ONNX Runtime",
+    help="a plain CPU with ONNX Runtime (onnx) or the LiteRT interpreter (tflite)",
 )

@@ -10,7 +10,6 @@ from evc.check import parse_and_check
 from evc.errors import SpecError
 from evc.params import Param, PerLayer, Ratio
 from evc.spec import ast, parse_spec
-
 from tests.conftest import ROOT, SPECS, run_evc
 
 MINIMAL = """evc 1

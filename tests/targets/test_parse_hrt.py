@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from evc.targets.parse_hrt import parse_perf
+
 from tests.conftest import ROOT
 
 PARSER = ROOT / "targets" / "parse_hrt.py"
