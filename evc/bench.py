@@ -17,6 +17,7 @@ from rich.table import Table
 
 from evc.bundle import read_manifest
 from evc.errors import InputError
+from evc.parity import describe
 from evc.registry import DEVICES, FORMATS, load_plugins
 
 DEFAULTS = {"runs": 50, "warmups": 10, "threads": (1, "all")}
@@ -58,13 +59,6 @@ def bench_here(bundle: Path, manifest: dict, runs: int | None = None, threads=No
     return rows
 
 
-def parity_text(parity: dict | None) -> str:
-    if not parity:
-        return "not checked"
-    return (f"max|Δ| {parity['max_abs_diff']:.2g}, cosine {parity['cosine']:.5f}, "
-            f"top-1 {parity['top1_agreement']:.0%}")
-
-
 def bench(bundle: Path, runs: int | None = None, threads=None, serial: str | None = None,
           console: Console | None = None):
     load_plugins()
@@ -87,7 +81,7 @@ def bench(bundle: Path, runs: int | None = None, threads=None, serial: str | Non
         table.add_column(column, justify="right" if column not in ("artifact", "parity") else "left")
     for row in rows:
         a = row["artifact"]
-        table.add_row(a["path"], a["format"], f"{a['size'] / 1e6:.1f}", parity_text(a.get("parity")),
+        table.add_row(a["path"], a["format"], f"{a['size'] / 1e6:.1f}", describe(a.get("parity")),
                       str(row["threads"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
                       f"{row['throughput_per_s']:.1f}")
     console.print(table)

@@ -43,12 +43,13 @@ def cmd_build(args) -> int:
     if unknown:
         raise InputError(f"--target {unknown[0]}: {args.spec} has no such target "
                          f"(it has: {', '.join(t.name for t in plan.targets)})")
+    from evc.parity import describe
+
     for result in build(plan, Path(args.out), force=args.force, only=args.target):
-        artifacts = ", ".join(
-            f"{a['path']} {a['size'] / 1e6:.1f} MB, parity max|Δ| {a['parity']['max_abs_diff']:.2g}"
-            for a in result.manifest["artifacts"])
         state = "up to date" if result.cached else "built"
-        print(f"{state}: {result.bundle} ({artifacts})")
+        print(f"{state}: {result.bundle}")
+        for a in result.manifest["artifacts"]:
+            print(f"    {a['path']}: {a['size'] / 1e6:.1f} MB, parity {describe(a['parity'])}")
     return 0
 
 

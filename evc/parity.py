@@ -39,3 +39,11 @@ def compare(reference: np.ndarray, outputs: np.ndarray) -> Parity:
         top1_agreement=float(agree.mean()),
         samples=len(reference),
     )
+
+
+def describe(parity: dict | None) -> str:
+    """A manifest's parity record in one line."""
+    if not parity:
+        return "not checked"
+    return (f"max|Δ| {parity['max_abs_diff']:.2g}, cosine {parity['cosine']:.5f}, "
+            f"top-1 {parity['top1_agreement']:.0%}")
