@@ -51,3 +51,21 @@ def test_params_and_macs_go_down_by_the_units_removed():
     removed = program.structure.depth * 384  # units removed
     assert before.params - after.params == removed * (192 + 1 + 192)  # an fc1 row with its bias, an fc2 column
     assert before.macs - after.macs == removed * 17 * 2 * 192  # 17 tokens through fc1 and fc2
+
+
+def test_an_mlp_that_normalises_its_hidden_units_names_the_block_and_node():
+    from torch import nn
+
+    from evc.errors import InputError
+    from evc.plan import ImageInput
+    from evc.program import Program
+    from tests.passes.conftest import FAMILIES
+
+    model = FAMILIES["plain_vit"]()
+    for layer in model.layers:
+        fc1, act, fc2 = layer.ffn
+        layer.ffn = nn.Sequential(fc1, act, nn.LayerNorm(fc1.out_features), fc2)
+    program = Program.from_module(model.eval(), ImageInput(32, 32))
+    with pytest.raises(InputError) as caught:
+        run(program, keep=0.5)
+    assert str(caught.value).startswith("block 0: node 'layers_0_ffn_2' has weights over the MLP's hidden units")
