@@ -15,9 +15,9 @@ import numpy as np
 
 from evc.artifact import sha256_file
 from evc.cache import Cache, canonical, library_versions, stage_key
-from evc.data import load_images
+from evc.data import data_identity, load_images
 from evc.errors import SpecError
-from evc.params import DataRef, Invalid, per_layer
+from evc.params import Invalid, data_refs, per_layer
 from evc.plan import PassPlan, Plan
 from evc.progress import Progress
 from evc.registry import PASSES
@@ -47,14 +47,9 @@ def source_code_digest(plan: Plan) -> str | None:
 def passes_key(plan: Plan, load: str) -> str:
     if not plan.passes:
         return load
-    used = {name: plan.data[name] for p in plan.passes for name in data_refs(p)}
+    used = {name: data_identity(plan.data[name]) for p in plan.passes
+            for name in data_refs(PASSES[p.name].params, p.params)}
     return stage_key("passes", load, plan.passes, used)
-
-
-def data_refs(pass_plan: PassPlan) -> list[str]:
-    info = PASSES[pass_plan.name]
-    return [pass_plan.params[p.name] for p in info.params
-            if isinstance(p.kind, DataRef) and pass_plan.params.get(p.name)]
 
 
 @dataclass
@@ -90,17 +85,15 @@ class Compiled:
 
 def compile_model(plan: Plan, cache: Cache, progress: Progress, weights: str | None = None,
                   write_cache: bool = True) -> Compiled:
-    from evc.program import Program
 
     weights = weights or weights_digest(plan)
     key = passes_key(plan, load_key(plan, weights))
     if weights == "random":
         progress.warn(f"model '{plan.model.name}' names no weights: it is randomly initialised, "
                       "so its outputs mean nothing (the bundle is still complete and checked)")
-    hit = cache.get("program", key)
-    if hit is not None:
-        summaries = json.loads((hit / "summary.json").read_text())
-        return Compiled(Program.load(hit / "program.pt"), summaries["before"], summaries["after"], weights, key)
+    cached = _fetch(cache, key)
+    if cached is not None:
+        return Compiled(*cached, weights, key)
 
     program, before = _loaded(plan, cache, progress, weights, write_cache)
     original = program.structure
@@ -110,13 +103,8 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, weights: str | N
         with progress.stage(f"pass {pass_plan.name}"):
             program = PASSES[pass_plan.name].run(program, pass_plan.params, PassContext(plan, pass_plan))
     after = aligned(_summary(program), original, program.structure) if plan.passes else before
-
-    def write(folder: Path) -> None:
-        program.save(folder / "program.pt")
-        (folder / "summary.json").write_text(json.dumps({"before": before, "after": after}))
-
     if write_cache and plan.passes:
-        cache.put("program", key, write)
+        _store(cache, key, program, before, after)
     return Compiled(program, before, after, weights, key)
 
 
@@ -125,22 +113,35 @@ def _loaded(plan: Plan, cache: Cache, progress: Progress, weights: str, write_ca
     from evc.program import Program
 
     key = load_key(plan, weights)
-    hit = cache.get("program", key)
-    if hit is not None:
-        summary = json.loads((hit / "summary.json").read_text())["before"]
-        return Program.load(hit / "program.pt"), summary
+    cached = _fetch(cache, key)
+    if cached is not None:
+        return cached[0], cached[1]
     with progress.stage(f"load {plan.model.source}"):
         module = load_model(plan.model, plan.path.parent)
         program = Program.from_module(module, plan.model.input)
         before = _summary(program)
+    if write_cache:
+        _store(cache, key, program, before, before)
+    return program, before
 
+
+def _fetch(cache: Cache, key: str):
+    """(program, before, after) from a cached entry, or None."""
+    from evc.program import Program
+
+    hit = cache.get("program", key)
+    if hit is None:
+        return None
+    summaries = json.loads((hit / "summary.json").read_text())
+    return Program.load(hit / "program.pt"), summaries["before"], summaries["after"]
+
+
+def _store(cache: Cache, key: str, program, before: dict, after: dict) -> None:
     def write(folder: Path) -> None:
         program.save(folder / "program.pt")
-        (folder / "summary.json").write_text(json.dumps({"before": before, "after": before}))
+        (folder / "summary.json").write_text(json.dumps({"before": before, "after": after}))
 
-    if write_cache:
-        cache.put("program", key, write)
-    return program, before
+    cache.put("program", key, write)
 
 
 def aligned(after: dict, original, compressed) -> dict:

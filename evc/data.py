@@ -21,6 +21,18 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
 DEFAULT_VALIDATION = DataPlan("validation", synthetic=8, images=None, seed=0, limit=None)
 
 
+def data_identity(data: DataPlan) -> dict:
+    """What a data block's images are, for cache keys: its settings and, for a folder, its files' names,
+    sizes and modification times."""
+    from evc.cache import canonical
+
+    identity = canonical(data)
+    if data.images is not None:
+        identity["files"] = [(str(p.relative_to(data.images)), p.stat().st_size, p.stat().st_mtime_ns)
+                             for p in sorted(data.images.rglob("*")) if p.is_file()]
+    return identity
+
+
 def image_files(folder: Path, limit: int | None = None) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

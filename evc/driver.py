@@ -21,9 +21,9 @@ from evc.atomic import recover, replace_dir, temp_dir
 from evc.bundle import MANIFEST, read_manifest, staged, write_json
 from evc.cache import Cache, canonical, library_versions, stage_key
 from evc.compile import Compiled, compile_model, load_key, passes_key, weights_digest
-from evc.data import DEFAULT_VALIDATION
+from evc.data import DEFAULT_VALIDATION, data_identity
 from evc.errors import BuildError, EvcError
-from evc.params import DataRef
+from evc.params import data_refs
 from evc.plan import DataPlan, Plan, TargetPlan
 from evc.progress import Progress
 from evc.registry import DEVICES, FORMATS
@@ -99,21 +99,11 @@ def validation_data(plan: Plan, target: TargetPlan) -> DataPlan:
     return plan.data[name] if name else DEFAULT_VALIDATION
 
 
-def _data_identity(data: DataPlan) -> dict:
-    """What a data block's images are: its settings, and for a folder, its files' names, sizes and times."""
-    identity = canonical(data)
-    if data.images is not None:
-        identity["files"] = [(str(p.relative_to(data.images)), p.stat().st_size, p.stat().st_mtime_ns)
-                             for p in sorted(data.images.rglob("*")) if p.is_file()]
-    return identity
-
-
 def lower_key(plan: Plan, target: TargetPlan, program_key: str) -> str:
     fmt = FORMATS[target.format]
     params = {p.name: target.params[p.name] for p in fmt.params}
-    data = [validation_data(plan, target)] + [plan.data[params[p.name]] for p in fmt.params
-                                              if isinstance(p.kind, DataRef) and params[p.name]]
-    return stage_key("lower", program_key, target.format, params, [_data_identity(d) for d in data],
+    data = [validation_data(plan, target)] + [plan.data[name] for name in data_refs(fmt.params, params)]
+    return stage_key("lower", program_key, target.format, params, [data_identity(d) for d in data],
                      DEVICES[target.device].facts)
 
 

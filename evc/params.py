@@ -248,6 +248,11 @@ class PerLayer:
         return self.values
 
 
+def data_refs(params: tuple[Param, ...], values: dict) -> list[str]:
+    """The data blocks that a block's `values` name through its DataRef parameters."""
+    return [values[p.name] for p in params if isinstance(p.kind, DataRef) and values.get(p.name)]
+
+
 def per_layer(value, depth: int) -> tuple:
     """A per-layer parameter's value for each of `depth` blocks."""
     return value.for_depth(depth) if isinstance(value, PerLayer) else (value,) * depth

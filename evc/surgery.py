@@ -1,10 +1,10 @@
 """Structure surgery: the one set of helpers every structural pass rewrites a model with.
 
-    graph = copy_graph(program.graph)
-    keep_heads(graph, block.attn, [0, 2], where="block 3")
-    keep_hidden(graph, block.mlp, kept_units, where="block 3")
-    skip_sublayer(graph, block.mlp.residual)
-    program = program.rebuilt(graph)      # recompiles once, re-propagates shapes
+    program = rewritten(program, [
+        partial(keep_heads, attn=block.attn, keep=[0, 2], where="block 3"),
+        partial(keep_hidden, mlp=block.mlp, keep=kept_units, where="block 3"),
+        partial(skip_sublayer, residual=block.mlp.residual),
+    ])   # edits a copy of the graph, then recompiles once and re-propagates shapes
 
 Weights are removed for real: Linears are replaced by smaller ones and the
 head counts the graph reshapes by are rewritten, so the exported model is
@@ -14,7 +14,7 @@ smaller and faster, not just sparser.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,17 @@ _RESHAPES = ("reshape", "view")
 
 def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm)
+
+
+def rewritten(program, edits: list[Callable[[fx.GraphModule], None]]):
+    """`program` with `edits` applied to a copy of its graph; `program` itself when there are none,
+    so a pass with nothing to remove leaves the model bit-identical."""
+    if not edits:
+        return program
+    graph = copy_graph(program.graph)
+    for edit in edits:
+        edit(graph)
+    return program.rebuilt(graph)
 
 
 def set_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> None:

@@ -10,6 +10,8 @@ stream on the data, ‖f(x)‖ / ‖x‖, are removed.
 
 from __future__ import annotations
 
+from functools import partial
+
 from evc.params import Choice, DataRef, Int, Invalid, ListOf, Param
 from evc.registry import register_pass
 
@@ -38,19 +40,14 @@ def _check(params, spans):
 )
 def block_skip(program, params, ctx):
     """Remove attention sublayers, MLP sublayers or whole blocks, keeping the residual path."""
-    from evc.surgery import copy_graph, skip_sublayer
+    from evc.surgery import rewritten, skip_sublayer
 
     blocks = {b.index: b for b in program.structure.blocks}
     if params["count"] is not None:
         residuals = _by_score(program, params, ctx)
     else:
         residuals = _named(blocks, params, ctx)
-    if not residuals:
-        return program
-    graph = copy_graph(program.graph)
-    for residual in residuals:
-        skip_sublayer(graph, residual)
-    return program.rebuilt(graph)
+    return rewritten(program, [partial(skip_sublayer, residual=r) for r in residuals])
 
 
 def _sublayers(block, part: str) -> list:

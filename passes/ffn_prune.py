@@ -9,6 +9,8 @@ score, as Hugging Face nn_pruning does.
 
 from __future__ import annotations
 
+from functools import partial
+
 from evc.params import Choice, DataRef, Int, Invalid, Param, Ratio
 from evc.registry import register_pass
 
@@ -31,7 +33,7 @@ def ffn_prune(program, params, ctx):
     """Remove MLP hidden units: fc1 rows and fc2 columns, by one shared score."""
     from evc.passes._importance import activations, hidden_norms, hidden_taylor, top
 
-    from evc.surgery import copy_graph, keep_hidden
+    from evc.surgery import keep_hidden, rewritten
 
     structure = program.structure
     keep = ctx.per_layer("keep", structure.depth)
@@ -44,13 +46,8 @@ def ffn_prune(program, params, ctx):
     else:
         scores = [hidden_norms(program.graph, b.mlp, 1 if score == "l1" else 2) for b in blocks]
     widths = [width(keep[b.index], b.mlp.hidden, params["round_to"]) for b in blocks]
-    if all(w == b.mlp.hidden for w, b in zip(widths, blocks)):
-        return program  # nothing to remove: the model stays bit-identical
-    graph = copy_graph(program.graph)
-    for block, s, w in zip(blocks, scores, widths):
-        if w < block.mlp.hidden:
-            keep_hidden(graph, block.mlp, top(s, w), where=f"block {block.index}")
-    return program.rebuilt(graph)
+    return rewritten(program, [partial(keep_hidden, mlp=b.mlp, keep=top(s, w), where=f"block {b.index}")
+                               for b, s, w in zip(blocks, scores, widths) if w < b.mlp.hidden])
 
 
 def width(keep: float, hidden: int, round_to: int) -> int:

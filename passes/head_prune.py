@@ -10,6 +10,8 @@ go: the model gets smaller and faster, not sparser.
 
 from __future__ import annotations
 
+from functools import partial
+
 from evc.params import Choice, DataRef, Int, Invalid, Param, PerLayer, Ratio
 from evc.registry import register_pass
 
@@ -37,7 +39,7 @@ def head_prune(program, params, ctx):
     """Remove whole attention heads, ranked by weight norm or Taylor importance."""
     from evc.passes._importance import head_norms, head_taylor, top
 
-    from evc.surgery import copy_graph, keep_heads
+    from evc.surgery import keep_heads, rewritten
 
     structure = program.structure
     keep = ctx.per_layer("keep", structure.depth)
@@ -52,13 +54,8 @@ def head_prune(program, params, ctx):
         kept = _global_choice(scores, keep[0], params["min_heads"])
     else:
         kept = [top(s, _count(keep[b.index], n, params["min_heads"])) for b, s, n in zip(blocks, scores, counts)]
-    if all(len(k) == n for k, n in zip(kept, counts)):
-        return program  # nothing to remove: the model stays bit-identical
-    graph = copy_graph(program.graph)
-    for block, heads in zip(blocks, kept):
-        if len(heads) < block.attn.num_heads:
-            keep_heads(graph, block.attn, heads, where=f"block {block.index}")
-    return program.rebuilt(graph)
+    return rewritten(program, [partial(keep_heads, attn=b.attn, keep=heads, where=f"block {b.index}")
+                               for b, heads in zip(blocks, kept) if len(heads) < b.attn.num_heads])
 
 
 def _count(keep: float, heads: int, min_heads: int) -> int:

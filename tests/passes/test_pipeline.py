@@ -81,3 +81,23 @@ def test_a_block_to_skip_beyond_the_depth_points_at_its_key(write_spec, tmp_path
     done = run_evc("build", spec, "--out", tmp_path / "out")
     assert done.returncode == 2
     assert ":7:25: error: block_skip: attn: block 5 does not exist: the model has depth 2" in done.stderr
+
+
+def test_changing_the_images_a_pass_scores_on_reruns_the_passes(write_spec, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    spec = write_spec(small_spec(extra='data calib { images = "calib" }\n'
+                                       "compress {\n    head_prune { keep = 2/3, score = taylor, data = calib }\n}\n"))
+    out = tmp_path / "out"
+    build(parse_and_check(spec.read_text(), spec), out)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / "4.png")
+    (result,) = build(parse_and_check(spec.read_text(), spec), out)
+    assert not result.cached
+    # one loaded model, and a compressed one for each set of calibration images
+    assert len(list((out / ".cache" / "program").iterdir())) == 3
