@@ -52,3 +52,15 @@ def write_spec(tmp_path):
         return path
 
     return write
+
+
+def write_images(folder: Path, count: int, height: int = 32, width: int = 32, seed: int = 0) -> Path:
+    """A folder of `count` random RGB PNG images."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{seed}_{i}.png")
+    return folder

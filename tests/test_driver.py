@@ -14,7 +14,7 @@ import pytest
 from evc.check import parse_and_check
 from evc.driver import build
 from evc.errors import BuildError
-from tests.conftest import ROOT, run_evc, small_spec
+from tests.conftest import ROOT, run_evc, small_spec, write_images
 
 TWO_TARGETS = ("target a { device = cpu, format = onnx, runs = 3 }\n"
                "target b { device = cpu, format = onnx, runs = 3 }")
@@ -201,13 +201,7 @@ def test_an_interrupted_build_leaves_the_previous_bundle_intact(write_spec, tmp_
 
 
 def test_validation_runs_on_the_named_data_folder(write_spec, tmp_path):
-    from PIL import Image
-
-    images = tmp_path / "val"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    write_images(tmp_path / "val", 5, height=40, width=48)
     spec = write_spec(small_spec("target cpu { device = cpu, format = onnx, validate = val }",
                                  extra='data val { images = "val" }\n'))
     (result,) = build(plan_of(spec), tmp_path / "out")

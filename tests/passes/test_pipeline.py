@@ -6,7 +6,7 @@ import onnx
 from evc.check import parse_and_check
 from evc.driver import build
 from evc.registry import PASSES
-from tests.conftest import run_evc, small_spec
+from tests.conftest import run_evc, small_spec, write_images
 
 COMPRESS = """compress {
     head_prune { keep = 2/3, score = taylor, data = calib }
@@ -84,19 +84,12 @@ def test_a_block_to_skip_beyond_the_depth_points_at_its_key(write_spec, tmp_path
 
 
 def test_changing_the_images_a_pass_scores_on_reruns_the_passes(write_spec, tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    folder = tmp_path / "calib"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    folder = write_images(tmp_path / "calib", 4)
     spec = write_spec(small_spec(extra='data calib { images = "calib" }\n'
                                        "compress {\n    head_prune { keep = 2/3, score = taylor, data = calib }\n}\n"))
     out = tmp_path / "out"
     build(parse_and_check(spec.read_text(), spec), out)
-    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / "4.png")
+    write_images(folder, 1, seed=1)
     (result,) = build(parse_and_check(spec.read_text(), spec), out)
     assert not result.cached
     # one loaded model, and a compressed one for each set of calibration images
