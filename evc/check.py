@@ -23,10 +23,12 @@ from evc.params import (
     ListOf,
     Param,
     Text,
+    check_entries,
     did_you_mean,
+    named_data,
 )
 from evc.plan import DataPlan, ImageInput, ModelPlan, PassPlan, Plan, Source, TargetPlan
-from evc.registry import DEVICES, FORMATS, PASSES, load_plugins
+from evc.registry import DEVICES, FORMATS, PASSES, exclusion, load_plugins
 from evc.spec import ast
 
 BLOCK_KINDS = ("model", "data", "compress", "target")
@@ -40,9 +42,21 @@ def _literal(value: ast.Value) -> Any:
         return value.name
     if isinstance(value, ast.Call):
         raise Invalid(f"a call is not allowed here: {value.name}(...)", value.span)
+    if isinstance(value, ast.Table):
+        return _table_literal(value)
     if isinstance(value, ast.Percent):
         return value.value / 100
     return float(value.value) if isinstance(value, ast.Fraction) else value.value
+
+
+def _table_literal(table: ast.Table) -> dict:
+    """A table as a dict (timm's `pretrained_cfg_overlay = { file = "..." }`); a repeated key is an error."""
+    values = {}
+    for entry in table.entries:
+        if entry.key in values:
+            raise Invalid(f"duplicate key '{entry.key}' in the table", entry.span)
+        values[entry.key] = _literal(entry.value)
+    return values
 
 
 class ModelSource(Kind):
@@ -234,11 +248,12 @@ class _Checker:
             self.report(f"'{entry.key}' is a setting, but compress holds passes, as in `head_prune {{ keep = 0.5 }}`",
                         entry.span)
         passes = []
-        for nested in block.nested:
+        for i, nested in enumerate(block.nested):
             info = PASSES.get(nested.kind)
             if info is None:
                 self.report(f"unknown pass '{nested.kind}'", nested.span, did_you_mean(nested.kind, PASSES))
                 continue
+            self.exclusions(nested, block.nested[:i])
             values = self.entries(nested, info.params, f"pass '{nested.kind}'")
             if values is None:
                 continue
@@ -251,6 +266,17 @@ class _Checker:
                     continue
             passes.append(PassPlan(nested.kind, values, spans))
         return tuple(passes)
+
+    def exclusions(self, later: ast.Block, earlier: tuple[ast.Block, ...]) -> None:
+        """Report `later` once for each pass before it that it cannot share the compress block with."""
+        first_of = {}
+        for block in earlier:
+            first_of.setdefault(block.kind, block)
+        for kind, block in first_of.items():
+            reason = exclusion(later.kind, kind)
+            if reason is not None:
+                self.report(f"`{later.kind}` cannot be combined with `{kind}` (line {block.span.line}): {reason}",
+                            later.span)
 
     def target(self, block: ast.Block) -> TargetPlan | None:
         where = f"target '{block.name}'"
@@ -299,39 +325,13 @@ class _Checker:
 
     def entries(self, block: ast.Block, params: tuple[Param, ...], where: str, skip=()) -> dict | None:
         """Check a block's entries against its declared params; None if any was wrong."""
-        by_name = {p.name: p for p in params}
-        before = len(self.diagnostics)
-        values: dict[str, Any] = {}
         for nested in block.nested:
             self.report(f"{where} cannot hold a block", nested.span)
-        for entry in block.entries:
-            param = by_name.get(entry.key)
-            if param is None:
-                self.report(f"unknown key '{entry.key}' in {where}", entry.span, did_you_mean(entry.key, by_name))
-            elif entry.key in values:
-                self.report(f"duplicate key '{entry.key}' in {where}", entry.span)
-            elif entry.key in skip:
-                values[entry.key] = None
-            else:
-                try:
-                    values[entry.key] = param.check(entry.value)
-                except Invalid as e:
-                    self.report(f"{entry.key}: {e.message}", e.span, e.hint)
-                    values[entry.key] = None
-                if isinstance(param.kind, DataRef) and isinstance(entry.value, ast.Ident):
-                    self.data_refs.append((entry.value.name, entry.value.span))
-        for param in params:
-            if param.name in skip:
-                continue
-            if param.name not in values:
-                if param.required:
-                    self.report(f"{where} is missing required key '{param.name}'", block.name_span or block.span,
-                                param.help or None)
-                else:
-                    values[param.name] = param.default
-        for key in skip:
-            values.pop(key, None)
-        return values if len(self.diagnostics) == before else None
+        values, problems = check_entries(block.entries, params, where, block.name_span or block.span, skip)
+        for problem in problems:
+            self.report(problem.message, problem.span, problem.hint)
+        self.data_refs += [(name.name, name.span) for name in named_data(block.entries, params)]
+        return None if problems or block.nested else values
 
 
 def _all_target_keys() -> set[str]:

@@ -122,6 +122,18 @@ class Choice(Kind):
 
 
 @dataclass(frozen=True)
+class Flag(Kind):
+    """`fuse = true`: the spec has no boolean literal, so `true` and `false` are names."""
+
+    text = "true or false"
+
+    def check(self, value):
+        if not isinstance(value, ast.Ident) or value.name not in ("true", "false"):
+            raise Invalid(f"expected {self.text}, found {_show(value)}", value.span)
+        return value.name == "true"
+
+
+@dataclass(frozen=True)
 class Text(Kind):
     """A string; `pattern` (a regex) and `shape` (how to describe it) constrain it."""
 
@@ -195,6 +207,28 @@ class AnyOf(Kind):
         raise Invalid(f"expected {self.text}, found {_show(value)}", value.span)
 
 
+@dataclass(frozen=True)
+class Record(Kind):
+    """A table whose keys are declared like a block's: `search = { tolerance = 0.01, step = 8 }`.
+
+    It checks to a plain dict that holds every declared key, defaults filled in.
+    """
+
+    params: tuple[Param, ...]
+
+    @property
+    def text(self) -> str:
+        return "a table of " + ", ".join(p.name for p in self.params)
+
+    def check(self, value):
+        if not isinstance(value, ast.Table):
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
+        values, problems = check_entries(value.entries, self.params, "the table", value.span)
+        if problems:
+            raise problems[0]  # Invalid carries one span; the first problem is enough to act on
+        return values
+
+
 REQUIRED = object()
 
 
@@ -226,6 +260,8 @@ class Param:
             return "required"
         if self.default is None:
             return "none"
+        if isinstance(self.default, bool):
+            return "true" if self.default else "false"  # as a spec writes it
         if isinstance(self.default, tuple):
             return "[" + ", ".join(map(str, self.default)) + "]"
         return str(self.default)
@@ -248,9 +284,67 @@ class PerLayer:
         return self.values
 
 
+def check_entries(entries: tuple[ast.Entry, ...], params: tuple[Param, ...], where: str, at: Span | None,
+                  skip: tuple[str, ...] = ()) -> tuple[dict, list[Invalid]]:
+    """Check `key = value` entries against declared params: the values, every default filled in, and the problems.
+
+    A block's body and a Record's table are checked alike; `where` names the
+    holder in messages, `at` is where a missing key is reported, and keys in
+    `skip` are accepted unchecked and left out of the values.
+    """
+    by_name = {p.name: p for p in params}
+    values: dict[str, Any] = {}
+    problems: list[Invalid] = []
+    for entry in entries:
+        param = by_name.get(entry.key)
+        if param is None:
+            problems.append(Invalid(f"unknown key '{entry.key}' in {where}", entry.span,
+                                    did_you_mean(entry.key, by_name)))
+        elif entry.key in values:
+            problems.append(Invalid(f"duplicate key '{entry.key}' in {where}", entry.span))
+        elif entry.key in skip:
+            values[entry.key] = None
+        else:
+            try:
+                values[entry.key] = param.check(entry.value)
+            except Invalid as e:
+                problems.append(Invalid(f"{entry.key}: {e.message}", e.span, e.hint))
+                values[entry.key] = None
+    for param in params:
+        if param.name in values or param.name in skip:
+            continue
+        if param.required:
+            problems.append(Invalid(f"{where} is missing required key '{param.name}'", at, param.help or None))
+        else:
+            values[param.name] = param.default
+    for key in skip:
+        values.pop(key, None)
+    return values, problems
+
+
 def data_refs(params: tuple[Param, ...], values: dict) -> list[str]:
-    """The data blocks that a block's `values` name through its DataRef parameters."""
-    return [values[p.name] for p in params if isinstance(p.kind, DataRef) and values.get(p.name)]
+    """The data blocks that checked `values` name through DataRef parameters, inside records too."""
+    names = []
+    for p in params:
+        value = values.get(p.name)
+        if isinstance(p.kind, DataRef) and value:
+            names.append(value)
+        elif isinstance(p.kind, Record) and value:
+            names += data_refs(p.kind.params, value)
+    return names
+
+
+def named_data(entries: tuple[ast.Entry, ...], params: tuple[Param, ...]) -> list[ast.Ident]:
+    """The names, as written, that entries give DataRef parameters, inside tables too: for "undefined data"."""
+    by_name = {p.name: p for p in params}
+    names = []
+    for entry in entries:
+        kind = by_name[entry.key].kind if entry.key in by_name else None
+        if isinstance(kind, DataRef) and isinstance(entry.value, ast.Ident):
+            names.append(entry.value)
+        elif isinstance(kind, Record) and isinstance(entry.value, ast.Table):
+            names += named_data(entry.value.entries, kind.params)
+    return names
 
 
 def per_layer(value, depth: int) -> tuple:

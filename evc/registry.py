@@ -32,6 +32,7 @@ class PassInfo:
     run: Callable  # (Program, params: dict, PassContext) -> Program
     check: Callable | None = None  # (params: dict, spans: dict) -> None, raises Invalid
     help: str = ""
+    excludes: dict[str, str] = field(default_factory=dict)  # pass name -> why the two cannot share a compress block
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,25 @@ def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
 
 
-def register_pass(name: str, *params: Param, check: Callable | None = None):
+def register_pass(name: str, *params: Param, check: Callable | None = None, excludes: dict[str, str] | None = None):
+    """`excludes` names the passes this one cannot share a compress block with, each with the reason:
+    `excludes={"token_merge": "both change the token count"}`. It holds both ways round.
+    """
+
     def decorate(run: Callable) -> Callable:
-        PASSES[name] = PassInfo(name, tuple(params), run, check, _first_line(run.__doc__))
+        PASSES[name] = PassInfo(name, tuple(params), run, check, _first_line(run.__doc__), dict(excludes or {}))
         return run
 
     return decorate
+
+
+def exclusion(a: str, b: str) -> str | None:
+    """Why passes `a` and `b` cannot share a compress block, as either of them declares it; None if they can."""
+    for one, other in ((a, b), (b, a)):
+        info = PASSES.get(one)
+        if info is not None and other in info.excludes:
+            return info.excludes[other]
+    return None
 
 
 def register_format(name: str, *params: Param, check: Callable | None = None):

@@ -9,14 +9,14 @@ SPECS = Path(__file__).resolve().parent / "specs"
 
 @pytest.fixture
 def registered_pass():
-    """Register a pass for one test: `registered_pass("name", run, *params)`."""
+    """Register a pass for one test: `registered_pass("name", run, *params, check=None, excludes=None)`."""
     from evc.registry import PASSES, load_plugins, register_pass
 
     load_plugins()
     added = []
 
-    def register(name, run, *params, check=None):
-        register_pass(name, *params, check=check)(run)
+    def register(name, run, *params, check=None, excludes=None):
+        register_pass(name, *params, check=check, excludes=excludes)(run)
         added.append(name)
 
     yield register

@@ -89,7 +89,18 @@ class Call:
         return f"a call to {self.name}(...)"
 
 
-Value = Number | Fraction | Percent | String | Ident | List | Call
+@dataclass(frozen=True)
+class Table:
+    """`{ tolerance = 0.01, step = 8 }`: entries only; its keys are checked by a Record parameter."""
+
+    entries: tuple[Entry, ...]
+    span: Span  # from `{` to `}`
+
+    def describe(self) -> str:
+        return "a table"
+
+
+Value = Number | Fraction | Percent | String | Ident | List | Call | Table
 
 
 @dataclass(frozen=True)

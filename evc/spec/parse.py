@@ -152,6 +152,18 @@ class _ToAst(lark.Transformer):
             )
         return ast.Call(str(name), args, kwargs, _span(meta))
 
+    @lark.v_args(meta=True)
+    def table(self, meta, children):
+        (items,) = children
+        for item in items:
+            if isinstance(item, ast.Block):
+                raise SpecError.at(
+                    self.path, self.source, item.span,
+                    f"a table holds `key = value` entries, not blocks such as `{item.kind} {{ ... }}`",
+                    hint=f"for a table inside this one, write `{item.kind} = {{ ... }}`",
+                )
+        return ast.Table(items, _span(meta))
+
     def keyword(self, children):
         name, value = children
         return ast.Keyword(str(name), value, _span(name))

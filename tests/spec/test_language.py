@@ -191,3 +191,102 @@ def test_a_reference_to_a_data_block_with_its_own_error_is_not_undefined():
     with pytest.raises(SpecError) as caught:
         parse_and_check(text, "t.evc")
     assert [d.message for d in caught.value.diagnostics] == ["synthetic: 0 is out of range: expected an integer >= 1"]
+
+
+def test_a_table_parses_to_entries_with_their_spans():
+    values = entry_values('    search = { tolerance = 0.01, step = 8, data = calib }')
+    table = values["search"]
+    assert isinstance(table, ast.Table) and table.describe() == "a table"
+    assert [(e.key, e.span.col) for e in table.entries] == [("tolerance", 16), ("step", 34), ("data", 44)]
+    assert table.entries[2].value == ast.Ident("calib", table.entries[2].value.span)
+    assert (table.span.line, table.span.col, table.span.end_col) == (3, 14, 58)
+
+
+def test_tables_nest_take_line_breaks_and_sit_in_lists():
+    values = entry_values('t = {\n    inner = { a = [1, 2] }\n    empty = {}\n    rows = [{ b = 1 }, {}],\n}')
+    inner, empty, rows = (e.value for e in values["t"].entries)
+    assert inner.entries[0].key == "a" and [v.value for v in inner.entries[0].value.items] == [1, 2]
+    assert empty == ast.Table((), empty.span)
+    assert [len(r.entries) for r in rows.items] == [1, 0]
+
+
+def test_a_pass_with_a_table_is_a_nested_block_and_the_table_an_entry():
+    spec = parse_spec("evc 1\ncompress {\n    patch_slim { keep = [1, 0.7], search = { step = 8 } }\n}\n", "t.evc")
+    (pass_block,) = spec.blocks[0].nested
+    assert pass_block.kind == "patch_slim" and pass_block.nested == ()
+    assert [e.key for e in pass_block.entries] == ["keep", "search"]
+    assert isinstance(pass_block.entries[1].value, ast.Table)
+
+
+def test_table_entries_need_a_separator():
+    with pytest.raises(SpecError) as caught:
+        parse_spec('evc 1\nmodel m { t = { a = 1 b = 2 } }\n', "t.evc")
+    assert caught.value.diagnostics[0].span.col == 23
+
+
+def test_a_block_inside_a_table_is_an_error_at_its_name():
+    with pytest.raises(SpecError) as caught:
+        parse_spec('evc 1\nmodel m {\n    t = { a = 1, inner { b = 2 } }\n}\n', "t.evc")
+    (d,) = caught.value.diagnostics
+    assert (d.span.line, d.span.col) == (3, 18)
+    assert d.message == "a table holds `key = value` entries, not blocks such as `inner { ... }`"
+    assert d.hint == "for a table inside this one, write `inner = { ... }`"
+
+
+def test_a_table_in_a_model_source_call_is_a_dict_argument():
+    text = MINIMAL.replace('timm("deit_tiny_patch16_224")',
+                           'timm("deit_tiny_patch16_224", pretrained_cfg_overlay = { file = "w.pth", tags = [a] })')
+    plan = parse_and_check(text, "t.evc")
+    assert dict(plan.model.source.kwargs)["pretrained_cfg_overlay"] == {"file": "w.pth", "tags": ["a"]}
+
+
+def _search_record():
+    from evc.params import DataRef, Int, Record
+
+    return Record((Param("step", Int(1), 8, "tokens per step"), Param("data", DataRef(), help="images")))
+
+
+def test_a_record_parameter_checks_to_a_dict_with_defaults(registered_pass):
+    registered_pass("slim_x", lambda p, params, ctx: p, Param("search", _search_record(), None))
+    text = MINIMAL + "data calib { synthetic = 4 }\ncompress {\n    slim_x { search = { data = calib } }\n    slim_x {}\n}\n"
+    plan = parse_and_check(text, "t.evc")
+    assert [p.params["search"] for p in plan.passes] == [{"step": 8, "data": "calib"}, None]
+
+
+def test_undefined_data_inside_a_table_points_at_the_name(registered_pass):
+    registered_pass("slim_x", lambda p, params, ctx: p, Param("search", _search_record(), None))
+    text = MINIMAL + "data calib { synthetic = 4 }\ncompress {\n    slim_x { search = { data = calb } }\n}\n"
+    with pytest.raises(SpecError) as caught:
+        parse_and_check(text, "t.evc")
+    (d,) = caught.value.diagnostics
+    assert (d.message, d.span.line, d.span.col, d.hint) == ("undefined data 'calb'", 9, 32, "did you mean 'calib'?")
+
+
+def _two_token_passes(registered_pass):
+    registered_pass("slim_x", lambda p, params, ctx: p, excludes={"merge_x": "both change the token count"})
+    registered_pass("merge_x", lambda p, params, ctx: p)
+
+
+def test_a_pass_after_one_it_excludes_is_reported_at_its_name(registered_pass):
+    _two_token_passes(registered_pass)
+    text = MINIMAL + "compress {\n    slim_x {}\n    head_prune { keep = 0.5 }\n    merge_x {}\n}\n"
+    with pytest.raises(SpecError) as caught:
+        parse_and_check(text, "t.evc")
+    (d,) = caught.value.diagnostics
+    assert d.message == "`merge_x` cannot be combined with `slim_x` (line 8): both change the token count"
+    assert (d.span.line, d.span.col) == (10, 5)
+
+
+def test_exclusion_holds_whichever_pass_declares_it_and_is_reported_once(registered_pass):
+    _two_token_passes(registered_pass)
+    text = MINIMAL + "compress {\n    merge_x {}\n    merge_x {}\n    slim_x {}\n}\n"
+    with pytest.raises(SpecError) as caught:
+        parse_and_check(text, "t.evc")
+    assert [(d.message, d.span.line) for d in caught.value.diagnostics] == [
+        ("`slim_x` cannot be combined with `merge_x` (line 8): both change the token count", 10)]
+
+
+def test_passes_that_do_not_exclude_each_other_combine(registered_pass):
+    _two_token_passes(registered_pass)
+    plan = parse_and_check(MINIMAL + "compress {\n    slim_x {}\n    slim_x {}\n    head_prune { keep = 0.5 }\n}\n", "t.evc")
+    assert [p.name for p in plan.passes] == ["slim_x", "slim_x", "head_prune"]

@@ -1,5 +1,8 @@
 """Every file in tests/specs/malformed is a wrong spec whose last line states
-the error it must get: `# expect LINE:COL: message`."""
+the error it must get: `# expect LINE:COL: message`.
+
+No real pass takes a table yet, so the `table_*.evc` specs use `table_probe`,
+a pass registered here for each test with one Record parameter, `search`."""
 
 import re
 from pathlib import Path
@@ -8,6 +11,7 @@ import pytest
 
 from evc.check import parse_and_check
 from evc.errors import SpecError
+from evc.params import DataRef, Float, Int, Param, Record
 
 MALFORMED = sorted((Path(__file__).parent.parent / "specs" / "malformed").glob("*.evc"))
 EXPECT = re.compile(r"# expect (\d+):(\d+): (.+)$")
@@ -17,6 +21,16 @@ def expectation(path: Path):
     match = EXPECT.search(path.read_text().rstrip().splitlines()[-1])
     assert match, f"{path.name} has no `# expect LINE:COL: message` last line"
     return int(match[1]), int(match[2]), match[3]
+
+
+@pytest.fixture(autouse=True)
+def table_probe(registered_pass):
+    search = Record((
+        Param("tolerance", Float(0, open_low=True), 0.01, "accuracy drop allowed"),
+        Param("step", Int(1), 8, "tokens removed per step"),
+        Param("data", DataRef(), help="images to measure on"),
+    ))
+    registered_pass("table_probe", lambda program, params, ctx: program, Param("search", search, None))
 
 
 def test_the_corpus_has_at_least_25_specs():
