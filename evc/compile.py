@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ class PassContext:
 
     plan: Plan
     pass_plan: PassPlan
+    found: dict = field(default_factory=dict)  # what the pass chose, for the manifest and `evc explain`
 
     def per_layer(self, key: str, depth: int) -> tuple:
         """The pass's `key` for each of `depth` blocks; a list of the wrong length is a spec error."""
@@ -69,6 +70,10 @@ class PassContext:
     def images(self, data_name: str) -> np.ndarray:
         return load_images(self.plan.data[data_name], self.plan.model.input)
 
+    def report(self, key: str, value) -> None:
+        """Record a value the pass chose (a schedule it searched for), ready to paste as `key`."""
+        self.found[key] = value
+
     def error(self, key: str, message: str) -> SpecError:
         """A spec error at this pass's `key` (or the pass itself), found once the model is known."""
         return self.plan.error(self.pass_plan.spans.get(key), f"{self.pass_plan.name}: {message}")
@@ -79,6 +84,7 @@ class Compiled:
     program: object  # evc.program.Program
     before: dict  # params and MACs per block, of the model as loaded
     after: dict  # the same after the passes
+    found: list  # per pass, in order: {key: value} for values the pass chose itself (a searched schedule)
     weights: str  # the checkpoint's sha256, or "random"
     key: str
 
@@ -99,13 +105,16 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, weights: str | N
     original = program.structure
     if plan.passes:
         program.require_structure(f"pass {plan.passes[0].name}")
+    found = []
     for pass_plan in plan.passes:
         with progress.stage(f"pass {pass_plan.name}"):
-            program = PASSES[pass_plan.name].run(program, pass_plan.params, PassContext(plan, pass_plan))
+            ctx = PassContext(plan, pass_plan)
+            program = PASSES[pass_plan.name].run(program, pass_plan.params, ctx)
+        found.append(canonical(ctx.found))
     after = aligned(_summary(program), original, program.structure) if plan.passes else before
     if write_cache and plan.passes:
-        _store(cache, key, program, before, after)
-    return Compiled(program, before, after, weights, key)
+        _store(cache, key, program, before, after, found)
+    return Compiled(program, before, after, found, weights, key)
 
 
 def _loaded(plan: Plan, cache: Cache, progress: Progress, weights: str, write_cache: bool):
@@ -121,25 +130,25 @@ def _loaded(plan: Plan, cache: Cache, progress: Progress, weights: str, write_ca
         program = Program.from_module(module, plan.model.input)
         before = _summary(program)
     if write_cache:
-        _store(cache, key, program, before, before)
+        _store(cache, key, program, before, before, [])
     return program, before
 
 
 def _fetch(cache: Cache, key: str):
-    """(program, before, after) from a cached entry, or None."""
+    """(program, before, after, found) from a cached entry, or None."""
     from evc.program import Program
 
     hit = cache.get("program", key)
     if hit is None:
         return None
     summaries = json.loads((hit / "summary.json").read_text())
-    return Program.load(hit / "program.pt"), summaries["before"], summaries["after"]
+    return Program.load(hit / "program.pt"), summaries["before"], summaries["after"], summaries["found"]
 
 
-def _store(cache: Cache, key: str, program, before: dict, after: dict) -> None:
+def _store(cache: Cache, key: str, program, before: dict, after: dict, found: list) -> None:
     def write(folder: Path) -> None:
         program.save(folder / "program.pt")
-        (folder / "summary.json").write_text(json.dumps({"before": before, "after": after}))
+        (folder / "summary.json").write_text(json.dumps({"before": before, "after": after, "found": found}))
 
     cache.put("program", key, write)
 

@@ -26,10 +26,12 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
                       f"{compiled.program.unrecognised}")
     else:
         console.print(structure.describe())
-    for p in plan.passes:
+    for p, found in zip(plan.passes, compiled.found):
         info = PASSES[p.name]
         params = ", ".join(f"{k} = {v}" for k, v in canonical(p.params).items())
         console.print(f"[bold]pass[/] {p.name} {{ {params} }}: {info.help}")
+        for key, value in found.items():
+            console.print(f"  found: {key} = {_spec_value(value)}", highlight=False)
     console.print(blocks_table(compiled.before, compiled.after))
     for t in plan.targets:
         params = ", ".join(f"{k} = {v}" for k, v in canonical(t.params).items())
@@ -38,6 +40,13 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
         backend = FORMATS[t.format].backend
         if hasattr(backend, "placement"):
             console.print(placement_text(backend.placement(compiled.program, t)))
+
+
+def _spec_value(value) -> str:
+    """A value as the spec writes it, ready to paste."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_spec_value(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def placement_text(check: dict) -> str:

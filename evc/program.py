@@ -48,7 +48,7 @@ class Program:
 
     def rebuilt(self, graph: fx.GraphModule) -> Program:
         """This program with `graph`, a rewritten copy of its own: shapes re-propagated, structure re-recognised."""
-        graph.recompile()
+        graph = _renamed(graph)
         try:
             propagate_shapes(graph, self.example(), "rewritten")
         except InputError as e:
@@ -74,6 +74,18 @@ class Program:
         graph = saved["graph"].eval()
         propagate_shapes(graph, example_input(saved["input"]), "cached")
         return cls(graph, saved["structure"], saved["input"], saved.get("unrecognised"))
+
+
+class _KeepModules(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _renamed(graph: fx.GraphModule) -> fx.GraphModule:
+    """`graph` re-traced from its own code, as loading a saved GraphModule does, so its node names
+    are the ones a cached copy will have: ops a pass inserted are numbered in graph order."""
+    graph.recompile()
+    return fx.GraphModule(graph, _KeepModules().trace(graph), class_name=graph.__class__.__name__)
 
 
 def example_input(image: ImageInput) -> torch.Tensor:

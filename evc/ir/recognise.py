@@ -136,14 +136,19 @@ def _residual(view: _View, node: fx.Node, dim: int) -> _Residual | None:
 
 
 def _follows(node: fx.Node, previous: fx.Node, dim: int) -> bool:
-    """Whether `node` is `previous`, or comes from it through single-input ops on the stream."""
-    for _ in range(16):
-        if node is previous:
+    """Whether `node` is `previous`, or comes from it through ops on the token stream.
+
+    Ops that select or merge tokens (patch_slim, token_merge) may read the
+    stream through several paths; each step back follows token-shaped inputs.
+    """
+    frontier, seen = [node], set()
+    for _ in range(64):
+        if previous in frontier:
             return True
-        inputs = [a for a in node.all_input_nodes if _is_tokens(a, dim)]
-        if len(inputs) != 1:
+        seen.update(frontier)
+        frontier = [a for n in frontier for a in n.all_input_nodes if _is_tokens(a, dim) and a not in seen]
+        if not frontier:
             return False
-        node = inputs[0]
     return False
 
 
