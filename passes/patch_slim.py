@@ -62,7 +62,7 @@ def patch_slim(program, params, ctx):
     first = structure.blocks[0].tokens - prefix
     if params["search"] is not None:
         kept = search(program, params, ctx, first)
-        keep = [1.0] + [share(k, m) for k, m in zip(kept[1:], entering(first, kept, params["fuse"]))]
+        keep = [1.0] + [share(k, m) for k, m in zip(kept[1:], entering(first, kept, params["fuse"])[1:])]
         ctx.report("keep", keep)
     else:
         shares = ctx.per_layer("keep", structure.depth)

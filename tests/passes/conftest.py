@@ -52,6 +52,7 @@ class Ctx:
 
     def __init__(self, params, images=None):
         self.params, self._images = params, images
+        self.found = {}
 
     def per_layer(self, key, depth):
         value = self.params[key]
@@ -59,6 +60,9 @@ class Ctx:
 
     def images(self, name):
         return self._images
+
+    def report(self, key, value):
+        self.found[key] = value
 
     def error(self, key, message):
         from evc.errors import SpecError
