@@ -93,3 +93,9 @@ def test_bench_of_a_folder_that_is_no_bundle_exits_2(tmp_path):
 def test_every_command_has_help(command):
     done = run_evc(command, "--help")
     assert done.returncode == 0 and "usage: evc " + command in done.stdout
+
+
+@pytest.mark.parametrize("spec", sorted((ROOT / "specs").glob("*.evc")), ids=lambda p: p.name)
+def test_every_example_spec_checks(spec):
+    done = run_evc("check", spec)
+    assert done.returncode == 0, done.stderr
