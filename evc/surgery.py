@@ -217,13 +217,17 @@ def _node(gm: fx.GraphModule, name: str) -> fx.Node:
 def attention_probs(gm: fx.GraphModule, attn: Attention) -> fx.Node:
     """The softmax node of `attn`'s weights, (B, heads, N, N); a fused
     scaled_dot_product_attention is first spelled out as MatMul and Softmax."""
+    node = _node(gm, attn.score_node)
+    return spell_out_attention(gm, node) if node.target is F.scaled_dot_product_attention else node
+
+
+def spell_out_attention(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Replace the scaled_dot_product_attention `node` by MatMul and Softmax, as inference
+    computes it; returns the new softmax node."""
     from evc import tokens
 
-    node = _node(gm, attn.score_node)
-    if node.target is not F.scaled_dot_product_attention:
-        return node
-    q, k, v, mask = _sdpa_args(node)
-    scale = node.kwargs.get("scale") or attn.head_dim ** -0.5
+    q, k, v, mask, scale = _sdpa_args(node)
+    scale = scale or node_shape(q)[-1] ** -0.5
     if mask is None:
         context, probs = inline(gm, lambda q, k, v: tokens.attention(q, k, v, scale), [q, k, v], node)
     else:
@@ -235,14 +239,16 @@ def attention_probs(gm: fx.GraphModule, attn: Attention) -> fx.Node:
 
 
 def _sdpa_args(node: fx.Node) -> tuple:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     given = {**dict(zip(names, node.args)), **node.kwargs}
     if given.get("is_causal") or given.get("enable_gqa"):
         raise InputError(f"node '{node.name}': causal or grouped-query attention in an image model")
     mask = given.get("attn_mask")
-    if mask is not None and not isinstance(mask, fx.Node):
-        raise InputError(f"node '{node.name}': an attention mask given as a constant")
-    return given["query"], given["key"], given["value"], mask
+    is_float = isinstance(mask, fx.Node) and mask.meta.get("tensor_meta") is not None and \
+        mask.meta["tensor_meta"].dtype.is_floating_point
+    if mask is not None and not is_float:
+        raise InputError(f"node '{node.name}': an attention mask evc cannot spell out (only a float tensor)")
+    return given["query"], given["key"], given["value"], mask, given.get("scale")
 
 
 def attention_keys(gm: fx.GraphModule, probs: fx.Node, where: str) -> fx.Node:

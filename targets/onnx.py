@@ -77,32 +77,16 @@ def export_onnx(program, path: Path, opset: int) -> None:
     raw.unlink()
 
 
-def attention_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False):
-    """scaled_dot_product_attention in MatMul and Softmax, as inference computes it."""
-    import torch
-
-    if is_causal or enable_gqa:
-        raise NotImplementedError("causal or grouped-query attention in an image model")
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    scores = (query * scale) @ key.transpose(-2, -1)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    elif attn_mask is not None:
-        scores = scores + attn_mask
-    return scores.softmax(dim=-1) @ value
-
-
 def explicit_attention(graph_module):
     """A copy of `graph_module` whose scaled_dot_product_attention calls are spelled out."""
-    import copy
-
     import torch.nn.functional as F
 
-    gm = copy.deepcopy(graph_module)
-    for node in gm.graph.nodes:
+    from evc.surgery import copy_graph, spell_out_attention
+
+    gm = copy_graph(graph_module)
+    for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
-            node.target = attention_math
+            spell_out_attention(gm, node)
     gm.recompile()
     return gm
 
