@@ -16,6 +16,7 @@ from evc.errors import Diagnostic, Span, SpecError
 from evc.params import (
     Choice,
     DataRef,
+    Flag,
     Float,
     Int,
     Invalid,
@@ -111,10 +112,34 @@ MODEL_PARAMS = (
 
 DATA_PARAMS = (
     Param("synthetic", Int(1), None, "this many random images, drawn from a seeded generator"),
-    Param("images", Text(shape="a path to a folder of images"), None, "a folder of images (searched recursively)"),
-    Param("seed", Int(0), 0, "seed for synthetic images and for sampling"),
-    Param("limit", Int(1), None, "use at most this many images of the folder"),
+    Param("images", Text(shape="a path to a folder of images"), None,
+          "a folder of images: one subfolder per class gives labels; images directly in it have none"),
+    Param("seed", Int(0), 0, "seed for synthetic images and for split"),
+    Param("split", ListOf(Float(0, 1, open_low=True)), None,
+          "divide the folder into seeded shares that sum to 1, each class alike, e.g. [0.9, 0.1]"),
+    Param("part", Int(1), None, "which share of `split` this block is, counting from 1 (required with split)"),
+    Param("limit", Int(1), None, "use at most this many images of the folder (of its share, with split)"),
+    Param("skip_bad", Flag(), False, "leave out unreadable images with a warning, rather than stop"),
 )
+FOLDER_ONLY = ("split", "part", "skip_bad")  # keys that mean nothing for synthetic images
+
+
+def data_problem(values: dict, spans: dict[str, Span]) -> tuple[str, Span] | None:
+    """What is wrong, and where, with a data block's keys taken together: `split` and `part`, and keys that need a
+    folder."""
+    split, part = values["split"], values["part"]
+    if values["synthetic"] is not None and (key := next((k for k in FOLDER_ONLY if k in spans), None)):
+        return f"{key}: applies to a folder of images, not to synthetic ones", spans[key]
+    if split is not None and abs(sum(split) - 1) > 1e-6:
+        return f"split: the shares sum to {sum(split):g}, not 1", spans["split"]
+    if split is not None and part is None:
+        return f"split needs `part = N` (1 to {len(split)}): which share this block is", spans["split"]
+    if part is not None and split is None:
+        return "part needs `split = [...]`: it picks one share of the split", spans["part"]
+    if part is not None and part > len(split):
+        return f"part: {part} is out of range: split has {len(split)} shares", spans["part"]
+    return None
+
 
 class RegisteredName(Kind):
     """A device or format name; checked against its registry by the checker itself."""
@@ -222,10 +247,15 @@ class _Checker:
             self.report(f"data '{block.name}' needs exactly one of `synthetic = N` or `images = \"folder\"`",
                         block.name_span)
             return None
+        problem = data_problem(values, {e.key: e.value.span for e in block.entries})
+        if problem is not None:
+            self.report(*problem)
+            return None
         images = values["images"]
         if images is not None:
             images = self.existing_path(images, block, "images", want_dir=True)
-        return DataPlan(block.name, values["synthetic"], images, values["seed"], values["limit"])
+        return DataPlan(block.name, values["synthetic"], images, values["seed"], values["limit"], values["split"],
+                        values["part"], values["skip_bad"])
 
     def existing_path(self, raw: str, block: ast.Block, key: str, want_dir: bool) -> Path | None:
         path = (self.base / raw).resolve()

@@ -53,11 +53,16 @@ class ModelPlan:
 
 @dataclass(frozen=True)
 class DataPlan:
+    """A `data` block: synthetic images or a folder; `split` and `part` keep one seeded share of the folder."""
+
     name: str
     synthetic: int | None
     images: Path | None
     seed: int
     limit: int | None
+    split: tuple[float, ...] | None = None  # fractions of the folder, summing to 1
+    part: int | None = None  # which of them this block is, from 1
+    skip_bad: bool = False  # leave unreadable images out, with a warning, rather than stop
 
 
 @dataclass(frozen=True)
