@@ -12,6 +12,7 @@ class Artifact:
     path: Path  # relative to the bundle
     format: str
     parity: dict | None = None
+    accuracy: dict | None = None  # top-k on the evaluate block's data, when the spec has one
     details: dict = field(default_factory=dict)  # format-specific facts (opset, ops, ...)
 
     def describe(self, root: Path) -> dict:
@@ -22,6 +23,7 @@ class Artifact:
             "size": file.stat().st_size,
             "sha256": sha256_file(file),
             "parity": self.parity,
+            **({"accuracy": self.accuracy} if self.accuracy is not None else {}),
             **self.details,
         }
 

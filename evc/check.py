@@ -28,11 +28,11 @@ from evc.params import (
     did_you_mean,
     named_data,
 )
-from evc.plan import DataPlan, ImageInput, ModelPlan, PassPlan, Plan, Source, TargetPlan
+from evc.plan import DataPlan, EvaluatePlan, ImageInput, ModelPlan, PassPlan, Plan, Source, TargetPlan
 from evc.registry import DEVICES, FORMATS, PASSES, exclusion, load_plugins
 from evc.spec import ast
 
-BLOCK_KINDS = ("model", "data", "compress", "target")
+BLOCK_KINDS = ("model", "data", "compress", "evaluate", "target")
 
 
 def _literal(value: ast.Value) -> Any:
@@ -141,6 +141,12 @@ def data_problem(values: dict, spans: dict[str, Span]) -> tuple[str, Span] | Non
     return None
 
 
+EVALUATE_PARAMS = (
+    Param("data", DataRef(), help="labelled images (class subfolders) to measure accuracy on"),
+    Param("top", ListOf(Int(1), or_single=True), (1, 5), "the top-k accuracies to report"),
+)
+
+
 class RegisteredName(Kind):
     """A device or format name; checked against its registry by the checker itself."""
 
@@ -192,6 +198,7 @@ class _Checker:
         data_blocks = self.named(by_kind["data"], "data")
         data = {d.name: d for b in data_blocks if (d := self.data(b)) is not None}
         passes = self.compress(by_kind["compress"])
+        evaluate = self.evaluate(by_kind["evaluate"])
         targets = tuple(t for b in self.named(by_kind["target"], "target") if (t := self.target(b)))
         if not by_kind["target"]:
             self.report("the spec has no target block; add one, e.g. `target cpu { device = cpu, format = onnx }`",
@@ -202,7 +209,7 @@ class _Checker:
                 self.report(f"undefined data '{name}'", span, did_you_mean(name, defined) or self._defined(defined))
         if self.diagnostics or model is None:
             return None
-        return Plan(Path(self.spec.path), self.spec.source, model, data, passes, targets)
+        return Plan(Path(self.spec.path), self.spec.source, model, data, passes, targets, evaluate)
 
     @staticmethod
     def _defined(data) -> str:
@@ -265,6 +272,17 @@ class _Checker:
             what = "folder" if want_dir else "file"
             self.report(f"{key}: no such {what}: {path}", span, "paths are relative to the spec's folder")
         return path
+
+    def evaluate(self, blocks: list[ast.Block]) -> EvaluatePlan | None:
+        for extra in blocks[1:]:
+            self.report("a spec has at most one evaluate block; this is a second one", extra.span)
+        if not blocks:
+            return None
+        block = blocks[0]
+        if block.name is not None:
+            self.report("the evaluate block takes no name", block.name_span)
+        values = self.entries(block, EVALUATE_PARAMS, "evaluate")
+        return values and EvaluatePlan(values["data"], tuple(sorted(set(values["top"]))))
 
     def compress(self, blocks: list[ast.Block]) -> tuple[PassPlan, ...]:
         for extra in blocks[1:]:

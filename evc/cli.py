@@ -45,11 +45,19 @@ def cmd_build(args) -> int:
                          f"(it has: {', '.join(t.name for t in plan.targets)})")
     from evc.parity import describe
 
-    for result in build(plan, Path(args.out), force=args.force, only=args.target):
+    results = build(plan, Path(args.out), force=args.force, only=args.target)
+    for result in results:
         state = "up to date" if result.cached else "built"
         print(f"{state}: {result.bundle}")
         for a in result.manifest["artifacts"]:
             print(f"    {a['path']}: {a['size'] / 1e6:.1f} MB, parity {describe(a['parity'])}")
+    evaluated = [r for r in results if "evaluation" in r.manifest]
+    if evaluated:
+        from evc.evaluate import table
+
+        artifacts = [(f"{r.target}: {a['path']}", a["accuracy"]) for r in evaluated for a in r.manifest["artifacts"]
+                     if "accuracy" in a]
+        _console().print(table(evaluated[0].manifest["evaluation"], artifacts))
     return 0
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +45,14 @@ def source_code_digest(plan: Plan) -> str | None:
     return None
 
 
-def passes_key(plan: Plan, load: str) -> str:
-    if not plan.passes:
+def passes_key(plan: Plan, load: str, upto: int | None = None) -> str:
+    """The key of the program after the passes (after the first `upto` of them)."""
+    passes = plan.passes[:upto]
+    if not passes:
         return load
-    used = {name: data_identity(plan.data[name]) for p in plan.passes
+    used = {name: data_identity(plan.data[name]) for p in passes
             for name in data_refs(PASSES[p.name].params, p.params)}
-    return stage_key("passes", load, plan.passes, used)
+    return stage_key("passes", load, passes, used)
 
 
 @dataclass
@@ -58,6 +61,10 @@ class PassContext:
 
     plan: Plan
     pass_plan: PassPlan
+    original: object = None  # the Program as loaded, before any pass: a teacher for finetune
+    key: str = ""  # the key of the program this pass makes: what its own cache entries are keyed by
+    cache: Cache | None = None
+    progress: Progress | None = None
     found: dict = field(default_factory=dict)  # what the pass chose, for the manifest and `evc explain`
 
     def per_layer(self, key: str, depth: int) -> tuple:
@@ -69,6 +76,23 @@ class PassContext:
 
     def images(self, data_name: str) -> np.ndarray:
         return load_images(self.plan.data[data_name], self.plan.model.input)
+
+    def dataset(self, data_name: str, train: bool = False):
+        """A data block as a lazy dataset of (image, label); `train` applies timm's training transform."""
+        from evc.data import dataset
+
+        images = dataset(self.plan.data[data_name], self.plan.model.input, train)
+        for path, why in images.skipped:
+            self.progress.warn(f"data '{data_name}': skipped unreadable image {path}: {why}")
+        return images
+
+    def workspace(self) -> Path:
+        """A folder in the cache that this pass may keep files in across interrupted builds (checkpoints)."""
+        folder = self.cache.root / "work" / self.key
+        if self.cache.fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def report(self, key: str, value) -> None:
         """Record a value the pass chose (a schedule it searched for), ready to paste as `key`."""
@@ -101,14 +125,14 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, weights: str | N
     if cached is not None:
         return Compiled(*cached, weights, key)
 
-    program, before = _loaded(plan, cache, progress, weights, write_cache)
+    program, before = loaded(plan, cache, progress, weights, write_cache)
     original = program.structure
     if plan.passes:
         program.require_structure(f"pass {plan.passes[0].name}")
-    found = []
-    for pass_plan in plan.passes:
+    found, as_loaded, load = [], program, load_key(plan, weights)
+    for i, pass_plan in enumerate(plan.passes):
         with progress.stage(f"pass {pass_plan.name}"):
-            ctx = PassContext(plan, pass_plan)
+            ctx = PassContext(plan, pass_plan, as_loaded, passes_key(plan, load, i + 1), cache, progress)
             program = PASSES[pass_plan.name].run(program, pass_plan.params, ctx)
         found.append(canonical(ctx.found))
     after = aligned(_summary(program), original, program.structure) if plan.passes else before
@@ -117,7 +141,8 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, weights: str | N
     return Compiled(program, before, after, found, weights, key)
 
 
-def _loaded(plan: Plan, cache: Cache, progress: Progress, weights: str, write_cache: bool):
+def loaded(plan: Plan, cache: Cache, progress: Progress, weights: str, write_cache: bool = True):
+    """The Program as loaded, before any pass, and its summary: from the cache when it is there."""
     from evc.load import load_model
     from evc.program import Program
 

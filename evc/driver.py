@@ -20,7 +20,7 @@ import evc
 from evc.atomic import recover, replace_dir, temp_dir
 from evc.bundle import MANIFEST, read_manifest, staged, write_json
 from evc.cache import Cache, canonical, library_versions, stage_key
-from evc.compile import Compiled, compile_model, load_key, passes_key, weights_digest
+from evc.compile import Compiled, compile_model, load_key, loaded, passes_key, weights_digest
 from evc.data import DEFAULT_VALIDATION, data_identity
 from evc.errors import BuildError, EvcError
 from evc.params import data_refs
@@ -61,6 +61,7 @@ def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = N
     weights = weights_digest(plan)
     program_key = passes_key(plan, load_key(plan, weights))
     compiled: Compiled | None = None
+    evaluation: dict | None = None
     results = []
     for target in plan.targets:
         if only and target.name not in only:
@@ -74,9 +75,19 @@ def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = N
             continue
         if compiled is None:
             compiled = compile_model(plan, cache, progress, weights)
-        manifest = build_target(plan, target, compiled, cache, bundle, key, progress)
+        if plan.evaluate and evaluation is None:
+            evaluation = _evaluation(plan, compiled, cache, progress, weights)
+        manifest = build_target(plan, target, compiled, cache, bundle, key, progress, evaluation)
         results.append(BuildResult(target.name, bundle, False, manifest))
     return results
+
+
+def _evaluation(plan: Plan, compiled: Compiled, cache: Cache, progress: Progress, weights: str) -> dict:
+    from evc.evaluate import evaluate_models
+
+    with progress.stage(f"evaluate on {plan.evaluate.data}"):
+        original, _ = loaded(plan, cache, progress, weights)
+        return evaluate_models(plan, compiled, original, cache, load_key(plan, weights))
 
 
 def _restamp(manifest: dict, plan: Plan, bundle: Path) -> dict:
@@ -103,8 +114,9 @@ def lower_key(plan: Plan, target: TargetPlan, program_key: str) -> str:
     fmt = FORMATS[target.format]
     params = {p.name: target.params[p.name] for p in fmt.params}
     data = [validation_data(plan, target)] + [plan.data[name] for name in data_refs(fmt.params, params)]
+    evaluate = plan.evaluate and [data_identity(plan.data[plan.evaluate.data]), plan.evaluate.top]
     return stage_key("lower", program_key, target.format, params, [data_identity(d) for d in data],
-                     DEVICES[target.device].facts)
+                     DEVICES[target.device].facts, evaluate)
 
 
 def target_key(plan: Plan, target: TargetPlan, program_key: str) -> str:
@@ -114,7 +126,7 @@ def target_key(plan: Plan, target: TargetPlan, program_key: str) -> str:
 
 
 def build_target(plan: Plan, target: TargetPlan, compiled: Compiled, cache: Cache, bundle: Path,
-                 key: str, progress: Progress) -> dict:
+                 key: str, progress: Progress, evaluation: dict | None = None) -> dict:
     lkey = lower_key(plan, target, compiled.key)
     lowered = cache.get("lower", lkey)
     if lowered is None:
@@ -125,6 +137,8 @@ def build_target(plan: Plan, target: TargetPlan, compiled: Compiled, cache: Cach
         # Copies, not links: editing a bundle's file in place must not change the cache.
         shutil.copytree(lowered, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOWERED))
         manifest = _manifest(plan, target, compiled, checked, key)
+        if evaluation is not None:
+            manifest["evaluation"] = evaluation
         context = _script_context(plan, target, manifest, bundle)
         device = DEVICES[target.device]
         manifest["scripts"] = render_scripts(device.templates, context, folder, device.files)
@@ -157,6 +171,8 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled: Compiled, fold
             reason = backend.check_parity(parity, target.params, artifact)
             if reason:
                 failures.append(f"{artifact.path}: {reason}")
+    if plan.evaluate:
+        _score(plan, target, backend, folder, artifacts, progress)
     described = [a.describe(folder) for a in artifacts]
     checked = {"artifacts": described, "output_shape": [1, *reference.shape[1:]],
                "validation": {"data": data.name, "samples": len(images)}}
@@ -169,6 +185,16 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled: Compiled, fold
         replace_dir(keep, failed)
         raise BuildError(f"target '{target.name}' failed parity against PyTorch: {'; '.join(failures)}; "
                          f"the failed artifact is kept in {failed}")
+
+
+def _score(plan: Plan, target: TargetPlan, backend, folder: Path, artifacts, progress: Progress) -> None:
+    """Each artifact's top-k on the evaluate block's data, run in its own runtime here."""
+    from evc.evaluate import accuracy, labelled
+
+    with progress.stage(f"evaluate target '{target.name}' on {plan.evaluate.data}"):
+        images, labels = labelled(plan)
+        for artifact in artifacts:
+            artifact.accuracy = accuracy(backend.run(folder / artifact.path, images), labels, plan.evaluate.top)
 
 
 def _manifest(plan: Plan, target: TargetPlan, compiled: Compiled, checked: dict, key: str | None) -> dict:

@@ -82,6 +82,14 @@ class TargetPlan:
 
 
 @dataclass(frozen=True)
+class EvaluatePlan:
+    """`evaluate { data = val, top = [1, 5] }`: accuracy before, after, and of every artifact."""
+
+    data: str
+    top: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     path: Path
     text: str
@@ -89,6 +97,7 @@ class Plan:
     data: dict[str, DataPlan]
     passes: tuple[PassPlan, ...]
     targets: tuple[TargetPlan, ...]
+    evaluate: EvaluatePlan | None = None
 
     @property
     def stem(self) -> str:

@@ -22,6 +22,13 @@ class Progress:
             yield
         self.console.print(f"[green]✓[/] {what}")
 
+    def epoch(self, record, epochs: int, seconds_left: float) -> None:
+        """One line per finetuning epoch (an evc.train.Epoch): loss, top-1, throughput, time left."""
+        top1 = f"  top-1 {record.top1:.2%}" if record.top1 is not None else ""
+        minutes, seconds = divmod(round(seconds_left), 60)
+        self.console.print(f"  epoch {record.epoch}/{epochs}  loss {record.loss:.4f}{top1}  "
+                           f"{record.samples_per_s:,.0f} images/s  {minutes}:{seconds:02d} left", highlight=False)
+
     def warn(self, message: str) -> None:
         """Print a warning once per build."""
         if message not in self._warned:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from evc.check import DATA_PARAMS, MODEL_PARAMS, TARGET_PARAMS
+from evc.check import DATA_PARAMS, EVALUATE_PARAMS, MODEL_PARAMS, TARGET_PARAMS
 from evc.params import Param, Record
 from evc.registry import DEVICES, FORMATS, PASSES, load_plugins
 
@@ -44,6 +44,8 @@ def reference() -> str:
     load_plugins()
     lines = ["### `model NAME { ... }` (exactly one)", *_table(MODEL_PARAMS),
              "", "### `data NAME { ... }` (any number)", *_table(DATA_PARAMS),
+             "", "### `evaluate { ... }` (at most one): accuracy of the model as loaded, compressed, and of "
+                 "every artifact with a runtime here", *_table(EVALUATE_PARAMS),
              "", "### `target NAME { ... }` (one or more)", *_table(TARGET_PARAMS)]
     for device in DEVICES.values():
         lines += ["", f"#### `device = {device.name}`: {device.help} (formats: {', '.join(device.formats)})",

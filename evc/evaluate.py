@@ -1,0 +1,98 @@
+"""`evaluate { data = val, top = [1, 5] }`: accuracy before and after compression, and of every artifact.
+
+    accuracy(logits, labels, (1, 5))        # {"top1": 0.98, "top5": 1.0}
+    evaluate_models(plan, compiled, cache)  # the model as loaded and compressed: accuracy, MACs, params, latency
+
+The model as loaded and as compressed run in PyTorch for accuracy, and both
+are exported to ONNX and timed in ONNX Runtime at one thread, so the table a
+build prints reads before and after side by side. Artifacts are scored where
+they are validated (see `evc.driver`), each in its own runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from evc.cache import Cache, library_versions, stage_key
+from evc.data import data_identity
+from evc.errors import InputError
+from evc.plan import Plan
+
+RESULT = "evaluation.json"
+LATENCY_RUNS, LATENCY_WARMUPS = 20, 3
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray, top: tuple[int, ...]) -> dict[str, float]:
+    """Share of samples whose label is among the k highest logits, for each k in `top`."""
+    ranked = np.argsort(-logits, axis=1)
+    return {f"top{k}": float((ranked[:, :k] == labels[:, None]).any(axis=1).mean()) for k in top}
+
+
+def labelled(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluate block's images and labels; unlabelled data is an error naming the block."""
+    from evc.data import load_labelled
+
+    name = plan.evaluate.data
+    images, labels = load_labelled(plan.data[name], plan.model.input)
+    if labels is None:
+        raise InputError(f"evaluate: data '{name}' has no labels: give a folder with one subfolder per class")
+    return images, labels
+
+
+def evaluation_key(plan: Plan, compiled_key: str, load_key: str) -> str:
+    return stage_key("evaluate", compiled_key, load_key, data_identity(plan.data[plan.evaluate.data]),
+                     plan.evaluate.top, library_versions())
+
+
+def evaluate_models(plan: Plan, compiled, original, cache: Cache, load_key: str) -> dict:
+    """Accuracy, MACs, params and ONNX Runtime latency of the model as loaded and as compressed; cached."""
+    key = evaluation_key(plan, compiled.key, load_key)
+    hit = cache.get("evaluate", key)
+    if hit is None:
+        hit = cache.put("evaluate", key, lambda folder: (folder / RESULT).write_text(
+            json.dumps(_measure(plan, compiled, original))))
+    return json.loads((hit / RESULT).read_text())
+
+
+def _measure(plan: Plan, compiled, original) -> dict:
+    images, labels = labelled(plan)
+    rows = {}
+    for name, program, summary in (("original", original, compiled.before), ("compressed", compiled.program,
+                                                                            compiled.after)):
+        rows[name] = {**accuracy(program.run(images).numpy(), labels, plan.evaluate.top),
+                      "macs": summary["total"]["macs"], "params": summary["total"]["params"],
+                      "latency_ms": _onnx_latency(program)}
+    return {"data": plan.evaluate.data, "samples": len(labels), "top": list(plan.evaluate.top), **rows}
+
+
+def _onnx_latency(program) -> float:
+    """Median ONNX Runtime latency at batch 1 and one thread: the same export every cpu target makes."""
+    from evc.bench import measure
+    from evc.registry import FORMATS
+
+    backend = FORMATS["onnx"].backend
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        backend.export(program, path)
+        run = backend.session(path, threads=1)
+        return measure(run, program.example().numpy(), LATENCY_RUNS, LATENCY_WARMUPS)["median_ms"]
+
+
+def table(evaluation: dict, artifacts: list[tuple[str, dict]]) -> Table:
+    """One table: the model as loaded, as compressed, and each artifact's accuracy."""
+    top = evaluation["top"]
+    result = Table(title=f"accuracy on data '{evaluation['data']}' ({evaluation['samples']} images)")
+    for column in ("model", *(f"top-{k}" for k in top), "MACs", "params", "ONNX Runtime, 1 thread"):
+        result.add_column(column, justify="left" if column == "model" else "right")
+    for name in ("original", "compressed"):
+        row = evaluation[name]
+        result.add_row(name, *(f"{row[f'top{k}']:.2%}" for k in top), f"{row['macs'] / 1e6:.1f} M",
+                       f"{row['params'] / 1e6:.2f} M", f"{row['latency_ms']:.2f} ms")
+    for name, scores in artifacts:
+        result.add_row(name, *(f"{scores[f'top{k}']:.2%}" for k in top), "", "", "")
+    return result

@@ -1,0 +1,80 @@
+"""finetune: recover accuracy by knowledge distillation from the uncompressed model.
+
+    finetune { data = train, epochs = 3, lr = 1e-4, batch = 64, teacher = original, alpha = 0.9, temperature = 1 }
+
+It goes anywhere in `compress` (prune, finetune, prune again, finetune again)
+and trains the model as the passes before it left it: DeiT's soft
+distillation from the teacher (`original`, the model as loaded) mixed with
+cross-entropy on the labels, AdamW with a linear warm-up and a cosine decay.
+With an `evaluate` block, the epoch with the best validation top-1 is kept.
+Each epoch is checkpointed in the build cache, so an interrupted build
+resumes where it stopped; under `torchrun --nproc_per_node N -m evc build`
+it trains with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from evc.params import REQUIRED, Choice, DataRef, Float, Int, Invalid, Param
+from evc.registry import register_pass
+
+
+def _check(params, spans):
+    if params["teacher"] == "none" and params["alpha"] > 0:
+        raise Invalid("teacher = none leaves nothing to distil from: set alpha = 0", spans.get("alpha") or
+                      spans.get("teacher"))
+
+
+@register_pass(
+    "finetune",
+    Param("data", DataRef(), REQUIRED, "images to train on: labelled (class subfolders) unless alpha = 1"),
+    Param("epochs", Int(1), 3, "passes over the data"),
+    Param("lr", Float(0, open_low=True), 1e-4, "peak learning rate of AdamW"),
+    Param("batch", Int(1), 64, "images per step, over all processes together"),
+    Param("teacher", Choice(("original", "none")), "original",
+          "the model distilled from: the model as loaded, or none for plain cross-entropy"),
+    Param("alpha", Float(0, 1), 0.9, "weight of the distillation loss; 1 - alpha goes to cross-entropy"),
+    Param("temperature", Float(0, open_low=True), 1.0, "softmax temperature of the distillation loss"),
+    Param("warmup", Float(0), 1.0, "epochs of linear warm-up before the cosine decay"),
+    Param("weight_decay", Float(0), 0.05, "AdamW weight decay (none on biases and norms)"),
+    Param("augment", Choice(("standard", "none")), "standard",
+          "timm's random resized crop and flip, or the eval transform alone (digits must not flip)"),
+    Param("device", Choice(("auto", "cpu", "cuda")), "auto", "where to train: auto takes the GPU if there is one"),
+    Param("seed", Int(0), 0, "seed for shuffling and augmentation"),
+    check=_check,
+)
+def finetune(program, params, ctx):
+    """Recover accuracy by knowledge distillation from the uncompressed model."""
+    from evc.train import Recipe, distill
+
+    train_set = ctx.dataset(params["data"], train=params["augment"] == "standard")
+    _check_labels(program, train_set, params, ctx)
+    recipe = Recipe(epochs=params["epochs"], lr=params["lr"], batch=params["batch"],
+                    weight_decay=params["weight_decay"], warmup_epochs=params["warmup"], alpha=params["alpha"],
+                    temperature=params["temperature"], seed=params["seed"], device=params["device"])
+    teacher = ctx.original.graph.eval() if params["teacher"] == "original" else None
+    result = distill(program.graph, teacher, train_set, recipe, ctx.workspace(), _validation(ctx),
+                     progress=ctx.progress.epoch)
+    ctx.report("epochs", [{"epoch": e.epoch, "loss": round(e.loss, 5), "top1": e.top1} for e in result.history])
+    ctx.report("best_epoch", result.best)
+    return replace(program, graph=result.student.eval())
+
+
+def _check_labels(program, train_set, params, ctx) -> None:
+    classes = train_set.classes
+    if classes is None and params["alpha"] < 1:
+        raise ctx.error("data", f"data '{params['data']}' has no labels (no class subfolders), which cross-entropy "
+                                "needs: give labelled images, or set alpha = 1 to distil alone")
+    if classes is not None and len(classes) != program.structure.num_classes:
+        raise ctx.error("data", f"data '{params['data']}' has {len(classes)} classes and the model's head "
+                                f"{program.structure.num_classes} outputs")
+
+
+def _validation(ctx):
+    """The `evaluate` block's data, labelled, for keeping the best epoch; None without one."""
+    evaluate = ctx.plan.evaluate
+    if evaluate is None:
+        return None
+    images = ctx.dataset(evaluate.data)
+    return images if images.classes is not None else None
