@@ -7,6 +7,7 @@ its rendered text here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,9 +44,16 @@ def cmd_build(args) -> int:
     if unknown:
         raise InputError(f"--target {unknown[0]}: {args.spec} has no such target "
                          f"(it has: {', '.join(t.name for t in plan.targets)})")
-    from evc.parity import describe
+    from rich.console import Console
 
-    results = build(plan, Path(args.out), force=args.force, only=args.target)
+    from evc.parity import describe
+    from evc.progress import Progress
+
+    rank = _join_torchrun()
+    progress = Progress(Console(stderr=True, quiet=rank != 0))
+    results = build(plan, Path(args.out), force=args.force, only=args.target, progress=progress, main=rank == 0)
+    if rank != 0:
+        return 0
     for result in results:
         state = "up to date" if result.cached else "built"
         print(f"{state}: {result.bundle}")
@@ -59,6 +67,15 @@ def cmd_build(args) -> int:
                      if "accuracy" in a]
         _console().print(table(evaluated[0].manifest["evaluation"], artifacts))
     return 0
+
+
+def _join_torchrun() -> int:
+    """This process's rank when torchrun started several, after joining their group; else 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return 0
+    from evc.train import init_distributed
+
+    return init_distributed()[0]
 
 
 def _console():

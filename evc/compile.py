@@ -63,7 +63,7 @@ class PassContext:
     pass_plan: PassPlan
     original: object = None  # the Program as loaded, before any pass: a teacher for finetune
     key: str = ""  # the key of the program this pass makes: what its own cache entries are keyed by
-    cache: Cache | None = None
+    cache: Cache | None = None  # None where the build may not write (evc explain, torchrun ranks but 0)
     progress: Progress | None = None
     found: dict = field(default_factory=dict)  # what the pass chose, for the manifest and `evc explain`
 
@@ -86,8 +86,11 @@ class PassContext:
             self.progress.warn(f"data '{data_name}': skipped unreadable image {path}: {why}")
         return images
 
-    def workspace(self) -> Path:
-        """A folder in the cache that this pass may keep files in across interrupted builds (checkpoints)."""
+    def workspace(self) -> Path | None:
+        """A folder in the cache that this pass may keep files in across interrupted builds (checkpoints);
+        None where this build writes nothing."""
+        if self.cache is None:
+            return None
         folder = self.cache.root / "work" / self.key
         if self.cache.fresh:
             shutil.rmtree(folder, ignore_errors=True)
@@ -132,7 +135,8 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, weights: str | N
     found, as_loaded, load = [], program, load_key(plan, weights)
     for i, pass_plan in enumerate(plan.passes):
         with progress.stage(f"pass {pass_plan.name}"):
-            ctx = PassContext(plan, pass_plan, as_loaded, passes_key(plan, load, i + 1), cache, progress)
+            ctx = PassContext(plan, pass_plan, as_loaded, passes_key(plan, load, i + 1),
+                              cache if write_cache else None, progress)
             program = PASSES[pass_plan.name].run(program, pass_plan.params, ctx)
         found.append(canonical(ctx.found))
     after = aligned(_summary(program), original, program.structure) if plan.passes else before

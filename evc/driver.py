@@ -55,7 +55,12 @@ class BuildResult:
 
 
 def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = None,
-          progress: Progress | None = None) -> list[BuildResult]:
+          progress: Progress | None = None, main: bool = True) -> list[BuildResult]:
+    """Build every target (those in `only`) whose bundle is not up to date.
+
+    Under torchrun, every process runs the passes (finetune trains on all of
+    them) and only the `main` one writes: caches, bundles, the evaluation.
+    """
     progress = progress or Progress()
     cache = Cache(out / ".cache", fresh=force)
     weights = weights_digest(plan)
@@ -74,7 +79,9 @@ def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = N
             results.append(BuildResult(target.name, bundle, True, _restamp(manifest, plan, bundle)))
             continue
         if compiled is None:
-            compiled = compile_model(plan, cache, progress, weights)
+            compiled = compile_model(plan, cache, progress, weights, write_cache=main)
+        if not main:
+            break
         if plan.evaluate and evaluation is None:
             evaluation = _evaluation(plan, compiled, cache, progress, weights)
         manifest = build_target(plan, target, compiled, cache, bundle, key, progress, evaluation)

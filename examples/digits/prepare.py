@@ -55,11 +55,11 @@ def read_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images), torch.tensor([int(f.parent.name) for f in files])
 
 
-def train(model, images, labels, epochs: int, seed: int = 0) -> None:
+def train(model, images, labels, epochs: int, lr: float = 1e-3, seed: int = 0) -> None:
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * -(-len(images) // 64)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(images))

@@ -1,0 +1,54 @@
+"""examples/digits, shortened: data written, a ViT trained, pruned to half its MACs, finetuned, evaluated."""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_evc
+
+EXAMPLE = ROOT / "examples" / "digits"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The example's data and a checkpoint trained for eight epochs instead of forty: far less accurate
+    (about 28% against 96%), but trained, which is what the pipeline needs to show accuracy surviving."""
+    folder = tmp_path_factory.mktemp("digits")
+    sys.path.insert(0, str(EXAMPLE))
+    import prepare
+
+    prepare.write_folders(folder / "data")
+    torch.manual_seed(0)
+    model = prepare.digits_vit()
+    prepare.train(model, *prepare.read_folder(folder / "data" / "train"), epochs=8, lr=3e-3)
+    prepare.save_file(model.state_dict(), folder / "digits_vit.safetensors")
+    return folder
+
+
+def test_the_data_is_an_imagefolder_split_of_all_1797_digits(prepared):
+    counts = {part: len(list((prepared / "data" / part).glob("*/*.png"))) for part in ("train", "val")}
+    assert counts["train"] + counts["val"] == 1797
+    assert sorted(p.name for p in (prepared / "data" / "val").iterdir()) == [str(d) for d in range(10)]
+
+
+def test_the_spec_halves_the_macs_keeps_accuracy_and_prints_the_table(prepared):
+    spec = prepared / "digits.evc"
+    text = (EXAMPLE / "digits.evc").read_text().replace("epochs = 10", "epochs = 2")
+    spec.write_text(text.split("target phone")[0])  # the cpu target only: TFLite conversion is tested elsewhere
+    done = run_evc("build", spec, "--out", prepared / "build")
+    assert done.returncode == 0, done.stderr
+    for row in ("original", "compressed", "cpu: model.onnx"):
+        assert row in done.stdout
+    manifest = json.loads((prepared / "build" / "digits" / "cpu" / "manifest.json").read_text())
+    evaluation = manifest["evaluation"]
+    assert evaluation["compressed"]["macs"] <= 0.55 * evaluation["original"]["macs"]
+    assert evaluation["original"]["top1"] > 0.2  # above chance (0.1): trained, if briefly
+    assert evaluation["compressed"]["top1"] >= evaluation["original"]["top1"] - 0.05
+    assert manifest["artifacts"][0]["accuracy"]["top1"] == pytest.approx(evaluation["compressed"]["top1"], abs=0.01)
+    finetune = manifest["passes"][2]
+    epochs = finetune["found"]["epochs"]
+    assert finetune["name"] == "finetune" and len(epochs) == 2 and epochs[1]["loss"] < epochs[0]["loss"]
+    shutil.rmtree(prepared / "build")
