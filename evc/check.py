@@ -22,6 +22,7 @@ from evc.params import (
     Invalid,
     Kind,
     ListOf,
+    ModelRef,
     Param,
     Text,
     check_entries,
@@ -183,6 +184,7 @@ class _Checker:
         self.base = Path(spec.path).parent
         self.diagnostics: list[Diagnostic] = []
         self.data_refs: list[tuple[str, Span]] = []
+        self.model_refs: list[tuple[str, Span]] = []
 
     def report(self, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic(message, span, hint))
@@ -199,6 +201,7 @@ class _Checker:
         data = {d.name: d for b in data_blocks if (d := self.data(b)) is not None}
         passes = self.compress(by_kind["compress"])
         evaluate = self.evaluate(by_kind["evaluate"])
+        teachers = self.teachers(by_kind["model"][1:], model)
         targets = tuple(t for b in self.named(by_kind["target"], "target") if (t := self.target(b)))
         if not by_kind["target"]:
             self.report("the spec has no target block; add one, e.g. `target cpu { device = cpu, format = onnx }`",
@@ -209,7 +212,7 @@ class _Checker:
                 self.report(f"undefined data '{name}'", span, did_you_mean(name, defined) or self._defined(defined))
         if self.diagnostics or model is None:
             return None
-        return Plan(Path(self.spec.path), self.spec.source, model, data, passes, targets, evaluate)
+        return Plan(Path(self.spec.path), self.spec.source, model, data, passes, targets, evaluate, teachers)
 
     @staticmethod
     def _defined(data) -> str:
@@ -229,11 +232,10 @@ class _Checker:
         return list(seen.values())
 
     def model(self, blocks: list[ast.Block]) -> ModelPlan | None:
+        """The first model block: the model compressed. Any others are teachers (see `teachers`)."""
         if not blocks:
             self.report("the spec has no model block", self.spec.header_span)
             return None
-        for extra in blocks[1:]:
-            self.report("a spec has exactly one model block; this is a second one", extra.span)
         block = blocks[0]
         if block.name is None:
             self.report("the model block needs a name, as in `model deit_tiny { ... }`", block.span)
@@ -241,10 +243,40 @@ class _Checker:
         values = self.entries(block, MODEL_PARAMS, f"model '{block.name}'")
         if values is None:
             return None
-        source, weights = values["source"], values["weights"]
-        if weights is not None:
-            weights = self.existing_path(weights, block, "weights", want_dir=False)
-        return ModelPlan(block.name, source, values["input"], weights)
+        return ModelPlan(block.name, values["source"], values["input"], self.weights(block, values))
+
+    def weights(self, block: ast.Block, values: dict) -> Path | None:
+        weights = values["weights"]
+        return weights and self.existing_path(weights, block, "weights", want_dir=False)
+
+    def teachers(self, blocks: list[ast.Block], model: ModelPlan | None) -> dict[str, ModelPlan]:
+        """Model blocks after the first: models a pass names (`teacher = deit_base`), never compressed.
+        They see the images the compressed model sees, so they take no `input` of their own."""
+        teachers = {}
+        for block in self.named(blocks, "model"):
+            where = f"model '{block.name}'"
+            if model is not None and block.name == model.name:
+                self.report(f"duplicate model '{block.name}'", block.name_span)
+                continue
+            for entry in block.entries:
+                if entry.key == "input":
+                    self.report(f"{where} is a teacher: it sees the images of model '{model and model.name}' "
+                                "and takes no input of its own", entry.span)
+            values = self.entries(block, MODEL_PARAMS, where, skip=("input",))
+            if values is not None and model is not None:
+                teachers[block.name] = ModelPlan(block.name, values["source"], model.input,
+                                                 self.weights(block, values))
+        used = {name for name, _ in self.model_refs}
+        undefined = [(name, span) for name, span in self.model_refs if name not in teachers
+                     and name not in ("original", "none")]
+        for name, span in undefined:
+            self.report(f"undefined model '{name}'", span, did_you_mean(name, teachers) or
+                        "a teacher is another model block: `model NAME { source = ... }`")
+        for name in () if undefined else teachers.keys() - used:  # a misspelt use is reported once
+            block = next(b for b in blocks if b.name == name)
+            self.report(f"model '{name}' is never used: the first model block is the one compressed, and "
+                        "later ones are teachers that a pass names", block.name_span)
+        return teachers
 
     def data(self, block: ast.Block) -> DataPlan | None:
         values = self.entries(block, DATA_PARAMS, f"data '{block.name}'")
@@ -379,6 +411,7 @@ class _Checker:
         for problem in problems:
             self.report(problem.message, problem.span, problem.hint)
         self.data_refs += [(name.name, name.span) for name in named_data(block.entries, params)]
+        self.model_refs += [(name.name, name.span) for name in named_data(block.entries, params, ModelRef)]
         return None if problems or block.nested else values
 
 

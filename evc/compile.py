@@ -18,7 +18,7 @@ from evc.artifact import sha256_file
 from evc.cache import Cache, canonical, library_versions, stage_key
 from evc.data import data_identity, load_images
 from evc.errors import SpecError
-from evc.params import Invalid, data_refs, per_layer
+from evc.params import Invalid, ModelRef, data_refs, per_layer
 from evc.plan import PassPlan, Plan
 from evc.progress import Progress
 from evc.registry import PASSES
@@ -52,7 +52,11 @@ def passes_key(plan: Plan, load: str, upto: int | None = None) -> str:
         return load
     used = {name: data_identity(plan.data[name]) for p in passes
             for name in data_refs(PASSES[p.name].params, p.params)}
-    return stage_key("passes", load, passes, used)
+    teachers = {name: (plan.teachers[name], sha256_file(plan.teachers[name].weights)
+                       if plan.teachers[name].weights else "random")
+                for p in passes for name in data_refs(PASSES[p.name].params, p.params, ModelRef)
+                if name in plan.teachers}
+    return stage_key("passes", load, passes, used, teachers)
 
 
 @dataclass

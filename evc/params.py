@@ -165,6 +165,22 @@ class DataRef(Kind):
 
 
 @dataclass(frozen=True)
+class ModelRef(Kind):
+    """The name of another `model` block (a teacher), or one of `builtin`; checked against the spec."""
+
+    builtin: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return " or ".join((*self.builtin, "the name of another model block"))
+
+    def check(self, value):
+        if not isinstance(value, ast.Ident):
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
+        return value.name
+
+
+@dataclass(frozen=True)
 class ListOf(Kind):
     item: Kind
     length: int | None = None
@@ -322,28 +338,31 @@ def check_entries(entries: tuple[ast.Entry, ...], params: tuple[Param, ...], whe
     return values, problems
 
 
-def data_refs(params: tuple[Param, ...], values: dict) -> list[str]:
-    """The data blocks that checked `values` name through DataRef parameters, inside records too."""
+def data_refs(params: tuple[Param, ...], values: dict, ref: type = None) -> list[str]:
+    """The blocks that checked `values` name through DataRef (or `ref`) parameters, inside records too."""
+    ref = ref or DataRef
     names = []
     for p in params:
         value = values.get(p.name)
-        if isinstance(p.kind, DataRef) and value:
+        if isinstance(p.kind, ref) and value:
             names.append(value)
         elif isinstance(p.kind, Record) and value:
-            names += data_refs(p.kind.params, value)
+            names += data_refs(p.kind.params, value, ref)
     return names
 
 
-def named_data(entries: tuple[ast.Entry, ...], params: tuple[Param, ...]) -> list[ast.Ident]:
-    """The names, as written, that entries give DataRef parameters, inside tables too: for "undefined data"."""
+def named_data(entries: tuple[ast.Entry, ...], params: tuple[Param, ...], ref: type = None) -> list[ast.Ident]:
+    """The names, as written, that entries give DataRef (or `ref`) parameters, inside tables too: for
+    "undefined data"."""
+    ref = ref or DataRef
     by_name = {p.name: p for p in params}
     names = []
     for entry in entries:
         kind = by_name[entry.key].kind if entry.key in by_name else None
-        if isinstance(kind, DataRef) and isinstance(entry.value, ast.Ident):
+        if isinstance(kind, ref) and isinstance(entry.value, ast.Ident):
             names.append(entry.value)
         elif isinstance(kind, Record) and isinstance(entry.value, ast.Table):
-            names += named_data(entry.value.entries, kind.params)
+            names += named_data(entry.value.entries, kind.params, ref)
     return names
 
 

@@ -98,6 +98,7 @@ class Plan:
     passes: tuple[PassPlan, ...]
     targets: tuple[TargetPlan, ...]
     evaluate: EvaluatePlan | None = None
+    teachers: dict[str, ModelPlan] = field(default_factory=dict)  # model blocks after the first, by name
 
     @property
     def stem(self) -> str:

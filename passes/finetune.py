@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from evc.params import REQUIRED, Choice, DataRef, Float, Int, Invalid, Param
+from evc.params import REQUIRED, Choice, DataRef, Float, Int, Invalid, ModelRef, Param
 from evc.registry import register_pass
 
 
@@ -32,8 +32,8 @@ def _check(params, spans):
     Param("epochs", Int(1), 3, "passes over the data"),
     Param("lr", Float(0, open_low=True), 1e-4, "peak learning rate of AdamW"),
     Param("batch", Int(1), 64, "images per step, over all processes together"),
-    Param("teacher", Choice(("original", "none")), "original",
-          "the model distilled from: the model as loaded, or none for plain cross-entropy"),
+    Param("teacher", ModelRef(("original", "none")), "original",
+          "the model distilled from: the model as loaded, another model block, or none for cross-entropy alone"),
     Param("alpha", Float(0, 1), 0.9, "weight of the distillation loss; 1 - alpha goes to cross-entropy"),
     Param("temperature", Float(0, open_low=True), 1.0, "softmax temperature of the distillation loss"),
     Param("warmup", Float(0), 1.0, "epochs of linear warm-up before the cosine decay"),
@@ -53,12 +53,23 @@ def finetune(program, params, ctx):
     recipe = Recipe(epochs=params["epochs"], lr=params["lr"], batch=params["batch"],
                     weight_decay=params["weight_decay"], warmup_epochs=params["warmup"], alpha=params["alpha"],
                     temperature=params["temperature"], seed=params["seed"], device=params["device"])
-    teacher = ctx.original.graph.eval() if params["teacher"] == "original" else None
+    teacher = _teacher(params["teacher"], ctx)
     result = distill(program.graph, teacher, train_set, recipe, ctx.workspace(), _validation(ctx),
                      progress=ctx.progress.epoch)
     ctx.report("epochs", [{"epoch": e.epoch, "loss": round(e.loss, 5), "top1": e.top1} for e in result.history])
     ctx.report("best_epoch", result.best)
     return replace(program, graph=result.student.eval())
+
+
+def _teacher(name: str, ctx):
+    if name == "none":
+        return None
+    if name == "original":
+        return ctx.original.graph.eval()
+    from evc.load import load_model
+
+    with ctx.progress.stage(f"load teacher {name}"):
+        return load_model(ctx.plan.teachers[name], ctx.plan.path.parent)
 
 
 def _check_labels(program, train_set, params, ctx) -> None:

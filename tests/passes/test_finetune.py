@@ -98,3 +98,17 @@ def test_the_same_build_under_torchrun_trains_on_two_processes_and_writes_one_bu
     # Two ranks with the global batch see the batches one process sees; only summation order differs.
     assert [e["loss"] for e in ddp["passes"][1]["found"]["epochs"]] == pytest.approx(
         [e["loss"] for e in one["passes"][1]["found"]["epochs"]], rel=1e-3)
+
+
+def test_another_model_block_can_teach_and_changing_it_retrains(write_spec, tmp_path, digits):
+    teacher = 'model teacher {{ source = timm("vit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = {d}, ' \
+              'num_classes = 10) }}\n'
+    text = spec_text(digits, extra="teacher = teacher, alpha = 1, augment = none").replace(
+        "data train", teacher.format(d=3) + "data train", 1)
+    spec = write_spec(text)
+    done = run_evc("build", spec, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert manifest(tmp_path / "out")["passes"][1]["params"]["teacher"] == "teacher"
+    spec.write_text(text.replace("depth = 3", "depth = 1"))
+    again = run_evc("build", spec, "--out", tmp_path / "out")
+    assert again.returncode == 0 and "built: " in again.stdout and "epoch 2/2" in again.stderr
