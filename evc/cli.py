@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from evc.errors import EvcError, InputError
@@ -133,9 +134,23 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """evc's own warnings (an image skipped under skip_bad) read as the build's other warnings do."""
+    from evc.data import SkippedImage
+
+    if issubclass(category, SkippedImage):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # clean up staged bundles as on Ctrl-C
+    warnings.showwarning = _show_warning
     try:
         return args.run(args)
     except EvcError as e:

@@ -85,10 +85,7 @@ class PassContext:
         """A data block as a lazy dataset of (image, label); `train` applies timm's training transform."""
         from evc.data import dataset
 
-        images = dataset(self.plan.data[data_name], self.plan.model.input, train)
-        for path, why in images.skipped:
-            self.progress.warn(f"data '{data_name}': skipped unreadable image {path}: {why}")
-        return images
+        return dataset(self.plan.data[data_name], self.plan.model.input, train)
 
     def workspace(self) -> Path | None:
         """A folder in the cache that this pass may keep files in across interrupted builds (checkpoints);

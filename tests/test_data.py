@@ -278,7 +278,7 @@ def test_skip_bad_builds_and_the_warning_names_the_skipped_image(write_spec, tmp
     (write_images(tmp_path / "val", 2) / "notes.png").write_text("not an image")
     done = run_evc("build", write_spec(validated_on("val", ", skip_bad = true")), "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
-    assert f"skipped unreadable image {tmp_path / 'val' / 'notes.png'}" in done.stderr
+    assert f"warning: data 'val': skipped unreadable image {tmp_path / 'val' / 'notes.png'}" in done.stderr
 
 
 @pytest.mark.parametrize("data, where, message", [
