@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _timing import interleaved  # noqa: E402
 from evc.passes._importance import head_norms, hidden_norms, top  # noqa: E402
 from evc.passes.ffn_prune import ffn_prune, width  # noqa: E402
 from evc.passes.head_prune import head_prune  # noqa: E402
@@ -94,21 +94,15 @@ def export_module(module, path: Path) -> tuple[bool, str]:
 
 
 def latencies(paths: dict[str, Path], threads: int, runs: int, warmups: int = 10) -> dict[str, float]:
-    """Median ms per model, the models taking turns run by run."""
+    """Median ms per model in ONNX Runtime, the models taking turns run by run."""
     feed = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
     sessions = {}
     for name, path in paths.items():
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    times = {name: [] for name in sessions}
-    for i in range(warmups + runs):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, {"input": feed})
-            if i >= warmups:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        sessions[name] = lambda x, session=session: session.run(None, {"input": x})
+    return interleaved(sessions, feed, runs, warmups)
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ models to TFLite takes a minute or more each.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import timm
 import torch
+from _timing import interleaved  # benchmarks/, the script's own folder
 from evc.passes.patch_slim import patch_slim
 from evc.passes.token_merge import token_merge
 from evc.targets.onnx import Onnx, export_onnx, op_counts
@@ -113,18 +113,6 @@ def check(models: dict[str, Program], runs: dict, feed: np.ndarray) -> dict[tupl
     return diffs
 
 
-def latencies(runs: dict, feed: np.ndarray, count: int, warmups: int = 10) -> dict:
-    """Median ms per (model, runtime), all of them taking turns run by run."""
-    times = {key: [] for key in runs}
-    for i in range(warmups + count):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run(feed)
-            if i >= warmups:
-                times[key].append((time.perf_counter() - start) * 1e3)
-    return {key: statistics.median(t) for key, t in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
@@ -143,7 +131,7 @@ def main() -> None:
     print(f"\nparity, max abs diff from PyTorch on one random image (must be < {TOLERANCE:g}):")
     for (name, runtime), diff in diffs.items():
         print(f"  {name}, {runtime}: {diff:.1e} {'ok' if diff < TOLERANCE else 'FAILED'}")
-    medians = latencies(runs, feed, args.runs)
+    medians = interleaved(runs, feed, args.runs)
 
     import ai_edge_litert
 
