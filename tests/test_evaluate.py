@@ -53,3 +53,19 @@ def test_evaluate_naming_undefined_data_is_a_spec_error(write_spec):
     done = run_evc("check", spec)
     assert done.returncode == 2
     assert "undefined data 'vla'" in done.stderr and "did you mean 'val'" in done.stderr
+
+
+def test_every_artifact_with_a_runtime_here_is_scored_int8_proxy_and_tflite_included(write_spec, tmp_path):
+    labelled_folder(tmp_path / "val", per_class=1)
+    targets = ("target phone { device = android, format = tflite }\n"
+               "target x5 { device = rdk_x5, format = bpu, quantize = int8, calibrate = val }")
+    spec = write_spec(small_spec(targets=targets, extra='data val { images = "val" }\nevaluate { data = val }\n'))
+    done = run_evc("build", spec, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    scored = {}
+    for target in ("phone", "x5"):
+        manifest = json.loads((tmp_path / "out" / "small" / target / "manifest.json").read_text())
+        scored.update({a["path"]: a["accuracy"]["top1"] for a in manifest["artifacts"]})
+    assert set(scored) == {"model.tflite", "model.onnx", "model_int8_proxy.onnx"}
+    for name in scored:
+        assert f": {name}" in done.stdout

@@ -112,3 +112,14 @@ def test_another_model_block_can_teach_and_changing_it_retrains(write_spec, tmp_
     spec.write_text(text.replace("depth = 3", "depth = 1"))
     again = run_evc("build", spec, "--out", tmp_path / "out")
     assert again.returncode == 0 and "built: " in again.stdout and "epoch 2/2" in again.stderr
+
+
+def test_prune_finetune_prune_finetune_each_finetune_trains_what_came_before(write_spec, tmp_path, digits):
+    one = FINETUNE.format(extra="teacher = none, alpha = 0, augment = none").replace("epochs = 2", "epochs = 1")
+    text = spec_text(digits).replace("compress {\n", "compress {\n    ffn_prune { keep = 0.5 }\n    " + one + "\n", 1)
+    done = run_evc("build", write_spec(text), "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    passes = manifest(tmp_path / "out")["passes"]
+    assert [p["name"] for p in passes] == ["ffn_prune", "finetune", "head_prune", "finetune"]
+    assert len(passes[1]["found"]["epochs"]) == 1 and len(passes[3]["found"]["epochs"]) == 2
+    assert done.stderr.count("epoch 1/1") == 1 and done.stderr.count("epoch 2/2") == 1
