@@ -37,11 +37,14 @@ def token_merge(program, params, ctx):
     if prefix > 2:
         raise ctx.error("r", f"the model has {prefix} prefix tokens; ToMe protects a class and a distillation "
                              "token, not more")
-    plan, tokens = [], structure.blocks[0].tokens
-    for block, r in zip(structure.blocks, ctx.per_layer("r", structure.depth)):
-        r = min(r, (tokens - prefix) // 2) if block.attn is not None else 0
+    plan, tokens, asked = [], structure.blocks[0].tokens, ctx.per_layer("r", structure.depth)
+    for block, r in zip(structure.blocks, asked):
+        r = min(r, (tokens - prefix) // 2) if block.attn is not None else 0  # ToMe's cap: half the tokens
         plan.append((block, r, tokens))
         tokens -= r
+    merged = [r for _, r, _ in plan]
+    if merged != list(asked):
+        ctx.report("r", merged)  # what each block could merge, where fewer tokens were left than asked
     if not any(r for _, r, _ in plan):
         return program
     return rewritten(program, [partial(_merge, plan=plan, cls=prefix >= 1, distill=prefix == 2,

@@ -67,6 +67,15 @@ def test_each_block_runs_on_r_fewer_tokens_and_the_macs_go_down(family):
     assert all(a.macs < b.macs for a, b in zip(after_macs.blocks[1:], before_macs.blocks[1:]))
 
 
+def test_r_is_capped_at_half_the_tokens_left_and_the_cap_is_reported():
+    program = program_of("vit_small")  # 17 tokens, 6 blocks
+    params = {"r": 6, "proportional": True}
+    ctx = Ctx(params)
+    after = token_merge(program, params, ctx)
+    assert ctx.found["r"] == [6, 5, 2, 1, 1, 0]  # (tokens - 1 class token) // 2 at most
+    assert [b.tokens for b in after.structure.blocks] == [17, 11, 6, 4, 3, 2]
+
+
 def test_a_per_layer_r_merges_only_where_asked():
     program = program_of("vit_small")
     after = merged(program, [0, 0, 4, 0, 0, 0])
