@@ -113,6 +113,7 @@ def load_plugins() -> None:
     """Import every module of evc.passes and evc.targets so they register."""
     for package_name in ("evc.passes", "evc.targets"):
         package = importlib.import_module(package_name)
-        for module in pkgutil.iter_modules(package.__path__):
-            if not module.name.startswith("_"):
-                importlib.import_module(f"{package_name}.{module.name}")
+        # Sorted: the registries' order (README tables, `evc explain`) must not depend on the file system's.
+        for name in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
+            if not name.startswith("_"):
+                importlib.import_module(f"{package_name}.{name}")
