@@ -64,3 +64,11 @@ def write_images(folder: Path, count: int, height: int = 32, width: int = 32, se
     for i in range(count):
         Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{seed}_{i}.png")
     return folder
+
+
+def check_fails(spec: Path) -> str:
+    """`evc check` on a spec that must be rejected as bad input: exit 2, no traceback. Returns stderr."""
+    done = run_evc("check", spec)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    return done.stderr

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evc.evaluate import accuracy
-from tests.conftest import run_evc, small_spec, write_images
+from tests.conftest import check_fails, run_evc, small_spec, write_images
 
 
 def test_accuracy_counts_a_label_among_the_k_highest_logits():
@@ -49,10 +49,8 @@ def test_evaluating_on_unlabelled_images_exits_2_naming_the_data(write_spec, tmp
 
 
 def test_evaluate_naming_undefined_data_is_a_spec_error(write_spec):
-    spec = write_spec(small_spec(extra="data val { synthetic = 4 }\nevaluate { data = vla }\n"))
-    done = run_evc("check", spec)
-    assert done.returncode == 2
-    assert "undefined data 'vla'" in done.stderr and "did you mean 'val'" in done.stderr
+    stderr = check_fails(write_spec(small_spec(extra="data val { synthetic = 4 }\nevaluate { data = vla }\n")))
+    assert "undefined data 'vla'" in stderr and "did you mean 'val'" in stderr
 
 
 def test_every_artifact_with_a_runtime_here_is_scored_int8_proxy_and_tflite_included(write_spec, tmp_path):

@@ -4,7 +4,7 @@ import onnx
 
 from evc.check import parse_and_check
 from evc.driver import build
-from tests.conftest import run_evc, small_spec
+from tests.conftest import check_fails, run_evc, small_spec
 
 CALIB = "data calib { synthetic = 8 }\n"
 TARGETS = """target cpu { device = cpu, format = onnx }
@@ -52,17 +52,14 @@ def test_searched_patch_slim_builds_and_reports_its_schedule_in_manifest_and_exp
 
 
 def test_the_two_token_passes_in_one_spec_is_a_spec_error(write_spec):
-    spec = write_spec(small_spec(extra="compress {\n    patch_slim { keep = 0.5 }\n    token_merge { r = 2 }\n}\n"))
-    done = run_evc("check", spec)
-    assert done.returncode == 2
-    assert "small.evc:8:5" in done.stderr and "patch_slim" in done.stderr
+    stderr = check_fails(write_spec(small_spec(extra="compress {\n    patch_slim { keep = 0.5 }\n"
+                                                     "    token_merge { r = 2 }\n}\n")))
+    assert "small.evc:8:5" in stderr and "patch_slim" in stderr
 
 
 def test_a_keep_list_that_drops_patches_before_block_0_points_at_the_list(write_spec):
-    spec = write_spec(small_spec(extra="compress {\n    patch_slim { keep = [0.5, 0.5] }\n}\n"))
-    done = run_evc("check", spec)
-    assert done.returncode == 2
-    assert "small.evc:7:25" in done.stderr and "block 0" in done.stderr
+    stderr = check_fails(write_spec(small_spec(extra="compress {\n    patch_slim { keep = [0.5, 0.5] }\n}\n")))
+    assert "small.evc:7:25" in stderr and "block 0" in stderr
 
 
 def test_cls_attention_on_a_model_without_a_class_token_exits_2_naming_the_key(write_spec, tmp_path):
