@@ -47,15 +47,15 @@ def reference() -> str:
              "", "### `evaluate { ... }` (at most one): accuracy of the model as loaded, compressed, and of "
                  "every artifact with a runtime here", *_table(EVALUATE_PARAMS),
              "", "### `target NAME { ... }` (one or more)", *_table(TARGET_PARAMS)]
-    for device in DEVICES.values():
+    for device in sorted(DEVICES.values(), key=lambda d: d.name):
         lines += ["", f"#### `device = {device.name}`: {device.help} (formats: {', '.join(device.formats)})",
                   *_table(device.params)]
-    for fmt in FORMATS.values():
+    for fmt in sorted(FORMATS.values(), key=lambda f: f.name):
         lines += ["", f"#### `format = {fmt.name}`: {fmt.help}", *_table(fmt.params)]
     lines += ["", "### `compress { PASS { ... } ... }` (at most one; passes run in the order written)"]
     if not PASSES:
         lines.append("No passes are registered yet.")
-    for info in PASSES.values():
+    for info in sorted(PASSES.values(), key=lambda p: p.name):
         lines += ["", f"#### `{info.name}`: {info.help}", *_excludes(info.excludes), *_table(info.params)]
     return "\n".join(lines)
 
