@@ -46,6 +46,8 @@ def _spec_value(value) -> str:
     """A value as the spec writes it, ready to paste."""
     if isinstance(value, list):
         return "[" + ", ".join(_spec_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_spec_value(v)}" for k, v in value.items() if v is not None) + " }"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

@@ -42,7 +42,8 @@ def _excludes(excludes: dict[str, str]) -> list[str]:
 
 def reference() -> str:
     load_plugins()
-    lines = ["### `model NAME { ... }` (the first is the model compressed; any later one is a teacher a pass names, and takes no `input`)", *_table(MODEL_PARAMS),
+    lines = ["### `model NAME { ... }` (the first is the model compressed; any later one is a teacher "
+                 "a pass names, and takes no `input`)", *_table(MODEL_PARAMS),
              "", "### `data NAME { ... }` (any number)", *_table(DATA_PARAMS),
              "", "### `evaluate { ... }` (at most one): accuracy of the model as loaded, compressed, and of "
                  "every artifact with a runtime here", *_table(EVALUATE_PARAMS),
