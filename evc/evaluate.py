@@ -11,6 +11,7 @@ they are validated (see `evc.driver`), each in its own runtime.
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -35,13 +36,19 @@ def accuracy(logits: np.ndarray, labels: np.ndarray, top: tuple[int, ...]) -> di
 
 def labelled(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     """The evaluate block's images and labels; unlabelled data is an error naming the block."""
-    from evc.data import load_labelled
-
     name = plan.evaluate.data
-    images, labels = load_labelled(plan.data[name], plan.model.input)
+    images, labels = _read(plan.data[name], plan.model.input)
     if labels is None:
         raise InputError(f"evaluate: data '{name}' has no labels: give a folder with one subfolder per class")
     return images, labels
+
+
+@functools.lru_cache(maxsize=2)
+def _read(data, image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read once per build: the models and every target's artifacts are scored on the same images."""
+    from evc.data import load_labelled
+
+    return load_labelled(data, image)
 
 
 def evaluation_key(plan: Plan, compiled_key: str, load_key: str) -> str:

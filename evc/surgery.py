@@ -210,14 +210,15 @@ def reroute(gm: fx.GraphModule, stream: fx.Node, fn: Callable, inputs: Sequence[
     return out
 
 
-def _node(gm: fx.GraphModule, name: str) -> fx.Node:
-    return _nodes(gm)[name]
+def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The node of `gm`'s graph called `name` (the names a Structure holds)."""
+    return next(n for n in gm.graph.nodes if n.name == name)
 
 
 def attention_probs(gm: fx.GraphModule, attn: Attention) -> fx.Node:
     """The softmax node of `attn`'s weights, (B, heads, N, N); a fused
     scaled_dot_product_attention is first spelled out as MatMul and Softmax."""
-    node = _node(gm, attn.score_node)
+    node = node_named(gm, attn.score_node)
     return spell_out_attention(gm, node) if node.target is F.scaled_dot_product_attention else node
 
 

@@ -21,7 +21,7 @@ from torch import fx
 
 from evc.errors import InputError
 from evc.ir.recognise import node_shape
-from evc.surgery import copy_graph, head_rows
+from evc.surgery import copy_graph, head_rows, node_named
 
 BATCH = 16
 
@@ -95,7 +95,7 @@ def head_taylor(gm: fx.GraphModule, blocks, images: np.ndarray) -> list[np.ndarr
     """Taylor importance of every head of `blocks`, normalised per layer (Michel et al.)."""
     shapes = []
     for block in blocks:
-        shape = node_shape(_node(gm, block.attn.context_node))
+        shape = node_shape(node_named(gm, block.attn.context_node))
         if shape is None or len(shape) != 4 or shape[1] != block.attn.num_heads:
             raise InputError(f"block {block.index}: node '{block.attn.context_node}' has shape {shape}, "
                              "expected (batch, heads, tokens, head_dim)")
@@ -107,10 +107,6 @@ def head_taylor(gm: fx.GraphModule, blocks, images: np.ndarray) -> list[np.ndarr
 def hidden_taylor(gm: fx.GraphModule, blocks, images: np.ndarray) -> list[np.ndarray]:
     shapes = [lambda b, h=block.mlp.hidden: (b, 1, h) for block in blocks]
     return taylor(gm, [b.mlp.act_node for b in blocks], shapes, images)
-
-
-def _node(gm: fx.GraphModule, name: str) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.name == name)
 
 
 class _Watch(fx.Interpreter):
@@ -138,7 +134,7 @@ def activations(gm: fx.GraphModule, blocks, images: np.ndarray) -> list[np.ndarr
     with torch.no_grad():
         for x in _batches(images):
             _Watch(gm, {name: add for name in sums}).run(x)
-            count += len(x) * node_shape(_node(gm, blocks[0].mlp.act_node))[1]
+            count += len(x) * node_shape(node_named(gm, blocks[0].mlp.act_node))[1]
     return [sums[b.mlp.act_node] / count for b in blocks]
 
 

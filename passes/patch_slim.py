@@ -140,12 +140,12 @@ def slimmed(program, kept: list[int], score: str, fuse: bool, ctx, graph=None):
 
 def _slim(gm, attn, stream, prefix, patches, keep, dim, fuse, score):
     from evc import tokens
-    from evc.surgery import attention_probs, reroute
+    from evc.surgery import attention_probs, node_named, reroute
 
     rank = tokens.class_attention if score == "cls_attention" else tokens.mean_attention
     probs = attention_probs(gm, attn)
-    node = next(n for n in gm.graph.nodes if n.name == stream)
-    reroute(gm, node, lambda x, p: tokens.slim(x, rank(p, prefix), prefix, patches, keep, dim, fuse), [probs])
+    reroute(gm, node_named(gm, stream),
+            lambda x, p: tokens.slim(x, rank(p, prefix), prefix, patches, keep, dim, fuse), [probs])
 
 
 def search(program, params, ctx, first: int) -> list[int]:

@@ -53,7 +53,7 @@ def token_merge(program, params, ctx):
 
 def _merge(gm, plan, cls: bool, distill: bool, proportional: bool) -> None:
     """Merge in every block, carrying each token's size from block to block."""
-    from evc.surgery import add_attention_bias, attention_keys, attention_probs, inline, reroute
+    from evc.surgery import add_attention_bias, attention_keys, attention_probs, inline, node_named, reroute
 
     size = None
     for block, r, count in plan:
@@ -65,7 +65,7 @@ def _merge(gm, plan, cls: bool, distill: bool, proportional: bool) -> None:
             add_attention_bias(gm, probs, inline(gm, _log_size, [size], probs.args[0]))
         if r == 0:
             continue
-        residual = next(n for n in gm.graph.nodes if n.name == block.attn.residual)
+        residual = node_named(gm, block.attn.residual)
         merger = _merger(count, r, cls, distill, first=size is None)
         _, size = reroute(gm, residual, merger, [key_t] if size is None else [key_t, size])
 
