@@ -25,14 +25,17 @@ import onnxruntime as ort
 import timm
 import torch
 from _timing import interleaved  # benchmarks/, the script's own folder
-from evc.passes.patch_slim import patch_slim
-from evc.passes.token_merge import token_merge
+from evc.passes.patch_slim import PatchSlim
+from evc.passes.token_merge import TokenMerge
 from evc.targets.onnx import Onnx, export_onnx, op_counts
 from evc.targets.tflite import Tflite, convert, describe_ops
 
 from evc.ir import summarize
+from evc.ir.program import Program
 from evc.plan import ImageInput
-from evc.program import Program
+
+patch_slim = PatchSlim().run
+token_merge = TokenMerge().run
 
 MODEL, SIZE, THREADS, TOLERANCE = "deit_small_patch16_224", 224, 1, 1e-3
 # EViT's layout (shares kept before blocks 3, 6 and 9), at the share that cuts about 40% of deit_small's MACs.

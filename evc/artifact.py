@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from evc.keys import file_digest
 
 
 @dataclass
@@ -21,16 +22,9 @@ class Artifact:
             "path": str(self.path),
             "format": self.format,
             "size": file.stat().st_size,
-            "sha256": sha256_file(file),
+            "sha256": file_digest(file),
             "parity": self.parity,
             **({"accuracy": self.accuracy} if self.accuracy is not None else {}),
             **self.details,
         }
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

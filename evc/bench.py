@@ -18,9 +18,7 @@ from rich.table import Table
 from evc.bundle import read_manifest
 from evc.errors import InputError
 from evc.parity import describe
-from evc.registry import DEVICES, FORMATS, load_plugins
-
-DEFAULTS = {"runs": 50, "warmups": 10, "threads": (1, "all")}
+from evc.registry import DEVICES, FORMATS, RemoteBench, Runtime, load_plugins
 
 
 def measure(run, feed: np.ndarray, runs: int, warmups: int) -> dict:
@@ -43,17 +41,18 @@ def _threads(value) -> int:
 
 def bench_here(bundle: Path, manifest: dict, runs: int | None = None, threads=None) -> list[dict]:
     """One row per artifact with a runtime here and per thread count."""
-    params = {**DEFAULTS, **manifest["target"]["params"]}
+    # Timing here is what a cpu target's bench script does: its keys fill in those the bundle's device lacks.
+    params = {**{p.name: p.default for p in DEVICES["cpu"].params}, **manifest["target"]["params"]}
     runs = runs or params["runs"]
     counts = [_threads(t) for t in (threads or params["threads"])]
     feed = np.random.default_rng(0).standard_normal(manifest["input"]["shape"], dtype=np.float32)
     rows = []
     for artifact in manifest["artifacts"]:
-        backend = FORMATS[artifact["format"]].backend if artifact["format"] in FORMATS else None
-        if backend is None or not hasattr(backend, "session"):
+        fmt = FORMATS[artifact["format"]].plugin if artifact["format"] in FORMATS else None
+        if not isinstance(fmt, Runtime):
             continue
         for count in dict.fromkeys(counts):
-            run = backend.session(bundle / artifact["path"], count)
+            run = fmt.session(bundle / artifact["path"], count)
             rows.append({"artifact": artifact, "threads": count,
                          **measure(run, feed, runs, params["warmups"])})
     return rows
@@ -68,10 +67,10 @@ def bench(bundle: Path, runs: int | None = None, threads=None, serial: str | Non
         raise InputError(f"{bundle} is not a bundle: it has no readable manifest.json")
     if serial is not None:
         device = DEVICES.get(manifest["target"]["device"])
-        if device is None or device.bench is None:
+        if device is None or not isinstance(device.plugin, RemoteBench):
             raise InputError(f"--serial: the {manifest['target']['device']} device of {bundle} is not "
                              "benchmarked remotely; run its bench script on the device")
-        return device.bench(bundle, manifest, serial, runs, console)
+        return device.plugin.bench(bundle, manifest, serial, runs, console)
     rows = bench_here(bundle, manifest, runs, threads)
     if not rows:
         raise InputError(f"no artifact of {bundle} has a runtime on this machine; "

@@ -1,20 +1,75 @@
-"""Writing a bundle so that no one ever sees half of one.
+"""The bundle stage: checked artifacts → `OUT/<spec stem>/<target>/`, with manifest, scripts and README.
 
-A bundle is built in a hidden temporary folder beside its final place and
-renamed into place only when complete. The previous good bundle is moved
-aside, not deleted, until the new one is in place.
+    manifest = write(plan, target, compiled, lowered, checked, key, bundle, evaluation)
+    manifest = current(bundle, key)     # the bundle's manifest if it was built with this key, else None
+
+A bundle is written into a hidden temporary folder beside its final place and
+renamed into place only when complete; the previous good bundle is moved
+aside, not deleted, until the new one is in place. So no one ever sees half
+of one, and an interrupted or failed build never destroys the last good one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import evc
 from evc.atomic import recover, replace_dir, temp_dir
+from evc.keys import canonical, library_versions, text_digest
+from evc.plan import Plan, TargetPlan
 
 MANIFEST = "manifest.json"
+
+
+def write(plan: Plan, target: TargetPlan, compiled, lowered: Path, checked: dict, key: str, bundle: Path,
+          evaluation: dict | None = None) -> dict:
+    """Write the target's bundle from the lowered artifacts; its manifest carries `key`."""
+    from evc.lower import copy_artifacts
+    from evc.registry import DEVICES
+    from evc.scripts import render_scripts
+
+    with staged(bundle) as folder:
+        copy_artifacts(lowered, folder)
+        manifest = _manifest(plan, target, compiled, checked, key)
+        if evaluation is not None:
+            manifest["evaluation"] = evaluation
+        manifest["scripts"] = render_scripts(DEVICES[target.device], _script_context(plan, target, manifest, bundle),
+                                             folder)
+        write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def current(bundle: Path, key: str) -> dict | None:
+    """The bundle's manifest if the bundle was built with `key`: nothing it depends on has changed."""
+    recover(bundle)
+    manifest = read_manifest(bundle)
+    return manifest if manifest and manifest.get("cache_key") == key else None
+
+
+def restamp(manifest: dict, plan: Plan, bundle: Path) -> dict:
+    """A spec edit that changes no result (a comment) still shows in the manifest's spec record."""
+    spec = _spec_record(plan)
+    if manifest["spec"] != spec:
+        manifest["spec"] = spec
+        tmp = bundle / f".{MANIFEST}.tmp"
+        write_json(tmp, manifest)
+        os.replace(tmp, bundle / MANIFEST)
+    return manifest
+
+
+def keep_failed(plan: Plan, target: TargetPlan, compiled, folder: Path, checked: dict, failures: list[str],
+                bundle: Path) -> Path:
+    """A copy of artifacts that failed their checks, as `<bundle>.failed/` with a manifest saying why."""
+    failed = bundle.with_name(f"{bundle.name}.failed")
+    keep = temp_dir(failed)
+    shutil.copytree(folder, keep, dirs_exist_ok=True)
+    write_json(keep / MANIFEST, {**_manifest(plan, target, compiled, checked, None), "failed": failures})
+    replace_dir(keep, failed)
+    return failed
 
 
 @contextmanager
@@ -39,3 +94,62 @@ def read_manifest(bundle: Path) -> dict | None:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# ---- the manifest's schema ------------------------------------------------------------------------
+
+def _manifest(plan: Plan, target: TargetPlan, compiled, checked: dict, key: str | None) -> dict:
+    model, image = plan.model, plan.model.input
+    weights = ("random" if compiled.weights == "random"
+               else {"path": str(model.weights), "sha256": compiled.weights})
+    return canonical({
+        "evc_version": evc.__version__,
+        "spec": _spec_record(plan),
+        "model": {"name": model.name, "source": str(model.source), "weights": weights},
+        "input": {"name": "input", "shape": list(image.shape), "dtype": "float32", "layout": "NCHW",
+                  "preprocessing": {"color": "RGB", "scale": "pixels / 255", "mean": list(image.mean),
+                                    "std": list(image.std), "crop_pct": image.crop_pct,
+                                    "interpolation": image.interpolation}},
+        "output": {"name": "logits", "shape": checked["output_shape"]},
+        "structure": _structure_record(compiled.program),
+        "passes": [{"name": p.name, "params": canonical(p.params), **({"found": found} if found else {})}
+                   for p, found in zip(plan.passes, compiled.found)],
+        "params_macs": {"before": compiled.before, "after": compiled.after},
+        "target": {"name": target.name, "device": target.device, "format": target.format,
+                   "params": canonical(target.params)},
+        "artifacts": checked["artifacts"],
+        "validation": checked["validation"],
+        "libraries": library_versions(),
+        "cache_key": key,
+    })
+
+
+def _spec_record(plan: Plan) -> dict:
+    return {"path": str(plan.path), "sha256": text_digest(plan.text)}
+
+
+def _structure_record(program) -> dict:
+    """The recognised structure, less the per-block node lists that only passes need."""
+    if program.structure is None:
+        return {"recognised": False, "reason": program.unrecognised}
+    record = {"recognised": True, **program.structure.to_dict()}
+    for block in record["blocks"]:
+        block.pop("nodes", None)
+    return record
+
+
+def _script_context(plan: Plan, target: TargetPlan, manifest: dict, bundle: Path) -> dict:
+    return {
+        **target.params,
+        "evc_version": evc.__version__,
+        "spec_name": plan.path.name,
+        "spec_path": str(plan.path),
+        "target": target,
+        "artifact": manifest["artifacts"][0]["path"],
+        "artifacts": manifest["artifacts"],
+        "input": {**manifest["input"], **manifest["input"]["preprocessing"]},
+        "input_shape": manifest["input"]["shape"],
+        "output_shape": manifest["output"]["shape"],
+        "random_weights": manifest["model"]["weights"] == "random",
+        "bundle_path": str(bundle),
+    }

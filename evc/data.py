@@ -47,18 +47,6 @@ class SkippedImage(UserWarning):
     """An unreadable image left out of a `skip_bad = true` data block."""
 
 
-def data_identity(data: DataPlan) -> dict:
-    """What a data block's images are, for cache keys: its settings (split, part and skip_bad among them) and, for
-    a folder, its files' names, sizes and modification times."""
-    from evc.cache import canonical
-
-    identity = canonical(data)
-    if data.images is not None:
-        identity["files"] = [(str(p.relative_to(data.images)), p.stat().st_size, p.stat().st_mtime_ns)
-                             for p in sorted(data.images.rglob("*")) if p.is_file()]
-    return identity
-
-
 @dataclass(frozen=True)
 class Folder:
     """An `images` folder as scanned: its images in order, each one's label (-1 when unlabelled), its classes."""

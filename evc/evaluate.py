@@ -1,12 +1,12 @@
 """`evaluate { data = val, top = [1, 5] }`: accuracy before and after compression, and of every artifact.
 
     accuracy(logits, labels, (1, 5))        # {"top1": 0.98, "top5": 1.0}
-    evaluate_models(plan, compiled, cache)  # the model as loaded and compressed: accuracy, MACs, params, latency
+    evaluate_models(plan, compiled, original, cache, keys.evaluate)  # as loaded and compressed
 
 The model as loaded and as compressed run in PyTorch for accuracy, and both
 are exported to ONNX and timed in ONNX Runtime at one thread, so the table a
 build prints reads before and after side by side. Artifacts are scored where
-they are validated (see `evc.driver`), each in its own runtime.
+they are validated (see `evc.lower`), each in its own runtime.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from evc.cache import Cache, library_versions, stage_key
-from evc.data import data_identity
+from evc.cache import Cache
 from evc.errors import InputError
 from evc.plan import Plan
 
@@ -51,14 +50,8 @@ def _read(data, image) -> tuple[np.ndarray, np.ndarray | None]:
     return load_labelled(data, image)
 
 
-def evaluation_key(plan: Plan, compiled_key: str, load_key: str) -> str:
-    return stage_key("evaluate", compiled_key, load_key, data_identity(plan.data[plan.evaluate.data]),
-                     plan.evaluate.top, library_versions())
-
-
-def evaluate_models(plan: Plan, compiled, original, cache: Cache, load_key: str) -> dict:
+def evaluate_models(plan: Plan, compiled, original, cache: Cache, key: str) -> dict:
     """Accuracy, MACs, params and ONNX Runtime latency of the model as loaded and as compressed; cached."""
-    key = evaluation_key(plan, compiled.key, load_key)
     hit = cache.get("evaluate", key)
     if hit is None:
         hit = cache.put("evaluate", key, lambda folder: (folder / RESULT).write_text(
@@ -80,13 +73,14 @@ def _measure(plan: Plan, compiled, original) -> dict:
 def _onnx_latency(program) -> float:
     """Median ONNX Runtime latency at batch 1 and one thread: the same export every cpu target makes."""
     from evc.bench import measure
-    from evc.registry import FORMATS
+    from evc.registry import FORMATS, Export, Runtime
 
-    backend = FORMATS["onnx"].backend
+    onnx = FORMATS["onnx"].plugin
+    assert isinstance(onnx, Export) and isinstance(onnx, Runtime), "the onnx format exports and runs here"
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        backend.export(program, path)
-        run = backend.session(path, threads=1)
+        onnx.export(program, path)
+        run = onnx.session(path, threads=1)
         return measure(run, program.example().numpy(), LATENCY_RUNS, LATENCY_WARMUPS)["median_ms"]
 
 

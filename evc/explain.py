@@ -7,11 +7,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from evc.cache import Cache, canonical
-from evc.compile import compile_model
+from evc.cache import Cache
+from evc.compress import compile_model
+from evc.keys import canonical
 from evc.plan import Plan
 from evc.progress import Progress
-from evc.registry import DEVICES, FORMATS, PASSES
+from evc.registry import DEVICES, FORMATS, PASSES, Placement
 
 
 def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
@@ -37,9 +38,9 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
         params = ", ".join(f"{k} = {v}" for k, v in canonical(t.params).items())
         console.print(f"[bold]target[/] {t.name}: {DEVICES[t.device].help or t.device}, "
                       f"{FORMATS[t.format].help} ({params})")
-        backend = FORMATS[t.format].backend
-        if hasattr(backend, "placement"):
-            console.print(placement_text(backend.placement(compiled.program, t)))
+        fmt = FORMATS[t.format].plugin
+        if isinstance(fmt, Placement):
+            console.print(placement_text(fmt.placement(compiled.program, t)))
 
 
 def _spec_value(value) -> str:

@@ -41,9 +41,10 @@ def _number(value: ast.Value, what: str) -> float | Fraction:
 
 
 class Kind:
-    """What a parameter accepts; `text` reads well in messages and tables."""
+    """What a parameter accepts; `text` reads well in messages and tables, `example` stands for a value."""
 
     text = "a value"
+    example = "..."
 
     def check(self, value: ast.Value) -> Any:
         raise NotImplementedError
@@ -71,6 +72,7 @@ class Ratio(Kind):
 class Int(Kind):
     low: int | None = None
     high: int | None = None
+    example = "N"
 
     @property
     def text(self) -> str:
@@ -152,11 +154,8 @@ class Text(Kind):
         return value.value
 
 
-@dataclass(frozen=True)
-class DataRef(Kind):
-    """The name of a `data` block; whether it exists is checked against the spec."""
-
-    text = "the name of a data block"
+class _BlockName(Kind):
+    """The name of another block, written bare; whether it exists is checked against the spec."""
 
     def check(self, value):
         if not isinstance(value, ast.Ident):
@@ -165,19 +164,22 @@ class DataRef(Kind):
 
 
 @dataclass(frozen=True)
-class ModelRef(Kind):
-    """The name of another `model` block (a teacher), or one of `builtin`; checked against the spec."""
+class DataRef(_BlockName):
+    """The name of a `data` block."""
+
+    text = "the name of a data block"
+    example = "<a data block>"
+
+
+@dataclass(frozen=True)
+class ModelRef(_BlockName):
+    """The name of another `model` block (a teacher), or one of `builtin`."""
 
     builtin: tuple[str, ...] = ()
 
     @property
     def text(self) -> str:
         return " or ".join((*self.builtin, "the name of another model block"))
-
-    def check(self, value):
-        if not isinstance(value, ast.Ident):
-            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
-        return value.name
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,7 @@ class ListOf(Kind):
     length: int | None = None
     or_single: bool = False  # `threads = 4` is the list [4]
     empty_ok: bool = False
+    example = "[...]"
 
     @property
     def text(self) -> str:
@@ -249,6 +252,26 @@ REQUIRED = object()
 
 
 @dataclass(frozen=True)
+class When:
+    """A condition on another key of the same block: `When("score", ("taylor",))` holds when score is
+    taylor; with no values, when that key has a value at all."""
+
+    key: str
+    values: tuple = ()
+
+    def holds(self, values: dict) -> bool:
+        value = values.get(self.key)
+        return value is not None and value is not False and (not self.values or value in self.values)
+
+    def __str__(self) -> str:
+        return f"{self.key} = {' or '.join(map(str, self.values))}" if self.values else self.key
+
+    def met(self, values: dict) -> str:
+        """How the condition holds for `values`: `score = activation`."""
+        return f"{self.key} = {values[self.key]}" if self.values else self.key
+
+
+@dataclass(frozen=True)
 class Param:
     """One key of a block: its name, what it accepts, its default, one line of help.
 
@@ -261,10 +284,40 @@ class Param:
     default: Any = REQUIRED
     help: str = ""
     per_layer: bool = False
+    # Rules across the block's keys, checked with it and shown in the README's tables:
+    needed_when: tuple[When, ...] = ()  # the key must have a value when all of these hold
+    only_with: str | None = None  # the key means something only beside this one
+    not_with: tuple[str, ...] = ()  # the key cannot be given with any of these
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    def rules_text(self) -> str:
+        """The key's rules as the README's tables say them."""
+        rules = []
+        if self.needed_when:
+            rules.append("needed when " + " with ".join(map(str, self.needed_when)))
+        if self.only_with:
+            rules.append(f"only with `{self.only_with}`")
+        if self.not_with:
+            rules.append("not with " + ", ".join(f"`{k}`" for k in self.not_with))
+        return "; ".join(rules)
+
+    def broken_rule(self, values: dict, spans: dict) -> Invalid | None:
+        """The first rule that checked `values` break, at the span it concerns; `spans` holds the keys given."""
+        if self.needed_when and values.get(self.name) is None and all(w.holds(values) for w in self.needed_when):
+            condition = " with ".join(w.met(values) for w in self.needed_when)
+            return Invalid(f"{condition} needs {self.name}: add `{self.name} = {self.kind.example}`",
+                           spans.get(self.needed_when[0].key))
+        if self.name not in spans:
+            return None
+        if self.only_with and self.only_with not in spans:
+            return Invalid(f"{self.name}: applies only with `{self.only_with}`", spans[self.name])
+        clash = next((k for k in self.not_with if k in spans), None)
+        if clash is not None:
+            return Invalid(f"give either `{self.name}` or `{clash}`, not both", spans[self.name])
+        return None
 
     def check(self, value: ast.Value) -> Any:
         if self.per_layer and isinstance(value, ast.List):
@@ -335,7 +388,20 @@ def check_entries(entries: tuple[ast.Entry, ...], params: tuple[Param, ...], whe
             values[param.name] = param.default
     for key in skip:
         values.pop(key, None)
+    if not problems:
+        given = {entry.key: entry.value.span for entry in entries}
+        problems = [broken for p in params if (broken := p.broken_rule(values, given)) is not None]
     return values, problems
+
+
+def check_rules_declared(params: tuple[Param, ...], where: str) -> None:
+    """A rule must name keys the same block declares: checked when a plug-in registers."""
+    names = {p.name for p in params}
+    for p in params:
+        named = [w.key for w in p.needed_when] + [p.only_with] * bool(p.only_with) + list(p.not_with)
+        unknown = [k for k in named if k not in names]
+        if unknown:
+            raise TypeError(f"{where}: parameter '{p.name}' has a rule on undeclared key '{unknown[0]}'")
 
 
 def data_refs(params: tuple[Param, ...], values: dict, ref: type = None) -> list[str]:

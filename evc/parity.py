@@ -17,6 +17,12 @@ class Parity:
     def within(self, tolerance: float) -> bool:
         return self.max_abs_diff <= tolerance
 
+    def beyond(self, tolerance: float) -> str | None:
+        """Why the largest difference from PyTorch misses `tolerance`; None if it is within."""
+        if self.within(tolerance):
+            return None
+        return f"max abs diff {self.max_abs_diff:.3g} exceeds tolerance {tolerance:g}"
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from evc.check import DATA_PARAMS, EVALUATE_PARAMS, MODEL_PARAMS, TARGET_PARAMS
+from evc.blocks import DATA_PARAMS, EVALUATE_PARAMS, MODEL_PARAMS, TARGET_PARAMS
 from evc.params import Param, Record
 from evc.registry import DEVICES, FORMATS, PASSES, load_plugins
 
@@ -27,7 +27,8 @@ def _rows(params: tuple[Param, ...], prefix: str = "") -> list[str]:
         takes = "a table of the keys below" if record else p.kind.text
         takes += ", or one per block" if p.per_layer else ""
         text = p.help.replace("|", "\\|")  # a pipe in help text would end the table cell
-        rows.append(f"| `{prefix}{p.name}` | {takes} | {p.describe_default()} | {text} |")
+        default = p.describe_default() + (f"; {p.rules_text()}" if p.rules_text() else "")
+        rows.append(f"| `{prefix}{p.name}` | {takes} | {default} | {text} |")
         if record:
             rows += _rows(p.kind.params, f"{prefix}{p.name}.")
     return rows

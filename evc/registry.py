@@ -1,66 +1,136 @@
-"""Where passes, formats and devices register themselves under the names a spec uses.
+"""The plug-in contract: passes, formats and devices, registered under the names a spec uses.
 
-A pass module in `passes/` (installed as `evc.passes`) registers like this:
+Every plug-in registers the same way: a decorator with its name and declared
+parameters, on a class that implements its contract.
 
     @register_pass("head_prune",
         Param("keep", Ratio(), 1.0, "share of heads to keep", per_layer=True))
-    def head_prune(program, params, ctx):
+    class HeadPrune(Pass):
         '''Remove whole attention heads.'''
-        ...
-        return program
+
+        def run(self, program, params, ctx):
+            ...
+            return program
+
+The first line of the class's docstring is its help in `evc explain` and the
+README. What a plug-in can do beyond its contract is declared by the
+capabilities it inherits (`Runtime`, `Placement`, `Export`, `RemoteBench`),
+never probed. A registration that breaks the contract fails at import.
 
 Plug-in modules are imported by `load_plugins()` and must stay light at import
 time (no torch at module level): `evc check` reads their declarations and must
-stay well under a second.
+stay well under a second. Modules whose names start with `_` are their
+helpers, and packages (`targets/payload/`) are files for bundles: neither is
+imported as a plug-in.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Callable
+from pathlib import Path
+from typing import Callable
 
-from evc.params import Param
+from evc.params import Param, check_rules_declared
+
+# ---- contracts ----------------------------------------------------------------------------------
+
+
+class Pass(ABC):
+    """A compression pass: a Program in, a Program out."""
+
+    @abstractmethod
+    def run(self, program, params: dict, ctx):
+        """The compressed Program; `ctx` is an `evc.context.PassContext`."""
+
+
+class Format(ABC):
+    """A lowering: a Program to artifacts, and the parity they must reach."""
+
+    @abstractmethod
+    def lower(self, program, target, out_dir: Path, ctx) -> list:
+        """Write the artifacts into `out_dir`; `ctx` is an `evc.context.Context`."""
+
+    @abstractmethod
+    def check_parity(self, parity, params: dict, artifact) -> str | None:
+        """None if `parity` (an `evc.parity.Parity`) passes for `artifact`, else why not."""
+
+
+class Runtime(ABC):
+    """Capability of a format: its artifacts run on this machine, so they are validated and timed here."""
+
+    @abstractmethod
+    def session(self, path: Path, threads: int | None = None) -> Callable:
+        """run(x) -> output, for one input batch."""
+
+    def run(self, path: Path, images):
+        """The outputs for `images`, one at a time as a device would see them."""
+        import numpy as np
+
+        run = self.session(path)
+        return np.concatenate([run(x[None]) for x in images])
+
+
+class Placement(ABC):
+    """Capability of a format: it can say where each node of a Program runs on the target's device."""
+
+    @abstractmethod
+    def placement(self, program, target) -> dict:
+        """The operator check: counts per place and every node kept off the accelerator."""
+
+
+class Export(ABC):
+    """Capability of a format: it writes the model alone, as it lowers it, for timing outside a target."""
+
+    @abstractmethod
+    def export(self, program, path: Path) -> None: ...
+
+
+class Device(ABC):
+    """A device profile; its scripts are templates, its facts data. Subclasses may add capabilities."""
+
+
+class RemoteBench(ABC):
+    """Capability of a device: `evc bench --serial` benchmarks a bundle on it from here."""
+
+    @abstractmethod
+    def bench(self, bundle: Path, manifest: dict, serial: str, runs: int | None, console) -> list[dict]: ...
+
+
+# ---- registries ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class PassInfo:
+class Info:
+    """A registered plug-in: its name in specs, its declared parameters, the instance, its help line."""
+
     name: str
     params: tuple[Param, ...]
-    run: Callable  # (Program, params: dict, PassContext) -> Program
-    check: Callable | None = None  # (params: dict, spans: dict) -> None, raises Invalid
+    plugin: object
     help: str = ""
+
+
+@dataclass(frozen=True)
+class PassInfo(Info):
+    check: Callable | None = None  # (params: dict, spans: dict) -> None, raises Invalid
     excludes: dict[str, str] = field(default_factory=dict)  # pass name -> why the two cannot share a compress block
 
 
 @dataclass(frozen=True)
-class FormatInfo:
-    """A lowering backend: turns a Program into artifacts and, where a runtime exists here, runs them."""
-
-    name: str
-    params: tuple[Param, ...]
-    # An object with lower(program, target, out_dir, ctx) -> [Artifact],
-    # check_parity(parity, params, artifact) -> reason or None, and, where the
-    # format has a runtime on this machine, session(path, threads) -> run(x).
-    backend: Any
-    help: str = ""
+class FormatInfo(Info):
     check: Callable | None = None  # (params: dict, spans: dict) -> None, raises Invalid
 
 
 @dataclass(frozen=True)
-class DeviceInfo:
-    """A device profile: the formats it runs, its keys, its facts, its script templates."""
-
-    name: str
-    formats: tuple[str, ...]
-    params: tuple[Param, ...]
-    templates: str  # a folder under targets/templates
-    facts: dict = field(default_factory=dict)
-    help: str = ""
-    bench: Callable | None = None  # (bundle, manifest, serial, runs, console) -> result: benchmark on the device
-    files: tuple[str, ...] = ()  # modules of evc.targets copied verbatim into the bundle (stdlib-only parsers)
+class DeviceInfo(Info):
+    formats: tuple[str, ...] = ()
+    templates: str = ""  # a folder under targets/templates
+    facts: dict = field(default_factory=dict)  # data the formats read: the device's operator table
+    files: tuple[str, ...] = ()  # files of targets/payload/ copied verbatim into the bundle
 
 
 PASSES: dict[str, PassInfo] = {}
@@ -68,20 +138,41 @@ FORMATS: dict[str, FormatInfo] = {}
 DEVICES: dict[str, DeviceInfo] = {}
 
 
-def _first_line(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+def _register(registry: dict, info_type: type, contract: type, name: str, params: tuple[Param, ...], **declared):
+    """The one registration: check `cls` against its contract and its declarations, then record it."""
+
+    def decorate(cls: type) -> type:
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        if not (inspect.isclass(cls) and issubclass(cls, contract)):
+            raise TypeError(f"{where}: registered as a {contract.__name__.lower()} but is not a {contract.__name__}")
+        if name in registry:
+            raise TypeError(f"{where}: a {contract.__name__.lower()} named '{name}' is already registered")
+        names = [p.name for p in params]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{where}: a parameter is declared twice in {names}")
+        check_rules_declared(params, where)
+        doc = (cls.__doc__ or "").strip()
+        registry[name] = info_type(name, tuple(params), cls(), doc.splitlines()[0] if doc else "", **declared)
+        return cls
+
+    return decorate
 
 
 def register_pass(name: str, *params: Param, check: Callable | None = None, excludes: dict[str, str] | None = None):
     """`excludes` names the passes this one cannot share a compress block with, each with the reason:
     `excludes={"token_merge": "both change the token count"}`. It holds both ways round.
     """
+    return _register(PASSES, PassInfo, Pass, name, params, check=check, excludes=dict(excludes or {}))
 
-    def decorate(run: Callable) -> Callable:
-        PASSES[name] = PassInfo(name, tuple(params), run, check, _first_line(run.__doc__), dict(excludes or {}))
-        return run
 
-    return decorate
+def register_format(name: str, *params: Param, check: Callable | None = None):
+    return _register(FORMATS, FormatInfo, Format, name, params, check=check)
+
+
+def register_device(name: str, *params: Param, formats: tuple[str, ...], templates: str, facts: dict | None = None,
+                    files: tuple[str, ...] = ()):
+    return _register(DEVICES, DeviceInfo, Device, name, params, formats=formats, templates=templates,
+                     facts=facts or {}, files=files)
 
 
 def exclusion(a: str, b: str) -> str | None:
@@ -93,27 +184,12 @@ def exclusion(a: str, b: str) -> str | None:
     return None
 
 
-def register_format(name: str, *params: Param, check: Callable | None = None):
-    def decorate(cls):
-        FORMATS[name] = FormatInfo(name, tuple(params), cls(), _first_line(cls.__doc__), check)
-        return cls
-
-    return decorate
-
-
-def register_device(name: str, *params: Param, formats: tuple[str, ...], templates: str,
-                    facts: dict | None = None, help: str = "", bench: Callable | None = None,
-                    files: tuple[str, ...] = ()) -> DeviceInfo:
-    DEVICES[name] = DeviceInfo(name, formats, tuple(params), templates, facts or {}, help, bench, files)
-    return DEVICES[name]
-
-
 @cache
 def load_plugins() -> None:
-    """Import every module of evc.passes and evc.targets so they register."""
+    """Import every plug-in module of evc.passes and evc.targets so they register."""
     for package_name in ("evc.passes", "evc.targets"):
         package = importlib.import_module(package_name)
         # Sorted: the registries' order (README tables, `evc explain`) must not depend on the file system's.
-        for name in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
-            if not name.startswith("_"):
-                importlib.import_module(f"{package_name}.{name}")
+        for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            if not module.ispkg and not module.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{module.name}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 from pathlib import Path
 
@@ -28,13 +27,14 @@ def _environment(folder: str) -> jinja2.Environment:
     return env
 
 
-def render_scripts(folder: str, context: dict, out_dir: Path, files: tuple[str, ...] = ()) -> list[str]:
-    """Render each `NAME.j2` to `out_dir/NAME` and copy `files` (modules of evc.targets); scripts are executable."""
-    env = _environment(folder)
+def render_scripts(device, context: dict, out_dir: Path) -> list[str]:
+    """Render each `NAME.j2` of the device's templates to `out_dir/NAME` and copy its payload files; scripts are
+    executable."""
+    env = _environment(device.templates)
     written = []
-    for name in files:
+    for name in device.files:
         path = out_dir / name
-        path.write_text((templates_root().parent / name).read_text())
+        path.write_text((payload_root() / name).read_text())
         path.chmod(0o755)
         written.append(name)
     for name in env.list_templates(filter_func=lambda n: n.endswith(".j2")):
@@ -46,9 +46,10 @@ def render_scripts(folder: str, context: dict, out_dir: Path, files: tuple[str, 
     return written
 
 
-def templates_digest(folder: str, files: tuple[str, ...] = ()) -> str:
-    digest = hashlib.sha256()
-    paths = sorted((templates_root() / folder).glob("*.j2")) + [templates_root().parent / f for f in files]
-    for path in paths:
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
+def bundle_files(device) -> list[Path]:
+    """Every file a device's bundles are made from: its templates and its payload files."""
+    return sorted((templates_root() / device.templates).glob("*.j2")) + [payload_root() / f for f in device.files]
+
+
+def payload_root() -> Path:
+    return templates_root().parent / "payload"

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import tempfile
@@ -145,15 +143,10 @@ def fingerprint(recipe: Recipe, student: nn.Module, teacher: nn.Module | None, s
     """What a checkpoint must have been trained from to be resumed: the recipe, the steps an epoch takes,
     and the starting student's and the teacher's weights, names and shapes. Device and workers change
     no result, so a run interrupted on one machine may finish on another."""
-    digest = hashlib.sha256()
+    from evc.keys import checkpoint_key
+
     run = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("device", "workers")}
-    digest.update(json.dumps([run, steps_per_epoch], sort_keys=True).encode())
-    for model in (student, teacher):
-        for name, tensor in (model.state_dict() if model is not None else {}).items():
-            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        digest.update(b"|")
-    return digest.hexdigest()
+    return checkpoint_key(run, steps_per_epoch, (student, teacher))
 
 
 def top_k(model: nn.Module, dataset: Dataset, batch: int = 256, k: int = 1) -> float:

@@ -12,18 +12,10 @@ from __future__ import annotations
 
 from functools import partial
 
-from evc.params import Choice, DataRef, Int, Invalid, ListOf, Param
-from evc.registry import register_pass
+from evc.params import Choice, DataRef, Int, ListOf, Param, When
+from evc.registry import Pass, register_pass
 
 _INDICES = ListOf(Int(0), empty_ok=True)
-
-
-def _check(params, spans):
-    named = params["attn"] or params["mlp"] or params["blocks"]
-    if params["count"] is not None and named:
-        raise Invalid("give either `count` or the lists attn, mlp and blocks, not both", spans.get("count"))
-    if params["count"] is not None and params["data"] is None:
-        raise Invalid("count with score = residual needs data: add `data = <a data block>`", spans.get("count"))
 
 
 @register_pass(
@@ -31,23 +23,26 @@ def _check(params, spans):
     Param("attn", _INDICES, (), "blocks whose attention sublayer is removed"),
     Param("mlp", _INDICES, (), "blocks whose MLP sublayer is removed"),
     Param("blocks", _INDICES, (), "blocks removed whole"),
-    Param("count", Int(1), None, "remove this many, chosen by score, instead of naming them"),
+    Param("count", Int(1), None, "remove this many, chosen by score, instead of naming them",
+          not_with=("attn", "mlp", "blocks")),
     Param("part", Choice(("attn", "mlp", "block")), "attn", "what `count` removes"),
     Param("score", Choice(("residual",)), "residual",
           "how `count` chooses: least ‖f(x)‖ / ‖x‖ on the data"),
-    Param("data", DataRef(), None, "images for `count`"),
-    check=_check,
+    Param("data", DataRef(), None, "images for `count`",
+          needed_when=(When("count"), When("score", ("residual",)))),
 )
-def block_skip(program, params, ctx):
+class BlockSkip(Pass):
     """Remove attention sublayers, MLP sublayers or whole blocks, keeping the residual path."""
-    from evc.surgery import rewritten, skip_sublayer
 
-    blocks = {b.index: b for b in program.structure.blocks}
-    if params["count"] is not None:
-        residuals = _by_score(program, params, ctx)
-    else:
-        residuals = _named(blocks, params, ctx)
-    return rewritten(program, [partial(skip_sublayer, residual=r) for r in residuals])
+    def run(self, program, params, ctx):
+        from evc.surgery import rewritten, skip_sublayer
+
+        blocks = {b.index: b for b in program.structure.blocks}
+        if params["count"] is not None:
+            residuals = _by_score(program, params, ctx)
+        else:
+            residuals = _named(blocks, params, ctx)
+        return rewritten(program, [partial(skip_sublayer, residual=r) for r in residuals])
 
 
 def _sublayers(block, part: str) -> list:

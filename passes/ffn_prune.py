@@ -11,13 +11,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from evc.params import Choice, DataRef, Int, Invalid, Param, Ratio
-from evc.registry import register_pass
-
-
-def _check(params, spans):
-    if params["score"] in ("taylor", "activation") and params["data"] is None:
-        raise Invalid(f"score = {params['score']} needs data: add `data = <a data block>`", spans.get("score"))
+from evc.params import Choice, DataRef, Int, Param, Ratio, When
+from evc.registry import Pass, register_pass
 
 
 @register_pass(
@@ -26,28 +21,30 @@ def _check(params, spans):
     Param("score", Choice(("l1", "l2", "taylor", "activation")), "l1",
           "how units are ranked: weight norms, Taylor importance or mean |activation| on data"),
     Param("round_to", Int(1), 8, "keep the hidden width a multiple of this (kernels are fastest on 8 or 16)"),
-    Param("data", DataRef(), None, "images for score = taylor or activation"),
-    check=_check,
+    Param("data", DataRef(), None, "images for score = taylor or activation",
+          needed_when=(When("score", ("taylor", "activation")),)),
 )
-def ffn_prune(program, params, ctx):
+class FfnPrune(Pass):
     """Remove MLP hidden units: fc1 rows and fc2 columns, by one shared score."""
-    from evc.passes._importance import activations, hidden_norms, hidden_taylor, top
 
-    from evc.surgery import keep_hidden, rewritten
+    def run(self, program, params, ctx):
+        from evc.passes._importance import activations, hidden_norms, hidden_taylor, top
 
-    structure = program.structure
-    keep = ctx.per_layer("keep", structure.depth)
-    blocks = [b for b in structure.blocks if b.mlp is not None]
-    score = params["score"]
-    if score == "taylor":
-        scores = hidden_taylor(program.graph, blocks, ctx.images(params["data"]))
-    elif score == "activation":
-        scores = activations(program.graph, blocks, ctx.images(params["data"]))
-    else:
-        scores = [hidden_norms(program.graph, b.mlp, 1 if score == "l1" else 2) for b in blocks]
-    widths = [width(keep[b.index], b.mlp.hidden, params["round_to"]) for b in blocks]
-    return rewritten(program, [partial(keep_hidden, mlp=b.mlp, keep=top(s, w), where=f"block {b.index}")
-                               for b, s, w in zip(blocks, scores, widths) if w < b.mlp.hidden])
+        from evc.surgery import keep_hidden, rewritten
+
+        structure = program.structure
+        keep = ctx.per_layer("keep", structure.depth)
+        blocks = [b for b in structure.blocks if b.mlp is not None]
+        score = params["score"]
+        if score == "taylor":
+            scores = hidden_taylor(program.graph, blocks, ctx.images(params["data"]))
+        elif score == "activation":
+            scores = activations(program.graph, blocks, ctx.images(params["data"]))
+        else:
+            scores = [hidden_norms(program.graph, b.mlp, 1 if score == "l1" else 2) for b in blocks]
+        widths = [width(keep[b.index], b.mlp.hidden, params["round_to"]) for b in blocks]
+        return rewritten(program, [partial(keep_hidden, mlp=b.mlp, keep=top(s, w), where=f"block {b.index}")
+                                   for b, s, w in zip(blocks, scores, widths) if w < b.mlp.hidden])
 
 
 def width(keep: float, hidden: int, round_to: int) -> int:

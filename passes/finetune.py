@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from evc.params import REQUIRED, Choice, DataRef, Float, Int, Invalid, ModelRef, Param
-from evc.registry import register_pass
+from evc.registry import Pass, register_pass
 
 
 def _check(params, spans):
@@ -44,32 +44,27 @@ def _check(params, spans):
     Param("seed", Int(0), 0, "seed for shuffling and augmentation"),
     check=_check,
 )
-def finetune(program, params, ctx):
+class Finetune(Pass):
     """Recover accuracy by knowledge distillation from the uncompressed model."""
-    from evc.train import Recipe, distill
 
-    train_set = ctx.dataset(params["data"], train=params["augment"] == "standard")
-    _check_labels(program, train_set, params, ctx)
-    recipe = Recipe(epochs=params["epochs"], lr=params["lr"], batch=params["batch"],
-                    weight_decay=params["weight_decay"], warmup_epochs=params["warmup"], alpha=params["alpha"],
-                    temperature=params["temperature"], seed=params["seed"], device=params["device"])
-    teacher = _teacher(params["teacher"], ctx)
-    result = distill(program.graph, teacher, train_set, recipe, ctx.workspace(), _validation(ctx),
-                     progress=ctx.progress.epoch)
-    ctx.report("epochs", [{"epoch": e.epoch, "loss": round(e.loss, 5), "top1": e.top1} for e in result.history])
-    ctx.report("best_epoch", result.best)
-    return replace(program, graph=result.student.eval())
+    def run(self, program, params, ctx):
+        from evc.train import Recipe, distill
+
+        train_set = ctx.dataset(params["data"], train=params["augment"] == "standard")
+        _check_labels(program, train_set, params, ctx)
+        recipe = Recipe(epochs=params["epochs"], lr=params["lr"], batch=params["batch"],
+                        weight_decay=params["weight_decay"], warmup_epochs=params["warmup"], alpha=params["alpha"],
+                        temperature=params["temperature"], seed=params["seed"], device=params["device"])
+        teacher = _teacher(params["teacher"], ctx)
+        result = distill(program.graph, teacher, train_set, recipe, ctx.workspace(), _validation(ctx),
+                         progress=ctx.progress.epoch)
+        ctx.report("epochs", [{"epoch": e.epoch, "loss": round(e.loss, 5), "top1": e.top1} for e in result.history])
+        ctx.report("best_epoch", result.best)
+        return replace(program, graph=result.student.eval())
 
 
 def _teacher(name: str, ctx):
-    if name == "none":
-        return None
-    if name == "original":
-        return ctx.original.graph.eval()
-    from evc.load import load_model
-
-    with ctx.progress.stage(f"load teacher {name}"):
-        return load_model(ctx.plan.teachers[name], ctx.plan.path.parent)
+    return None if name == "none" else ctx.model(name).eval()
 
 
 def _check_labels(program, train_set, params, ctx) -> None:
@@ -84,8 +79,7 @@ def _check_labels(program, train_set, params, ctx) -> None:
 
 def _validation(ctx):
     """The `evaluate` block's data, labelled, for keeping the best epoch; None without one."""
-    evaluate = ctx.plan.evaluate
-    if evaluate is None:
+    if ctx.evaluate_data is None:
         return None
-    images = ctx.dataset(evaluate.data)
+    images = ctx.dataset(ctx.evaluate_data)
     return images if images.classes is not None else None

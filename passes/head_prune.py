@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from functools import partial
 
-from evc.params import Choice, DataRef, Int, Invalid, Param, PerLayer, Ratio
-from evc.registry import register_pass
+from evc.params import Choice, DataRef, Int, Invalid, Param, PerLayer, Ratio, When
+from evc.registry import Pass, register_pass
 
 
 def _check(params, spans):
-    if params["score"] == "taylor" and params["data"] is None:
-        raise Invalid("score = taylor needs data: add `data = <a data block>`", spans.get("score"))
     if params["scope"] == "global" and isinstance(params["keep"], PerLayer):
         raise Invalid("scope = global ranks all heads together and takes one keep, not a list",
                       params["keep"].span)
@@ -32,30 +30,32 @@ def _check(params, spans):
     Param("scope", Choice(("layer", "global")), "layer",
           "keep that share in every layer, or rank all heads of the model together"),
     Param("min_heads", Int(1), 1, "heads every layer keeps, whatever the scores"),
-    Param("data", DataRef(), None, "images for score = taylor"),
+    Param("data", DataRef(), None, "images for score = taylor", needed_when=(When("score", ("taylor",)),)),
     check=_check,
 )
-def head_prune(program, params, ctx):
+class HeadPrune(Pass):
     """Remove whole attention heads, ranked by weight norm or Taylor importance."""
-    from evc.passes._importance import head_norms, head_taylor, top
 
-    from evc.surgery import keep_heads, rewritten
+    def run(self, program, params, ctx):
+        from evc.passes._importance import head_norms, head_taylor, top
 
-    structure = program.structure
-    keep = ctx.per_layer("keep", structure.depth)
-    blocks = [b for b in structure.blocks if b.attn is not None]
-    if params["score"] == "taylor":
-        scores = head_taylor(program.graph, blocks, ctx.images(params["data"]))
-    else:
-        p = 1 if params["score"] == "l1" else 2
-        scores = [head_norms(program.graph, b.attn, p, f"block {b.index}") for b in blocks]
-    counts = [b.attn.num_heads for b in blocks]
-    if params["scope"] == "global":
-        kept = _global_choice(scores, keep[0], params["min_heads"])
-    else:
-        kept = [top(s, _count(keep[b.index], n, params["min_heads"])) for b, s, n in zip(blocks, scores, counts)]
-    return rewritten(program, [partial(keep_heads, attn=b.attn, keep=heads, where=f"block {b.index}")
-                               for b, heads in zip(blocks, kept) if len(heads) < b.attn.num_heads])
+        from evc.surgery import keep_heads, rewritten
+
+        structure = program.structure
+        keep = ctx.per_layer("keep", structure.depth)
+        blocks = [b for b in structure.blocks if b.attn is not None]
+        if params["score"] == "taylor":
+            scores = head_taylor(program.graph, blocks, ctx.images(params["data"]))
+        else:
+            p = 1 if params["score"] == "l1" else 2
+            scores = [head_norms(program.graph, b.attn, p, f"block {b.index}") for b in blocks]
+        counts = [b.attn.num_heads for b in blocks]
+        if params["scope"] == "global":
+            kept = _global_choice(scores, keep[0], params["min_heads"])
+        else:
+            kept = [top(s, _count(keep[b.index], n, params["min_heads"])) for b, s, n in zip(blocks, scores, counts)]
+        return rewritten(program, [partial(keep_heads, attn=b.attn, keep=heads, where=f"block {b.index}")
+                                   for b, heads in zip(blocks, kept) if len(heads) < b.attn.num_heads])
 
 
 def _count(keep: float, heads: int, min_heads: int) -> int:

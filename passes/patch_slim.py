@@ -24,7 +24,7 @@ import math
 from functools import partial
 
 from evc.params import REQUIRED, Choice, DataRef, Flag, Float, Int, Invalid, Param, PerLayer, Record
-from evc.registry import register_pass
+from evc.registry import Pass, register_pass
 
 SEARCH = Record((
     Param("tolerance", Float(0, open_low=True), 0.01, "largest relative error ‖f − f₀‖ / ‖f₀‖ of the final features"),
@@ -37,14 +37,12 @@ def _check(params, spans):
     keep = params["keep"]
     if isinstance(keep, PerLayer) and keep.values[0] != 1:
         raise Invalid("keep: block 0 must keep every patch (1): no attention before it ranks them", keep.span)
-    if params["search"] is not None and "keep" in spans:
-        raise Invalid("give either `keep` or `search`, which finds keep", spans["keep"])
 
 
 @register_pass(
     "patch_slim",
     Param("keep", Float(0, 1), 1.0, "share of the patches entering block l-1 that enter block l (block 0 keeps all)",
-          per_layer=True),
+          per_layer=True, not_with=("search",)),
     Param("score", Choice(("cls_attention", "mean_attention")), "cls_attention",
           "how patches are ranked: the class token's attention to them, or the attention they receive"),
     Param("fuse", Flag(), False, "add one token, the score-weighted mean of the dropped patches (EViT)"),
@@ -52,22 +50,24 @@ def _check(params, spans):
     check=_check,
     excludes={"token_merge": "both change the token count; use one of them"},
 )
-def patch_slim(program, params, ctx):
+class PatchSlim(Pass):
     """Drop the patches that matter least before each block, with static token counts."""
-    structure = program.structure
-    prefix = len(structure.prefix_tokens)
-    if params["score"] == "cls_attention" and structure.pool != "token":
-        raise ctx.error("score", "score = cls_attention needs a class token, and this model pools the average "
-                                 "of its tokens: use score = mean_attention")
-    first = structure.blocks[0].tokens - prefix
-    if params["search"] is not None:
-        kept = search(program, params, ctx, first)
-        keep = [1.0] + [share(k, m) for k, m in zip(kept[1:], entering(first, kept, params["fuse"])[1:])]
-        ctx.report("keep", keep)
-    else:
-        shares = ctx.per_layer("keep", structure.depth)
-        kept = counts(first, (1.0, *shares[1:]), params["fuse"], _least(structure))
-    return slimmed(program, kept, params["score"], params["fuse"], ctx)
+
+    def run(self, program, params, ctx):
+        structure = program.structure
+        prefix = len(structure.prefix_tokens)
+        if params["score"] == "cls_attention" and structure.pool != "token":
+            raise ctx.error("score", "score = cls_attention needs a class token, and this model pools the average "
+                                     "of its tokens: use score = mean_attention")
+        first = structure.blocks[0].tokens - prefix
+        if params["search"] is not None:
+            kept = search(program, params, ctx, first)
+            keep = [1.0] + [share(k, m) for k, m in zip(kept[1:], entering(first, kept, params["fuse"])[1:])]
+            ctx.report("keep", keep)
+        else:
+            shares = ctx.per_layer("keep", structure.depth)
+            kept = counts(first, (1.0, *shares[1:]), params["fuse"], _least(structure))
+        return slimmed(program, kept, params["score"], params["fuse"], ctx)
 
 
 def _round(x: float) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from functools import partial
 
 from evc.params import Flag, Int, Param
-from evc.registry import register_pass
+from evc.registry import Pass, register_pass
 
 
 @register_pass(
@@ -28,27 +28,29 @@ from evc.registry import register_pass
           "proportional attention: later attentions add log(size) to their logits, as ToMe does"),
     excludes={"patch_slim": "both change the token count; use one of them"},
 )
-def token_merge(program, params, ctx):
+class TokenMerge(Pass):
     """Merge r similar tokens in each block by bipartite soft matching, with static shapes."""
-    from evc.surgery import rewritten
 
-    structure = program.structure
-    prefix = len(structure.prefix_tokens)
-    if prefix > 2:
-        raise ctx.error("r", f"the model has {prefix} prefix tokens; ToMe protects a class and a distillation "
-                             "token, not more")
-    plan, tokens, asked = [], structure.blocks[0].tokens, ctx.per_layer("r", structure.depth)
-    for block, r in zip(structure.blocks, asked):
-        r = min(r, (tokens - prefix) // 2) if block.attn is not None else 0  # ToMe's cap: half the tokens
-        plan.append((block, r, tokens))
-        tokens -= r
-    merged = [r for _, r, _ in plan]
-    if merged != list(asked):
-        ctx.report("r", merged)  # what each block could merge, where fewer tokens were left than asked
-    if not any(r for _, r, _ in plan):
-        return program
-    return rewritten(program, [partial(_merge, plan=plan, cls=prefix >= 1, distill=prefix == 2,
-                                       proportional=params["proportional"])])
+    def run(self, program, params, ctx):
+        from evc.surgery import rewritten
+
+        structure = program.structure
+        prefix = len(structure.prefix_tokens)
+        if prefix > 2:
+            raise ctx.error("r", f"the model has {prefix} prefix tokens; ToMe protects a class and a distillation "
+                                 "token, not more")
+        plan, tokens, asked = [], structure.blocks[0].tokens, ctx.per_layer("r", structure.depth)
+        for block, r in zip(structure.blocks, asked):
+            r = min(r, (tokens - prefix) // 2) if block.attn is not None else 0  # ToMe's cap: half the tokens
+            plan.append((block, r, tokens))
+            tokens -= r
+        merged = [r for _, r, _ in plan]
+        if merged != list(asked):
+            ctx.report("r", merged)  # what each block could merge, where fewer tokens were left than asked
+        if not any(r for _, r, _ in plan):
+            return program
+        return rewritten(program, [partial(_merge, plan=plan, cls=prefix >= 1, distill=prefix == 2,
+                                           proportional=params["proportional"])])
 
 
 def _merge(gm, plan, cls: bool, distill: bool, proportional: bool) -> None:

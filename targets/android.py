@@ -17,7 +17,7 @@ from pathlib import Path
 
 from evc.errors import BuildError, InputError
 from evc.params import Int, ListOf, Param, Text
-from evc.registry import register_device
+from evc.registry import Device, RemoteBench, register_device
 
 DEVICE_DIR = "/data/local/tmp/evc"  # adb shell may write here without root
 BINARY = "benchmark_model"
@@ -69,7 +69,7 @@ def bench_on_phone(bundle: Path, manifest: dict, serial: str, runs: int | None, 
 
 
 def _run_on(device, bundle: Path, binary: Path, manifest: dict, runs: int | None) -> list[dict]:
-    from evc.targets.parse_benchmark_model import parse
+    from evc.targets.payload.parse_benchmark_model import parse
 
     params, model = manifest["target"]["params"], manifest["artifacts"][0]["path"]
     device.shell(["mkdir", "-p", DEVICE_DIR])
@@ -109,7 +109,7 @@ def _cell(value) -> str:
     return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-register_device(
+@register_device(
     "android",
     Param("threads", ListOf(Int(1, 64), or_single=True), (4,),
           "threads benchmark_model runs with (--num_threads); a list runs once per count"),
@@ -122,6 +122,9 @@ register_device(
     formats=("tflite",),
     templates="android",
     files=("parse_benchmark_model.py",),
-    bench=bench_on_phone,
-    help="an Android phone running TFLite's benchmark_model over adb",
 )
+class Android(Device, RemoteBench):
+    """an Android phone running TFLite's benchmark_model over adb"""
+
+    def bench(self, bundle: Path, manifest: dict, serial: str, runs: int | None, console) -> list[dict]:
+        return bench_on_phone(bundle, manifest, serial, runs, console)

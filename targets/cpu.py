@@ -5,9 +5,10 @@
 """
 
 from evc.params import AnyOf, Choice, Int, ListOf, Param
-from evc.registry import register_device
+from evc.registry import Device, register_device
 
-register_device(
+
+@register_device(
     "cpu",
     Param("threads", ListOf(AnyOf((Int(1, 1024), Choice(("all",)))), or_single=True), (1, "all"),
           "thread counts to benchmark at; `all` is every core of the machine"),
@@ -15,5 +16,6 @@ register_device(
     Param("warmups", Int(0), 10, "untimed runs before timing"),
     formats=("onnx", "tflite"),
     templates="cpu",
-    help="a plain CPU with ONNX Runtime (onnx) or the LiteRT interpreter (tflite)",
 )
+class Cpu(Device):
+    """a plain CPU with ONNX Runtime (onnx) or the LiteRT interpreter (tflite)"""

@@ -9,9 +9,10 @@ latency, throughput and energy per inference.
 """
 
 from evc.params import Choice, Int, Param
-from evc.registry import register_device
+from evc.registry import Device, register_device
 
-register_device(
+
+@register_device(
     "jetson",
     Param("precision", Choice(("fp32", "fp16", "int8")), "fp16",
           "TensorRT precision; int8 without a calibration cache times kernels, its accuracy is not checked"),
@@ -21,5 +22,6 @@ register_device(
     formats=("onnx",),
     templates="jetson",
     files=("parse_trtexec.py",),
-    help="an NVIDIA Jetson with TensorRT",
 )
+class Jetson(Device):
+    """an NVIDIA Jetson with TensorRT"""

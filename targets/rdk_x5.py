@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 from evc.params import Int, ListOf, Param
-from evc.registry import register_device
+from evc.registry import Device, register_device
 
-register_device(
+
+@register_device(
     "rdk_x5",
     Param("threads", ListOf(Int(1, 64), or_single=True), (1, 4),
           "thread counts for `hrt_model_exec perf` on the board (its thread_num)"),
@@ -18,6 +19,7 @@ register_device(
     formats=("bpu",),
     templates="rdk_x5",
     facts=json.loads((Path(__file__).parent / "devices" / "rdk_x5.json").read_text()),
-    help="D-Robotics RDK X5: Horizon Bayes-e BPU, int8, compiled by hb_mapper on a PC",
     files=("parse_hrt.py",),
 )
+class RdkX5(Device):
+    """D-Robotics RDK X5: Horizon Bayes-e BPU, int8, compiled by hb_mapper on a PC"""

@@ -10,13 +10,15 @@ SPECS = Path(__file__).resolve().parent / "specs"
 @pytest.fixture
 def registered_pass():
     """Register a pass for one test: `registered_pass("name", run, *params, check=None, excludes=None)`."""
-    from evc.registry import PASSES, load_plugins, register_pass
+    from evc.registry import PASSES, Pass, load_plugins, register_pass
 
     load_plugins()
     added = []
 
     def register(name, run, *params, check=None, excludes=None):
-        register_pass(name, *params, check=check, excludes=excludes)(run)
+        plugin = type(name, (Pass,), {"run": lambda self, program, params, ctx: run(program, params, ctx),
+                                      "__doc__": run.__doc__})
+        register_pass(name, *params, check=check, excludes=excludes)(plugin)
         added.append(name)
 
     yield register

@@ -1,6 +1,6 @@
 """Cache keys: canonical forms of checked values."""
 
-from evc.cache import canonical, stage_key
+from evc.keys import canonical, stage_key
 from evc.params import PerLayer
 from evc.spec.parse import Span
 

@@ -11,13 +11,13 @@ from PIL import Image
 from evc.data import (
     SkippedImage,
     classes,
-    data_identity,
     dataset,
     load_images,
     load_labelled,
     shares,
 )
 from evc.errors import InputError
+from evc.keys import data_identity
 from evc.plan import DataPlan, ImageInput
 from tests.conftest import run_evc, small_spec, write_images
 
@@ -284,8 +284,8 @@ def test_skip_bad_builds_and_the_warning_names_the_skipped_image(write_spec, tmp
 @pytest.mark.parametrize("data, where, message", [
     (", split = [0.8, 0.1], part = 1", "6:36", "split: the shares sum to 0.9, not 1"),
     (", split = [0.9, 0.1], part = 3", "6:55", "part: 3 is out of range: split has 2 shares"),
-    (", part = 1", "6:35", "part needs `split = [...]`"),
-    (", split = [0.9, 0.1]", "6:36", "split needs `part = N` (1 to 2)"),
+    (", part = 1", "6:35", "part needs split: add `split = [...]`"),
+    (", split = [0.9, 0.1]", "6:36", "split needs part: add `part = N`"),
 ])
 def test_a_bad_split_is_a_check_error_at_its_line_and_column(write_spec, tmp_path, data, where, message):
     (tmp_path / "val").mkdir()

@@ -62,7 +62,7 @@ def test_the_onnx_artifact_reproduces_the_model_outside_evc(write_spec, tmp_path
     x = np.random.default_rng(1).standard_normal((1, 3, 32, 32), dtype=np.float32)
     onnx_logits = session.run(None, {"input": x})[0]
     # The cached program is the model that was exported; it runs as an ordinary module.
-    from evc.program import Program
+    from evc.ir.program import Program
 
     (program_dir,) = (tmp_path / "out" / ".cache" / "program").iterdir()
     program = Program.load(program_dir / "program.pt")

@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 
+from evc.ir.program import Program
 from evc.plan import ImageInput
-from evc.program import Program
 from evc.surgery import head_rows
 from tests.conftest import ROOT
 

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from evc.passes.block_skip import block_skip
+from evc.passes.block_skip import BlockSkip
 
 from evc.errors import SpecError
 from tests.passes.conftest import Ctx, images, outputs, program_of
+
+block_skip = BlockSkip().run
 
 NOTHING = dict(attn=(), mlp=(), blocks=(), count=None, part="attn", score="residual", data=None)
 

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from evc.passes.ffn_prune import ffn_prune, width
+from evc.passes.ffn_prune import FfnPrune, width
 
 from tests.passes.conftest import Ctx, images, outputs, program_of, zero_hidden
+
+ffn_prune = FfnPrune().run
 
 
 def run(program, **params):
@@ -57,8 +59,8 @@ def test_an_mlp_that_normalises_its_hidden_units_names_the_block_and_node():
     from torch import nn
 
     from evc.errors import InputError
+    from evc.ir.program import Program
     from evc.plan import ImageInput
-    from evc.program import Program
     from tests.passes.conftest import FAMILIES
 
     model = FAMILIES["plain_vit"]()

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from evc.passes.head_prune import head_prune
+from evc.passes.head_prune import HeadPrune
 
 from tests.passes.conftest import Ctx, images, outputs, program_of, zero_heads
+
+head_prune = HeadPrune().run
 
 LAYER = dict(score="l1", scope="layer", min_heads=1, data=None)
 
@@ -74,8 +76,8 @@ def test_the_head_count_the_graph_reshapes_by_is_rewritten():
 
 def test_a_head_split_evc_cannot_rewrite_names_the_block_and_node():
     from evc.errors import InputError
+    from evc.ir.program import Program
     from evc.plan import ImageInput
-    from evc.program import Program
     from tests.passes.conftest import FAMILIES
 
     model = FAMILIES["plain_vit"]()

@@ -2,17 +2,21 @@
 
 import pytest
 import torch
-from evc.passes.ffn_prune import ffn_prune
-from evc.passes.head_prune import head_prune
-from evc.passes.patch_slim import counts, entering, patch_slim, share
+from evc.passes.ffn_prune import FfnPrune
+from evc.passes.head_prune import HeadPrune
+from evc.passes.patch_slim import PatchSlim, counts, entering, share
 
 from evc.errors import SpecError
 from evc.ir import summarize
-from evc.program import Program
+from evc.ir.program import Program
 from evc.surgery import features
 from tests.passes.conftest import Ctx, images, outputs, program_of
 from tests.passes.test_token_merge import TIMM, model_and_program
 from tests.vit_reference import evit_slim, forward
+
+ffn_prune = FfnPrune().run
+head_prune = HeadPrune().run
+patch_slim = PatchSlim().run
 
 
 def keep_for(program):

@@ -2,15 +2,19 @@
 
 import pytest
 import torch
-from evc.passes.ffn_prune import ffn_prune
-from evc.passes.head_prune import head_prune
-from evc.passes.token_merge import token_merge
+from evc.passes.ffn_prune import FfnPrune
+from evc.passes.head_prune import HeadPrune
+from evc.passes.token_merge import TokenMerge
 
 from evc.ir import summarize
+from evc.ir.program import Program
 from evc.plan import ImageInput
-from evc.program import Program
 from tests.passes.conftest import FAMILIES, SIZE, Ctx, images, outputs, program_of
 from tests.vit_reference import bipartite_soft_matching, forward, merge_wavg
+
+ffn_prune = FfnPrune().run
+head_prune = HeadPrune().run
+token_merge = TokenMerge().run
 
 TIMM = ["deit_tiny", "deit_tiny_distilled", "vit_gap"]
 

@@ -133,7 +133,7 @@ def test_a_per_layer_list_keeps_its_span_until_the_depth_is_known(registered_pas
     plan = parse_and_check(MINIMAL + "compress {\n    prune_x { keep = [0.5, 1, 1] }\n}\n", "t.evc")
     keep = plan.passes[0].params["keep"]
     assert isinstance(keep, PerLayer) and keep.for_depth(3) == (0.5, 1.0, 1.0)
-    from evc.compile import PassContext
+    from evc.context import PassContext
 
     with pytest.raises(SpecError) as caught:
         PassContext(plan, plan.passes[0]).per_layer("keep", 12)

@@ -7,8 +7,10 @@ import subprocess
 import pytest
 from evc.targets.android import benchmark_command
 
+from evc.bundle import _script_context
 from evc.check import parse_and_check
-from evc.driver import _script_context, build
+from evc.driver import build
+from evc.registry import DEVICES
 from evc.scripts import render_scripts
 from tests.conftest import ROOT, run_evc, small_spec
 from tests.targets.test_parse_benchmark_model import OUTPUT
@@ -62,7 +64,7 @@ def test_spec_strings_rendered_into_the_script_cannot_run_shell(bundle, tmp_path
     plan = parse_and_check(small_spec(PHONE), tmp_path / "small.evc")
     context = {**_script_context(plan, plan.targets[0], bundle.manifest, bundle.bundle),
                "cores": hostile, "serial": hostile, "artifact": hostile}
-    render_scripts("android", context, tmp_path)
+    render_scripts(DEVICES["android"], context, tmp_path)
     done = subprocess.run(["bash", str(tmp_path / "bench.sh")], capture_output=True, text=True,
                           env={"PATH": "/bin:/usr/bin", "BENCHMARK_MODEL": str(tmp_path / "none")})
     assert done.returncode == 2 and not marker.exists()

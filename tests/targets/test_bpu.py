@@ -19,8 +19,8 @@ from tests.conftest import SMALL_MODEL, run_evc, small_spec
 
 load_plugins()
 FACTS = DEVICES["rdk_x5"].facts
+from evc.targets._bpu_ops import check_ops  # noqa: E402
 from evc.targets.bpu import for_the_bpu  # noqa: E402  (registered by load_plugins)
-from evc.targets.bpu_ops import check_ops  # noqa: E402
 
 CALIB = "data calib { synthetic = 8 }\n"
 X5 = "target x5 { device = rdk_x5, format = bpu, calibrate = calib }"
@@ -138,6 +138,23 @@ def test_the_int8_proxy_is_quantized_and_compared_with_pytorch_in_the_manifest(s
     assert proxy["gate"]["applied"] is False and "randomly initialised" in proxy["gate"]["why_not"]
 
 
+def test_the_int8_proxy_runs_its_quantize_dequantize_pairs_in_float_so_any_x86_host_agrees(small):
+    """Fused into ONNX Runtime's int8 kernels, the proxy's numbers depend on the CPU: without VNNI, 8-bit
+    products are summed in 16 bits and can saturate (efficientvit_m5 fell to cosine 0.989 there, 0.9996
+    unfused). Unfused, every QuantizeLinear and DequantizeLinear runs as written in float, with exact sums
+    as the BPU's 32-bit accumulators: the same on any host, so it must equal ONNX Runtime with every graph
+    optimisation off. Fused kernels differ from that with VNNI too: by 0.011 in outputs of 0.6 here, on a
+    host with AVX-512 VNNI."""
+    _, bundle, manifest = small
+    proxy = bundle / "model_int8_proxy.onnx"
+    images = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(proxy), options, providers=["CPUExecutionProvider"])
+    as_written = np.concatenate([plain.run(None, {"input": x[None]})[0] for x in images])
+    assert np.array_equal(FORMATS["bpu"].plugin.run(proxy, images), as_written)
+
+
 def test_an_int8_collapse_of_a_model_with_weights_fails_the_build_with_exit_1(write_spec, tmp_path):
     # A checkpoint of the random init: its class token (~1e-6) is below int8 resolution.
     spec = write_spec(weighted_spec(tmp_path))
@@ -199,12 +216,12 @@ def test_every_node_of_the_model_is_placed_and_the_manifest_counts_them(small):
 
 def test_placement_gives_explain_the_check_the_manifest_keeps(small, tmp_path):
     from evc.cache import Cache
-    from evc.compile import compile_model
+    from evc.compress import compile_model
     from evc.progress import Progress
 
     plan, _, manifest = small
     program = compile_model(plan, Cache(tmp_path), Progress(), write_cache=False).program
-    assert FORMATS["bpu"].backend.placement(program, plan.targets[0]) == manifest["artifacts"][0]["op_check"]
+    assert FORMATS["bpu"].plugin.placement(program, plan.targets[0]) == manifest["artifacts"][0]["op_check"]
 
 
 def graph(nodes, inputs, outputs, initializers=()):
@@ -318,7 +335,7 @@ def test_an_uneven_split_becomes_slices_with_the_same_values():
 
 
 def test_an_unsupported_node_stops_the_lowering_naming_it(small):
-    from evc.targets.bpu_ops import require_supported
+    from evc.targets._bpu_ops import require_supported
 
     model = graph([helper.make_node("Einsum", ["x"], ["y"], "mix", equation="ij->ji")], [("x", [4, 4])],
                   [("y", None)])

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from evc.targets.parse_trtexec import energy, main, parse_tegrastats, parse_trtexec
+from evc.targets.payload.parse_trtexec import energy, main, parse_tegrastats, parse_trtexec
 
 from evc.check import parse_and_check
 from evc.driver import build

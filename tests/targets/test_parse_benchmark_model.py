@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from evc.targets.parse_benchmark_model import main, parse
+from evc.targets.payload.parse_benchmark_model import main, parse
 
 # The output of a real benchmark_model run on a phone.
 OUTPUT = """\
@@ -62,7 +62,7 @@ def test_the_command_line_tags_the_thread_count_and_exits_2_on_a_bad_log(tmp_pat
 
 
 def test_the_parser_runs_alone_in_an_isolated_interpreter_from_stdin():
-    from evc.targets import parse_benchmark_model
+    from evc.targets.payload import parse_benchmark_model
 
     done = subprocess.run([sys.executable, "-I", parse_benchmark_model.__file__, "-"], input=OUTPUT,
                           capture_output=True, text=True)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from evc.targets.parse_hrt import parse_perf
+from evc.targets.payload.parse_hrt import parse_perf
 
 from tests.conftest import ROOT
 

@@ -9,8 +9,9 @@ import onnx
 import pytest
 import yaml
 
+from evc.bundle import _script_context
 from evc.check import parse_and_check
-from evc.driver import _script_context, build
+from evc.driver import build
 from evc.registry import DEVICES, load_plugins
 from evc.scripts import render_scripts, templates_root
 from tests.conftest import ROOT, run_evc
@@ -18,7 +19,7 @@ from tests.targets.test_parse_hrt import FOUR_THREADS, ONE_THREAD
 
 load_plugins()
 X5 = DEVICES["rdk_x5"]
-from evc.targets.bpu_ops import _LIMITS  # noqa: E402  (registered by load_plugins)
+from evc.targets._bpu_ops import _LIMITS  # noqa: E402  (registered by load_plugins)
 
 DEIT = """evc 1
 model deit_tiny {
@@ -139,7 +140,7 @@ def test_efficientvit_m5_softmax_inputs_are_4d_and_all_its_ops_but_the_head_norm
 def test_efficientvit_m5_int8_proxy_stays_close_to_pytorch(efficientvit):
     onnx_artifact, proxy = efficientvit.manifest["artifacts"]
     assert onnx_artifact["parity"]["cosine"] > 0.99999
-    assert proxy["parity"]["cosine"] > 0.99
+    assert proxy["parity"]["cosine"] > 0.999  # 0.9996 on any host: the proxy's QDQ runs in float
     assert onnx_artifact["toolchain"]["calibration_samples"] == 64
 
 
@@ -188,7 +189,7 @@ def hostile(deit, tmp_path):
     target.params.update(threads=(1, evil), frame_count=f"7 {evil}")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    render_scripts("rdk_x5", _script_context(plan, target, manifest, bundle), bundle, X5.files)
+    render_scripts(X5, _script_context(plan, target, manifest, bundle), bundle)
     (bundle / "model_output").mkdir()
     (bundle / toolchain["output"]).write_text("")
     bin_dir = tmp_path / "bin"

@@ -108,7 +108,7 @@ def test_int8_without_calibrate_is_a_check_error_pointing_at_quantize(write_spec
     spec = write_spec(small_spec("target t { device = android, format = tflite, quantize = int8 }"))
     done = run_evc("check", spec)
     assert done.returncode == 2, done.stderr
-    assert re.search(r"small\.evc:6:\d+: error: target 't': quantize = int8 needs `calibrate = <data>`", done.stderr)
+    assert re.search(r"small\.evc:6:\d+: error: quantize = int8 needs calibrate: add `calibrate = <a data block>`", done.stderr)
     assert "^^^^" in done.stderr and "Traceback" not in done.stderr
 
 

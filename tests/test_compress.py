@@ -7,7 +7,7 @@ import torch
 
 from evc.cache import Cache
 from evc.check import parse_and_check
-from evc.compile import compile_model
+from evc.compress import compile_model
 from evc.driver import build
 from evc.explain import explain
 from evc.params import Float, Int, Param

@@ -1,0 +1,137 @@
+"""The built-in blocks' declarations: model, data, evaluate and target, as plug-ins declare theirs.
+
+They drive checking (`evc.check`), defaults and the README's tables alike.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from evc.errors import Span
+from evc.params import Choice, DataRef, Flag, Float, Int, Invalid, Kind, ListOf, Param, Text, When, did_you_mean
+from evc.plan import ImageInput, Source
+from evc.spec import ast
+
+BLOCK_KINDS = ("model", "data", "compress", "evaluate", "target")
+
+
+def _literal(value: ast.Value) -> Any:
+    """A plain Python value for a call's keyword argument (`num_classes = 10`)."""
+    if isinstance(value, ast.List):
+        return [_literal(v) for v in value.items]
+    if isinstance(value, ast.Ident):
+        return value.name
+    if isinstance(value, ast.Call):
+        raise Invalid(f"a call is not allowed here: {value.name}(...)", value.span)
+    if isinstance(value, ast.Table):
+        return _table_literal(value)
+    if isinstance(value, ast.Percent):
+        return value.value / 100
+    return float(value.value) if isinstance(value, ast.Fraction) else value.value
+
+
+def _table_literal(table: ast.Table) -> dict:
+    """A table as a dict (timm's `pretrained_cfg_overlay = { file = "..." }`); a repeated key is an error."""
+    values = {}
+    for entry in table.entries:
+        if entry.key in values:
+            raise Invalid(f"duplicate key '{entry.key}' in the table", entry.span)
+        values[entry.key] = _literal(entry.value)
+    return values
+
+
+class ModelSource(Kind):
+    text = 'timm("model_name") or python("package.module:factory")'
+    _python_ref = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
+
+    def check(self, value):
+        if not isinstance(value, ast.Call) or value.name not in ("timm", "python"):
+            hint = did_you_mean(value.name, ("timm", "python")) if isinstance(value, ast.Call) else None
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span, hint)
+        if len(value.args) != 1 or not isinstance(value.args[0], ast.String):
+            raise Invalid(f"{value.name}(...) takes one string: the model's name", value.span)
+        name = value.args[0].value
+        if value.name == "python" and not re.fullmatch(self._python_ref, name):
+            raise Invalid(f'"{name}" is not of the form "package.module:factory"', value.args[0].span)
+        kwargs = tuple((k.name, _literal(k.value)) for k in value.kwargs)
+        return Source(value.name, name, kwargs)
+
+
+class ImageInputKind(Kind):
+    text = "image(height, width, mean = [r, g, b], std = [r, g, b])"
+    _size = Int(1, 8192)
+    _keywords = {
+        "mean": ListOf(Float(0, 1), length=3),
+        "std": ListOf(Float(0, 1e3, open_low=True), length=3),
+        "crop_pct": Float(0, 1, open_low=True),
+        "interpolation": Choice(("bilinear", "bicubic", "nearest")),
+    }
+
+    def check(self, value):
+        if not isinstance(value, ast.Call) or value.name != "image":
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
+        if len(value.args) != 2:
+            raise Invalid("image(...) takes two sizes: height and width", value.span)
+        height, width = (self._size.check(v) for v in value.args)
+        options = {}
+        for kw in value.kwargs:
+            kind = self._keywords.get(kw.name)
+            if kind is None:
+                raise Invalid(f"unknown argument '{kw.name}' of image(...)", kw.span,
+                              did_you_mean(kw.name, self._keywords))
+            options[kw.name] = kind.check(kw.value)
+        return ImageInput(height, width, **options)
+
+
+MODEL_PARAMS = (
+    Param("source", ModelSource(), help="where the model comes from"),
+    Param("input", ImageInputKind(), help="the input image: size and normalisation"),
+    Param("weights", Text(shape="a path to a .safetensors or .pth file"), None,
+          "checkpoint to load; without it the model is randomly initialised"),
+)
+
+DATA_PARAMS = (
+    Param("synthetic", Int(1), None, "this many random images, drawn from a seeded generator"),
+    Param("images", Text(shape="a path to a folder of images"), None,
+          "a folder of images: one subfolder per class gives labels; images directly in it have none"),
+    Param("seed", Int(0), 0, "seed for synthetic images and for split"),
+    Param("split", ListOf(Float(0, 1, open_low=True)), None,
+          "divide the folder into seeded shares that sum to 1, each class alike, e.g. [0.9, 0.1]",
+          needed_when=(When("part"),), only_with="images"),
+    Param("part", Int(1), None, "which share of `split` this block is, counting from 1",
+          needed_when=(When("split"),), only_with="images"),
+    Param("limit", Int(1), None, "use at most this many images of the folder (of its share, with split)"),
+    Param("skip_bad", Flag(), False, "leave out unreadable images with a warning, rather than stop",
+          only_with="images"),
+)
+
+
+def data_problem(values: dict, spans: dict[str, Span]) -> tuple[str, Span] | None:
+    """What is wrong, and where, with a data block's split: values the declared rules cannot see."""
+    split, part = values["split"], values["part"]
+    if split is not None and abs(sum(split) - 1) > 1e-6:
+        return f"split: the shares sum to {sum(split):g}, not 1", spans["split"]
+    if part is not None and part > len(split):
+        return f"part: {part} is out of range: split has {len(split)} shares", spans["part"]
+    return None
+
+
+EVALUATE_PARAMS = (
+    Param("data", DataRef(), help="labelled images (class subfolders) to measure accuracy on"),
+    Param("top", ListOf(Int(1), or_single=True), (1, 5), "the top-k accuracies to report"),
+)
+
+
+class RegisteredName(Kind):
+    """A device or format name; checked against its registry by the checker itself."""
+
+    def __init__(self, what: str):
+        self.text = f"the name of a {what} (below)"
+
+
+TARGET_PARAMS = (
+    Param("device", RegisteredName("device"), help="the device the bundle is for"),
+    Param("format", RegisteredName("format"), help="the artifact format lowered to"),
+    Param("validate", DataRef(), None, "data for the parity check (default: 8 synthetic images)"),
+)

@@ -1,0 +1,120 @@
+"""The load and passes stages: spec model → Program → compressed Program, cached.
+
+    compiled = compile_model(plan, cache, progress)
+    compiled.program, compiled.before, compiled.after
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from evc.cache import Cache
+from evc.context import PassContext
+from evc.keys import Keys, canonical, derive
+from evc.plan import Plan
+from evc.progress import Progress
+from evc.registry import PASSES
+
+
+@dataclass
+class Compiled:
+    program: object  # evc.ir.program.Program
+    before: dict  # params and MACs per block, of the model as loaded
+    after: dict  # the same after the passes
+    found: list  # per pass, in order: {key: value} for values the pass chose itself (a searched schedule)
+    weights: str  # the checkpoint's sha256, or "random"
+    key: str
+
+
+def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | None = None,
+                  write_cache: bool = True) -> Compiled:
+    """The compressed Program, from the cache when it is there; each pass runs in the order written."""
+    keys = keys or derive(plan)
+    if keys.weights == "random":
+        progress.warn(f"model '{plan.model.name}' names no weights: it is randomly initialised, "
+                      "so its outputs mean nothing (the bundle is still complete and checked)")
+    cached = _fetch(cache, keys.program)
+    if cached is not None:
+        return Compiled(*cached, keys.weights, keys.program)
+
+    program, before = loaded(plan, cache, progress, keys, write_cache)
+    original = program.structure
+    if plan.passes:
+        program.require_structure(f"pass {plan.passes[0].name}")
+    found, as_loaded = [], program
+    for pass_plan, key in zip(plan.passes, keys.passes):
+        with progress.stage(f"pass {pass_plan.name}"):
+            ctx = PassContext(plan, pass_plan, as_loaded, key, cache if write_cache else None, progress)
+            program = PASSES[pass_plan.name].plugin.run(program, pass_plan.params, ctx)
+        found.append(canonical(ctx.found))
+    after = aligned(_summary(program), original, program.structure) if plan.passes else before
+    if write_cache and plan.passes:
+        _store(cache, keys.program, program, before, after, found)
+    return Compiled(program, before, after, found, keys.weights, keys.program)
+
+
+def loaded(plan: Plan, cache: Cache, progress: Progress, keys: Keys, write_cache: bool = True):
+    """The Program as loaded, before any pass, and its summary: from the cache when it is there."""
+    from evc.ir.program import Program
+    from evc.load import load_model
+
+    cached = _fetch(cache, keys.load)
+    if cached is not None:
+        return cached[0], cached[1]
+    with progress.stage(f"load {plan.model.source}"):
+        module = load_model(plan.model, plan.path.parent)
+        program = Program.from_module(module, plan.model.input)
+        before = _summary(program)
+    if write_cache:
+        _store(cache, keys.load, program, before, before, [])
+    return program, before
+
+
+def _fetch(cache: Cache, key: str):
+    """(program, before, after, found) from a cached entry, or None."""
+    from evc.ir.program import Program
+
+    hit = cache.get("program", key)
+    if hit is None:
+        return None
+    summaries = json.loads((hit / "summary.json").read_text())
+    return Program.load(hit / "program.pt"), summaries["before"], summaries["after"], summaries["found"]
+
+
+def _store(cache: Cache, key: str, program, before: dict, after: dict, found: list) -> None:
+    def write(folder: Path) -> None:
+        program.save(folder / "program.pt")
+        (folder / "summary.json").write_text(json.dumps({"before": before, "after": after, "found": found}))
+
+    cache.put("program", key, write)
+
+
+def aligned(after: dict, original, compressed) -> dict:
+    """`after`'s block rows in the original model's block order, matched by module names.
+
+    A block that a pass removed whole is a row of zeros, so before and after
+    read side by side, block by block.
+    """
+    owner = {name: b.index for b in original.blocks for name in _module_names(b)}
+    rows = {}
+    for row, block in zip(after["blocks"], compressed.blocks):
+        origin = next((owner[n] for n in _module_names(block) if n in owner), None)
+        if origin is not None:
+            rows.setdefault(origin, {**row, "index": origin})
+    gone = {"heads": 0, "hidden": 0, "params": 0, "macs": 0}
+    blocks = [rows.get(b.index, {"index": b.index, "tokens": b.tokens, **gone}) for b in original.blocks]
+    return {**after, "blocks": blocks}
+
+
+def _module_names(block) -> list[str]:
+    names = [*block.attn.qkv, block.attn.proj] if block.attn else []
+    return names + ([block.mlp.fc1, block.mlp.fc2] if block.mlp else [])
+
+
+def _summary(program) -> dict:
+    from evc.ir import summarize
+
+    return canonical(summarize(program.graph, program.structure, program.example()).to_dict())
+

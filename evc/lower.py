@@ -1,0 +1,106 @@
+"""The lower stage: compressed Program → artifacts, validated against PyTorch and scored; cached per target.
+
+    folder, checked = lower(plan, target, compiled, keys.lower[target.name], cache, progress, bundle)
+
+The target's format writes its artifacts; each is then run in its runtime here
+on the target's `validate` images and compared with the Program's outputs
+(parity), and, with an `evaluate` block, scored for accuracy. An artifact that
+misses parity fails the build: it is kept beside the bundle as
+`<target>.failed/` for a look, and nothing is cached.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from evc.cache import Cache
+from evc.context import Context
+from evc.errors import BuildError, EvcError
+from evc.plan import DataPlan, Plan, TargetPlan
+from evc.progress import Progress
+from evc.registry import FORMATS, Runtime
+
+CHECKED = "lowered.json"  # the validation record, kept with the cached artifacts
+
+
+def lower(plan: Plan, target: TargetPlan, compiled, key: str, cache: Cache, progress: Progress,
+          bundle: Path) -> tuple[Path, dict]:
+    """The folder of checked artifacts (in the cache) and the record of their checks."""
+    folder = cache.get("lower", key)
+    if folder is None:
+        folder = cache.put("lower", key, lambda out: _lower_and_validate(plan, target, compiled, out, bundle,
+                                                                         progress))
+    return folder, json.loads((folder / CHECKED).read_text())
+
+
+def validation_data(plan: Plan, target: TargetPlan) -> DataPlan:
+    from evc.data import DEFAULT_VALIDATION
+
+    name = target.params.get("validate")
+    return plan.data[name] if name else DEFAULT_VALIDATION
+
+
+def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, bundle: Path,
+                        progress: Progress) -> None:
+    from evc.bundle import keep_failed, write_json
+
+    fmt = FORMATS[target.format].plugin
+    with progress.stage(f"lower to {target.format} for target '{target.name}'"):
+        try:
+            artifacts = fmt.lower(compiled.program, target, folder, Context(plan, progress))
+        except EvcError:
+            raise
+        except Exception as e:  # the exporter's own message names the op or node at fault
+            reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise BuildError(f"target '{target.name}': lowering to {target.format} failed: {reason}") from e
+    failures, validation = [], None
+    if isinstance(fmt, Runtime):  # a format with no runtime here is checked on the device alone
+        validation = _validate(plan, target, compiled, fmt, folder, artifacts, progress, failures)
+        if plan.evaluate:
+            _score(plan, target, fmt, folder, artifacts, progress)
+    output = compiled.program.run(compiled.program.example())
+    checked = {"artifacts": [a.describe(folder) for a in artifacts], "output_shape": list(output.shape),
+               "validation": validation}
+    write_json(folder / CHECKED, checked)
+    if failures:
+        failed = keep_failed(plan, target, compiled, folder, checked, failures, bundle)
+        raise BuildError(f"target '{target.name}' failed parity against PyTorch: {'; '.join(failures)}; "
+                         f"the failed artifact is kept in {failed}")
+
+
+def _validate(plan: Plan, target: TargetPlan, compiled, fmt: Runtime, folder: Path, artifacts, progress: Progress,
+              failures: list[str]) -> dict:
+    """Each artifact's parity with the Program on the target's validation data; appends to `failures` the
+    artifacts that miss it."""
+    from evc.data import load_images
+    from evc.parity import compare
+
+    data = validation_data(plan, target)
+    with progress.stage(f"validate target '{target.name}' on {data.name}"):
+        images = load_images(data, plan.model.input)
+        reference = compiled.program.run(images).numpy()
+        for artifact in artifacts:
+            parity = compare(reference, fmt.run(folder / artifact.path, images))
+            artifact.parity = parity.to_dict()
+            reason = fmt.check_parity(parity, target.params, artifact)
+            if reason:
+                failures.append(f"{artifact.path}: {reason}")
+    return {"data": data.name, "samples": len(images)}
+
+
+def _score(plan: Plan, target: TargetPlan, fmt: Runtime, folder: Path, artifacts, progress: Progress) -> None:
+    """Each artifact's top-k on the evaluate block's data, run in its own runtime here."""
+    from evc.evaluate import accuracy, labelled
+
+    with progress.stage(f"evaluate target '{target.name}' on {plan.evaluate.data}"):
+        images, labels = labelled(plan)
+        for artifact in artifacts:
+            artifact.accuracy = accuracy(fmt.run(folder / artifact.path, images), labels, plan.evaluate.top)
+
+
+def copy_artifacts(lowered: Path, folder: Path) -> None:
+    """The cached artifacts into a bundle being written: copies, not links, so editing a bundle's file in place
+    cannot change the cache."""
+    shutil.copytree(lowered, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CHECKED))
