@@ -42,9 +42,8 @@ def test_the_pruned_model_is_reloaded_from_the_cache_without_rerunning_passes(wr
     build(parse_and_check(spec.read_text(), spec), out)
     calls = []
     for name in ("head_prune", "ffn_prune", "block_skip"):
-        info = PASSES[name]
-        monkeypatch.setitem(PASSES, name, info.__class__(**{**info.__dict__, "run": lambda *a, n=name, r=info.run:
-                                                           calls.append(n) or r(*a)}))
+        plugin = PASSES[name].plugin
+        monkeypatch.setattr(plugin, "run", lambda *a, n=name, r=plugin.run: calls.append(n) or r(*a))
     # A new target needs the compressed program again: it comes from the cache.
     spec.write_text(spec.read_text() + "target b { device = cpu, format = onnx, opset = 13 }\n")
     results = build(parse_and_check(spec.read_text(), spec), out)
