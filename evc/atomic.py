@@ -11,6 +11,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+_stopping = False
+
+
+def stop() -> None:
+    """Put nothing more into place in this process: a build told to stop (SIGTERM) raises KeyboardInterrupt,
+    but one that lands while Python runs a finalizer is printed and dropped, and the build would go on."""
+    global _stopping
+    _stopping = True
+
 
 def temp_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +50,9 @@ def remove_stale(final: Path) -> None:
 
 def replace_dir(new: Path, final: Path) -> None:
     """Put `new` at `final`. An old `final` is moved aside, not deleted, until `new` is in place."""
+    if _stopping:
+        shutil.rmtree(new, ignore_errors=True)
+        raise KeyboardInterrupt
     aside = final.with_name(f".{final.name}.old")
     if final.exists():
         shutil.rmtree(aside, ignore_errors=True)

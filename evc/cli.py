@@ -131,6 +131,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _terminate(signum, frame):
+    from evc.atomic import stop
+
+    stop()
     raise KeyboardInterrupt
 
 
