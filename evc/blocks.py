@@ -10,7 +10,7 @@ from typing import Any
 
 from evc.errors import Span
 from evc.params import Choice, DataRef, Flag, Float, Int, Invalid, Kind, ListOf, Param, Text, When, did_you_mean
-from evc.plan import ImageInput, Source
+from evc.plan import HubWeights, ImageSpec, Source
 from evc.spec import ast
 
 BLOCK_KINDS = ("model", "data", "compress", "evaluate", "target")
@@ -58,37 +58,84 @@ class ModelSource(Kind):
         return Source(value.name, name, kwargs)
 
 
+def _call_keywords(call: ast.Call, params: tuple[Param, ...]) -> dict:
+    """A call's keyword arguments, each checked by its declared Param; those not given are left out."""
+    declared = {p.name: p for p in params}
+    values = {}
+    for kw in call.kwargs:
+        param = declared.get(kw.name)
+        if param is None or kw.name in values:
+            what = "unknown" if param is None else "duplicate"
+            raise Invalid(f"{what} argument '{kw.name}' of {call.name}(...)", kw.span,
+                          did_you_mean(kw.name, declared) if param is None else None)
+        values[kw.name] = param.check(kw.value)
+    return values
+
+
+IMAGE_ARGUMENTS = (
+    Param("height", Int(1, 8192), None, "first positional argument, in pixels"),
+    Param("width", Int(1, 8192), None, "second positional argument, in pixels; give both sizes or neither"),
+    Param("mean", ListOf(Float(0, 1), length=3), None, "per-channel mean subtracted from pixels / 255"),
+    Param("std", ListOf(Float(0, 1e3, open_low=True), length=3), None, "per-channel std the result is divided by"),
+    Param("crop_pct", Float(0, 1, open_low=True), None,
+          "share of the resized image the centre crop keeps: images are resized to size / crop_pct first"),
+    Param("interpolation", Choice(("bilinear", "bicubic", "nearest")), None, "how images are resized"),
+)
+
+
 class ImageInputKind(Kind):
-    text = "image(height, width, mean = [r, g, b], std = [r, g, b])"
-    _size = Int(1, 8192)
-    _keywords = {
-        "mean": ListOf(Float(0, 1), length=3),
-        "std": ListOf(Float(0, 1e3, open_low=True), length=3),
-        "crop_pct": Float(0, 1, open_low=True),
-        "interpolation": Choice(("bilinear", "bicubic", "nearest")),
-    }
+    """`image(224, 224, mean = [...])`, or `image()`: what it leaves out comes from the model's data config."""
+
+    text = "image(height, width, mean = [r, g, b], ...), each argument optional"
+    call, arguments = "image", IMAGE_ARGUMENTS
+    about = ("the input image; an argument left out takes the model's own value, from timm's pretrained_cfg "
+             "or preprocessor_config.json, and the manifest records where each came from")
+    omitted = "the model's"  # what an argument left out gets: see evc.preprocess
 
     def check(self, value):
         if not isinstance(value, ast.Call) or value.name != "image":
             raise Invalid(f"expected {self.text}, found {value.describe()}", value.span)
-        if len(value.args) != 2:
-            raise Invalid("image(...) takes two sizes: height and width", value.span)
-        height, width = (self._size.check(v) for v in value.args)
-        options = {}
-        for kw in value.kwargs:
-            kind = self._keywords.get(kw.name)
-            if kind is None:
-                raise Invalid(f"unknown argument '{kw.name}' of image(...)", kw.span,
-                              did_you_mean(kw.name, self._keywords))
-            options[kw.name] = kind.check(kw.value)
-        return ImageInput(height, width, **options)
+        if len(value.args) not in (0, 2):
+            raise Invalid("image(...) takes two sizes, height and width, or none for the model's own",
+                          value.span)
+        sizes = dict(zip(("height", "width"), (p.check(v) for p, v in zip(IMAGE_ARGUMENTS, value.args))))
+        return ImageSpec(**sizes, **_call_keywords(value, IMAGE_ARGUMENTS[2:]))
+
+
+HUB_ARGUMENTS = (
+    Param("repo", Text(r"[\w.-]+(/[\w.-]+)?", "a repository id"), help='the positional argument, e.g. '
+          '"timm/deit_tiny_patch16_224.fb_in1k"'),
+    Param("revision", Text(), "main", "a branch, tag or commit; the manifest records the commit it resolved to"),
+    Param("file", Text(), None, "the checkpoint in the repository (default: model.safetensors, else "
+          "pytorch_model.bin)"),
+)
+
+
+class WeightsKind(Kind):
+    """`weights = "ckpt.safetensors"` or `weights = hub("timm/deit_tiny_patch16_224.fb_in1k")`."""
+
+    text = 'a path to a .safetensors or .pth file, or hub("org/name")'
+    call, arguments = "hub", HUB_ARGUMENTS
+    about = ("a checkpoint in a Hugging Face Hub repository, downloaded into huggingface_hub's cache and "
+             "read from there offline (HF_HUB_OFFLINE=1)")
+
+    def check(self, value):
+        if isinstance(value, ast.String):
+            return value.value
+        if not isinstance(value, ast.Call) or value.name != "hub":
+            hint = did_you_mean(value.name, ("hub",)) if isinstance(value, ast.Call) else None
+            raise Invalid(f"expected {self.text}, found {value.describe()}", value.span, hint)
+        if len(value.args) != 1:
+            raise Invalid('hub(...) takes one string: the repository, as in hub("timm/deit_tiny_patch16_224")',
+                          value.span)
+        return HubWeights(HUB_ARGUMENTS[0].check(value.args[0]), **_call_keywords(value, HUB_ARGUMENTS[1:]))
 
 
 MODEL_PARAMS = (
     Param("source", ModelSource(), help="where the model comes from"),
-    Param("input", ImageInputKind(), help="the input image: size and normalisation"),
-    Param("weights", Text(shape="a path to a .safetensors or .pth file"), None,
-          "checkpoint to load; without it the model is randomly initialised"),
+    Param("input", ImageInputKind(), help="the input image: size and normalisation (`image(...)` below)"),
+    Param("weights", WeightsKind(), None,
+          "checkpoint to load (`hub(...)` below); without it the model is randomly initialised"),
 )
 
 DATA_PARAMS = (

@@ -20,7 +20,7 @@ from pathlib import Path
 import evc
 from evc.atomic import recover, replace_dir, temp_dir
 from evc.keys import canonical, library_versions, text_digest
-from evc.plan import Plan, TargetPlan
+from evc.plan import HubWeights, Plan, TargetPlan
 
 MANIFEST = "manifest.json"
 
@@ -99,17 +99,15 @@ def write_json(path: Path, data: dict) -> None:
 # ---- the manifest's schema ------------------------------------------------------------------------
 
 def _manifest(plan: Plan, target: TargetPlan, compiled, checked: dict, key: str | None) -> dict:
-    model, image = plan.model, plan.model.input
-    weights = ("random" if compiled.weights == "random"
-               else {"path": str(model.weights), "sha256": compiled.weights})
+    model, image = plan.model, compiled.program.input
     return canonical({
         "evc_version": evc.__version__,
         "spec": _spec_record(plan),
-        "model": {"name": model.name, "source": str(model.source), "weights": weights},
+        "model": {"name": model.name, "source": str(model.source), "weights": _weights_record(model, compiled)},
         "input": {"name": "input", "shape": list(image.shape), "dtype": "float32", "layout": "NCHW",
                   "preprocessing": {"color": "RGB", "scale": "pixels / 255", "mean": list(image.mean),
                                     "std": list(image.std), "crop_pct": image.crop_pct,
-                                    "interpolation": image.interpolation}},
+                                    "interpolation": image.interpolation, "source": dict(image.origin)}},
         "output": {"name": "logits", "shape": checked["output_shape"]},
         "structure": _structure_record(compiled.program),
         "passes": [{"name": p.name, "params": canonical(p.params), **({"found": found} if found else {})}
@@ -122,6 +120,19 @@ def _manifest(plan: Plan, target: TargetPlan, compiled, checked: dict, key: str 
         "libraries": library_versions(),
         "cache_key": key,
     })
+
+
+def _weights_record(model, compiled) -> str | dict:
+    """"random", the file and its sha256, or a Hub checkpoint pinned by repository, commit, file and sha256."""
+    from evc.hub import fetch
+
+    if compiled.weights == "random":
+        return "random"
+    if isinstance(model.weights, HubWeights):
+        checkpoint = fetch(model.weights)
+        return {"hub": checkpoint.repo, "revision": checkpoint.revision, "file": checkpoint.file,
+                "sha256": compiled.weights}
+    return {"path": str(model.weights), "sha256": compiled.weights}
 
 
 def _spec_record(plan: Plan) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 from evc.blocks import BLOCK_KINDS, DATA_PARAMS, EVALUATE_PARAMS, MODEL_PARAMS, TARGET_PARAMS, data_problem
 from evc.errors import Diagnostic, Span, SpecError
 from evc.params import Invalid, ModelRef, Param, check_entries, did_you_mean, named_data
-from evc.plan import DataPlan, EvaluatePlan, ModelPlan, PassPlan, Plan, TargetPlan
+from evc.plan import DataPlan, EvaluatePlan, HubWeights, ModelPlan, PassPlan, Plan, TargetPlan
 from evc.registry import DEVICES, FORMATS, PASSES, exclusion, load_plugins
 from evc.spec import ast
 
@@ -101,9 +101,12 @@ class _Checker:
             return None
         return ModelPlan(block.name, values["source"], values["input"], self.weights(block, values))
 
-    def weights(self, block: ast.Block, values: dict) -> Path | None:
+    def weights(self, block: ast.Block, values: dict) -> Path | HubWeights | None:
+        """A checkpoint file, which must exist, or a Hub repository, fetched (or found in the cache) at build."""
         weights = values["weights"]
-        return weights and self.existing_path(weights, block, "weights", want_dir=False)
+        if not isinstance(weights, str):
+            return weights
+        return self.existing_path(weights, block, "weights", want_dir=False)
 
     def teachers(self, blocks: list[ast.Block], model: ModelPlan | None) -> dict[str, ModelPlan]:
         """Model blocks after the first: models a pass names (`teacher = deit_base`), never compressed.

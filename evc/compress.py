@@ -59,13 +59,14 @@ def loaded(plan: Plan, cache: Cache, progress: Progress, keys: Keys, write_cache
     """The Program as loaded, before any pass, and its summary: from the cache when it is there."""
     from evc.ir.program import Program
     from evc.load import load_model
+    from evc.preprocess import model_input
 
     cached = _fetch(cache, keys.load)
     if cached is not None:
         return cached[0], cached[1]
     with progress.stage(f"load {plan.model.source}"):
         module = load_model(plan.model, plan.path.parent)
-        program = Program.from_module(module, plan.model.input)
+        program = Program.from_module(module, model_input(plan.model, module, plan.path.parent, progress.warn))
         before = _summary(program)
     if write_cache:
         _store(cache, keys.load, program, before, before, [])

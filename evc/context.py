@@ -19,19 +19,20 @@ import numpy as np
 
 from evc.errors import SpecError
 from evc.params import Invalid, per_layer
-from evc.plan import PassPlan, Plan
+from evc.plan import ImageInput, PassPlan, Plan
 
 
 class Context:
-    def __init__(self, plan: Plan, progress=None, original=None):
+    def __init__(self, plan: Plan, progress=None, original=None, image: ImageInput | None = None):
         self._plan = plan
         self.progress = progress
         self._original = original  # the Program as loaded, before any pass
+        self._image = image or (original.input if original is not None else None)
 
     @property
-    def input(self):
-        """The model's `input = image(...)`."""
-        return self._plan.model.input
+    def input(self) -> ImageInput:
+        """The model's input as loaded: `image(...)`, with the model's data config where the spec left values out."""
+        return self._image
 
     @property
     def model_name(self) -> str:

@@ -33,10 +33,11 @@ def accuracy(logits: np.ndarray, labels: np.ndarray, top: tuple[int, ...]) -> di
     return {f"top{k}": float((ranked[:, :k] == labels[:, None]).any(axis=1).mean()) for k in top}
 
 
-def labelled(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """The evaluate block's images and labels; unlabelled data is an error naming the block."""
+def labelled(plan: Plan, image) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluate block's images and labels, preprocessed for `image` (the model's ImageInput as loaded);
+    unlabelled data is an error naming the block."""
     name = plan.evaluate.data
-    images, labels = _read(plan.data[name], plan.model.input)
+    images, labels = _read(plan.data[name], image)
     if labels is None:
         raise InputError(f"evaluate: data '{name}' has no labels: give a folder with one subfolder per class")
     return images, labels
@@ -60,7 +61,7 @@ def evaluate_models(plan: Plan, compiled, original, cache: Cache, key: str) -> d
 
 
 def _measure(plan: Plan, compiled, original) -> dict:
-    images, labels = labelled(plan)
+    images, labels = labelled(plan, original.input)
     rows = {}
     for name, program, summary in (("original", original, compiled.before), ("compressed", compiled.program,
                                                                             compiled.after)):

@@ -20,7 +20,7 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
     compiled = compile_model(plan, Cache(out / ".cache"), Progress(), write_cache=False)
     structure = compiled.program.structure
     console.print(f"[bold]model[/] {plan.model.name} = {plan.model.source}, "
-                  f"input {'x'.join(map(str, plan.model.input.shape))}, "
+                  f"input {'x'.join(map(str, compiled.program.input.shape))}, "
                   f"weights {plan.model.weights or 'none (random init)'}")
     if structure is None:
         console.print(f"not recognised as a ViT, so it lowers but cannot be compressed: "

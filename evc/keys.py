@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from evc.params import PerLayer
+from evc.plan import HubWeights
 
 # Libraries whose versions change what a stage produces.
 _LIBRARIES = ("evc", "torch", "timm", "onnx", "onnxruntime", "onnxslim", "litert-torch", "ai-edge-litert",
@@ -54,7 +55,10 @@ def derive(plan) -> Keys:
     from evc.registry import DEVICES, FORMATS, PASSES
 
     weights = model_digest(plan.model)
-    load = stage_key("load", plan.model.source, plan.model.input, weights, source_code_digest(plan),
+    # The input resolved at load follows from the spec's image(...), the source and the weights (a Hub
+    # repository's tag picks its own preprocessing), so those key it, not the resolved values.
+    hub = plan.model.weights if isinstance(plan.model.weights, HubWeights) else None
+    load = stage_key("load", plan.model.source, plan.model.input, weights, hub, source_code_digest(plan),
                      library_versions())
     passes, key = [], load
     for p in plan.passes:
@@ -127,8 +131,10 @@ def text_digest(text: str) -> str:
 
 
 def model_digest(model) -> str:
-    """A model block's checkpoint sha256, or "random" when it names none."""
-    return file_digest(model.weights) if model.weights else "random"
+    """A model block's checkpoint sha256 (a Hub checkpoint's as cached), or "random" when it names none."""
+    from evc.hub import checkpoint_file
+
+    return file_digest(checkpoint_file(model.weights)) if model.weights else "random"
 
 
 def source_code_digest(plan) -> str | None:

@@ -1,6 +1,7 @@
 """The load stage: a model from timm or the user's code, with the user's weights.
 
-Weights are only ever read from a file the spec names; nothing is downloaded.
+Weights are read from a file the spec names, or from huggingface_hub's cache
+for `hub(...)` (evc.hub fetches them there); timm never downloads on its own.
 Checkpoints are adapted by one filter function, `checkpoint_state`.
 """
 
@@ -108,7 +109,10 @@ def _first(keys: list[str], n: int = 3) -> str:
 
 
 def load_model(model: ModelPlan, spec_dir: Path) -> nn.Module:
+    """A model block's module with its weights: a file, or a checkpoint from the Hugging Face Hub."""
+    from evc.hub import checkpoint_file
+
     module = build_module(model.source, spec_dir)
     if model.weights is not None:
-        load_weights(module, model.weights, model.name)
+        load_weights(module, checkpoint_file(model.weights), model.name)
     return module

@@ -49,7 +49,8 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, 
     fmt = FORMATS[target.format].plugin
     with progress.stage(f"lower to {target.format} for target '{target.name}'"):
         try:
-            artifacts = fmt.lower(compiled.program, target, folder, Context(plan, progress))
+            artifacts = fmt.lower(compiled.program, target, folder,
+                                  Context(plan, progress, image=compiled.program.input))
         except EvcError:
             raise
         except Exception as e:  # the exporter's own message names the op or node at fault
@@ -59,7 +60,7 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, 
     if isinstance(fmt, Runtime):  # a format with no runtime here is checked on the device alone
         validation = _validate(plan, target, compiled, fmt, folder, artifacts, progress, failures)
         if plan.evaluate:
-            _score(plan, target, fmt, folder, artifacts, progress)
+            _score(plan, target, fmt, folder, artifacts, compiled.program.input, progress)
     output = compiled.program.run(compiled.program.example())
     checked = {"artifacts": [a.describe(folder) for a in artifacts], "output_shape": list(output.shape),
                "validation": validation}
@@ -79,7 +80,7 @@ def _validate(plan: Plan, target: TargetPlan, compiled, fmt: Runtime, folder: Pa
 
     data = validation_data(plan, target)
     with progress.stage(f"validate target '{target.name}' on {data.name}"):
-        images = load_images(data, plan.model.input)
+        images = load_images(data, compiled.program.input)
         reference = compiled.program.run(images).numpy()
         for artifact in artifacts:
             parity = compare(reference, fmt.run(folder / artifact.path, images))
@@ -90,12 +91,13 @@ def _validate(plan: Plan, target: TargetPlan, compiled, fmt: Runtime, folder: Pa
     return {"data": data.name, "samples": len(images)}
 
 
-def _score(plan: Plan, target: TargetPlan, fmt: Runtime, folder: Path, artifacts, progress: Progress) -> None:
+def _score(plan: Plan, target: TargetPlan, fmt: Runtime, folder: Path, artifacts, image,
+           progress: Progress) -> None:
     """Each artifact's top-k on the evaluate block's data, run in its own runtime here."""
     from evc.evaluate import accuracy, labelled
 
     with progress.stage(f"evaluate target '{target.name}' on {plan.evaluate.data}"):
-        images, labels = labelled(plan)
+        images, labels = labelled(plan, image)
         for artifact in artifacts:
             artifact.accuracy = accuracy(fmt.run(folder / artifact.path, images), labels, plan.evaluate.top)
 

@@ -28,8 +28,41 @@ class Source:
 
 
 @dataclass(frozen=True)
+class HubWeights:
+    """`hub("timm/deit_tiny_patch16_224.fb_in1k", revision = "main", file = "model.safetensors")`: a checkpoint
+    in a Hugging Face Hub repository; without `file`, model.safetensors or else pytorch_model.bin."""
+
+    repo: str
+    revision: str = "main"
+    file: str | None = None
+
+    def __str__(self) -> str:
+        args = [f'"{self.repo}"']
+        if self.revision != "main":
+            args.append(f'revision = "{self.revision}"')
+        if self.file:
+            args.append(f'file = "{self.file}"')
+        return f"hub({', '.join(args)})"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """`image(...)` as the spec wrote it: None where the spec leaves a value to the model's own data config.
+
+    The load stage resolves it, once the model is built, into an ImageInput (`evc.preprocess.resolve`).
+    """
+
+    height: int | None = None
+    width: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+
+
+@dataclass(frozen=True)
 class ImageInput:
-    """`image(224, 224, mean = [...], std = [...])`: an RGB image, NCHW float32, normalised."""
+    """The model's input, resolved: an RGB image, NCHW float32, normalised; what Programs, data and targets use."""
 
     height: int
     width: int
@@ -37,6 +70,8 @@ class ImageInput:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    # Where each value came from, as (name, source) pairs: ("mean", "spec"), ("crop_pct", "timm pretrained_cfg").
+    origin: tuple[tuple[str, str], ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -47,8 +82,8 @@ class ImageInput:
 class ModelPlan:
     name: str
     source: Source
-    input: ImageInput
-    weights: Path | None
+    input: ImageSpec
+    weights: Path | HubWeights | None
 
 
 @dataclass(frozen=True)

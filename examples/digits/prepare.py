@@ -7,8 +7,9 @@ The 1797 8×8 digits are upscaled to 32×32 RGB PNGs in the ImageFolder layout
 (one subfolder per class), 80% for training and 20% for validation, split per
 class with a fixed seed. The ViT (timm's VisionTransformer: patch 4, width 96,
 depth 6, 3 heads) trains with plain PyTorch on the same pixels the spec's
-`input = image(32, 32, crop_pct = 1.0)` gives evc, and is saved as a
-safetensors checkpoint for `digits.evc` to load.
+`input = image(...)` gives evc (ImageNet's mean and std, crop_pct 1), and is
+saved as a safetensors checkpoint for `digits.evc` to load. A checkpoint of
+one's own carries no preprocessing, so the spec states what it was trained with.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
 HERE = Path(__file__).resolve().parent
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # the spec's image() defaults
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # as digits.evc's image(...) gives them
 
 
 def digits_vit() -> torch.nn.Module:

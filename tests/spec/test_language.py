@@ -83,7 +83,8 @@ def test_the_contract_checks_clean_with_its_x5_target():
 def test_the_readme_spec_checks_into_a_plan():
     plan = parse_and_check((ROOT / "specs" / "deit_tiny_x5.evc").read_text(), ROOT / "specs" / "deit_tiny_x5.evc")
     assert plan.model.source.kind == "timm" and plan.model.source.name == "deit_tiny_patch16_224"
-    assert plan.model.input.shape == (1, 3, 224, 224)
+    assert (plan.model.input.height, plan.model.input.width) == (224, 224)
+    assert plan.model.input.crop_pct is None  # not in the spec: the model's own, resolved at load
     assert plan.model.input.std == (0.229, 0.224, 0.225)
     assert plan.data["calib"].synthetic == 64
     assert [(p.name, p.params["keep"], p.params["score"]) for p in plan.passes] == [

@@ -14,6 +14,7 @@ from evc.check import parse_and_check
 from evc.data import load_images
 from evc.driver import build
 from evc.errors import BuildError, SpecError
+from evc.plan import ImageInput
 from evc.registry import DEVICES, FORMATS, load_plugins
 from tests.conftest import SMALL_MODEL, run_evc, small_spec
 
@@ -24,7 +25,9 @@ from evc.targets.bpu import for_the_bpu  # noqa: E402  (registered by load_plugi
 
 CALIB = "data calib { synthetic = 8 }\n"
 X5 = "target x5 { device = rdk_x5, format = bpu, calibrate = calib }"
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # image(32, 32)'s defaults
+# Per-channel values, stated in the spec, so a channel mix-up shows (vit_tiny's own are 0.5 in every channel).
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SMALL_INPUT = f"image(32, 32, mean = {list(MEAN)}, std = {list(STD)})"
 
 
 def build_spec(path, text):
@@ -37,7 +40,8 @@ def build_spec(path, text):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """The two-block ViT lowered to bpu once: (plan, bundle, manifest)."""
-    plan, result = build_spec(tmp_path_factory.mktemp("bpu") / "small.evc", small_spec(X5, extra=CALIB))
+    spec = small_spec(X5, extra=CALIB).replace("image(32, 32)", SMALL_INPUT)
+    plan, result = build_spec(tmp_path_factory.mktemp("bpu") / "small.evc", spec)
     return plan, result.bundle, result.manifest
 
 
@@ -120,7 +124,7 @@ def test_calibration_files_are_the_calib_images_as_nchw_float32_pixels_before_no
     assert len(files) == 8 == manifest["artifacts"][0]["toolchain"]["calibration_samples"]
     raw = np.stack([np.fromfile(f, dtype=np.float32).reshape(1, 3, 32, 32) for f in files])[:, 0]
     assert 0 <= raw.min() and raw.max() <= 255 and raw.max() > 200
-    normalised = load_images(plan.data["calib"], plan.model.input)
+    normalised = load_images(plan.data["calib"], ImageInput(32, 32, MEAN, STD))
     mean, std = np.array(MEAN).reshape(1, 3, 1, 1), np.array(STD).reshape(1, 3, 1, 1)
     assert (raw / 255 - mean) / std == pytest.approx(normalised, abs=1e-4)
 

@@ -191,8 +191,12 @@ def toy(tmp_path_factory):
     return folder
 
 
+# What toy() trains with; its checkpoint carries no preprocessing of its own, so the spec states it.
+TOY_INPUT = "image(32, 32, mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225], crop_pct = 0.875)"
+
+
 def toy_spec(targets):
-    return (f'evc 1\nmodel toy {{\n    source = {SMALL_MODEL}\n    input = image(32, 32)\n    weights = "toy.safetensors"\n}}\n'
+    return (f'evc 1\nmodel toy {{\n    source = {SMALL_MODEL}\n    input = {TOY_INPUT}\n    weights = "toy.safetensors"\n}}\n'
             'data images { images = "images" }\ndata blank { images = "blank" }\n' + targets + "\n")
 
 
