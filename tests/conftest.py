@@ -74,3 +74,45 @@ def check_fails(spec: Path) -> str:
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     return done.stderr
+
+
+def put_checkpoint(cache, repo: str, commit: str, name: str, model) -> None:
+    """`model`'s state dict as `name` of `repo` at `commit`, now its main: a blob, a snapshot link, a ref,
+    laid out as huggingface_hub's cache lays them out."""
+    import torch
+    from safetensors.torch import save_file
+
+    from evc.keys import file_digest
+
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    staged = folder / "blobs" / "incoming"
+    if name.endswith(".safetensors"):
+        save_file(model.state_dict(), str(staged))
+    else:
+        torch.save(model.state_dict(), staged)
+    blob = staged.rename(folder / "blobs" / file_digest(staged))
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / name).symlink_to(f"../../blobs/{blob.name}")
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)  # no newline, as huggingface_hub writes it
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face Hub cache, offline, for this process and the `evc` processes it starts: the
+    Hub cannot be reached from the tests, so they lay out what it would have fetched (`put_checkpoint`)."""
+    from huggingface_hub import constants
+
+    from evc.hub import fetch
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fetch.cache_clear()
+    yield cache
+    fetch.cache_clear()

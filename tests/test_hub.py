@@ -17,7 +17,7 @@ from evc.errors import InputError
 from evc.hub import fetch
 from evc.keys import file_digest
 from evc.plan import HubWeights
-from tests.conftest import ROOT, SMALL_MODEL, check_fails, run_evc
+from tests.conftest import ROOT, SMALL_MODEL, check_fails, put_checkpoint, run_evc
 
 REPO = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 FIRST, SECOND = "1" * 40, "2" * 40  # commits
@@ -28,41 +28,6 @@ def small_vit(seed: int):
 
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
-
-
-def put_checkpoint(cache, repo: str, commit: str, name: str, model) -> None:
-    """`model`'s state dict as `name` of `repo` at `commit`, now its main: a blob, a snapshot link, a ref."""
-    from safetensors.torch import save_file
-
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    (folder / "blobs").mkdir(parents=True, exist_ok=True)
-    staged = folder / "blobs" / "incoming"
-    if name.endswith(".safetensors"):
-        save_file(model.state_dict(), str(staged))
-    else:
-        torch.save(model.state_dict(), staged)
-    blob = staged.rename(folder / "blobs" / file_digest(staged))
-    snapshot = folder / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (snapshot / name).symlink_to(f"../../blobs/{blob.name}")
-    (folder / "refs").mkdir(exist_ok=True)
-    (folder / "refs" / "main").write_text(commit)  # no newline, as huggingface_hub writes it
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hub cache, offline, for this process and the `evc` processes it starts."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    fetch.cache_clear()
-    yield cache
-    fetch.cache_clear()
 
 
 def hub_spec(tmp_path, weights: str = f'hub("{REPO}")', image: str = "image()") -> str:
