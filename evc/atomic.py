@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 _stopping = False
@@ -59,6 +60,19 @@ def replace_dir(new: Path, final: Path) -> None:
         os.rename(final, aside)
     os.rename(new, final)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def staged(final: Path):
+    """Yield a temporary folder; on success it replaces `final`, on any failure it is removed."""
+    recover(final)
+    tmp = temp_dir(final)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
 
 
 def recover(final: Path) -> None:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import evc
-from evc.atomic import recover, replace_dir, temp_dir
+from evc.atomic import recover, replace_dir, staged, temp_dir
 from evc.keys import canonical, library_versions, text_digest
 from evc.plan import HubWeights, Plan, TargetPlan
 
@@ -70,19 +69,6 @@ def keep_failed(plan: Plan, target: TargetPlan, compiled, folder: Path, checked:
     write_json(keep / MANIFEST, {**_manifest(plan, target, compiled, checked, None), "failed": failures})
     replace_dir(keep, failed)
     return failed
-
-
-@contextmanager
-def staged(final: Path):
-    """Yield a temporary folder; on success it replaces `final`, on any failure it is removed."""
-    recover(final)
-    tmp = temp_dir(final)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, final)
 
 
 def read_manifest(bundle: Path) -> dict | None:

@@ -1,18 +1,21 @@
 """The stage cache: each stage's result on disk under its key (see `evc.keys`).
 
-    path = cache.get("lower", keys.lower["x5"]) or cache.put("lower", keys.lower["x5"], write)
+    folder = cache.get("lower", key)
+    if folder is None:
+        with cache.entry("lower", key) as out:
+            ...                                  # write the result into `out`
+        folder = cache.path("lower", key)
 
-Entries are written to a temporary folder and renamed into place, so a
-killed build never leaves a half entry that a later build would trust.
+An entry is written to a temporary folder and renamed into place when the
+block ends, so a killed build never leaves a half entry that a later build
+would trust.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import Callable
 
-from evc.atomic import recover, replace_dir, temp_dir
+from evc.atomic import staged
 
 
 class Cache:
@@ -21,18 +24,14 @@ class Cache:
     def __init__(self, root: Path, fresh: bool = False):
         self.root, self.fresh = root, fresh
 
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
     def get(self, stage: str, key: str) -> Path | None:
-        path = self.root / stage / key
+        path = self.path(stage, key)
         return path if path.is_dir() and not self.fresh else None
 
-    def put(self, stage: str, key: str, write: Callable[[Path], None]) -> Path:
-        final = self.root / stage / key
-        recover(final)
-        tmp = temp_dir(final)
-        try:
-            write(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        replace_dir(tmp, final)
-        return final
+    def entry(self, stage: str, key: str):
+        """A context manager yielding the folder to write the entry in; it becomes the entry if the block ends
+        normally and is removed if it fails."""
+        return staged(self.path(stage, key))

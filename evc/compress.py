@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from evc.cache import Cache
 from evc.context import PassContext
@@ -85,11 +84,9 @@ def _fetch(cache: Cache, key: str):
 
 
 def _store(cache: Cache, key: str, program, before: dict, after: dict, found: list) -> None:
-    def write(folder: Path) -> None:
+    with cache.entry("program", key) as folder:
         program.save(folder / "program.pt")
         (folder / "summary.json").write_text(json.dumps({"before": before, "after": after, "found": found}))
-
-    cache.put("program", key, write)
 
 
 def aligned(after: dict, original, compressed) -> dict:

@@ -55,8 +55,9 @@ def evaluate_models(plan: Plan, compiled, original, cache: Cache, key: str) -> d
     """Accuracy, MACs, params and ONNX Runtime latency of the model as loaded and as compressed; cached."""
     hit = cache.get("evaluate", key)
     if hit is None:
-        hit = cache.put("evaluate", key, lambda folder: (folder / RESULT).write_text(
-            json.dumps(_measure(plan, compiled, original))))
+        with cache.entry("evaluate", key) as folder:
+            (folder / RESULT).write_text(json.dumps(_measure(plan, compiled, original)))
+        hit = cache.path("evaluate", key)
     return json.loads((hit / RESULT).read_text())
 
 

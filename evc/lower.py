@@ -30,8 +30,9 @@ def lower(plan: Plan, target: TargetPlan, compiled, key: str, cache: Cache, prog
     """The folder of checked artifacts (in the cache) and the record of their checks."""
     folder = cache.get("lower", key)
     if folder is None:
-        folder = cache.put("lower", key, lambda out: _lower_and_validate(plan, target, compiled, out, bundle,
-                                                                         progress))
+        with cache.entry("lower", key) as out:
+            _lower_and_validate(plan, target, compiled, out, bundle, progress)
+        folder = cache.path("lower", key)
     return folder, json.loads((folder / CHECKED).read_text())
 
 
