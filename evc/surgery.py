@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from evc.errors import InputError
-from evc.ir.recognise import node_shape
+from evc.ir.recognise import node_shape, size_value
 from evc.ir.structure import Attention, Mlp
 
 _RESHAPES = ("reshape", "view")
@@ -104,17 +104,32 @@ def _split_of(gm: fx.GraphModule, attn: Attention, linear: str, where: str) -> f
 
 
 def head_rows(gm: fx.GraphModule, attn: Attention, linear: str, where: str) -> np.ndarray:
-    """Output rows of a q/k/v Linear by head: an array (heads, rows per head), from the split's shape."""
+    """Output rows of a q/k/v Linear by head: an array (heads, rows per head), from the split's shape.
+    A Linear chunked into q, k and v first (`to_qkv(x).chunk(3, dim=-1)`) is split chunk by chunk."""
     split = _split_of(gm, attn, linear, where)
     out = gm.get_submodule(linear).out_features
+    chunks = _chunks(split, linear)
     shape = node_shape(split)
-    dims = next((shape[i:] for i in range(len(shape)) if int(np.prod(shape[i:])) == out), None)
+    dims = next((shape[i:] for i in range(len(shape)) if int(np.prod(shape[i:])) * chunks == out), None)
     axis = _head_axis((0, *dims), attn.num_heads, attn.head_dim) if dims else None
     if axis is None:
         raise InputError(f"{where}: node '{split.name}' splits '{linear}' as {shape}, with no axis of "
                          f"{attn.num_heads} heads of {attn.head_dim}")
-    grid = np.arange(out).reshape(dims)
-    return np.moveaxis(grid, axis - 1, 0).reshape(attn.num_heads, -1)
+    grid = np.arange(out).reshape(chunks, *dims)
+    return np.moveaxis(grid, axis, 0).reshape(attn.num_heads, -1)
+
+
+def _chunks(split: fx.Node, linear: str) -> int:
+    """How many equal chunks of its last axis the output of `linear` is cut into before `split`."""
+    node = split.args[0]
+    while isinstance(node, fx.Node) and not (node.op == "call_module" and node.target == linear):
+        is_chunk = (node.op == "call_method" and node.target == "chunk") or node.target is torch.chunk
+        if is_chunk:
+            dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+            if dim in (-1, len(node_shape(node.args[0]) or ()) - 1):
+                return node.kwargs.get("chunks", node.args[1])
+        node = node.args[0] if node.args else None
+    return 1
 
 
 def _check_head_major(gm: fx.GraphModule, attn: Attention, where: str) -> None:
@@ -152,11 +167,13 @@ def _rewrite_head_count(node: fx.Node, attn: Attention, heads: int, where: str) 
     if not (node.op == "call_method" and node.target in _RESHAPES) and node.target is not torch.reshape:
         raise InputError(f"{where}: node '{node.name}' ({node.target}) changes shape by the head count in a way "
                          "evc cannot rewrite; expected reshape or view")
+    # A size may be a width the graph reads from a tensor (`c` of `b, n, c = x.shape`):
+    # it is compared by its recorded value and replaced by the new number.
     shape, sizes = node_shape(node), _shape_args(node)
     axis = _head_axis(shape, attn.num_heads, attn.head_dim)
-    if axis is not None and sizes[axis] == attn.num_heads:
+    if axis is not None and size_value(sizes[axis]) == attn.num_heads:
         sizes[axis] = heads
-    elif shape[-1] == attn.num_heads * attn.head_dim and sizes[-1] == shape[-1]:
+    elif shape[-1] == attn.num_heads * attn.head_dim and size_value(sizes[-1]) == shape[-1]:
         sizes[-1] = heads * attn.head_dim
     _set_shape_args(node, sizes)
 

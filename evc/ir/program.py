@@ -29,8 +29,9 @@ class Program:
     unrecognised: str | None = None  # why recognition stopped, naming the node
 
     @classmethod
-    def from_module(cls, module: nn.Module, image: ImageInput) -> Program:
-        graph = trace(module, example_input(image))
+    def from_module(cls, module: nn.Module, image: ImageInput, output: str | None = None) -> Program:
+        """`module` captured (`evc.ir.trace`) returning the one output `output` names, and recognised."""
+        graph = trace(module, example_input(image), output=output)
         try:
             return cls(graph, recognise(graph), image)
         except RecognitionError as e:

@@ -14,6 +14,7 @@ block. After the last residual come the norm, the pooling and the head.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -152,20 +153,42 @@ def _follows(node: fx.Node, previous: fx.Node, dim: int) -> bool:
     return False
 
 
-def _patch_embed(view: _View) -> fx.Node:
+@dataclass(frozen=True)
+class _Patches:
+    node: fx.Node  # the Conv2d, or the Linear on flattened patches (einops' Rearrange, then Linear)
+    dim: int
+    size: tuple[int, int]
+    grid: tuple[int, int]
+
+
+def _patch_embed(view: _View) -> _Patches:
     image = next(n for n in view.nodes if n.op == "placeholder")
-    conv = next((n for n in view.nodes if view.is_a(n, nn.Conv2d)), None)
-    if conv is None:
+    first = next((n for n in view.nodes if view.is_a(n, (nn.Conv2d, nn.Linear))), None)
+    if first is None:
         message = f"the input '{image.name}' reaches no Conv2d; expected a patch-embedding Conv2d"
         raise RecognitionError(image.name, message)
-    m = view.module(conv)
+    m = view.module(first)
+    if isinstance(m, nn.Linear):
+        return _linear_patches(first, m, node_shape(image))
     if m.kernel_size != m.stride:
         raise RecognitionError(
-            conv.name,
-            f"expected a patch-embedding Conv2d with kernel size equal to stride at node '{conv.name}', "
+            first.name,
+            f"expected a patch-embedding Conv2d with kernel size equal to stride at node '{first.name}', "
             f"found kernel {tuple(m.kernel_size)} and stride {tuple(m.stride)}",
         )
-    return conv
+    return _Patches(first, m.out_channels, tuple(m.kernel_size), node_shape(first)[-2:])
+
+
+def _linear_patches(node: fx.Node, linear: nn.Linear, image: tuple[int, ...]) -> _Patches:
+    """A Linear on the image cut into p x p patches: (B, N, p * p * C) with N = (H / p) * (W / p)."""
+    _, channels, height, width = image
+    tokens = node_shape(node)[1] if len(node_shape(node)) == 3 else 0
+    p = math.isqrt(linear.in_features // channels)
+    if p * p * channels != linear.in_features or (height // p) * (width // p) != tokens:
+        raise RecognitionError(node.name, f"expected a patch embedding at node '{node.name}', the first layer on "
+                                          f"the image: a Conv2d with kernel size equal to stride, or a Linear on "
+                                          f"its p x p patches; found a Linear of {linear.in_features} inputs")
+    return _Patches(node, linear.out_features, (p, p), (height // p, width // p))
 
 
 def _stream(view: _View, conv: fx.Node, dim: int) -> list[_Residual]:
@@ -206,15 +229,34 @@ def _embedding(view: _View, conv: fx.Node, start: fx.Node, dim: int) -> tuple[tu
     return tuple(prefix), pos
 
 
+def size_value(arg) -> int | None:
+    """A reshape's size as a number: a literal, or a width read from a tensor's shape
+    (`c` of `b, n, c = x.shape`), whose value `trace` recorded."""
+    if isinstance(arg, fx.Node):
+        arg = arg.meta.get("value")
+    return arg if type(arg) is int else None
+
+
 def _ints(value) -> list[int]:
     if isinstance(value, (tuple, list)):
         return [i for v in value for i in _ints(v)]
-    return [value] if type(value) is int else []
+    return [] if size_value(value) is None else [size_value(value)]
 
 
-def _carries_head_count(node: fx.Node, counts: tuple[int, int]) -> bool:
+def _carries_head_count(node: fx.Node, heads: int, head_dim: int) -> bool:
+    """A reshape that sets the head count: by number (a literal, or a width read from a shape),
+    or as the -1 it infers (Hugging Face's `view(b, n, -1, head_dim)`, which needs no rewrite)."""
     reshape = (node.op == "call_method" and node.target in _RESHAPE_METHODS) or node.target is torch.reshape
-    return reshape and any(i in counts for i in _ints([*node.args[1:], *node.kwargs.values()]))
+    if not reshape:
+        return False
+    if any(i in (heads, heads * head_dim) for i in _ints([*node.args[1:], *node.kwargs.values()])):
+        return True
+    sizes, shape = node.args[1:], node_shape(node)
+    sizes = [size_value(a) for a in (sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes)]
+    if -1 not in sizes or shape is None or len(sizes) != len(shape):
+        return False
+    axis = sizes.index(-1)
+    return shape[axis:axis + 2] == (heads, head_dim) or (axis == len(shape) - 1 and shape[-1] == heads * head_dim)
 
 
 def _mixing(view: _View, residual: _Residual, score: fx.Node) -> fx.Node | None:
@@ -247,9 +289,8 @@ def _attention(view: _View, residual: _Residual, score: fx.Node, index: int) -> 
         raise RecognitionError(score.name, message)
     heads = s[-3]
     head_dim = view.module(proj[0]).in_features // heads
-    counts = (heads, heads * head_dim)
     splits = upstream + _between(view, mix, proj[0])
-    head_count = tuple(n.name for n in splits if _carries_head_count(n, counts))
+    head_count = tuple(n.name for n in splits if _carries_head_count(n, heads, head_dim))
     if not head_count:
         raise RecognitionError(score.name, f"{where} has no reshape or view by the head count {heads}")
     return Attention(tuple(n.target for n in qkv), proj[0].target, heads, head_dim, head_count, score.name,
@@ -355,18 +396,17 @@ def recognise(gm: fx.GraphModule) -> Structure:
     if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
         raise ValueError("recognise needs the shapes that evc.ir.trace records")
     view = _View(gm)
-    conv = _patch_embed(view)
-    m = view.module(conv)
-    dim = m.out_channels
-    stream = _stream(view, conv, dim)
+    patches = _patch_embed(view)
+    dim = patches.dim
+    stream = _stream(view, patches.node, dim)
     start = stream[0].skip
-    prefix, pos = _embedding(view, conv, start, dim)
+    prefix, pos = _embedding(view, patches.node, start, dim)
     norm, pool, head, num_classes = _head(view, stream[-1].add, dim)
     return Structure(
         embed_dim=dim,
-        patch_embed=conv.target,
-        patch_size=tuple(m.kernel_size),
-        grid=node_shape(conv)[-2:],
+        patch_embed=patches.node.target,
+        patch_size=patches.size,
+        grid=patches.grid,
         prefix_tokens=prefix,
         pos_embed=pos,
         blocks=_blocks(view, start, stream),

@@ -50,7 +50,7 @@ class Block:
 @dataclass(frozen=True)
 class Structure:
     embed_dim: int
-    patch_embed: str  # module name of the patch-embedding Conv2d
+    patch_embed: str  # module name of the patch-embedding Conv2d, or Linear on flattened patches
     patch_size: tuple[int, int]
     grid: tuple[int, int]
     prefix_tokens: tuple[str, ...]  # get_attr targets of class/distillation tokens, in order

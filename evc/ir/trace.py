@@ -7,7 +7,12 @@
 Linear, Conv2d and LayerNorm stay whole (`call_module`) even when a model
 subclasses them, so recognition and surgery find them by module name. timm
 models trace through timm's own lists of modules and functions not to trace
-into; any other nn.Module traces with plain torch.fx.
+into; any other nn.Module traces with plain torch.fx. nn.MultiheadAttention
+is traced as the same computation in plain ops (`evc.ir.attention`), so its
+heads are seen. Where torch.fx cannot trace (Hugging Face models branch on
+their inputs; einops dispatches on the tensor's type), torch.export captures
+the model on the example instead, written back in the same vocabulary
+(`evc.ir.export`). Either way the graph returns one tensor (`evc.ir.outputs`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from evc.errors import InputError
+from evc.ir.attention import traceable_attention
+from evc.ir.export import exported
+from evc.ir.outputs import OneOutput, one_output
 
 _WHOLE = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
@@ -67,11 +75,17 @@ def _drop_fixed_inputs(graph: fx.Graph) -> None:
 
 
 class _ShapeProp(ShapeProp):
-    """torch.fx's ShapeProp, remembering the node it is at so a failure can name it."""
+    """torch.fx's ShapeProp, remembering the node it is at so a failure can name it, and
+    recording the value of every size read from a tensor (`b, n, c = x.shape`) as
+    `node.meta["value"]`: surgery rewrites a width the graph computes that way."""
 
     def run_node(self, n: fx.Node):
         self.node = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        n.meta.pop("value", None)
+        if type(result) is int or (isinstance(result, tuple) and all(type(i) is int for i in result)):
+            n.meta["value"] = result
+        return result
 
 
 def _reason(error: Exception) -> str:
@@ -79,19 +93,47 @@ def _reason(error: Exception) -> str:
     return first if len(first) <= 200 else first[:197] + "..."
 
 
-def trace(model: nn.Module, example: torch.Tensor, name: str | None = None) -> fx.GraphModule:
-    """Symbolically trace `model` (put in eval mode) and record every node's shape on `example`."""
+def trace(model: nn.Module, example: torch.Tensor, name: str | None = None, output: str | None = None
+          ) -> fx.GraphModule:
+    """Capture `model` (put in eval mode) returning the one tensor `output` names (`evc.ir.outputs`),
+    and record every node's shape on `example`. torch.fx traces it symbolically; where it cannot,
+    torch.export captures it on `example` (`evc.ir.export`)."""
     name = name or type(model).__name__
-    model.eval()
+    model = traceable_attention(model.eval())
     leaf_types, autowrap = _timm_no_trace()
     try:
         graph = _Tracer(leaf_types, autowrap).trace(model, concrete_args=_fixed_defaults(model))
-    except Exception as e:  # torch.fx raises many types; all mean "not traceable"
-        raise InputError(f"cannot trace model '{name}': {_reason(e)}") from e
-    _drop_fixed_inputs(graph)
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    except Exception as e:  # torch.fx raises many types; all mean "not symbolically traceable"
+        gm = _exported(model, example, name, output, e)
+    else:
+        _drop_fixed_inputs(graph)
+        gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+        _select_output(gm, output, name)
     propagate_shapes(gm, example, name)
     return gm
+
+
+def _exported(model: nn.Module, example: torch.Tensor, name: str, output: str | None, fx_error: Exception):
+    try:
+        gm = exported(OneOutput(model, output, name), example)
+    except InputError:
+        raise
+    except Exception as e:  # torch.export raises many types too
+        raise InputError(f"cannot trace model '{name}': {_reason(fx_error)}; torch.export: {_reason(e)}") from e
+    return fx.GraphModule(gm, gm.graph, class_name=type(model).__name__)
+
+
+def _select_output(gm: fx.GraphModule, key: str | None, name: str) -> None:
+    """Make the graph return the one tensor of its output that `key` names (`evc.ir.outputs`)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    if isinstance(output.args[0], fx.Node) and key is None:
+        return
+    tracer = fx.proxy.GraphAppendingTracer(gm.graph)
+    with gm.graph.inserting_before(output):
+        chosen = one_output(fx.node.map_arg(output.args[0], lambda n: fx.Proxy(n, tracer)), key, name)
+    output.args = (chosen.node,)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor, name: str) -> None:

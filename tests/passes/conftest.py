@@ -1,5 +1,8 @@
 """Model families every structural pass is tested on, and helpers to zero units before pruning them."""
 
+import copy
+import dataclasses
+import functools
 import sys
 
 import numpy as np
@@ -10,6 +13,7 @@ import torch
 from evc.ir.program import Program
 from evc.plan import ImageInput
 from evc.surgery import head_rows
+from tests import families
 from tests.conftest import ROOT
 
 SIZE = 32
@@ -27,6 +31,16 @@ FAMILIES = {
                                          class_token=False, global_pool="avg"),
     # plain PyTorch, no timm code
     "plain_vit": lambda: _plain_vit(),
+    # plain PyTorch reading its widths from x.shape, as older timm did
+    "shape_vit": lambda: families.shape_vit(depth=4),
+    # torchvision's VisionTransformer: nn.MultiheadAttention inside
+    "torchvision_vit": lambda: families.torchvision_vit(),
+    # Hugging Face transformers, captured by torch.export: eager and sdpa attention, distilled DeiT
+    "hf_vit": lambda: families.hf_vit("eager"),
+    "hf_vit_sdpa": lambda: families.hf_vit("sdpa"),
+    "hf_deit_distilled": lambda: families.hf_deit_distilled(),
+    # vit-pytorch's style: einops, a Linear patch embedding, q/k/v chunked from one Linear
+    "einops_vit": lambda: families.einops_vit(),
 }
 
 
@@ -38,6 +52,13 @@ def _plain_vit():
 
 
 def program_of(family: str) -> Program:
+    """A fresh copy of the family's Program: tests change its weights in place."""
+    program = _captured(family)
+    return dataclasses.replace(program, graph=copy.deepcopy(program.graph))
+
+
+@functools.cache
+def _captured(family: str) -> Program:
     torch.manual_seed(0)
     return Program.from_module(FAMILIES[family]().eval(), ImageInput(SIZE, SIZE))
 
@@ -84,7 +105,8 @@ def zero_heads(program: Program, heads_per_block: dict[int, list[int]]) -> None:
                 rows = head_rows(gm, attn, linear, "test")[heads].ravel()
                 module = gm.get_submodule(linear)
                 module.weight[rows] = 0
-                module.bias[rows] = 0
+                if module.bias is not None:
+                    module.bias[rows] = 0
             proj = gm.get_submodule(attn.proj)
             for h in heads:
                 proj.weight[:, h * attn.head_dim:(h + 1) * attn.head_dim] = 0

@@ -1,0 +1,53 @@
+"""nn.MultiheadAttention traced as plain ops: same outputs, heads visible, the user's model untouched."""
+
+import pytest
+import torch
+from torch import nn
+
+from evc.errors import InputError
+from evc.ir import recognise, trace
+from evc.ir.attention import traceable_attention
+from tests.families import torchvision_vit
+
+
+def test_torchvision_vit_traces_to_its_own_outputs_with_heads_and_linears_visible():
+    torch.manual_seed(0)
+    model = torchvision_vit(num_layers=2, num_heads=3, hidden_dim=48).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = trace(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    attn = recognise(gm).blocks[1].attn
+    assert (attn.num_heads, attn.head_dim) == (3, 16)
+    assert attn.qkv == ("encoder.layers.encoder_layer_1.self_attention.qkv",)
+    assert attn.proj == "encoder.layers.encoder_layer_1.self_attention.proj"
+
+
+def test_the_users_model_keeps_its_multihead_attention():
+    model = torchvision_vit(num_layers=2)
+    trace(model, torch.randn(1, 3, 32, 32))
+    assert isinstance(model.encoder.layers[0].self_attention, nn.MultiheadAttention)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.memory = nn.Parameter(torch.randn(1, 4, 16))
+
+    def forward(self, x):
+        return self.mha(x, self.memory, self.memory)[0]
+
+
+def test_cross_attention_is_an_input_error_naming_the_module():
+    with pytest.raises(InputError, match="nn.MultiheadAttention 'mha' is called as cross-attention"):
+        trace(CrossAttention(), torch.randn(1, 5, 16))
+
+
+def test_sequence_first_attention_with_weights_returns_what_multihead_attention_does():
+    mha = nn.MultiheadAttention(16, 4).eval()
+    x = torch.randn(5, 2, 16)
+    out, weights = traceable_attention(nn.ModuleDict({"mha": mha}))["mha"](x, x, x)
+    expected, expected_weights = mha(x, x, x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weights, expected_weights)

@@ -1,0 +1,58 @@
+"""Models torch.fx cannot trace, captured by torch.export and written back in torch.fx's vocabulary."""
+
+import pytest
+import torch
+from torch import nn
+
+from evc.errors import InputError
+from evc.ir import trace
+from tests.families import einops_vit, hf_vit
+
+
+@pytest.fixture(scope="module")
+def captured():
+    torch.manual_seed(0)
+    model = hf_vit("sdpa").eval()
+    return model, trace(model, torch.zeros(1, 3, 32, 32))
+
+
+def test_a_hf_vit_runs_any_batch_with_the_outputs_of_the_model(captured):
+    model, gm = captured
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x).logits, rtol=0, atol=0)
+
+
+def test_its_layers_are_modules_under_the_models_own_names(captured):
+    _, gm = captured
+    modules = dict(gm.named_modules())
+    assert isinstance(modules["vit.layers.0.attention.q_proj"], nn.Linear)
+    assert isinstance(modules["vit.embeddings.patch_embeddings.projection"], nn.Conv2d)
+    assert isinstance(modules["vit.layernorm"], nn.LayerNorm)
+
+
+def test_no_aten_op_and_no_empty_attention_mask_is_left(captured):
+    _, gm = captured
+    assert "torch.ops.aten" not in gm.code
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention]
+    assert len(sdpa) == 4 and all(len(n.args) == 3 and "attn_mask" not in n.kwargs for n in sdpa)
+
+
+def test_an_einops_vit_is_captured_with_its_linear_patch_embedding():
+    torch.manual_seed(0)
+    model = einops_vit().eval()
+    gm = trace(model, torch.zeros(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    assert isinstance(gm.get_submodule("to_patch_embedding.2"), nn.Linear)
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_a_model_neither_capture_can_take_gives_both_reasons():
+    with pytest.raises(InputError, match=r"cannot trace model 'DataDependent': .*; torch\.export: "):
+        trace(DataDependent(), torch.randn(1, 3))

@@ -1,0 +1,56 @@
+"""ViTs as users bring them: pruned, they still run, save, load and export to ONNX with parity."""
+
+import numpy as np
+import pytest
+import torch
+from evc.passes.ffn_prune import FfnPrune
+from evc.passes.head_prune import HeadPrune
+from evc.targets.onnx import export_onnx, session
+
+from evc.ir.program import Program
+from evc.surgery import node_named
+from tests.passes.conftest import Ctx, images, outputs, program_of
+
+BROUGHT = ["shape_vit", "torchvision_vit", "hf_vit", "hf_vit_sdpa", "hf_deit_distilled", "einops_vit"]
+
+
+def pruned(program):
+    heads = dict(keep=0.5, score="l1", scope="layer", min_heads=1, data=None)
+    hidden = dict(keep=0.5, score="l1", round_to=8, data=None)
+    program = HeadPrune().run(program, heads, Ctx(heads, images()))
+    return FfnPrune().run(program, hidden, Ctx(hidden, images()))
+
+
+@pytest.mark.parametrize("family", BROUGHT)
+def test_half_the_heads_and_hidden_units_go_and_the_model_still_runs(family):
+    program = program_of(family)
+    smaller = pruned(program)
+    for before, after in zip(program.structure.blocks, smaller.structure.blocks):
+        assert after.attn.num_heads == before.attn.num_heads // 2
+        assert after.mlp.hidden == before.mlp.hidden // 2
+    assert outputs(smaller).shape == outputs(program).shape
+
+
+@pytest.mark.parametrize("family", BROUGHT)
+def test_the_pruned_model_saves_and_loads_with_the_same_outputs(family, tmp_path):
+    smaller = pruned(program_of(family))
+    smaller.save(tmp_path / "program.pt")
+    assert torch.equal(Program.load(tmp_path / "program.pt").run(images(4)), outputs(smaller))
+
+
+@pytest.mark.parametrize("family", BROUGHT)
+def test_the_pruned_model_exports_to_onnx_with_parity(family, tmp_path):
+    smaller = pruned(program_of(family))
+    export_onnx(smaller, tmp_path / "model.onnx", opset=17)
+    x = images(1)
+    np.testing.assert_allclose(session(tmp_path / "model.onnx")(x), outputs(smaller, torch.from_numpy(x)),
+                               atol=1e-4)
+
+
+def test_a_width_read_from_x_shape_is_rewritten_to_the_pruned_width():
+    program = program_of("shape_vit")
+    merge = program.structure.blocks[0].attn.head_count_nodes[-1]
+    assert isinstance(node_named(program.graph, merge).args[-1], torch.fx.Node)  # `C` of `B, N, C = x.shape`
+    smaller = pruned(program)
+    attn = smaller.structure.blocks[0].attn
+    assert node_named(smaller.graph, attn.head_count_nodes[-1]).args[-1] == attn.num_heads * attn.head_dim
