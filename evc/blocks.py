@@ -42,12 +42,13 @@ def _table_literal(table: ast.Table) -> dict:
 
 
 class ModelSource(Kind):
-    text = 'timm("model_name") or python("package.module:factory")'
+    text = 'timm("model_name"), hf("path/to/folder") or python("package.module:factory")'
     _python_ref = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
+    _kinds = ("timm", "hf", "python")
 
     def check(self, value):
-        if not isinstance(value, ast.Call) or value.name not in ("timm", "python"):
-            hint = did_you_mean(value.name, ("timm", "python")) if isinstance(value, ast.Call) else None
+        if not isinstance(value, ast.Call) or value.name not in self._kinds:
+            hint = did_you_mean(value.name, self._kinds) if isinstance(value, ast.Call) else None
             raise Invalid(f"expected {self.text}, found {value.describe()}", value.span, hint)
         if len(value.args) != 1 or not isinstance(value.args[0], ast.String):
             raise Invalid(f"{value.name}(...) takes one string: the model's name", value.span)
@@ -136,6 +137,9 @@ MODEL_PARAMS = (
     Param("input", ImageInputKind(), help="the input image: size and normalisation (`image(...)` below)"),
     Param("weights", WeightsKind(), None,
           "checkpoint to load (`hub(...)` below); without it the model is randomly initialised"),
+    Param("output", Text(shape='the name of one of the model\'s outputs, e.g. "logits"'), None,
+          "which output to compress when the model returns several (a dict or a ModelOutput); "
+          "without it: logits, else pooler_output, else last_hidden_state[:, 0]"),
 )
 
 DATA_PARAMS = (

@@ -99,7 +99,8 @@ class _Checker:
         values = self.entries(block, MODEL_PARAMS, f"model '{block.name}'")
         if values is None:
             return None
-        return ModelPlan(block.name, values["source"], values["input"], self.weights(block, values))
+        return ModelPlan(block.name, values["source"], values["input"], self.weights(block, values),
+                         values["output"])
 
     def weights(self, block: ast.Block, values: dict) -> Path | HubWeights | None:
         """A checkpoint file, which must exist, or a Hub repository, fetched (or found in the cache) at build."""
@@ -124,7 +125,7 @@ class _Checker:
             values = self.entries(block, MODEL_PARAMS, where, skip=("input",))
             if values is not None and model is not None:
                 teachers[block.name] = ModelPlan(block.name, values["source"], model.input,
-                                                 self.weights(block, values))
+                                                 self.weights(block, values), values["output"])
         used = {name for name, _ in self.model_refs}
         undefined = [(name, span) for name, span in self.model_refs if name not in teachers
                      and name not in ("original", "none")]

@@ -65,7 +65,8 @@ def loaded(plan: Plan, cache: Cache, progress: Progress, keys: Keys, write_cache
         return cached[0], cached[1]
     with progress.stage(f"load {plan.model.source}"):
         module = load_model(plan.model, plan.path.parent)
-        program = Program.from_module(module, model_input(plan.model, module, plan.path.parent, progress.warn))
+        program = Program.from_module(module, model_input(plan.model, module, plan.path.parent, progress.warn),
+                                      plan.model.output)
         before = _summary(program)
     if write_cache:
         _store(cache, keys.load, program, before, before, [])

@@ -64,10 +64,12 @@ class Context:
         """The nn.Module of a teacher: `original` (the model as loaded) or another model block, loaded."""
         if name == "original":
             return self._original.graph
+        from evc.ir.outputs import OneOutput
         from evc.load import load_model
 
-        with self.progress.stage(f"load teacher {name}"):
-            return load_model(self._plan.teachers[name], self._plan.path.parent)
+        teacher = self._plan.teachers[name]
+        with self.progress.stage(f"load teacher {name}"):  # returning the one output it is distilled from
+            return OneOutput(load_model(teacher, self._plan.path.parent), teacher.output, name)
 
 
 class PassContext(Context):

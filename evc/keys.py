@@ -29,8 +29,8 @@ from evc.params import PerLayer
 from evc.plan import HubWeights
 
 # Libraries whose versions change what a stage produces.
-_LIBRARIES = ("evc", "torch", "timm", "onnx", "onnxruntime", "onnxslim", "litert-torch", "ai-edge-litert",
-              "ai-edge-quantizer")
+_LIBRARIES = ("evc", "torch", "timm", "transformers", "onnx", "onnxruntime", "onnxslim", "litert-torch",
+              "ai-edge-litert", "ai-edge-quantizer")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def derive(plan) -> Keys:
     # repository's tag picks its own preprocessing), so those key it, not the resolved values.
     hub = plan.model.weights if isinstance(plan.model.weights, HubWeights) else None
     load = stage_key("load", plan.model.source, plan.model.input, weights, hub, source_code_digest(plan),
-                     library_versions())
+                     plan.model.output, library_versions())
     passes, key = [], load
     for p in plan.passes:
         declared = PASSES[p.name].params
@@ -126,6 +126,12 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def folder_digest(folder: Path) -> str:
+    """The sha256 of a folder's files (not its subfolders): each one's name and sha256, by name."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return text_digest(json.dumps([(p.name, file_digest(p)) for p in files]))
+
+
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -138,7 +144,11 @@ def model_digest(model) -> str:
 
 
 def source_code_digest(plan) -> str | None:
-    """For `python("pkg.module:factory")`, the module file's sha256, found without importing it."""
+    """For `python("pkg.module:factory")`, the module file's sha256, found without importing it;
+    for `hf("folder")`, the folder's files (config.json, the weights), by name and sha256."""
+    if plan.model.source.kind == "hf":
+        folder = plan.path.parent / plan.model.source.name
+        return folder_digest(folder) if folder.is_dir() else None
     if plan.model.source.kind != "python":
         return None
     module = plan.model.source.name.split(":")[0].replace(".", "/")

@@ -1,4 +1,4 @@
-"""The load stage: a model from timm or the user's code, with the user's weights.
+"""The load stage: a model from timm, Hugging Face transformers (evc.hf) or the user's code, with its weights.
 
 Weights are read from a file the spec names, or from huggingface_hub's cache
 for `hub(...)` (evc.hub fetches them there); timm never downloads on its own.
@@ -27,6 +27,10 @@ def build_module(source: Source, spec_dir: Path) -> nn.Module:
     torch.manual_seed(0)
     if source.kind == "timm":
         module = _timm_model(source.name, kwargs)
+    elif source.kind == "hf":
+        from evc.hf import hf_model
+
+        module = hf_model(source.name, kwargs, spec_dir)
     else:
         module = _python_model(source.name, kwargs, spec_dir)
     return module.eval()

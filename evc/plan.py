@@ -16,7 +16,8 @@ from evc.errors import Span, SpecError
 
 @dataclass(frozen=True)
 class Source:
-    """`timm("deit_tiny_patch16_224")` or `python("pkg.module:factory")`, with keyword arguments."""
+    """`timm("deit_tiny_patch16_224")`, `hf("models/vit")` or `python("pkg.module:factory")`, with keyword
+    arguments."""
 
     kind: str
     name: str
@@ -84,6 +85,7 @@ class ModelPlan:
     source: Source
     input: ImageSpec
     weights: Path | HubWeights | None
+    output: str | None = None  # which of several outputs the Program returns (evc.ir.outputs)
 
 
 @dataclass(frozen=True)
