@@ -1,4 +1,4 @@
-"""ViTs as users bring them: pruned, they still run, save, load and export to ONNX with parity."""
+"""ViTs as users bring them: pruned, they still run, save, load, and export to ONNX and TFLite with parity."""
 
 import numpy as np
 import pytest
@@ -45,6 +45,18 @@ def test_the_pruned_model_exports_to_onnx_with_parity(family, tmp_path):
     x = images(1)
     np.testing.assert_allclose(session(tmp_path / "model.onnx")(x), outputs(smaller, torch.from_numpy(x)),
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("family", BROUGHT)
+def test_the_pruned_model_converts_to_tflite_with_parity(family):
+    from ai_edge_litert.interpreter import Interpreter
+    from evc.targets.tflite import convert
+
+    smaller = pruned(program_of(family))
+    run = Interpreter(model_content=convert(smaller)).get_signature_runner()
+    x = images(1)
+    (y,) = run(input=x).values()
+    np.testing.assert_allclose(y, outputs(smaller, torch.from_numpy(x)), atol=1e-4)
 
 
 def test_a_width_read_from_x_shape_is_rewritten_to_the_pruned_width():
