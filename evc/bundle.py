@@ -114,6 +114,8 @@ def _weights_record(model, compiled) -> str | dict:
 
     if compiled.weights == "random":
         return "random"
+    if model.weights is None:  # a source that brings its own, an hf folder
+        return {"source": str(model.source), "sha256": compiled.weights}
     if isinstance(model.weights, HubWeights):
         checkpoint = fetch(model.weights)
         return {"hub": checkpoint.repo, "revision": checkpoint.revision, "file": checkpoint.file,

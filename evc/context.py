@@ -41,7 +41,7 @@ class Context:
     @property
     def random_weights(self) -> bool:
         """True when the model block names no weights: its outputs mean nothing, so accuracy gates stand down."""
-        return self._plan.model.weights is None
+        return self._plan.model.random_init
 
     @property
     def evaluate_data(self) -> str | None:

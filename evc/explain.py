@@ -19,9 +19,9 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
     console = console or Console()
     compiled = compile_model(plan, Cache(out / ".cache"), Progress(), write_cache=False)
     structure = compiled.program.structure
+    weights = "none (random init)" if plan.model.random_init else plan.model.weights or f"from {plan.model.source}"
     console.print(f"[bold]model[/] {plan.model.name} = {plan.model.source}, "
-                  f"input {'x'.join(map(str, compiled.program.input.shape))}, "
-                  f"weights {plan.model.weights or 'none (random init)'}")
+                  f"input {'x'.join(map(str, compiled.program.input.shape))}, weights {weights}")
     if structure is None:
         console.print(f"not recognised as a ViT, so it lowers but cannot be compressed: "
                       f"{compiled.program.unrecognised}")

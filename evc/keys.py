@@ -54,7 +54,7 @@ def derive(plan) -> Keys:
     from evc.params import ModelRef, data_refs
     from evc.registry import DEVICES, FORMATS, PASSES
 
-    weights = model_digest(plan.model)
+    weights = model_digest(plan.model, plan.path.parent)
     # The input resolved at load follows from the spec's image(...), the source and the weights (a Hub
     # repository's tag picks its own preprocessing), so those key it, not the resolved values.
     hub = plan.model.weights if isinstance(plan.model.weights, HubWeights) else None
@@ -64,7 +64,7 @@ def derive(plan) -> Keys:
     for p in plan.passes:
         declared = PASSES[p.name].params
         data = {name: data_identity(plan.data[name]) for name in data_refs(declared, p.params)}
-        teachers = {name: (plan.teachers[name], model_digest(plan.teachers[name]))
+        teachers = {name: (plan.teachers[name], model_digest(plan.teachers[name], plan.path.parent))
                     for name in data_refs(declared, p.params, ModelRef) if name in plan.teachers}
         key = stage_key("pass", key, p, data, teachers)
         passes.append(key)
@@ -136,11 +136,17 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def model_digest(model) -> str:
-    """A model block's checkpoint sha256 (a Hub checkpoint's as cached), or "random" when it names none."""
+def model_digest(model, spec_dir: Path) -> str:
+    """A model block's checkpoint sha256 (a Hub checkpoint's as cached; an hf folder's files), or "random"
+    when it has none."""
     from evc.hub import checkpoint_file
 
-    return file_digest(checkpoint_file(model.weights)) if model.weights else "random"
+    if model.weights:
+        return file_digest(checkpoint_file(model.weights))
+    if model.source.kind == "hf":
+        folder = spec_dir / model.source.name
+        return folder_digest(folder) if folder.is_dir() else f"hf cache: {model.source.name}"
+    return "random"
 
 
 def source_code_digest(plan) -> str | None:

@@ -87,6 +87,11 @@ class ModelPlan:
     weights: Path | HubWeights | None
     output: str | None = None  # which of several outputs the Program returns (evc.ir.outputs)
 
+    @property
+    def random_init(self) -> bool:
+        """No checkpoint: no `weights`, and a source that brings none of its own (an hf folder does)."""
+        return self.weights is None and self.source.kind != "hf"
+
 
 @dataclass(frozen=True)
 class DataPlan:

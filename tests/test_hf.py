@@ -40,6 +40,18 @@ def test_a_saved_vit_is_pruned_and_exported_with_parity(write_spec, tmp_path):
     assert result.manifest["artifacts"][0]["parity"]["max_abs_diff"] < 1e-4
 
 
+def test_the_folders_weights_are_the_models_weights_not_a_random_init(write_spec, tmp_path):
+    from evc.keys import folder_digest
+
+    save(tmp_path / "vit")
+    spec = write_spec(spec_text())
+    done = run_evc("build", spec, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "randomly initialised" not in done.stderr
+    manifest = json.loads((tmp_path / "out" / "small" / "cpu" / "manifest.json").read_text())
+    assert manifest["model"]["weights"] == {"source": "hf('vit')", "sha256": folder_digest(tmp_path / "vit")}
+
+
 def test_the_class_config_json_names_is_built_with_the_keywords_given(tmp_path):
     save(tmp_path / "deit", "deit", "DeiTForImageClassificationWithTeacher")
     model = build_module(Source("hf", "deit", (("attn_implementation", "sdpa"),)), tmp_path)
