@@ -53,6 +53,11 @@ def _read(data, image) -> tuple[np.ndarray, np.ndarray | None]:
 
 def evaluate_models(plan: Plan, compiled, original, cache: Cache, key: str) -> dict:
     """Accuracy, MACs, params and ONNX Runtime latency of the model as loaded and as compressed; cached."""
+    structure = original.structure
+    if structure is not None and not structure.head:
+        raise InputError(f"evaluate: model '{plan.model.name}' has no classifier: it outputs "
+                         f"{structure.embed_dim}-wide features, and top-k accuracy needs class logits; "
+                         "remove the evaluate block, or give the model a head")
     hit = cache.get("evaluate", key)
     if hit is None:
         with cache.entry("evaluate", key) as folder:

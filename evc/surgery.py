@@ -300,8 +300,11 @@ def sharing_weights(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def features(gm: fx.GraphModule, head: tuple[str, ...]) -> fx.GraphModule:
-    """A copy of `gm` whose output is what its classifier Linear(s) read, concatenated: the final features."""
+    """A copy of `gm` whose output is what its classifier Linear(s) read, concatenated: the final features.
+    Without a classifier (a feature extractor) the output is the features already."""
     gm = sharing_weights(gm)
+    if not head:
+        return gm
     graph = gm.graph
     inputs = [n.args[0] for n in graph.nodes if n.op == "call_module" and n.target in head]
     output = next(n for n in graph.nodes if n.op == "output")

@@ -385,10 +385,19 @@ def _head(view: _View, last: fx.Node, dim: int) -> tuple[str | None, str, tuple[
     pool_node, pool = _pooling(view, last, tail, dim)
     norm = next((m for n in tail if (m := _module_of_norm(view, n)) is not None), None)
     heads = [n for n in tail if view.is_a(n, nn.Linear) and view.order[n] > view.order[pool_node]]
+    if not heads and _returned(view, pool_node):  # a feature extractor (num_classes = 0, ViTModel)
+        return norm, pool, (), 0
     if not heads:
         message = f"no classifier Linear after the pooling at node '{pool_node.name}'"
         raise RecognitionError(pool_node.name, message)
     return norm, pool, tuple(n.target for n in heads), view.module(heads[0]).out_features
+
+
+def _returned(view: _View, node: fx.Node) -> bool:
+    """Whether the graph returns `node`'s value, through nothing but shape-keeping ops (a norm, an Identity)."""
+    output = view.nodes[-1]
+    reach = view.reached(node)
+    return output in reach and all(node_shape(n) == node_shape(node) for n in reach if n is not output)
 
 
 def recognise(gm: fx.GraphModule) -> Structure:

@@ -58,8 +58,8 @@ class Structure:
     blocks: tuple[Block, ...]
     norm: str | None  # module name of the final norm (before or after pooling)
     pool: str  # "token" (class token) or "avg" (mean over tokens)
-    head: tuple[str, ...]  # module names of the classifier Linear(s): two for distilled DeiT
-    num_classes: int
+    head: tuple[str, ...]  # module names of the classifier Linear(s): two for distilled DeiT; none for features
+    num_classes: int  # 0 for a feature extractor
 
     @property
     def depth(self) -> int:
@@ -76,8 +76,9 @@ class Structure:
             f"embed {self.embed_dim}, patches {self.patch_size[0]}x{self.patch_size[1]} "
             f"on a {gh}x{gw} grid, prefix tokens: {prefix}, pos embed: {self.pos_embed}",
             *(_describe_block(b) for b in self.blocks),
-            f"norm {self.norm}, pool {self.pool}, head {', '.join(self.head)} "
-            f"({self.num_classes} classes)",
+            f"norm {self.norm}, pool {self.pool}, "
+            + (f"head {', '.join(self.head)} ({self.num_classes} classes)" if self.head
+               else f"no head: features, {self.embed_dim} wide"),
         ]
         return "\n".join(lines)
 
