@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def first_line(error: BaseException) -> str:
+    """A library's exception in one line: its first non-empty one, or its type when it says nothing."""
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 @dataclass(frozen=True)
 class Span:
     """A 1-based, end-exclusive region of a spec's text."""

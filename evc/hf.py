@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from evc.errors import InputError
+from evc.errors import InputError, first_line
 
 
 def hf_folder(name: str, spec_dir: Path) -> Path | None:
@@ -37,11 +37,11 @@ def hf_model(name: str, kwargs: dict, spec_dir: Path) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(where, local_files_only=True)
     except (OSError, ValueError) as e:
         raise InputError(f'hf("{name}"): no folder {spec_dir / name} and no model "{name}" in '
-                         f"huggingface_hub's cache ({_first_line(e)})") from None
+                         f"huggingface_hub's cache ({first_line(e)})") from None
     try:
         return _model_class(config).from_pretrained(where, local_files_only=True, **kwargs)
     except (OSError, ValueError, TypeError) as e:
-        raise InputError(f'hf("{name}"): {_first_line(e)}') from None
+        raise InputError(f'hf("{name}"): {first_line(e)}') from None
 
 
 def _model_class(config):
@@ -54,7 +54,3 @@ def _model_class(config):
     if type(config) in transformers.AutoModelForImageClassification._model_mapping:
         return transformers.AutoModelForImageClassification
     return transformers.AutoModel
-
-
-def _first_line(error: Exception) -> str:
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)

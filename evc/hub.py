@@ -18,7 +18,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from evc.errors import InputError
+from evc.errors import InputError, first_line
 from evc.plan import HubWeights
 
 # What timm's Hub repositories hold, in the order timm itself tries them.
@@ -54,7 +54,7 @@ def fetch(weights: HubWeights) -> HubCheckpoint:
         except EntryNotFoundError:  # the Hub says the repository has no such file
             continue
         except (HfHubHTTPError, HFValidationError) as e:  # no such repository or revision, gated, private
-            raise InputError(f"weights: {weights}: {_first_line(e)}") from None
+            raise InputError(f"weights: {weights}: {first_line(e)}") from None
         else:
             return HubCheckpoint(weights.repo, name, _commit(path, name), path)
     raise InputError(_missing(weights, names, offline))
@@ -76,7 +76,3 @@ def _missing(weights: HubWeights, names: tuple[str, ...], offline: bool) -> str:
     return (f"weights: {weights}: {weights.repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}: "
             f"no {files}) and {why}; fetch it once with `hf download {weights.repo} {names[0]}{revision}`, "
             "or build once with network")
-
-
-def _first_line(error: Exception) -> str:
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)

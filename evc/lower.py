@@ -17,7 +17,7 @@ from pathlib import Path
 
 from evc.cache import Cache
 from evc.context import Context
-from evc.errors import BuildError, EvcError
+from evc.errors import BuildError, EvcError, first_line
 from evc.plan import DataPlan, Plan, TargetPlan
 from evc.progress import Progress
 from evc.registry import FORMATS, Runtime
@@ -55,8 +55,7 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, 
         except EvcError:
             raise
         except Exception as e:  # the exporter's own message names the op or node at fault
-            reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise BuildError(f"target '{target.name}': lowering to {target.format} failed: {reason}") from e
+            raise BuildError(f"target '{target.name}': lowering to {target.format} failed: {first_line(e)}") from e
     failures, validation = [], None
     if isinstance(fmt, Runtime):  # a format with no runtime here is checked on the device alone
         validation = _validate(plan, target, compiled, fmt, folder, artifacts, progress, failures)

@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from evc.errors import InputError
+from evc.errors import InputError, first_line
 from evc.ir.attention import traceable_attention
 from evc.ir.export import exported
 from evc.ir.outputs import OneOutput, one_output
@@ -89,7 +89,7 @@ class _ShapeProp(ShapeProp):
 
 
 def _reason(error: Exception) -> str:
-    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    first = first_line(error)
     return first if len(first) <= 200 else first[:197] + "..."
 
 
