@@ -89,7 +89,8 @@ def _manifest(plan: Plan, target: TargetPlan, compiled, checked: dict, key: str 
     return canonical({
         "evc_version": evc.__version__,
         "spec": _spec_record(plan),
-        "model": {"name": model.name, "source": str(model.source), "weights": _weights_record(model, compiled)},
+        "model": {"name": model.name, "source": str(model.source),
+                  "weights": _weights_record(model, compiled, plan.path.parent)},
         "input": {"name": "input", "shape": list(image.shape), "dtype": "float32", "layout": "NCHW",
                   "preprocessing": {"color": "RGB", "scale": "pixels / 255", "mean": list(image.mean),
                                     "std": list(image.std), "crop_pct": image.crop_pct,
@@ -108,14 +109,20 @@ def _manifest(plan: Plan, target: TargetPlan, compiled, checked: dict, key: str 
     })
 
 
-def _weights_record(model, compiled) -> str | dict:
-    """"random", the file and its sha256, or a Hub checkpoint pinned by repository, commit, file and sha256."""
+def _weights_record(model, compiled, spec_dir: Path) -> str | dict:
+    """"random", the file and its sha256, a Hub checkpoint pinned by repository, commit, file and sha256, or an
+    hf source's files: a folder's sha256, a cached repository's pinned by repository, commit and sha256."""
+    from evc.hf import hf_folder, hf_snapshot
     from evc.hub import fetch
 
     if compiled.weights == "random":
         return "random"
-    if model.weights is None:  # a source that brings its own, an hf folder
-        return {"source": str(model.source), "sha256": compiled.weights}
+    if model.weights is None:  # an hf source brings its own: a folder, or a cached repository's snapshot
+        if hf_folder(model.source.name, spec_dir) is not None:
+            return {"source": str(model.source), "sha256": compiled.weights}
+        snapshot = hf_snapshot(model.source.name, dict(model.source.kwargs), spec_dir)
+        return {"source": str(model.source), "hub": snapshot.repo, "revision": snapshot.revision,
+                "sha256": compiled.weights}
     if isinstance(model.weights, HubWeights):
         checkpoint = fetch(model.weights)
         return {"hub": checkpoint.repo, "revision": checkpoint.revision, "file": checkpoint.file,

@@ -137,24 +137,23 @@ def text_digest(text: str) -> str:
 
 
 def model_digest(model, spec_dir: Path) -> str:
-    """A model block's checkpoint sha256 (a Hub checkpoint's as cached; an hf folder's files), or "random"
-    when it has none."""
+    """A model block's checkpoint sha256 (a Hub checkpoint's as cached; an hf folder's or cached repository
+    snapshot's files), or "random" when it has none."""
     from evc.hub import checkpoint_file
 
     if model.weights:
         return file_digest(checkpoint_file(model.weights))
     if model.source.kind == "hf":
-        folder = spec_dir / model.source.name
-        return folder_digest(folder) if folder.is_dir() else f"hf cache: {model.source.name}"
+        return _hf_digest(model.source, spec_dir)
     return "random"
 
 
 def source_code_digest(plan) -> str | None:
     """For `python("pkg.module:factory")`, the module file's sha256, found without importing it;
-    for `hf("folder")`, the folder's files (config.json, the weights), by name and sha256."""
+    for `hf("folder")` or `hf("org/name")`, the folder's or cached snapshot's files (config.json, the
+    weights), by name and sha256."""
     if plan.model.source.kind == "hf":
-        folder = plan.path.parent / plan.model.source.name
-        return folder_digest(folder) if folder.is_dir() else None
+        return _hf_digest(plan.model.source, plan.path.parent)
     if plan.model.source.kind != "python":
         return None
     module = plan.model.source.name.split(":")[0].replace(".", "/")
@@ -163,6 +162,12 @@ def source_code_digest(plan) -> str | None:
             if candidate.is_file():
                 return file_digest(candidate)
     return None
+
+
+def _hf_digest(source, spec_dir: Path) -> str:
+    from evc.hf import hf_files
+
+    return folder_digest(hf_files(source.name, dict(source.kwargs), spec_dir))
 
 
 def data_identity(data) -> dict:
