@@ -108,8 +108,8 @@ def aligned(after: dict, original, compressed) -> dict:
 
 
 def _module_names(block) -> list[str]:
-    names = [*block.attn.qkv, block.attn.proj] if block.attn else []
-    return names + ([block.mlp.fc1, block.mlp.fc2] if block.mlp else [])
+    names = [*block.attn.qkv, block.attn.proj, *block.attn.mixers] if block.attn else []
+    return names + ([block.mlp.fc1, block.mlp.fc2, *filter(None, [block.mlp.gate])] if block.mlp else [])
 
 
 def _summary(program) -> dict:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evc.errors import InputError
+from evc.hf import hf_files
 from evc.plan import HubWeights, ImageInput, ImageSpec, ModelPlan
 
 NORMALISATION = ("mean", "std", "crop_pct", "interpolation")
@@ -68,8 +69,8 @@ def data_config(module, model: ModelPlan, spec_dir: Path) -> DataConfig:
     config = DataConfig.of(DEFAULTS, "default (ImageNet)")
     if hasattr(module, "pretrained_cfg"):
         config = timm_config(module.pretrained_cfg, "timm pretrained_cfg").under(config)
-    folder = spec_dir / model.source.name if model.source.kind == "hf" else None
-    if folder is not None and folder.is_dir():
+    if model.source.kind == "hf":  # the spec's folder, or the repository's cached snapshot
+        folder = hf_files(model.source.name, dict(model.source.kwargs), spec_dir)
         config = (preprocessor_config(folder) or DataConfig()).under(config)
     if isinstance(model.weights, HubWeights):
         config = hub_tag_config(model.weights).under(config)

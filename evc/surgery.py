@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from evc.errors import InputError
-from evc.ir.recognise import node_shape, size_value
 from evc.ir.structure import Attention, Mlp
+from evc.ir.view import node_shape, size_value
 
 _RESHAPES = ("reshape", "view")
 
@@ -158,9 +158,25 @@ def keep_heads(gm: fx.GraphModule, attn: Attention, keep: Sequence[int], where: 
         set_submodule(gm, linear, keep_rows(gm.get_submodule(linear), np.sort(rows)))
     cols = (np.asarray(keep)[:, None] * attn.head_dim + np.arange(attn.head_dim)).ravel()
     set_submodule(gm, attn.proj, keep_cols(gm.get_submodule(attn.proj), cols))
+    for mixer in attn.mixers:  # a head mixed into the others goes from both sides of the mixing
+        set_submodule(gm, mixer, keep_rows(keep_cols(gm.get_submodule(mixer), keep), keep))
+    for bias in attn.biases:
+        _keep_along(gm, bias, -3, keep)
     nodes = _nodes(gm)
     for name in attn.head_count_nodes:
         _rewrite_head_count(nodes[name], attn, len(keep), where)
+
+
+def _keep_along(gm: fx.GraphModule, target: str, axis: int, keep: Sequence[int]) -> None:
+    """Keep entries `keep` of the buffer or parameter `target` along `axis`."""
+    owner, _, leaf = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    tensor = getattr(module, leaf)
+    kept = tensor.detach().index_select(axis % tensor.ndim, torch.as_tensor(list(keep))).clone()
+    if isinstance(tensor, nn.Parameter):
+        setattr(module, leaf, nn.Parameter(kept, requires_grad=tensor.requires_grad))
+    else:
+        module.register_buffer(leaf, kept)
 
 
 def _rewrite_head_count(node: fx.Node, attn: Attention, heads: int, where: str) -> None:
@@ -178,19 +194,45 @@ def _rewrite_head_count(node: fx.Node, attn: Attention, heads: int, where: str) 
     _set_shape_args(node, sizes)
 
 
+def hidden_rows(mlp: Mlp) -> dict[str, np.ndarray]:
+    """The rows of each input projection of `mlp` by hidden unit: {module name: (chunks, hidden)}.
+    A packed gated MLP's fc1 gives value and gate one after the other, unit by unit in each."""
+    rows = {mlp.fc1: np.arange(mlp.packed * mlp.hidden).reshape(mlp.packed, mlp.hidden)}
+    return rows | ({mlp.gate: np.arange(mlp.hidden)[None]} if mlp.gate else {})
+
+
 def keep_hidden(gm: fx.GraphModule, mlp: Mlp, keep: Sequence[int], where: str) -> None:
-    """Keep only hidden units `keep` of `mlp`: fc1's output rows and fc2's input columns."""
+    """Keep only hidden units `keep` of `mlp`: its input projections' rows, fc2's input columns,
+    a scale per unit, and the weights of a norm over the hidden units (its statistics are then over
+    the kept ones)."""
     keep = np.sort(np.asarray(keep))
+    projections = hidden_rows(mlp)
     nodes = list(gm.graph.nodes)
-    fc1 = next(i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == mlp.fc1)
+    first = min(i for i, n in enumerate(nodes) if n.op == "call_module" and n.target in projections)
     fc2 = next(i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == mlp.fc2)
-    for node in nodes[fc1 + 1 : fc2]:
+    for node in nodes[first + 1 : fc2]:
+        if node.op == "get_attr" and (node_shape(node) or (0,))[-1] == mlp.hidden:
+            _keep_along(gm, node.target, -1, keep)  # a scale per unit (LayerScale): its units go with them
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if module is not None and any(p.shape[0] == mlp.hidden for p in module.parameters()):
+        if module is None or node.target in projections or not any(p.shape[0] == mlp.hidden
+                                                                      for p in module.parameters()):
+            continue
+        if not isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             raise InputError(f"{where}: node '{node.name}' has weights over the MLP's hidden units; "
                              "ffn_prune cannot remove units under it")
-    set_submodule(gm, mlp.fc1, keep_rows(gm.get_submodule(mlp.fc1), keep))
+        set_submodule(gm, node.target, _norm_over(module, keep))
+    for name, rows in projections.items():
+        set_submodule(gm, name, keep_rows(gm.get_submodule(name), rows[:, keep].ravel()))
     set_submodule(gm, mlp.fc2, keep_cols(gm.get_submodule(mlp.fc2), keep))
+
+
+def _norm_over(norm: nn.LayerNorm | nn.RMSNorm, keep: np.ndarray) -> nn.Module:
+    smaller = copy.deepcopy(norm)
+    smaller.normalized_shape = (len(keep),)
+    index = torch.as_tensor(keep)
+    for name, param in norm.named_parameters():
+        setattr(smaller, name, nn.Parameter(param.detach()[index].clone()))
+    return smaller
 
 
 def skip_sublayer(gm: fx.GraphModule, residual: str) -> None:

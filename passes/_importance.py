@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from evc.errors import InputError
-from evc.ir.recognise import node_shape
-from evc.surgery import copy_graph, head_rows, node_named
+from evc.ir.view import node_shape
+from evc.surgery import copy_graph, head_rows, hidden_rows, node_named
 
 BATCH = 16
 
@@ -49,10 +49,14 @@ def head_norms(gm: fx.GraphModule, attn, p: int, where: str) -> np.ndarray:
 
 
 def hidden_norms(gm: fx.GraphModule, mlp, p: int) -> np.ndarray:
-    """Per hidden unit: the p-norm of its fc1 row and fc2 column together, one shared score (nn_pruning)."""
-    fc1 = gm.get_submodule(mlp.fc1).weight.detach().numpy()
+    """Per hidden unit: the p-norm of its fc1 row (and gate row) and fc2 column together, one shared
+    score (nn_pruning)."""
     fc2 = gm.get_submodule(mlp.fc2).weight.detach().numpy()
-    return (np.sum(np.abs(fc1) ** p, axis=1) + np.sum(np.abs(fc2) ** p, axis=0)) ** (1 / p)
+    total = np.sum(np.abs(fc2) ** p, axis=0)
+    for name, rows in hidden_rows(mlp).items():
+        per_row = np.sum(np.abs(gm.get_submodule(name).weight.detach().numpy()) ** p, axis=1)
+        total += per_row[rows].sum(axis=0)
+    return total ** (1 / p)
 
 
 def _masked(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:

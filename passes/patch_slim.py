@@ -56,16 +56,19 @@ class PatchSlim(Pass):
     def run(self, program, params, ctx):
         structure = program.structure
         prefix = len(structure.prefix_tokens)
-        if params["score"] == "cls_attention" and structure.pool != "token":
-            raise ctx.error("score", "score = cls_attention needs a class token, and this model pools the average "
-                                     "of its tokens: use score = mean_attention")
+        if params["score"] == "cls_attention" and not structure.prefix_tokens:
+            raise ctx.error("score", "score = cls_attention needs a class token in the token stream, and this model "
+                                     "has none: use score = mean_attention")
         first = structure.blocks[0].tokens - prefix
+        shares = ctx.per_layer("keep", structure.depth)
+        dropping = params["search"] is not None or any(s < 1 for s in shares[1:])
+        if dropping and (reason := structure.fixed_token_count()) is not None:
+            raise ctx.error("keep", f"cannot drop patches: {reason}")
         if params["search"] is not None:
             kept = search(program, params, ctx, first)
             keep = [1.0] + [share(k, m) for k, m in zip(kept[1:], entering(first, kept, params["fuse"])[1:])]
             ctx.report("keep", keep)
         else:
-            shares = ctx.per_layer("keep", structure.depth)
             kept = counts(first, (1.0, *shares[1:]), params["fuse"], _least(structure))
         return slimmed(program, kept, params["score"], params["fuse"], ctx)
 

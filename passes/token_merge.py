@@ -49,6 +49,8 @@ class TokenMerge(Pass):
             ctx.report("r", merged)  # what each block could merge, where fewer tokens were left than asked
         if not any(r for _, r, _ in plan):
             return program
+        if (reason := structure.fixed_token_count()) is not None:
+            raise ctx.error("r", f"cannot merge tokens: {reason}")
         return rewritten(program, [partial(_merge, plan=plan, cls=prefix >= 1, distill=prefix == 2,
                                            proportional=params["proportional"])])
 

@@ -27,6 +27,12 @@ class Attention:
     score_node: str  # node name of the softmax or scaled_dot_product_attention
     context_node: str  # node name of the weights applied to v: (B, heads, N, head_dim)
     residual: str  # node name of the residual add `x + attn(x)` that closes the sublayer
+    # Module names of square Linears over the head axis that mix heads (CaiT's talking heads,
+    # before and after the softmax): a removed head leaves both their rows and their columns.
+    mixers: tuple[str, ...] = ()
+    # get_attr targets of constants (..., heads, N, N) added to the logits (BEiT's relative
+    # position bias, folded by evc.ir.constants): sliced on their head axis with the heads.
+    biases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,10 @@ class Mlp:
     fc1: str  # module name
     fc2: str  # module name
     hidden: int
-    act_node: str  # node name
+    act_node: str  # node name of the hidden units' values: the activation, or a gated MLP's product
     residual: str  # node name of the residual add `x + mlp(x)` that closes the sublayer
+    gate: str | None = None  # module name of a gated MLP's second input projection (SwiGLU's fc1_g)
+    packed: int = 1  # fc1 gives `packed` chunks of `hidden` features (2: value and gate in one Linear)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,10 @@ class Block:
     mlp: Mlp | None
     tokens: int  # tokens entering the block, class tokens included
     nodes: tuple[str, ...]  # node names, in graph order; per-block MACs sum over these
+    class_attention: bool = False  # the class token alone attends to the tokens (CaiT's last blocks)
+    # Node names of constants the block reads with an axis of its tokens (a relative position
+    # bias, a rotary embedding): they fix the token count, so token passes leave it.
+    fixed_tokens: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,17 @@ class Structure:
     def to_dict(self) -> dict:
         return {**asdict(self), "depth": self.depth}
 
+    def fixed_token_count(self) -> str | None:
+        """Why token passes cannot change this model's token count, or None where they can."""
+        for block in self.blocks:
+            if block.fixed_tokens:
+                return (f"block {block.index} reads node '{block.fixed_tokens[0]}', a constant with one value per "
+                        "token position (a relative position bias or a rotary embedding), which fixes its tokens")
+            if block.class_attention:
+                return (f"block {block.index} is a class-attention block (CaiT), and evc changes token counts only "
+                        "in models whose blocks all attend over the token stream")
+        return None
+
     def describe(self) -> str:
         """A few lines for people: the stem, one line a block, the head."""
         gh, gw = self.grid
@@ -84,6 +107,14 @@ class Structure:
 
 
 def _describe_block(block: Block) -> str:
-    attn = block.attn and f"attn {block.attn.num_heads}x{block.attn.head_dim}"
-    mlp = block.mlp and f"mlp {block.mlp.hidden}"
-    return f"  block {block.index}: {attn or 'no attn'}, {mlp or 'no mlp'}, {block.tokens} tokens"
+    attn = block.attn and _describe_attention(block.attn, block.class_attention)
+    mlp = block.mlp and f"{'gated ' if block.mlp.gate or block.mlp.packed > 1 else ''}mlp {block.mlp.hidden}"
+    fixed = f", positions fixed by {', '.join(block.fixed_tokens)}" if block.fixed_tokens else ""
+    return f"  block {block.index}: {attn or 'no attn'}, {mlp or 'no mlp'}, {block.tokens} tokens{fixed}"
+
+
+def _describe_attention(attn: Attention, class_attention: bool) -> str:
+    extras = [f"heads mixed by {', '.join(attn.mixers)}"] if attn.mixers else []
+    extras += [f"logit bias {', '.join(attn.biases)}"] if attn.biases else []
+    kind = "class attn" if class_attention else "attn"
+    return f"{kind} {attn.num_heads}x{attn.head_dim}" + (f" ({'; '.join(extras)})" if extras else "")

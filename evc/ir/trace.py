@@ -28,6 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from evc.errors import InputError, first_line
 from evc.ir.attention import traceable_attention
+from evc.ir.constants import fold_constants
 from evc.ir.export import exported
 from evc.ir.outputs import OneOutput, one_output
 
@@ -109,6 +110,7 @@ def trace(model: nn.Module, example: torch.Tensor, name: str | None = None, outp
         _drop_fixed_inputs(graph)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
         _select_output(gm, output, name)
+    fold_constants(gm)
     propagate_shapes(gm, example, name)
     return gm
 

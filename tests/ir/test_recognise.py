@@ -195,3 +195,58 @@ def test_traced_timm_model_computes_the_models_output():
     gm = trace(model, images)
     with torch.no_grad():
         torch.testing.assert_close(gm(images), model(images))
+
+
+def _captured(name, **kwargs):
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10,
+                              **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = trace(model, x[:1])
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-6)  # folding constants changes nothing in eval
+    return gm, recognise(gm)
+
+
+def test_beit_q_v_biases_become_the_qkv_linears_bias_and_its_relative_position_bias_a_buffer_per_head():
+    gm, structure = _captured("beit_base_patch16_224", embed_dim=64, num_heads=4)
+    attn = structure.blocks[0].attn
+    assert attn.qkv == ("blocks.0.attn.qkv",) and gm.get_submodule("blocks.0.attn.qkv").bias.shape == (192,)
+    assert attn.biases == ("blocks.0.attn.attention_bias",)
+    assert gm.get_buffer("blocks.0.attn.attention_bias").shape == (1, 4, 17, 17)
+    assert (structure.prefix_tokens, structure.pool, structure.head) == (("cls_token",), "avg", ("head",))
+    assert structure.blocks[0].fixed_tokens == ("blocks_0_attn_attention_bias",)
+
+
+def test_eva02_has_a_gated_mlp_packed_in_one_linear_and_rotary_positions_fixed():
+    gm, structure = _captured("eva02_tiny_patch14_224", embed_dim=64, num_heads=4)
+    mlp = structure.blocks[0].mlp
+    assert (mlp.packed, mlp.gate, mlp.hidden) == (2, None, 170)
+    assert gm.get_submodule(mlp.fc1).out_features == 2 * 170
+    assert structure.blocks[0].attn.qkv == ("blocks.0.attn.qkv",)
+    assert structure.blocks[0].fixed_tokens  # the rotary embedding's sin and cos, one row per patch
+    assert "gated mlp 170" in structure.describe()
+
+
+def test_a_swiglu_mlp_with_two_input_projections_is_one_gated_mlp():
+    from timm.layers import SwiGLU
+
+    model = load_plain_vit().plain_vit_tiny(depth=2)
+    for layer in model.layers:
+        layer.ffn = SwiGLU(192, 256)
+    structure = recognise(trace(model.eval(), torch.randn(1, 3, 32, 32)))
+    mlp = structure.blocks[0].mlp
+    assert (mlp.fc1, mlp.gate, mlp.fc2, mlp.hidden) == ("layers.0.ffn.fc1_x", "layers.0.ffn.fc1_g",
+                                                         "layers.0.ffn.fc2", 256)
+
+
+def test_cait_talking_heads_are_mixers_and_its_class_attention_blocks_are_blocks_of_the_class_token():
+    gm, structure = _captured("cait_xxs24_224", embed_dim=64, num_heads=4)
+    assert structure.depth == 4
+    sa, ca = structure.blocks[0], structure.blocks[2]
+    assert sa.attn.mixers == ("blocks.0.attn.proj_l", "blocks.0.attn.proj_w") and sa.attn.qkv == ("blocks.0.attn.qkv",)
+    assert (sa.class_attention, sa.tokens) == (False, 16)
+    assert ca.class_attention and ca.tokens == 1
+    assert ca.attn.qkv == ("blocks_token_only.0.attn.q", "blocks_token_only.0.attn.k", "blocks_token_only.0.attn.v")
+    assert (structure.prefix_tokens, structure.pool, structure.head, structure.num_classes) == ((), "token",
+                                                                                             ("head",), 10)
+    assert "class attn 4x16" in structure.describe() and "heads mixed by" in structure.describe()

@@ -12,7 +12,7 @@ import torch
 
 from evc.ir.program import Program
 from evc.plan import ImageInput
-from evc.surgery import head_rows
+from evc.surgery import head_rows, hidden_rows
 from tests import families
 from tests.conftest import ROOT
 
@@ -41,6 +41,15 @@ FAMILIES = {
     "hf_deit_distilled": lambda: families.hf_deit_distilled(),
     # vit-pytorch's style: einops, a Linear patch embedding, q/k/v chunked from one Linear
     "einops_vit": lambda: families.einops_vit(),
+    # timm's BEiT: q/v biases passed to F.linear, a relative position bias per head, average pooling
+    "beit": lambda: timm.create_model("beit_base_patch16_224", img_size=SIZE, patch_size=8, depth=4, embed_dim=64,
+                                      num_heads=4, num_classes=10),
+    # timm's EVA-02: SwiGLU packed in one Linear, rotary embeddings, q/k/v biases passed to F.linear
+    "eva02": lambda: timm.create_model("eva02_tiny_patch14_224", img_size=SIZE, patch_size=8, depth=4,
+                                       embed_dim=64, num_heads=4, num_classes=10),
+    # timm's CaiT: talking heads in self-attention, then class-attention blocks for a late class token
+    "cait": lambda: timm.create_model("cait_xxs24_224", img_size=SIZE, patch_size=8, depth=2, embed_dim=64,
+                                      num_heads=4, num_classes=10),
 }
 
 
@@ -88,7 +97,7 @@ class Ctx:
     def error(self, key, message):
         from evc.errors import SpecError
 
-        return SpecError("test.evc", "", [])
+        return SpecError.at("test.evc", "", None, f"{key}: {message}")
 
 
 def images(n=8):
@@ -110,18 +119,23 @@ def zero_heads(program: Program, heads_per_block: dict[int, list[int]]) -> None:
             proj = gm.get_submodule(attn.proj)
             for h in heads:
                 proj.weight[:, h * attn.head_dim:(h + 1) * attn.head_dim] = 0
+            for mixer in attn.mixers:  # talking heads: nothing of a zeroed head is mixed into the others
+                gm.get_submodule(mixer).weight[:, heads] = 0
 
 
 def zero_hidden(program: Program, units_per_block: dict[int, list[int]]) -> None:
-    """Zero those hidden units' fc1 rows and fc2 columns: GELU(0) = 0, so they contribute nothing."""
+    """Zero those hidden units' input rows (a gated MLP's too) and fc2 columns: GELU(0) = 0, and
+    a gate times 0 is 0, so they contribute nothing."""
     gm = program.graph
     with torch.no_grad():
         for index, units in units_per_block.items():
             mlp = program.structure.blocks[index].mlp
-            fc1, fc2 = gm.get_submodule(mlp.fc1), gm.get_submodule(mlp.fc2)
-            fc1.weight[units] = 0
-            fc1.bias[units] = 0
-            fc2.weight[:, units] = 0
+            for name, rows in hidden_rows(mlp).items():
+                linear = gm.get_submodule(name)
+                linear.weight[rows[:, units].ravel()] = 0
+                if linear.bias is not None:
+                    linear.bias[rows[:, units].ravel()] = 0
+            gm.get_submodule(mlp.fc2).weight[:, units] = 0
 
 
 def outputs(program: Program, x=None):

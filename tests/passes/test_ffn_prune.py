@@ -55,19 +55,75 @@ def test_params_and_macs_go_down_by_the_units_removed():
     assert before.macs - after.macs == removed * 17 * 2 * 192  # 17 tokens through fc1 and fc2
 
 
-def test_an_mlp_that_normalises_its_hidden_units_names_the_block_and_node():
-    from torch import nn
-
-    from evc.errors import InputError
+def _plain_vit_with(ffn):
     from evc.ir.program import Program
     from evc.plan import ImageInput
     from tests.passes.conftest import FAMILIES
 
     model = FAMILIES["plain_vit"]()
     for layer in model.layers:
-        fc1, act, fc2 = layer.ffn
-        layer.ffn = nn.Sequential(fc1, act, nn.LayerNorm(fc1.out_features), fc2)
-    program = Program.from_module(model.eval(), ImageInput(32, 32))
-    with pytest.raises(InputError) as caught:
+        layer.ffn = ffn(*layer.ffn)
+    return Program.from_module(model.eval(), ImageInput(32, 32))
+
+
+def test_a_norm_over_the_hidden_units_keeps_the_weights_of_the_kept_units():
+    from torch import nn
+
+    program = _plain_vit_with(lambda fc1, act, fc2: nn.Sequential(fc1, act, nn.LayerNorm(fc1.out_features), fc2))
+    norm = program.graph.get_submodule("layers.0.ffn.2")
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn_like(norm.weight))
+    pruned = run(program, keep=0.5)
+    kept = pruned.graph.get_submodule("layers.0.ffn.2")
+    assert kept.normalized_shape == (pruned.structure.blocks[0].mlp.hidden,) == (384,)
+    assert all(any(torch.equal(w, v) for v in norm.weight) for w in kept.weight)  # its own units' weights
+    assert outputs(pruned).shape == outputs(program).shape
+
+
+class _ConvMlp(torch.nn.Module):
+    """PVTv2's MLP: a depthwise convolution over the hidden units, on the patch grid."""
+
+    def __init__(self, fc1, act, fc2):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+        self.dwconv = torch.nn.Conv2d(fc1.out_features, fc1.out_features, 3, padding=1, groups=fc1.out_features)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        cls, patches = x[:, :1], x[:, 1:]
+        grid = patches.transpose(1, 2).reshape(x.shape[0], -1, 8, 8)
+        patches = self.dwconv(grid).flatten(2).transpose(1, 2)
+        return self.fc2(self.act(torch.cat([cls, patches], dim=1)))
+
+
+def test_a_per_unit_scale_in_the_mlp_is_sliced_with_its_units():
+    from timm.layers import LayerScale
+    from torch import nn
+
+    program = _plain_vit_with(lambda fc1, act, fc2: nn.Sequential(fc1, act, LayerScale(fc1.out_features, 0.5), fc2))
+    pruned = run(program, keep=0.5)
+    assert pruned.structure.blocks[0].mlp.hidden == 384
+    assert outputs(pruned).shape == outputs(program).shape
+
+
+def test_a_module_with_other_weights_over_the_hidden_units_names_the_block_and_node():
+    from evc.errors import InputError
+
+    program = _plain_vit_with(_ConvMlp)
+    with pytest.raises(InputError, match="block 0: node 'layers_0_ffn_dwconv' has weights over the MLP's hidden "
+                                         "units; ffn_prune cannot remove units under it"):
         run(program, keep=0.5)
-    assert str(caught.value).startswith("block 0: node 'layers_0_ffn_2' has weights over the MLP's hidden units")
+
+
+def test_a_swiglu_mlp_prunes_value_and_gate_rows_together_and_zeroed_units_go_exactly():
+    from timm.layers import SwiGLU
+
+    program = _plain_vit_with(lambda fc1, act, fc2: SwiGLU(fc1.in_features, fc1.out_features))
+    mlp = program.structure.blocks[0].mlp
+    zeroed = list(range(0, mlp.hidden, 3))
+    zero_hidden(program, {b.index: zeroed for b in program.structure.blocks})
+    reference = outputs(program)
+    pruned = run(program, keep=(mlp.hidden - len(zeroed)) / mlp.hidden, round_to=1)
+    after = pruned.structure.blocks[0].mlp
+    assert pruned.graph.get_submodule(after.gate).out_features == after.hidden == mlp.hidden - len(zeroed)
+    assert (outputs(pruned) - reference).abs().max() < 1e-5

@@ -1,0 +1,204 @@
+"""Recognise one residual branch `x + f(x)` as attention or as an MLP.
+
+    sub = sublayer(view, residual, index)   # an Attention or an Mlp, or RecognitionError
+
+Attention is a branch with one softmax or scaled_dot_product_attention. Its
+Linears before the weights meet v are q/k/v, except square Linears over the
+head axis, which mix heads (CaiT's talking heads); the one Linear after is the
+output projection. Constant tensors added to its logits with a head axis (a
+relative position bias, folded by `evc.ir.constants`) belong to its heads.
+
+An MLP is Linear, activation, Linear, or a gated one (SwiGLU, GEGLU): two
+input projections multiplied, or one whose output is chunked in two.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from evc.ir.structure import Attention, Mlp
+from evc.ir.view import (
+    RecognitionError,
+    Residual,
+    View,
+    between,
+    is_add,
+    is_score,
+    is_sdpa,
+    last_linear,
+    node_shape,
+    size_value,
+)
+
+_RESHAPE_METHODS = ("reshape", "view", "unflatten")
+_MATMULS = (operator.matmul, torch.matmul, torch.bmm, torch.einsum, "matmul", "bmm")
+_ACT_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Sigmoid)
+_ACT_FUNCTIONS = (F.gelu, F.relu, F.silu, F.hardswish, F.mish, torch.relu, torch.sigmoid, torch.tanh)
+_ACT_METHODS = ("relu", "sigmoid", "tanh")
+_MULS = (operator.mul, torch.mul)
+
+
+def sublayer(view: View, residual: Residual, index: int) -> Attention | Mlp:
+    scores = [n for n in residual.branch if is_score(n)]
+    linears = [n for n in residual.branch if view.is_a(n, nn.Linear)]
+    end = last_linear(view, residual).name
+    where = f"block {index}: the branch ending at node '{end}'"
+    if len(scores) > 1:
+        message = f"{where} has {len(scores)} softmax/attention nodes, expected one"
+        raise RecognitionError(scores[1].name, message)
+    if scores:
+        return _attention(view, residual, scores[0], index)
+    has_heads = any(len(node_shape(n) or ()) >= 4 for n in residual.branch)
+    has_activation = any(_is_activation(view, n) for n in residual.branch)
+    if len(linears) in (2, 3) and (has_activation or not has_heads):
+        return _mlp(view, residual, linears, index)
+    if len(linears) > 3 or has_heads:
+        where = where.replace("the branch", "the attention branch")
+        raise RecognitionError(end, f"{where} has no softmax or scaled_dot_product_attention")
+    message = (
+        f"{where} has {len(linears)} Linear(s) and no softmax; expected attention "
+        "(softmax or scaled_dot_product_attention) or an MLP (Linear, activation, Linear)"
+    )
+    raise RecognitionError(end, message)
+
+
+# ---- attention --------------------------------------------------------------------------------
+
+def _ints(value) -> list[int]:
+    if isinstance(value, (tuple, list)):
+        return [i for v in value for i in _ints(v)]
+    return [] if size_value(value) is None else [size_value(value)]
+
+
+def _carries_head_count(node: fx.Node, heads: int, head_dim: int) -> bool:
+    """A reshape that sets the head count: by number (a literal, or a width read from a shape),
+    or as the -1 it infers (Hugging Face's `view(b, n, -1, head_dim)`, which needs no rewrite)."""
+    reshape = (node.op == "call_method" and node.target in _RESHAPE_METHODS) or node.target is torch.reshape
+    if not reshape:
+        return False
+    if any(i in (heads, heads * head_dim) for i in _ints([*node.args[1:], *node.kwargs.values()])):
+        return True
+    sizes, shape = node.args[1:], node_shape(node)
+    sizes = [size_value(a) for a in (sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes)]
+    if -1 not in sizes or shape is None or len(sizes) != len(shape):
+        return False
+    axis = sizes.index(-1)
+    return shape[axis:axis + 2] == (heads, head_dim) or (axis == len(shape) - 1 and shape[-1] == heads * head_dim)
+
+
+def _mixing(view: View, residual: Residual, score: fx.Node) -> fx.Node | None:
+    """Where the attention weights meet v: sdpa itself, or the first matmul after the softmax."""
+    if is_sdpa(score):
+        return score
+    after = view.reached(score, residual.add)
+    return next((n for n in view.after(score, residual.add) if n in after and n.target in _MATMULS), None)
+
+
+def _mixes_heads(view: View, node: fx.Node, heads: int) -> bool:
+    """A Linear over the head axis, heads in and heads out (talking heads)."""
+    linear = view.module(node)
+    shape = node_shape(node.args[0]) or ()
+    return linear.in_features == linear.out_features == heads and len(shape) == 4 and shape[-1] == heads
+
+
+def _logit_biases(view: View, score: fx.Node, upstream: tuple[fx.Node, ...], heads: int) -> tuple[str, ...]:
+    """Constant weights added to the logits with one value per head: sdpa's float mask, or an
+    operand of an add before the softmax."""
+    if is_sdpa(score):
+        mask = score.kwargs.get("attn_mask", score.args[3] if len(score.args) > 3 else None)
+        candidates = [mask] if isinstance(mask, fx.Node) else []
+    else:
+        candidates = [a for n in upstream if is_add(n) and view.order[n] < view.order[score]
+                      for a in n.all_input_nodes]
+    per_head = [a for a in candidates if a.op == "get_attr" and len(node_shape(a) or ()) >= 3
+                and node_shape(a)[-3] == heads]
+    return tuple(a.target for a in per_head)
+
+
+def _attention(view: View, residual: Residual, score: fx.Node, index: int) -> Attention:
+    where = f"block {index}: the attention branch ending at node '{last_linear(view, residual).name}'"
+    mix = _mixing(view, residual, score)
+    if mix is None:
+        message = f"{where} never multiplies the weights of node '{score.name}' with v"
+        raise RecognitionError(score.name, message)
+    s = node_shape(score)
+    if s is None or len(s) < 4:
+        message = f"{where}: node '{score.name}' has shape {s}, with no head axis (B, heads, N, ...)"
+        raise RecognitionError(score.name, message)
+    heads = s[-3]
+    linears = [n for n in residual.branch if view.is_a(n, nn.Linear)]
+    upstream = between(view, residual.skip, mix)
+    downstream = view.reached(mix, residual.add)
+    mixers = [n for n in linears if n in upstream and _mixes_heads(view, n, heads)]
+    qkv = [n for n in linears if n in upstream and n not in mixers]
+    proj = [n for n in linears if n in downstream]
+    if not qkv:
+        raise RecognitionError(score.name, f"{where} has no q/k/v Linear before node '{score.name}'")
+    if len(proj) != 1:
+        message = f"{where} has {len(proj)} Linears after node '{mix.name}', expected one output projection"
+        raise RecognitionError(mix.name, message)
+    head_dim = view.module(proj[0]).in_features // heads
+    splits = upstream + between(view, mix, proj[0])
+    head_count = tuple(n.name for n in splits if _carries_head_count(n, heads, head_dim))
+    if not head_count:
+        raise RecognitionError(score.name, f"{where} has no reshape or view by the head count {heads}")
+    return Attention(tuple(n.target for n in qkv), proj[0].target, heads, head_dim, head_count, score.name,
+                     mix.name, residual.add.name, mixers=tuple(n.target for n in mixers),
+                     biases=_logit_biases(view, score, upstream, heads))
+
+
+# ---- MLP ---------------------------------------------------------------------------------------
+
+def _is_activation(view: View, node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _ACT_METHODS
+    return view.is_a(node, _ACT_MODULES) or (node.op == "call_function" and node.target in _ACT_FUNCTIONS)
+
+
+def _chunks(view: View, fc1: fx.Node, fc2: fx.Node) -> int:
+    """In how many pieces fc1's output is cut along its features before fc2 (2 for a packed GLU)."""
+    for node in between(view, fc1, fc2):
+        is_chunk = (node.op == "call_method" and node.target == "chunk") or node.target is torch.chunk
+        if is_chunk and node.args[0] is fc1:
+            dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+            if dim in (-1, len(node_shape(fc1)) - 1):
+                return node.kwargs.get("chunks", node.args[1])
+    return 1
+
+
+def _mlp(view: View, residual: Residual, linears: list[fx.Node], index: int) -> Mlp:
+    *inputs, fc2 = linears
+    where = f"block {index}: the MLP branch ending at node '{fc2.name}'"
+    if len(inputs) == 2 and inputs[1] in view.reached(inputs[0]):
+        raise RecognitionError(fc2.name, f"{where} has three Linears one after another; expected Linear, "
+                                         "activation, Linear, or two input projections multiplied (SwiGLU)")
+    acts = {i: next((n for n in between(view, i, fc2) if _is_activation(view, n)), None) for i in inputs}
+    if not any(acts.values()):
+        message = f"{where} has no activation after node '{inputs[0].name}'"
+        raise RecognitionError(fc2.name, message)
+    hidden = view.module(fc2).in_features
+    if len(inputs) == 1:
+        fc1, gate = inputs[0], None
+        packed = _chunks(view, fc1, fc2)
+        act = acts[fc1]
+        if view.module(fc1).out_features != packed * hidden:
+            raise RecognitionError(fc2.name, f"{where}: node '{fc1.name}' gives {view.module(fc1).out_features} "
+                                             f"features and node '{fc2.name}' reads {hidden}")
+    else:
+        gate = next(i for i in inputs if acts[i] is not None)
+        fc1, packed = next(i for i in inputs if i is not gate), 1
+        act = _product(view, fc1, gate, fc2) or acts[gate]
+    if packed > 1:
+        act = _product(view, fc1, fc1, fc2) or act
+    return Mlp(fc1.target, fc2.target, hidden, act.name, residual.add.name,
+               gate=gate.target if gate is not None else None, packed=packed)
+
+
+def _product(view: View, a: fx.Node, b: fx.Node, fc2: fx.Node) -> fx.Node | None:
+    """The multiply where a gated MLP joins its value and its gate: what fc2 reads, unit by unit."""
+    reached = view.reached(a) & view.reached(b)
+    return next((n for n in between(view, a, fc2) if n in reached and n.target in _MULS), None)
