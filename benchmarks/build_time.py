@@ -11,11 +11,19 @@ waits for them):
 - `evc check`.
 It prints the median of the rounds. This machine is shared and noisy:
 compare the ratios, not the absolute times.
+
+    .venv/bin/python benchmarks/build_time.py --against 59cc343
+
+also times, in the same rounds, `evc build` of the same spec by evc as it was
+at that git revision (a temporary checkout run with this environment's
+libraries), so a change to capture or recognition is measured against the
+code before it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -56,18 +64,34 @@ print(time.perf_counter() - start)
 """
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str], env: dict | None = None) -> float:
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT, env=env)
     return time.perf_counter() - start
 
 
-def one_round(scratch: Path) -> dict[str, float]:
+def checkout(revision: str, scratch: Path) -> dict:
+    """The environment that runs evc as it was at `revision`: a checkout first on PYTHONPATH, its
+    plug-in folders linked where the installed package maps them (evc.passes, evc.targets)."""
+    tree = scratch / "against"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), revision], check=True, capture_output=True,
+                   cwd=ROOT)
+    for package in ("passes", "targets"):
+        (tree / "evc" / package).symlink_to(tree / package)
+    return {**os.environ, "PYTHONPATH": str(tree)}
+
+
+def one_round(scratch: Path, against: dict | None) -> dict[str, float]:
     out = Path(tempfile.mkdtemp(dir=scratch))
     spec = out / "deit_tiny_cpu.evc"
     spec.write_text(SPEC_TEXT)
     evc = [sys.executable, "-m", "evc"]
-    times = {
+    times = {}
+    if against is not None:
+        earlier = Path(tempfile.mkdtemp(dir=scratch))
+        times["evc build (earlier revision)"] = timed([*evc, "build", str(spec), "--out", str(earlier)],
+                                                      against)
+    times |= {
         "evc build": timed([*evc, "build", str(spec), "--out", str(out)]),
         "by hand": timed([sys.executable, "-c", BY_HAND, str(out / "by_hand.onnx")]),
         "evc build (from cache)": timed([*evc, "build", str(spec), "--out", str(out)]),
@@ -77,15 +101,23 @@ def one_round(scratch: Path) -> dict[str, float]:
                           capture_output=True, text=True)
     times["onnxslim"] = float(slim.stdout.strip().splitlines()[-1])
     times["ratio"] = times["evc build"] / times["by hand"]
+    if against is not None:
+        times["against"] = times["evc build"] / times["evc build (earlier revision)"]
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--against", metavar="REVISION", help="also time evc build as of this git revision")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        rounds = [one_round(Path(scratch)) for _ in range(args.rounds)]
+        against = checkout(args.against, Path(scratch)) if args.against else None
+        try:
+            rounds = [one_round(Path(scratch), against) for _ in range(args.rounds)]
+        finally:
+            if against is not None:
+                subprocess.run(["git", "worktree", "remove", "--force", str(Path(scratch) / "against")], cwd=ROOT)
     median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     ratio = median["ratio"]
     rows = [
@@ -97,6 +129,12 @@ def main() -> None:
          _goal(median["evc build (from cache)"] <= 2, "≤ 2 s")),
         ("evc check", f"{median['evc check']:.2f} s", _goal(median["evc check"] <= 0.5, "≤ 0.5 s")),
     ]
+    if args.against:
+        rows += [
+            (f"evc build as of {args.against}, empty cache", f"{median['evc build (earlier revision)']:.2f} s", ""),
+            (f"ratio evc build now / as of {args.against} (median of the rounds' ratios)", f"{median['against']:.2f}",
+             _goal(median["against"] <= 1.1, "≤ 1.10")),
+        ]
     print(f"machine: {platform.machine()}, {_cpu()}, {_cores()} cores, Python {platform.python_version()}; "
           f"median of {args.rounds} rounds")
     print()
