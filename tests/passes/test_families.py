@@ -67,3 +67,13 @@ def test_a_width_read_from_x_shape_is_rewritten_to_the_pruned_width():
     smaller = pruned(program)
     attn = smaller.structure.blocks[0].attn
     assert node_named(smaller.graph, attn.head_count_nodes[-1]).args[-1] == attn.num_heads * attn.head_dim
+
+
+def test_explain_describes_every_block_of_every_family(family):
+    structure = program_of(family).structure
+    lines = structure.describe().splitlines()
+    blocks = [line for line in lines if line.startswith("  block ")]
+    assert len(blocks) == structure.depth
+    for line, block in zip(blocks, structure.blocks):
+        assert f"{block.attn.num_heads}x{block.attn.head_dim}" in line and f"mlp {block.mlp.hidden}" in line
+        assert f"{block.tokens} tokens" in line
