@@ -1,0 +1,215 @@
+"""Head and FFN pruning on every ViT family evc captures: MACs saved against time saved, in ONNX Runtime.
+
+    .venv/bin/python benchmarks/families.py [--runs 100] [--only deit_tiny hf_vit ...]
+
+One model of each family at deit_tiny's shape (width 192, 3 heads of 64,
+depth 12, MLP 768, patch 16, 224×224 input, 1000 classes), random init,
+built with its library's own classes. Each goes through evc's own pipeline:
+captured as a Program, `head_prune { keep = 0.5 }` then
+`ffn_prune { keep = 0.5 }` (l1 scores), MACs counted by evc's summary, and
+the original and pruned Programs exported as the onnx format lowers them
+(torch.onnx, onnxslim), each checked against its Program on one image. All
+of them are then timed in ONNX Runtime at 1 thread, the models taking turns
+run by run so that the machine's noise falls on all alike.
+
+Adding a family is one line in FAMILIES: a name and a function that returns
+the model at 224×224.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import timm
+import torch
+from _timing import interleaved  # benchmarks/, the script's own folder
+from evc.passes.ffn_prune import FfnPrune
+from evc.passes.head_prune import HeadPrune
+from evc.targets.onnx import Onnx, op_counts
+from tokens import macs, run_pass  # the token benchmark's way of calling a pass and counting MACs
+from torch import nn
+
+from evc.ir.program import Program
+from evc.plan import ImageInput
+
+SIZE, PATCH, WIDTH, HEADS, DEPTH, CLASSES = 224, 16, 192, 3, 12, 1000  # deit_tiny's shape
+KEEP, THREADS, TOLERANCE, GOAL = 0.5, 1, 1e-4, 0.9
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plain_vit() -> nn.Module:
+    sys.path.insert(0, str(ROOT / "examples" / "plain_vit"))
+    from vit import plain_vit_tiny
+
+    return plain_vit_tiny(num_classes=CLASSES, img_size=SIZE, patch_size=PATCH, dim=WIDTH, depth=DEPTH, heads=HEADS)
+
+
+def torchvision_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=SIZE, patch_size=PATCH, num_layers=DEPTH, num_heads=HEADS,
+                              hidden_dim=WIDTH, mlp_dim=4 * WIDTH, num_classes=CLASSES)
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero: parity would be vacuous
+    return model
+
+
+def hf_vit(attention: str) -> nn.Module:
+    """transformers' ViTForImageClassification, not wrapped: evc takes its logits itself."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(_hf_config(ViTConfig, attention))
+
+
+def hf_deit_distilled() -> nn.Module:
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    return DeiTForImageClassificationWithTeacher(_hf_config(DeiTConfig, "eager"))
+
+
+def _hf_config(config_class, attention: str):
+    config = config_class(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                          intermediate_size=4 * WIDTH, image_size=SIZE, patch_size=PATCH, num_labels=CLASSES)
+    config._attn_implementation = attention
+    return config
+
+
+class EinopsAttention(nn.Module):
+    """vit-pytorch's Attention: one to_qkv Linear chunked in three, heads split by einops."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        self.norm = nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, heads * dim_head * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(0.0))
+
+    def forward(self, x):
+        from einops import rearrange
+
+        qkv = self.to_qkv(self.norm(x)).chunk(3, dim=-1)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in qkv)
+        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
+        return self.to_out(rearrange(torch.matmul(attn, v), "b h n d -> b n (h d)"))
+
+
+class EinopsViT(nn.Module):
+    """vit-pytorch's ViT: patches cut by einops' Rearrange and embedded by a Linear, no Conv2d."""
+
+    def __init__(self, dim: int = WIDTH, depth: int = DEPTH, heads: int = HEADS, dim_head: int = WIDTH // HEADS,
+                 patch: int = PATCH, num_classes: int = CLASSES):
+        from einops.layers.torch import Rearrange
+
+        super().__init__()
+        self.to_patch_embedding = nn.Sequential(
+            Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch, p2=patch),
+            nn.LayerNorm(patch * patch * 3), nn.Linear(patch * patch * 3, dim), nn.LayerNorm(dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, (SIZE // patch) ** 2 + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.layers = nn.ModuleList(nn.ModuleList([
+            EinopsAttention(dim, heads, dim_head),
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))])
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.mlp_head = nn.Linear(dim, num_classes)
+
+    def forward(self, img):
+        from einops import repeat
+
+        x = self.to_patch_embedding(img)
+        b, n, _ = x.shape
+        x = torch.cat((repeat(self.cls_token, "1 1 d -> b 1 d", b=b), x), dim=1)
+        x += self.pos_embedding[:, :(n + 1)]
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.mlp_head(self.norm(x)[:, 0])
+
+
+# One line a family: its name (as in docs/models.md) and the model at SIZE × SIZE.
+FAMILIES = {
+    "deit_tiny": lambda: timm.create_model("deit_tiny_patch16_224"),
+    "deit_tiny_distilled": lambda: timm.create_model("deit_tiny_distilled_patch16_224"),
+    "vit_gap": lambda: timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg"),
+    "plain_vit": plain_vit,
+    "torchvision_vit": torchvision_vit,
+    "hf_vit": lambda: hf_vit("eager"),
+    "hf_vit_sdpa": lambda: hf_vit("sdpa"),
+    "hf_deit_distilled": hf_deit_distilled,
+    "einops_vit": EinopsViT,
+}
+
+
+def pruned(program: Program) -> Program:
+    heads = run_pass(HeadPrune().run, program, keep=KEEP, score="l1", scope="layer", min_heads=1, data=None)
+    return run_pass(FfnPrune().run, heads, keep=KEEP, score="l1", round_to=8, data=None)
+
+
+def lowered(name: str, programs: dict[str, Program], work: Path, feed: np.ndarray) -> dict[str, dict]:
+    """Each program exported as the onnx format does, checked against PyTorch on `feed`, with its session."""
+    onnx = Onnx()
+    out = {}
+    for kind, program in programs.items():
+        path = work / f"{name}.{kind}.onnx"
+        onnx.export(program, path)
+        run = onnx.session(path, THREADS)
+        with torch.inference_mode():
+            diff = float(np.abs(run(feed) - program.graph(torch.from_numpy(feed)).numpy()).max())
+        out[kind] = {"path": path, "run": run, "diff": diff, "macs": macs(program),
+                     "ops": sum(op_counts(path).values()), "shape": _shape(program)}
+    return out
+
+
+def _shape(program: Program) -> str:
+    first = program.structure.blocks[0]
+    return f"{first.attn.num_heads}×{first.attn.head_dim} / {first.mlp.hidden}"
+
+
+def family(name: str, work: Path, feed: np.ndarray) -> dict[str, dict]:
+    torch.manual_seed(0)
+    original = Program.from_module(FAMILIES[name]().eval(), ImageInput(SIZE, SIZE))
+    artifacts = lowered(name, {"original": original, "pruned": pruned(original)}, work, feed)
+    print(f"{name}: heads × head dim / MLP hidden {artifacts['original']['shape']} → "
+          f"{artifacts['pruned']['shape']}; ONNX vs PyTorch max abs diff "
+          + ", ".join(f"{kind} {a['diff']:.1e}" for kind, a in artifacts.items()), flush=True)
+    return artifacts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--only", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    args = parser.parse_args()
+
+    feed = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE), dtype=np.float32)
+    work = Path(tempfile.mkdtemp())
+    results = {name: family(name, work, feed) for name in args.only}
+    bad = [f"{name} {kind}" for name, r in results.items() for kind, a in r.items() if a["diff"] > TOLERANCE]
+    runs = {(name, kind): a["run"] for name, r in results.items() for kind, a in r.items()}
+    medians = interleaved(runs, feed, args.runs)
+
+    print(f"\n{SIZE}×{SIZE}, random init, head_prune keep {KEEP} + ffn_prune keep {KEEP} (l1); ONNX Runtime "
+          f"{ort.__version__}, {THREADS} thread; median of {args.runs} runs after 10 warm-ups, all "
+          f"{len(runs)} models interleaved")
+    if bad:
+        print(f"PARITY FAILED (max abs diff > {TOLERANCE:g}): {', '.join(bad)}")
+    print("\n| family | heads×dim / hidden, after | MACs original (G) | MACs pruned (G) | ONNX ops original / pruned "
+          "| ORT original (ms) | ORT pruned (ms) | ideal speedup | realized speedup "
+          f"| realized / ideal (goal ≥ {GOAL}) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        original, after = r["original"], r["pruned"]
+        ideal = original["macs"] / after["macs"]
+        realized = medians[name, "original"] / medians[name, "pruned"]
+        verdict = "met" if realized / ideal >= GOAL else "missed"
+        print(f"| {name} | {after['shape']} | {original['macs'] / 1e9:.3f} | {after['macs'] / 1e9:.3f} "
+              f"| {original['ops']} / {after['ops']} | {medians[name, 'original']:.2f} "
+              f"| {medians[name, 'pruned']:.2f} | {ideal:.2f} | {realized:.2f} | {realized / ideal:.2f}: {verdict} |")
+
+
+if __name__ == "__main__":
+    main()
