@@ -141,6 +141,12 @@ FAMILIES = {
     "hf_vit_sdpa": lambda: hf_vit("sdpa"),
     "hf_deit_distilled": hf_deit_distilled,
     "einops_vit": EinopsViT,
+    # relative position bias per head, q/v biases folded into the qkv Linear
+    "beit": lambda: timm.create_model("beit_base_patch16_224", embed_dim=WIDTH, num_heads=HEADS, depth=DEPTH),
+    # SwiGLU packed in one Linear (hidden 512), rotary embeddings, patch 14 (256 patches)
+    "eva02": lambda: timm.create_model("eva02_tiny_patch14_224", num_classes=CLASSES),
+    # talking heads, then 2 class-attention blocks
+    "cait": lambda: timm.create_model("cait_xxs24_224", embed_dim=WIDTH, num_heads=HEADS, depth=DEPTH),
 }
 
 
