@@ -202,9 +202,10 @@ def hidden_rows(mlp: Mlp) -> dict[str, np.ndarray]:
 
 
 def keep_hidden(gm: fx.GraphModule, mlp: Mlp, keep: Sequence[int], where: str) -> None:
-    """Keep only hidden units `keep` of `mlp`: its input projections' rows, fc2's input columns,
-    a scale per unit, and the weights of a norm over the hidden units (its statistics are then over
-    the kept ones)."""
+    """Keep only hidden units `keep` of `mlp`: its input projections' rows, fc2's input columns, and
+    everything per unit between them: a scale (LayerScale), a norm's weights (its statistics are
+    then over the kept units), a depthwise convolution's channels (PVT-v2), BatchNorm's weights and
+    running statistics (sliced, never recomputed), and the width in reshapes to the patch grid."""
     keep = np.sort(np.asarray(keep))
     projections = hidden_rows(mlp)
     nodes = list(gm.graph.nodes)
@@ -213,17 +214,51 @@ def keep_hidden(gm: fx.GraphModule, mlp: Mlp, keep: Sequence[int], where: str) -
     for node in nodes[first + 1 : fc2]:
         if node.op == "get_attr" and (node_shape(node) or (0,))[-1] == mlp.hidden:
             _keep_along(gm, node.target, -1, keep)  # a scale per unit (LayerScale): its units go with them
+        if (node.op == "call_method" and node.target in _RESHAPES) or node.target is torch.reshape:
+            _rewrite_width(node, mlp.hidden, len(keep))
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         if module is None or node.target in projections or not any(p.shape[0] == mlp.hidden
                                                                       for p in module.parameters()):
             continue
-        if not isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        smaller = _per_unit(module, keep, mlp.hidden)
+        if smaller is None:
             raise InputError(f"{where}: node '{node.name}' has weights over the MLP's hidden units; "
                              "ffn_prune cannot remove units under it")
-        set_submodule(gm, node.target, _norm_over(module, keep))
+        set_submodule(gm, node.target, smaller)
     for name, rows in projections.items():
         set_submodule(gm, name, keep_rows(gm.get_submodule(name), rows[:, keep].ravel()))
     set_submodule(gm, mlp.fc2, keep_cols(gm.get_submodule(mlp.fc2), keep))
+
+
+def _rewrite_width(node: fx.Node, hidden: int, kept: int) -> None:
+    """A reshape that lays the hidden units out on the grid, `x.view(B, C, H, W)`: C becomes `kept`."""
+    shape, sizes = node_shape(node), _shape_args(node)
+    axes = [i for i, size in enumerate(sizes) if size_value(size) == hidden and shape[i] == hidden]
+    for i in axes:
+        sizes[i] = kept
+    _set_shape_args(node, sizes)
+
+
+def _per_unit(module: nn.Module, keep: np.ndarray, hidden: int) -> nn.Module | None:
+    """`module` on the kept units alone, for a module that treats each unit on its own; else None."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return _norm_over(module, keep)
+    index = torch.as_tensor(keep)
+    smaller = copy.deepcopy(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        smaller.num_features = len(keep)
+    elif isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels == hidden:
+        smaller.in_channels = smaller.out_channels = smaller.groups = len(keep)
+    else:
+        return None
+    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        if tensor.ndim and tensor.shape[0] == hidden:
+            kept = tensor.detach()[index].clone()
+            if isinstance(tensor, nn.Parameter):
+                setattr(smaller, name, nn.Parameter(kept))
+            else:
+                smaller.register_buffer(name, kept)
+    return smaller
 
 
 def _norm_over(norm: nn.LayerNorm | nn.RMSNorm, keep: np.ndarray) -> nn.Module:
