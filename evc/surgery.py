@@ -187,10 +187,15 @@ def _rewrite_head_count(node: fx.Node, attn: Attention, heads: int, where: str) 
     # it is compared by its recorded value and replaced by the new number.
     shape, sizes = node_shape(node), _shape_args(node)
     axis = _head_axis(shape, attn.num_heads, attn.head_dim)
+    # Logits viewed by window, (B, windows, heads, N, N) (Swin's shift mask), carry the heads
+    # before the two token axes.
+    logits = len(shape) >= 4 and shape[-1] == shape[-2] and size_value(sizes[-3]) == attn.num_heads == shape[-3]
     if axis is not None and size_value(sizes[axis]) == attn.num_heads:
         sizes[axis] = heads
     elif shape[-1] == attn.num_heads * attn.head_dim and size_value(sizes[-1]) == shape[-1]:
         sizes[-1] = heads * attn.head_dim
+    elif logits:
+        sizes[-3] = heads
     _set_shape_args(node, sizes)
 
 

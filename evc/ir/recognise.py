@@ -187,10 +187,15 @@ def _fixed_tokens(view: View, nodes: list[fx.Node], counts: tuple[int, int]) -> 
 def _next_stage(view: View, last: fx.Node) -> tuple[list[Residual], int] | None:
     """The residual blocks of the next stage of a hierarchical model: after a downsampling of the
     stream ending at `last` to fewer, wider tokens (PVT, Swin), each on the one before."""
-    reached, dim = view.reached(last), node_shape(last)[-1]
+    reached, shape = view.reached(last), node_shape(last)
+    tokens, dim = math.prod(shape[1:-1]), shape[-1]
     for node in view.after(last):
         r = _residual(view, node, None, grid=True)
-        if r is not None and r.skip in reached and node_shape(r.skip)[-1] != dim and node_shape(r.skip)[1] > 1:
+        if r is None or r.skip not in reached:
+            continue
+        width, count = node_shape(r.skip)[-1], math.prod(node_shape(r.skip)[1:-1])
+        # A stage is wider, or as wide on fewer tokens; a single token of the same width is a head's.
+        if width != dim or count not in (tokens, 1):
             width = node_shape(r.skip)[-1]
             return _stage_from(view, r, width), width
     return None
