@@ -20,8 +20,8 @@ def _literal(value: ast.Value) -> Any:
     """A plain Python value for a call's keyword argument (`num_classes = 10`)."""
     if isinstance(value, ast.List):
         return [_literal(v) for v in value.items]
-    if isinstance(value, ast.Ident):
-        return value.name
+    if isinstance(value, ast.Ident):  # `class_token = false` is the bool, not the word
+        return {"true": True, "false": False}.get(value.name, value.name)
     if isinstance(value, ast.Call):
         raise Invalid(f"a call is not allowed here: {value.name}(...)", value.span)
     if isinstance(value, ast.Table):

@@ -291,3 +291,10 @@ def test_passes_that_do_not_exclude_each_other_combine(registered_pass):
     _two_token_passes(registered_pass)
     plan = parse_and_check(MINIMAL + "compress {\n    slim_x {}\n    slim_x {}\n    head_prune { keep = 0.5 }\n}\n", "t.evc")
     assert [p.name for p in plan.passes] == ["slim_x", "slim_x", "head_prune"]
+
+
+def test_true_and_false_in_a_model_source_call_are_booleans():
+    text = MINIMAL.replace('timm("deit_tiny_patch16_224")',
+                           'timm("deit_tiny_patch16_224", class_token = false, dynamic_img_size = true, act = gelu)')
+    kwargs = dict(parse_and_check(text, "t.evc").model.source.kwargs)
+    assert kwargs == {"class_token": False, "dynamic_img_size": True, "act": "gelu"}
