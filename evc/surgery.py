@@ -110,8 +110,11 @@ def head_rows(gm: fx.GraphModule, attn: Attention, linear: str, where: str) -> n
     out = gm.get_submodule(linear).out_features
     chunks = _chunks(split, linear)
     shape = node_shape(split)
-    dims = next((shape[i:] for i in range(len(shape)) if int(np.prod(shape[i:])) * chunks == out), None)
+    # The shortest trailing axes holding the Linear's features: a batch or token axis of 1 is not one.
+    dims = next((shape[i:] for i in reversed(range(len(shape))) if int(np.prod(shape[i:])) * chunks == out), None)
     axis = _head_axis((0, *dims), attn.num_heads, attn.head_dim) if dims else None
+    if axis is None and dims and dims[0] == attn.num_heads:  # (heads, q | k | v): LeViT splits each head's rows
+        axis = 1
     if axis is None:
         raise InputError(f"{where}: node '{split.name}' splits '{linear}' as {shape}, with no axis of "
                          f"{attn.num_heads} heads of {attn.head_dim}")
@@ -154,8 +157,10 @@ def keep_heads(gm: fx.GraphModule, attn: Attention, keep: Sequence[int], where: 
         raise ValueError("at least one head must stay")
     _check_head_major(gm, attn, where)
     for linear in attn.qkv:
-        rows = head_rows(gm, attn, linear, where)[keep].ravel()
-        set_submodule(gm, linear, keep_rows(gm.get_submodule(linear), np.sort(rows)))
+        rows = np.sort(head_rows(gm, attn, linear, where)[keep].ravel())
+        for norm in _norms_after(gm, linear):  # LeViT's Linear then BatchNorm: its statistics go with the rows
+            set_submodule(gm, norm, _per_unit(gm.get_submodule(norm), rows, gm.get_submodule(linear).out_features))
+        set_submodule(gm, linear, keep_rows(gm.get_submodule(linear), rows))
     cols = (np.asarray(keep)[:, None] * attn.head_dim + np.arange(attn.head_dim)).ravel()
     set_submodule(gm, attn.proj, keep_cols(gm.get_submodule(attn.proj), cols))
     for mixer in attn.mixers:  # a head mixed into the others goes from both sides of the mixing
@@ -165,6 +170,22 @@ def keep_heads(gm: fx.GraphModule, attn: Attention, keep: Sequence[int], where: 
     nodes = _nodes(gm)
     for name in attn.head_count_nodes:
         _rewrite_head_count(nodes[name], attn, len(keep), where)
+
+
+def _norms_after(gm: fx.GraphModule, linear: str) -> list[str]:
+    """BatchNorms over the output features of `linear`, reading it directly or through a flatten or
+    reshape (LeViT's `bn(linear(x).flatten(0, 1)).reshape_as(x)`)."""
+    out = gm.get_submodule(linear).out_features
+    frontier = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == linear]
+    found = []
+    for _ in range(2):
+        frontier = [u for n in frontier for u in n.users]
+        for node in frontier:
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_features == out:
+                found.append(node.target)
+        frontier = [n for n in frontier if n.op == "call_method" and n.target in ("flatten", "reshape", "view")]
+    return found
 
 
 def _keep_along(gm: fx.GraphModule, target: str, axis: int, keep: Sequence[int]) -> None:
@@ -196,6 +217,8 @@ def _rewrite_head_count(node: fx.Node, attn: Attention, heads: int, where: str) 
         sizes[-1] = heads * attn.head_dim
     elif logits:
         sizes[-3] = heads
+    elif len(shape) >= 4 and size_value(sizes[-2]) == attn.num_heads == shape[-2]:
+        sizes[-2] = heads  # (B, N, heads, q | k | v of the head): LeViT's split
     _set_shape_args(node, sizes)
 
 

@@ -27,13 +27,28 @@ STAGED = {
     # an overlapping patch embedding, keys and values from a strided conv, a depthwise conv in the MLP
     "pvt_v2": lambda: timm.create_model("pvt_v2_b0", depths=(2, 2, 1, 1), embed_dims=(16, 32, 32, 64),
                                         num_heads=(2, 2, 4, 4), num_classes=10),
+    # a convolutional stem, Linear + BatchNorm everywhere, q | k | v split per head, an attention bias per
+    # head, downsampling by attention (then an MLP alone), two heads
+    "levit": lambda: timm.create_model("levit_128s", img_size=SIZE, embed_dim=(32, 48, 64), num_heads=(2, 3, 4),
+                                       depth=(1, 2, 1), key_dim=8, num_classes=10),
+}
+STAGES = {  # (width, tokens) of each stage, and each block's stage
+    "swin": ([(16, 256), (32, 64), (64, 16), (128, 4)], [0, 0, 1, 1, 2, 2, 3]),
+    "pvt_v2": ([(16, 256), (32, 64), (32, 16), (64, 4)], [0, 0, 1, 1, 2, 3]),
+    "levit": ([(32, 16), (48, 4), (64, 1)], [0, 1, 1, 1, 2, 2]),
 }
 
 
 @functools.cache
 def _captured(name: str) -> Program:
     torch.manual_seed(0)
-    return Program.from_module(STAGED[name]().eval(), ImageInput(SIZE, SIZE))
+    model = STAGED[name]().eval()
+    with torch.no_grad():  # LeViT starts its BatchNorms' weights at zero: every sublayer would add nothing
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.normal_(1, 0.2), m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    return Program.from_module(model, ImageInput(SIZE, SIZE))
 
 
 def program_of(name: str) -> Program:
@@ -66,11 +81,11 @@ def hidden(program, keep, round_to=1):
 
 def test_every_stage_is_recognised_with_its_width_and_blocks(staged):
     structure = program_of(staged).structure
-    assert [s.dim for s in structure.stages] == ([16, 32, 64, 128] if staged == "swin" else [16, 32, 32, 64])
-    assert [s.tokens for s in structure.stages] == [256, 64, 16, 4]
-    assert [b.stage for b in structure.blocks] == ([0, 0, 1, 1, 2, 2, 3] if staged == "swin" else [0, 0, 1, 1, 2, 3])
+    stages, of_block = STAGES[staged]
+    assert [(s.dim, s.tokens) for s in structure.stages] == stages
+    assert [b.stage for b in structure.blocks] == of_block
     text = structure.describe()
-    assert "stage 1: width 32, 64 tokens" in text and text.count("  block ") == structure.depth
+    assert "stage 1: width {}, {} tokens".format(*stages[1]) in text and text.count("  block ") == structure.depth
 
 
 def test_keep_1_leaves_the_outputs_bit_identical(staged):
@@ -80,11 +95,12 @@ def test_keep_1_leaves_the_outputs_bit_identical(staged):
 
 def test_removing_heads_zeroed_first_changes_the_outputs_by_under_1e_5(staged):
     program = program_of(staged)
-    zero_heads(program, {b.index: list(range(b.attn.num_heads // 2)) for b in program.structure.blocks})
+    attending = [b for b in program.structure.blocks if b.attn]  # LeViT downsamples by attention, then an MLP
+    zero_heads(program, {b.index: list(range(b.attn.num_heads // 2)) for b in attending})
     reference = outputs(program)
     pruned = heads(program, 0.5)
-    assert [b.attn.num_heads for b in pruned.structure.blocks] == [
-        max(1, b.attn.num_heads // 2) for b in program.structure.blocks]
+    assert [b.attn.num_heads for b in pruned.structure.blocks if b.attn] == [
+        b.attn.num_heads - b.attn.num_heads // 2 for b in attending]
     assert (outputs(pruned) - reference).abs().max() < 1e-5
 
 
@@ -95,6 +111,17 @@ def test_removing_units_zeroed_first_changes_the_outputs_by_under_1e_5(staged):
     pruned = hidden(program, 0.5)
     assert [b.mlp.hidden for b in pruned.structure.blocks] == [b.mlp.hidden // 2 for b in program.structure.blocks]
     assert (outputs(pruned) - reference).abs().max() < 1e-5
+
+
+def test_levits_batchnorms_keep_the_statistics_of_the_kept_heads_and_units():
+    program = program_of("levit")
+    pruned = hidden(heads(program, 0.5), 0.5)
+    qkv = pruned.graph.get_submodule("stages.0.blocks.0.attn.qkv.bn")
+    before = program.graph.get_submodule("stages.0.blocks.0.attn.qkv.bn")
+    assert qkv.num_features == qkv.running_mean.shape[0] == before.num_features // 2
+    assert all(any(torch.equal(m, v) for v in before.running_mean) for m in qkv.running_mean)  # sliced, not reset
+    assert pruned.graph.get_submodule("stages.0.blocks.0.mlp.ln1.bn").num_features == \
+        pruned.structure.blocks[0].mlp.hidden
 
 
 def test_pvt_v2s_depthwise_conv_keeps_the_channels_of_the_kept_units():
@@ -124,7 +151,7 @@ def test_the_pruned_model_exports_to_onnx_with_parity(staged, tmp_path):
                                                 (TokenMerge, dict(r=2, proportional=True))])
 def test_token_passes_refuse_a_model_in_stages_saying_why(token_pass, params):
     program = program_of("pvt_v2")
-    with pytest.raises(SpecError, match="the model has 4 stages of widths 16, 32, 32, 64"):
+    with pytest.raises(SpecError, match="the model has 4 stages of widths 16, 32, 32, 64: token passes"):
         token_pass().run(program, params, Ctx(params, images()))
 
 
