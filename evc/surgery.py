@@ -110,8 +110,11 @@ def head_rows(gm: fx.GraphModule, attn: Attention, linear: str, where: str) -> n
     out = gm.get_submodule(linear).out_features
     chunks = _chunks(split, linear)
     shape = node_shape(split)
-    dims = next((shape[i:] for i in range(len(shape)) if int(np.prod(shape[i:])) * chunks == out), None)
+    # The shortest trailing axes holding the Linear's features: a batch or token axis of 1 is not one.
+    dims = next((shape[i:] for i in reversed(range(len(shape))) if int(np.prod(shape[i:])) * chunks == out), None)
     axis = _head_axis((0, *dims), attn.num_heads, attn.head_dim) if dims else None
+    if axis is None and dims and dims[0] == attn.num_heads:  # (heads, q | k | v): LeViT splits each head's rows
+        axis = 1
     if axis is None:
         raise InputError(f"{where}: node '{split.name}' splits '{linear}' as {shape}, with no axis of "
                          f"{attn.num_heads} heads of {attn.head_dim}")
@@ -154,8 +157,10 @@ def keep_heads(gm: fx.GraphModule, attn: Attention, keep: Sequence[int], where: 
         raise ValueError("at least one head must stay")
     _check_head_major(gm, attn, where)
     for linear in attn.qkv:
-        rows = head_rows(gm, attn, linear, where)[keep].ravel()
-        set_submodule(gm, linear, keep_rows(gm.get_submodule(linear), np.sort(rows)))
+        rows = np.sort(head_rows(gm, attn, linear, where)[keep].ravel())
+        for norm in _norms_after(gm, linear):  # LeViT's Linear then BatchNorm: its statistics go with the rows
+            set_submodule(gm, norm, _per_unit(gm.get_submodule(norm), rows, gm.get_submodule(linear).out_features))
+        set_submodule(gm, linear, keep_rows(gm.get_submodule(linear), rows))
     cols = (np.asarray(keep)[:, None] * attn.head_dim + np.arange(attn.head_dim)).ravel()
     set_submodule(gm, attn.proj, keep_cols(gm.get_submodule(attn.proj), cols))
     for mixer in attn.mixers:  # a head mixed into the others goes from both sides of the mixing
@@ -165,6 +170,22 @@ def keep_heads(gm: fx.GraphModule, attn: Attention, keep: Sequence[int], where: 
     nodes = _nodes(gm)
     for name in attn.head_count_nodes:
         _rewrite_head_count(nodes[name], attn, len(keep), where)
+
+
+def _norms_after(gm: fx.GraphModule, linear: str) -> list[str]:
+    """BatchNorms over the output features of `linear`, reading it directly or through a flatten or
+    reshape (LeViT's `bn(linear(x).flatten(0, 1)).reshape_as(x)`)."""
+    out = gm.get_submodule(linear).out_features
+    frontier = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == linear]
+    found = []
+    for _ in range(2):
+        frontier = [u for n in frontier for u in n.users]
+        for node in frontier:
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_features == out:
+                found.append(node.target)
+        frontier = [n for n in frontier if n.op == "call_method" and n.target in ("flatten", "reshape", "view")]
+    return found
 
 
 def _keep_along(gm: fx.GraphModule, target: str, axis: int, keep: Sequence[int]) -> None:
@@ -187,10 +208,17 @@ def _rewrite_head_count(node: fx.Node, attn: Attention, heads: int, where: str) 
     # it is compared by its recorded value and replaced by the new number.
     shape, sizes = node_shape(node), _shape_args(node)
     axis = _head_axis(shape, attn.num_heads, attn.head_dim)
+    # Logits viewed by window, (B, windows, heads, N, N) (Swin's shift mask), carry the heads
+    # before the two token axes.
+    logits = len(shape) >= 4 and shape[-1] == shape[-2] and size_value(sizes[-3]) == attn.num_heads == shape[-3]
     if axis is not None and size_value(sizes[axis]) == attn.num_heads:
         sizes[axis] = heads
     elif shape[-1] == attn.num_heads * attn.head_dim and size_value(sizes[-1]) == shape[-1]:
         sizes[-1] = heads * attn.head_dim
+    elif logits:
+        sizes[-3] = heads
+    elif len(shape) >= 4 and size_value(sizes[-2]) == attn.num_heads == shape[-2]:
+        sizes[-2] = heads  # (B, N, heads, q | k | v of the head): LeViT's split
     _set_shape_args(node, sizes)
 
 
@@ -202,9 +230,10 @@ def hidden_rows(mlp: Mlp) -> dict[str, np.ndarray]:
 
 
 def keep_hidden(gm: fx.GraphModule, mlp: Mlp, keep: Sequence[int], where: str) -> None:
-    """Keep only hidden units `keep` of `mlp`: its input projections' rows, fc2's input columns,
-    a scale per unit, and the weights of a norm over the hidden units (its statistics are then over
-    the kept ones)."""
+    """Keep only hidden units `keep` of `mlp`: its input projections' rows, fc2's input columns, and
+    everything per unit between them: a scale (LayerScale), a norm's weights (its statistics are
+    then over the kept units), a depthwise convolution's channels (PVT-v2), BatchNorm's weights and
+    running statistics (sliced, never recomputed), and the width in reshapes to the patch grid."""
     keep = np.sort(np.asarray(keep))
     projections = hidden_rows(mlp)
     nodes = list(gm.graph.nodes)
@@ -213,17 +242,51 @@ def keep_hidden(gm: fx.GraphModule, mlp: Mlp, keep: Sequence[int], where: str) -
     for node in nodes[first + 1 : fc2]:
         if node.op == "get_attr" and (node_shape(node) or (0,))[-1] == mlp.hidden:
             _keep_along(gm, node.target, -1, keep)  # a scale per unit (LayerScale): its units go with them
+        if (node.op == "call_method" and node.target in _RESHAPES) or node.target is torch.reshape:
+            _rewrite_width(node, mlp.hidden, len(keep))
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         if module is None or node.target in projections or not any(p.shape[0] == mlp.hidden
                                                                       for p in module.parameters()):
             continue
-        if not isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        smaller = _per_unit(module, keep, mlp.hidden)
+        if smaller is None:
             raise InputError(f"{where}: node '{node.name}' has weights over the MLP's hidden units; "
                              "ffn_prune cannot remove units under it")
-        set_submodule(gm, node.target, _norm_over(module, keep))
+        set_submodule(gm, node.target, smaller)
     for name, rows in projections.items():
         set_submodule(gm, name, keep_rows(gm.get_submodule(name), rows[:, keep].ravel()))
     set_submodule(gm, mlp.fc2, keep_cols(gm.get_submodule(mlp.fc2), keep))
+
+
+def _rewrite_width(node: fx.Node, hidden: int, kept: int) -> None:
+    """A reshape that lays the hidden units out on the grid, `x.view(B, C, H, W)`: C becomes `kept`."""
+    shape, sizes = node_shape(node), _shape_args(node)
+    axes = [i for i, size in enumerate(sizes) if size_value(size) == hidden and shape[i] == hidden]
+    for i in axes:
+        sizes[i] = kept
+    _set_shape_args(node, sizes)
+
+
+def _per_unit(module: nn.Module, keep: np.ndarray, hidden: int) -> nn.Module | None:
+    """`module` on the kept units alone, for a module that treats each unit on its own; else None."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return _norm_over(module, keep)
+    index = torch.as_tensor(keep)
+    smaller = copy.deepcopy(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        smaller.num_features = len(keep)
+    elif isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels == hidden:
+        smaller.in_channels = smaller.out_channels = smaller.groups = len(keep)
+    else:
+        return None
+    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        if tensor.ndim and tensor.shape[0] == hidden:
+            kept = tensor.detach()[index].clone()
+            if isinstance(tensor, nn.Parameter):
+                setattr(smaller, name, nn.Parameter(kept))
+            else:
+                smaller.register_buffer(name, kept)
+    return smaller
 
 
 def _norm_over(norm: nn.LayerNorm | nn.RMSNorm, keep: np.ndarray) -> nn.Module:

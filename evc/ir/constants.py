@@ -35,7 +35,7 @@ def fold_constants(gm: fx.GraphModule) -> None:
         else:
             for value in _logit_terms(node):
                 if value in constant and value.op != "get_attr":
-                    _fold_buffer(gm, value, node, "attention_bias")
+                    _fold_buffer(gm, value, "attention_bias")
                     changed = True
     if changed:
         gm.graph.eliminate_dead_code()
@@ -76,18 +76,27 @@ def _fold_linear(gm: fx.GraphModule, node: fx.Node, constant: set[fx.Node]) -> b
 
 
 def _logit_terms(node: fx.Node) -> list[fx.Node]:
-    """What is added to attention logits at `node`: sdpa's mask, or the operands of an add a softmax reads."""
+    """What is added to attention logits at `node`: sdpa's mask, or the operands of the adds a softmax
+    reads through views (Swin adds its bias, views by window, adds its shift mask, views back)."""
     if node.target is F.scaled_dot_product_attention:
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
         return [mask] if isinstance(mask, fx.Node) else []
-    if node.target in _SOFTMAX and isinstance(node.args[0], fx.Node):
-        logits = node.args[0]
+    if node.target not in _SOFTMAX or not isinstance(node.args[0], fx.Node):
+        return []
+    terms, logits = [], node.args[0]
+    for _ in range(8):
         if logits.target in (operator.add, torch.add):
-            return [a for a in logits.args if isinstance(a, fx.Node)]
-    return []
+            operands = [a for a in logits.args[:2] if isinstance(a, fx.Node)]
+            terms += operands
+            logits = operands[0]
+        elif logits.op == "call_method" and logits.target in ("view", "reshape") and logits.args:
+            logits = logits.args[0]
+        else:
+            break
+    return terms
 
 
-def _fold_buffer(gm: fx.GraphModule, value: fx.Node, reader: fx.Node, leaf: str) -> None:
+def _fold_buffer(gm: fx.GraphModule, value: fx.Node, leaf: str) -> None:
     tensor = _value(gm, value)
     if tensor.dtype == torch.bool:
         return
@@ -96,9 +105,9 @@ def _fold_buffer(gm: fx.GraphModule, value: fx.Node, reader: fx.Node, leaf: str)
     name = _free(gm, f"{owner}.{leaf}" if owner else leaf)
     parent, _, attr = name.rpartition(".")
     (gm.get_submodule(parent) if parent else gm).register_buffer(attr, tensor.detach().clone())
-    with gm.graph.inserting_before(reader):
+    with gm.graph.inserting_before(value):
         folded = gm.graph.get_attr(name)
-    reader.replace_input_with(value, folded)
+    value.replace_all_uses_with(folded)
 
 
 def _ancestors(node: fx.Node) -> list[fx.Node]:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from evc.ir.structure import Attention, Block, Mlp, Structure
+from evc.ir.structure import Attention, Block, Mlp, Stage, Structure
 from evc.ir.sublayers import sublayer
-from evc.ir.view import RecognitionError, Residual, View, between, is_add, is_tokens, node_shape
+from evc.ir.view import RecognitionError, Residual, View, between, is_add, is_stream, is_tokens, node_shape
 
 __all__ = ["RecognitionError", "recognise"]
 
@@ -32,10 +32,17 @@ _CATS = (torch.cat, torch.concat, torch.concatenate)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
-def _residual(view: View, node: fx.Node, dim: int) -> Residual | None:
-    """`node` as `x + f(x)` on the token stream, or None."""
+def _residual(view: View, node: fx.Node, dim: int | None, grid: bool = False) -> Residual | None:
+    """`node` as `x + f(x)` on tokens of width `dim` (see `is_stream`), or None. With dim None: on
+    (B, N, C) tokens of any width, or, with `grid`, on any (B, H, W, C) of the same shape."""
     operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-    if not is_add(node) or len(operands) != 2 or not all(is_tokens(a, dim) for a in operands):
+    if not is_add(node) or len(operands) != 2:
+        return None
+    if dim is not None and not all(is_stream(a, dim) for a in operands):
+        return None
+    if dim is None and not all(is_tokens(a, None) or (grid and len(node_shape(a) or ()) == 4) for a in operands):
+        return None
+    if node_shape(operands[0]) != node_shape(operands[1]):
         return None
     skip, out = sorted(operands, key=view.order.__getitem__)
     if skip is out or out not in view.reached(skip, out):
@@ -54,7 +61,7 @@ def _follows(node: fx.Node, previous: fx.Node, dim: int) -> bool:
         if previous in frontier:
             return True
         seen.update(frontier)
-        frontier = [a for n in frontier for a in n.all_input_nodes if is_tokens(a, dim) and a not in seen]
+        frontier = [a for n in frontier for a in n.all_input_nodes if is_stream(a, dim) and a not in seen]
         if not frontier:
             return False
     return False
@@ -69,21 +76,31 @@ class _Patches:
 
 
 def _patch_embed(view: View) -> _Patches:
+    """The layer that makes the tokens: a Linear on the image's patches, or the last Conv2d of the
+    stem before the first residual block on (B, N, C) tokens (one Conv2d with kernel equal to
+    stride in a ViT; an overlapping one in PVT-v2; several in a convolutional stem)."""
     image = next(n for n in view.nodes if n.op == "placeholder")
     first = next((n for n in view.nodes if view.is_a(n, (nn.Conv2d, nn.Linear))), None)
     if first is None:
         message = f"the input '{image.name}' reaches no Conv2d; expected a patch-embedding Conv2d"
         raise RecognitionError(image.name, message)
-    m = view.module(first)
-    if isinstance(m, nn.Linear):
-        return _linear_patches(first, m, node_shape(image))
-    if m.kernel_size != m.stride:
-        raise RecognitionError(
-            first.name,
-            f"expected a patch-embedding Conv2d with kernel size equal to stride at node '{first.name}', "
-            f"found kernel {tuple(m.kernel_size)} and stride {tuple(m.stride)}",
-        )
-    return _Patches(first, m.out_channels, tuple(m.kernel_size), node_shape(first)[-2:])
+    if view.is_a(first, nn.Linear):
+        return _linear_patches(first, view.module(first), node_shape(image))
+    residual = next((r for n in view.after(first) if (r := _residual(view, n, None)) is not None), None)
+    if residual is None:
+        message = (f"no residual add `x + f(x)` on a (B, N, C) token stream after node '{first.name}': "
+                   "expected the blocks of a transformer")
+        maps = next((r for n in view.after(first) if (r := _residual(view, n, None, grid=True)) is not None), None)
+        if maps is not None:
+            message += (f"; the residual adds from node '{maps.add.name}' on are on (B, C, H, W) feature maps, "
+                        "which evc does not yet recognise as transformer blocks (EfficientViT-M, LeViT) "
+                        "nor compresses (CNNs)")
+        raise RecognitionError(first.name, message)
+    stem = [n for n in view.after(first, residual.skip) if view.is_a(n, nn.Conv2d)]
+    last = next(n for n in reversed([first, *stem]) if residual.skip in view.reached(n))
+    grid = node_shape(last)[-2:]
+    size = tuple(i // g for i, g in zip(node_shape(image)[-2:], grid))
+    return _Patches(last, node_shape(residual.skip)[-1], size, grid)
 
 
 def _linear_patches(node: fx.Node, linear: nn.Linear, image: tuple[int, ...]) -> _Patches:
@@ -99,10 +116,16 @@ def _linear_patches(node: fx.Node, linear: nn.Linear, image: tuple[int, ...]) ->
 
 
 def _stream(view: View, conv: fx.Node, dim: int) -> list[Residual]:
-    residuals = [r for n in view.after(conv) if (r := _residual(view, n, dim)) is not None]
-    if not residuals:
+    """The residual adds on the (B, N, dim) tokens after node `conv`, each on the one before."""
+    first = next((r for n in view.after(conv) if (r := _residual(view, n, dim)) is not None), None)
+    if first is None:
         message = f"no residual add `x + f(x)` on the (B, N, {dim}) token stream after node '{conv.name}'"
         raise RecognitionError(conv.name, message)
+    return _stage_from(view, first, dim)
+
+
+def _stage_from(view: View, first: Residual, dim: int) -> list[Residual]:
+    residuals = [first] + [r for n in view.after(first.add) if (r := _residual(view, n, dim)) is not None]
     stream = residuals[:1]
     for r in residuals[1:]:
         if _follows(r.skip, stream[-1].add, dim):  # adds nested inside a branch are not on the stream
@@ -137,7 +160,7 @@ def _embedding(view: View, conv: fx.Node, start: fx.Node, dim: int) -> tuple[tup
 
 
 def _blocks(view: View, start: fx.Node, stream: list[Residual], first: int = 0, prefix: int = 0,
-            class_attention: bool = False) -> tuple[Block, ...]:
+            class_attention: bool = False, stage: int = 0) -> tuple[Block, ...]:
     """Pair sublayers into blocks: attention then MLP; either alone where a pass removed the other."""
     groups: list[list[tuple[Attention | Mlp, Residual]]] = []
     for r in stream:
@@ -151,10 +174,10 @@ def _blocks(view: View, start: fx.Node, stream: list[Residual], first: int = 0, 
     for i, group in enumerate(groups, first):
         attn = next((s for s, _ in group if isinstance(s, Attention)), None)
         mlp = next((s for s, _ in group if isinstance(s, Mlp)), None)
-        tokens = node_shape(group[0][1].skip)[1]
+        tokens = math.prod(node_shape(group[0][1].skip)[1:-1])  # (B, N, C), or (B, H, W, C) on the grid
         nodes = view.after(previous, group[-1][1].add)
         fixed = () if class_attention else _fixed_tokens(view, nodes, (tokens, tokens - prefix))
-        blocks.append(Block(i, attn, mlp, tokens, tuple(n.name for n in nodes), class_attention, fixed))
+        blocks.append(Block(i, attn, mlp, tokens, tuple(n.name for n in nodes), class_attention, fixed, stage))
         previous = group[-1][1].add
     return tuple(blocks)
 
@@ -164,6 +187,23 @@ def _fixed_tokens(view: View, nodes: list[fx.Node], counts: tuple[int, int]) -> 
     constants = {a for n in nodes for a in n.all_input_nodes if view.is_constant(a)}
     fixed = [a for a in constants if len(node_shape(a)) >= 2 and node_shape(a)[-2] in counts]
     return tuple(sorted(a.name for a in fixed))
+
+
+def _next_stage(view: View, last: fx.Node) -> tuple[list[Residual], int] | None:
+    """The residual blocks of the next stage of a hierarchical model: after a downsampling of the
+    stream ending at `last` to fewer, wider tokens (PVT, Swin), each on the one before."""
+    reached, shape = view.reached(last), node_shape(last)
+    tokens, dim = math.prod(shape[1:-1]), shape[-1]
+    for node in view.after(last):
+        r = _residual(view, node, None, grid=True)
+        if r is None or r.skip not in reached:
+            continue
+        width, count = node_shape(r.skip)[-1], math.prod(node_shape(r.skip)[1:-1])
+        # A stage is wider, or as wide on fewer tokens; a single token of the same width is a head's.
+        if width != dim or count not in (tokens, 1):
+            width = node_shape(r.skip)[-1]
+            return _stage_from(view, r, width), width
+    return None
 
 
 def _is_class_token(node: fx.Node, dim: int) -> bool:
@@ -193,10 +233,16 @@ def _module_of_norm(view: View, node: fx.Node) -> str | None:
     return weight.target.rpartition(".")[0] if is_param else None
 
 
+def _is_map(node: fx.Node, dim: int) -> bool:
+    """Tokens (B, N, dim), or the same laid out on their grid: (B, dim, H, W) or (B, H, W, dim)."""
+    s = node_shape(node)
+    return is_tokens(node, dim) or (s is not None and len(s) == 4 and dim in (s[1], s[3]))
+
+
 def _pooling(view: View, last: fx.Node, tail: list[fx.Node], dim: int) -> tuple[fx.Node, str]:
     for node in tail:
         s = node_shape(node)
-        if s is None or len(s) != 2 or not any(is_tokens(a, dim) for a in node.all_input_nodes):
+        if s is None or len(s) != 2 or not any(_is_map(a, dim) for a in node.all_input_nodes):
             continue
         index = node.args[1] if node.target is operator.getitem else None
         if isinstance(index, tuple) and len(index) == 2 and index[1] == 0:
@@ -240,11 +286,17 @@ def recognise(gm: fx.GraphModule) -> Structure:
     start = stream[0].skip
     prefix, pos = _embedding(view, patches.node, start, dim)
     blocks = _blocks(view, start, stream, prefix=len(prefix))
+    stages = [Stage(0, dim, blocks[0].tokens, (0, len(blocks)))]
     class_stream = _class_stream(view, stream[-1].add, dim)
+    while not class_stream and (next_stage := _next_stage(view, stream[-1].add)) is not None:
+        stream, dim = next_stage
+        first = len(blocks)
+        blocks += _blocks(view, next_stage[0][0].skip, stream, first, stage=len(stages))
+        stages.append(Stage(len(stages), dim, blocks[first].tokens, (first, len(blocks))))
     blocks += _blocks(view, stream[-1].add, class_stream, len(blocks), class_attention=True)
     norm, pool, head, num_classes = _head(view, (class_stream or stream)[-1].add, dim)
     return Structure(
-        embed_dim=dim,
+        embed_dim=stages[0].dim,
         patch_embed=patches.node.target,
         patch_size=patches.size,
         grid=patches.grid,
@@ -255,4 +307,5 @@ def recognise(gm: fx.GraphModule) -> Structure:
         pool=pool,
         head=head,
         num_classes=num_classes,
+        stages=tuple(stages) if len(stages) > 1 else (),
     )

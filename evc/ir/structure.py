@@ -57,6 +57,17 @@ class Block:
     # Node names of constants the block reads with an axis of its tokens (a relative position
     # bias, a rotary embedding): they fix the token count, so token passes leave it.
     fixed_tokens: tuple[str, ...] = ()
+    stage: int = 0  # the stage of a hierarchical model (PVT, Swin) the block belongs to
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Blocks of one width in a hierarchical model, between two downsamplings."""
+
+    index: int
+    dim: int
+    tokens: int  # tokens entering its first block
+    blocks: tuple[int, int]  # indices of its blocks in Structure.blocks: [first, last + 1)
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class Structure:
     pool: str  # "token" (class token) or "avg" (mean over tokens)
     head: tuple[str, ...]  # module names of the classifier Linear(s): two for distilled DeiT; none for features
     num_classes: int  # 0 for a feature extractor
+    stages: tuple[Stage, ...] = ()  # a hierarchical model's stages; () for a plain ViT, one stage of embed_dim
 
     @property
     def depth(self) -> int:
@@ -80,8 +92,17 @@ class Structure:
     def to_dict(self) -> dict:
         return {**asdict(self), "depth": self.depth}
 
+    def _describe(self, block: Block) -> list[str]:
+        stage = next((s for s in self.stages if s.blocks[0] == block.index), None)
+        heading = [f"stage {stage.index}: width {stage.dim}, {stage.tokens} tokens"] if stage else []
+        return heading + [_describe_block(block)]
+
     def fixed_token_count(self) -> str | None:
         """Why token passes cannot change this model's token count, or None where they can."""
+        if self.stages:
+            return (f"the model has {len(self.stages)} stages of widths "
+                    f"{', '.join(str(s.dim) for s in self.stages)}: token passes change token counts only in a "
+                    "plain ViT, whose tokens keep one width from the patch embedding to the head")
         for block in self.blocks:
             if block.fixed_tokens:
                 return (f"block {block.index} reads node '{block.fixed_tokens[0]}', a constant with one value per "
@@ -98,7 +119,7 @@ class Structure:
         lines = [
             f"embed {self.embed_dim}, patches {self.patch_size[0]}x{self.patch_size[1]} "
             f"on a {gh}x{gw} grid, prefix tokens: {prefix}, pos embed: {self.pos_embed}",
-            *(_describe_block(b) for b in self.blocks),
+            *(line for b in self.blocks for line in self._describe(b)),
             f"norm {self.norm}, pool {self.pool}, "
             + (f"head {', '.join(self.head)} ({self.num_classes} classes)" if self.head
                else f"no head: features, {self.embed_dim} wide"),

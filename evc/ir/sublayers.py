@@ -142,7 +142,9 @@ def _attention(view: View, residual: Residual, score: fx.Node, index: int) -> At
         message = f"{where} has {len(proj)} Linears after node '{mix.name}', expected one output projection"
         raise RecognitionError(mix.name, message)
     head_dim = view.module(proj[0]).in_features // heads
-    splits = upstream + between(view, mix, proj[0])
+    # A reshape of the block's input itself (PVT's spatial reduction) has the width, not the heads.
+    from_qkv = set().union(*(view.reached(n, mix) for n in qkv))
+    splits = [n for n in upstream if n in from_qkv] + list(between(view, mix, proj[0]))
     head_count = tuple(n.name for n in splits if _carries_head_count(n, heads, head_dim))
     if not head_count:
         raise RecognitionError(score.name, f"{where} has no reshape or view by the head count {heads}")

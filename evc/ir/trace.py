@@ -110,9 +110,22 @@ def trace(model: nn.Module, example: torch.Tensor, name: str | None = None, outp
         _drop_fixed_inputs(graph)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
         _select_output(gm, output, name)
+    _softmax_as_function(gm)
     fold_constants(gm)
     propagate_shapes(gm, example, name)
     return gm
+
+
+def _softmax_as_function(gm: fx.GraphModule) -> None:
+    """nn.Softmax modules (Swin's) as the torch.softmax they call: attention is found by its softmax."""
+    for node in list(gm.graph.nodes):
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.Softmax):
+            with gm.graph.inserting_before(node):
+                function = gm.graph.call_function(torch.softmax, (node.args[0], module.dim))
+            node.replace_all_uses_with(function)
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _exported(model: nn.Module, example: torch.Tensor, name: str, output: str | None, fx_error: Exception):

@@ -87,9 +87,16 @@ def size_value(arg) -> int | None:
     return arg if type(arg) is int else None
 
 
-def is_tokens(node: fx.Node, dim: int) -> bool:
+def is_tokens(node: fx.Node, dim: int | None) -> bool:
+    """A (B, N, dim) tensor; any width for dim None."""
     s = node_shape(node)
-    return s is not None and len(s) == 3 and s[-1] == dim
+    return s is not None and len(s) == 3 and (dim is None or s[-1] == dim)
+
+
+def is_stream(node: fx.Node, dim: int) -> bool:
+    """Tokens of width `dim`: (B, N, dim), or laid out on their grid channels-last, (B, H, W, dim) (Swin)."""
+    s = node_shape(node)
+    return s is not None and len(s) in (3, 4) and s[-1] == dim
 
 
 def is_add(node: fx.Node) -> bool:

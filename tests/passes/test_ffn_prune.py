@@ -81,12 +81,13 @@ def test_a_norm_over_the_hidden_units_keeps_the_weights_of_the_kept_units():
 
 
 class _ConvMlp(torch.nn.Module):
-    """PVTv2's MLP: a depthwise convolution over the hidden units, on the patch grid."""
+    """An MLP with a dense 3 x 3 convolution over its hidden units, on the patch grid: every unit
+    mixes into every other, so none can go alone (PVT-v2's depthwise one can, and does)."""
 
     def __init__(self, fc1, act, fc2):
         super().__init__()
         self.fc1, self.act, self.fc2 = fc1, act, fc2
-        self.dwconv = torch.nn.Conv2d(fc1.out_features, fc1.out_features, 3, padding=1, groups=fc1.out_features)
+        self.dwconv = torch.nn.Conv2d(fc1.out_features, fc1.out_features, 3, padding=1)
 
     def forward(self, x):
         x = self.fc1(x)

@@ -150,8 +150,9 @@ def test_a_structural_pass_on_efficientvit_m5_stops_with_exit_2_naming_the_node(
     spec.write_text(text.replace("target x5", "compress {\n    head_prune { keep = 0.5 }\n}\n\ntarget x5"))
     done = run_evc("build", spec, "--out", tmp_path / "out")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert ("error: pass head_prune needs a ViT evc recognises, and this model is not one: expected a "
-            "patch-embedding Conv2d with kernel size equal to stride at node 'patch_embed_conv1_conv'") in done.stderr
+    assert ("error: pass head_prune needs a ViT evc recognises, and this model is not one: no residual add "
+            "`x + f(x)` on a (B, N, C) token stream after node 'patch_embed_conv1_conv'") in done.stderr
+    assert "the residual adds from node 'add' on are on (B, C, H, W) feature maps" in done.stderr
     assert not (tmp_path / "out" / "m5_pruned").exists()
 
 

@@ -1,0 +1,164 @@
+"""Hierarchical ViTs (Swin, PVT-v2): stages of their own width, pruned head by head and unit by unit."""
+
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+import timm
+import torch
+from evc.passes.block_skip import BlockSkip
+from evc.passes.ffn_prune import FfnPrune
+from evc.passes.head_prune import HeadPrune
+from evc.passes.patch_slim import PatchSlim
+from evc.passes.token_merge import TokenMerge
+from evc.targets.onnx import export_onnx, session
+
+from evc.errors import SpecError
+from evc.ir.program import Program, RecognitionError
+from evc.plan import ImageInput
+from tests.passes.conftest import Ctx, zero_heads, zero_hidden
+
+SIZE = 64
+STAGED = {
+    # windows of 2 x 2 on a 16 x 16 grid, shifted every other block; a relative position bias per head
+    "swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=SIZE, patch_size=4, window_size=2,
+                                      depths=(2, 2, 2, 1), embed_dim=16, num_heads=(2, 2, 4, 4), num_classes=10),
+    # an overlapping patch embedding, keys and values from a strided conv, a depthwise conv in the MLP
+    "pvt_v2": lambda: timm.create_model("pvt_v2_b0", depths=(2, 2, 1, 1), embed_dims=(16, 32, 32, 64),
+                                        num_heads=(2, 2, 4, 4), num_classes=10),
+    # a convolutional stem, Linear + BatchNorm everywhere, q | k | v split per head, an attention bias per
+    # head, downsampling by attention (then an MLP alone), two heads
+    "levit": lambda: timm.create_model("levit_128s", img_size=SIZE, embed_dim=(32, 48, 64), num_heads=(2, 3, 4),
+                                       depth=(1, 2, 1), key_dim=8, num_classes=10),
+}
+STAGES = {  # (width, tokens) of each stage, and each block's stage
+    "swin": ([(16, 256), (32, 64), (64, 16), (128, 4)], [0, 0, 1, 1, 2, 2, 3]),
+    "pvt_v2": ([(16, 256), (32, 64), (32, 16), (64, 4)], [0, 0, 1, 1, 2, 3]),
+    "levit": ([(32, 16), (48, 4), (64, 1)], [0, 1, 1, 1, 2, 2]),
+}
+
+
+@functools.cache
+def _captured(name: str) -> Program:
+    torch.manual_seed(0)
+    model = STAGED[name]().eval()
+    with torch.no_grad():  # LeViT starts its BatchNorms' weights at zero: every sublayer would add nothing
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.normal_(1, 0.2), m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    return Program.from_module(model, ImageInput(SIZE, SIZE))
+
+
+def program_of(name: str) -> Program:
+    program = _captured(name)
+    return dataclasses.replace(program, graph=__import__("copy").deepcopy(program.graph))
+
+
+@pytest.fixture(params=list(STAGED))
+def staged(request):
+    return request.param
+
+
+def images(n=4):
+    return np.random.default_rng(0).standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def outputs(program):
+    return program.run(images())
+
+
+def heads(program, keep):
+    params = dict(keep=keep, score="l1", scope="layer", min_heads=1, data=None)
+    return HeadPrune().run(program, params, Ctx(params, images()))
+
+
+def hidden(program, keep, round_to=1):
+    params = dict(keep=keep, score="l1", round_to=round_to, data=None)
+    return FfnPrune().run(program, params, Ctx(params, images()))
+
+
+def test_every_stage_is_recognised_with_its_width_and_blocks(staged):
+    structure = program_of(staged).structure
+    stages, of_block = STAGES[staged]
+    assert [(s.dim, s.tokens) for s in structure.stages] == stages
+    assert [b.stage for b in structure.blocks] == of_block
+    text = structure.describe()
+    assert "stage 1: width {}, {} tokens".format(*stages[1]) in text and text.count("  block ") == structure.depth
+
+
+def test_keep_1_leaves_the_outputs_bit_identical(staged):
+    program = program_of(staged)
+    assert torch.equal(outputs(hidden(heads(program, 1.0), 1.0)), outputs(program))
+
+
+def test_removing_heads_zeroed_first_changes_the_outputs_by_under_1e_5(staged):
+    program = program_of(staged)
+    attending = [b for b in program.structure.blocks if b.attn]  # LeViT downsamples by attention, then an MLP
+    zero_heads(program, {b.index: list(range(b.attn.num_heads // 2)) for b in attending})
+    reference = outputs(program)
+    pruned = heads(program, 0.5)
+    assert [b.attn.num_heads for b in pruned.structure.blocks if b.attn] == [
+        b.attn.num_heads - b.attn.num_heads // 2 for b in attending]
+    assert (outputs(pruned) - reference).abs().max() < 1e-5
+
+
+def test_removing_units_zeroed_first_changes_the_outputs_by_under_1e_5(staged):
+    program = program_of(staged)
+    zero_hidden(program, {b.index: list(range(0, b.mlp.hidden, 2)) for b in program.structure.blocks})
+    reference = outputs(program)
+    pruned = hidden(program, 0.5)
+    assert [b.mlp.hidden for b in pruned.structure.blocks] == [b.mlp.hidden // 2 for b in program.structure.blocks]
+    assert (outputs(pruned) - reference).abs().max() < 1e-5
+
+
+def test_levits_batchnorms_keep_the_statistics_of_the_kept_heads_and_units():
+    program = program_of("levit")
+    pruned = hidden(heads(program, 0.5), 0.5)
+    qkv = pruned.graph.get_submodule("stages.0.blocks.0.attn.qkv.bn")
+    before = program.graph.get_submodule("stages.0.blocks.0.attn.qkv.bn")
+    assert qkv.num_features == qkv.running_mean.shape[0] == before.num_features // 2
+    assert all(any(torch.equal(m, v) for v in before.running_mean) for m in qkv.running_mean)  # sliced, not reset
+    assert pruned.graph.get_submodule("stages.0.blocks.0.mlp.ln1.bn").num_features == \
+        pruned.structure.blocks[0].mlp.hidden
+
+
+def test_pvt_v2s_depthwise_conv_keeps_the_channels_of_the_kept_units():
+    pruned = hidden(program_of("pvt_v2"), 0.5)
+    conv = pruned.graph.get_submodule("stages.0.blocks.0.mlp.dwconv")
+    assert conv.in_channels == conv.out_channels == conv.groups == pruned.structure.blocks[0].mlp.hidden == 64
+
+
+def test_skipping_a_block_inside_a_stage_keeps_every_downsampling(staged):
+    program = program_of(staged)
+    params = dict(attn=(), mlp=(), blocks=(1,), count=None, part="attn", score="residual", data=None)
+    skipped = BlockSkip().run(program, params, Ctx(params, images()))
+    assert [s.dim for s in skipped.structure.stages] == [s.dim for s in program.structure.stages]
+    assert skipped.structure.depth == program.structure.depth - 1
+    assert outputs(skipped).shape == (4, 10)
+
+
+def test_the_pruned_model_exports_to_onnx_with_parity(staged, tmp_path):
+    pruned = hidden(heads(program_of(staged), 0.5), 0.5, round_to=8)
+    export_onnx(pruned, tmp_path / "model.onnx", opset=17)
+    x = images(1)
+    np.testing.assert_allclose(session(tmp_path / "model.onnx")(x), pruned.run(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("token_pass, params", [(PatchSlim, dict(keep=[1, 0.5, 0.5, 0.5, 0.5, 0.5], fuse=False,
+                                                                  score="mean_attention", search=None)),
+                                                (TokenMerge, dict(r=2, proportional=True))])
+def test_token_passes_refuse_a_model_in_stages_saying_why(token_pass, params):
+    program = program_of("pvt_v2")
+    with pytest.raises(SpecError, match="the model has 4 stages of widths 16, 32, 32, 64: token passes"):
+        token_pass().run(program, params, Ctx(params, images()))
+
+
+def test_a_cnn_is_refused_naming_what_was_looked_for():
+    program = Program.from_module(timm.create_model("resnet18", num_classes=10).eval(), ImageInput(SIZE, SIZE))
+    assert program.structure is None
+    with pytest.raises(RecognitionError, match="no residual add `x \\+ f\\(x\\)` on a \\(B, N, C\\) token stream "
+                                               "after node 'conv1': expected the blocks of a transformer"):
+        program.require_structure("head_prune")
+    assert program.run(images(1)).shape == (1, 10)  # it still runs, and lowers, uncompressed
