@@ -146,6 +146,17 @@ def test_the_pruned_model_exports_to_onnx_with_parity(staged, tmp_path):
     np.testing.assert_allclose(session(tmp_path / "model.onnx")(x), pruned.run(x), atol=1e-4)
 
 
+def test_the_pruned_model_converts_to_tflite_with_parity(staged):
+    from ai_edge_litert.interpreter import Interpreter
+    from evc.targets.tflite import convert
+
+    pruned = hidden(heads(program_of(staged), 0.5), 0.5, round_to=8)
+    run = Interpreter(model_content=convert(pruned)).get_signature_runner()
+    x = images(1)
+    (y,) = run(input=x).values()
+    np.testing.assert_allclose(y, pruned.run(x), atol=1e-4)
+
+
 @pytest.mark.parametrize("token_pass, params", [(PatchSlim, dict(keep=[1, 0.5, 0.5, 0.5, 0.5, 0.5], fuse=False,
                                                                   score="mean_attention", search=None)),
                                                 (TokenMerge, dict(r=2, proportional=True))])
