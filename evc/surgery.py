@@ -110,16 +110,25 @@ def head_rows(gm: fx.GraphModule, attn: Attention, linear: str, where: str) -> n
     out = gm.get_submodule(linear).out_features
     chunks = _chunks(split, linear)
     shape = node_shape(split)
-    # The shortest trailing axes holding the Linear's features: a batch or token axis of 1 is not one.
-    dims = next((shape[i:] for i in reversed(range(len(shape))) if int(np.prod(shape[i:])) * chunks == out), None)
-    axis = _head_axis((0, *dims), attn.num_heads, attn.head_dim) if dims else None
-    if axis is None and dims and dims[0] == attn.num_heads:  # (heads, q | k | v): LeViT splits each head's rows
-        axis = 1
+    # The shortest trailing axes holding the Linear's features with a head axis among them: a batch
+    # or token axis of 1 is not one, a head axis of 1 (a stage with one head) is.
+    found = (_heads_in(shape[i:], attn) for i in reversed(range(len(shape)))
+             if int(np.prod(shape[i:])) * chunks == out)
+    dims, axis = next((f for f in found if f[1] is not None), (None, None))
     if axis is None:
         raise InputError(f"{where}: node '{split.name}' splits '{linear}' as {shape}, with no axis of "
                          f"{attn.num_heads} heads of {attn.head_dim}")
     grid = np.arange(out).reshape(chunks, *dims)
     return np.moveaxis(grid, axis, 0).reshape(attn.num_heads, -1)
+
+
+def _heads_in(dims: tuple[int, ...], attn: Attention) -> tuple[tuple[int, ...], int | None]:
+    """`dims` and the axis of its heads, counted in (chunks, *dims): heads followed by head_dim, or
+    heads first with each head's q | k | v after (LeViT); None where it has none."""
+    axis = _head_axis((0, *dims), attn.num_heads, attn.head_dim)
+    if axis is None and dims and dims[0] == attn.num_heads:
+        axis = 1
+    return dims, axis
 
 
 def _chunks(split: fx.Node, linear: str) -> int:
