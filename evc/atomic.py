@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 _stopping = False
+_parents: set[Path] = set()  # folders this process makes temporary folders in
 
 
 def stop() -> None:
@@ -24,9 +25,18 @@ def stop() -> None:
 
 def temp_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
+    _parents.add(final.parent)  # before the folder exists: a stop landing in between still finds it
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make the result private once renamed
     return tmp
+
+
+def remove_own() -> None:
+    """Remove every temporary folder this process made and has not put into place: what a stop
+    interrupted, even between making a folder and handing it to the `staged` block that owns it."""
+    for parent in _parents:
+        for tmp in parent.glob(f".*.{os.getpid()}.*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         print(e.render(), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        from evc.atomic import remove_own
+
+        remove_own()
         print("interrupted: no bundle was changed", file=sys.stderr)
         return 1
 
