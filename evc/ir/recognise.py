@@ -93,8 +93,8 @@ def _patch_embed(view: View) -> _Patches:
         maps = next((r for n in view.after(first) if (r := _residual(view, n, None, grid=True)) is not None), None)
         if maps is not None:
             message += (f"; the residual adds from node '{maps.add.name}' on are on (B, C, H, W) feature maps, "
-                        "which evc does not yet recognise as transformer blocks (EfficientViT-M, LeViT) "
-                        "nor compresses (CNNs)")
+                        "which evc does not yet recognise as transformer blocks (EfficientViT-M, EfficientFormer-V2, "
+                        "FastViT) nor compresses (CNNs)")
         raise RecognitionError(first.name, message)
     stem = [n for n in view.after(first, residual.skip) if view.is_a(n, nn.Conv2d)]
     last = next(n for n in reversed([first, *stem]) if residual.skip in view.reached(n))
