@@ -114,8 +114,9 @@ def _logit_biases(view: View, score: fx.Node, upstream: tuple[fx.Node, ...], hea
     else:
         candidates = [a for n in upstream if is_add(n) and view.order[n] < view.order[score]
                       for a in n.all_input_nodes]
-    per_head = [a for a in candidates if a.op == "get_attr" and len(node_shape(a) or ()) >= 3
-                and node_shape(a)[-3] == heads]
+    # (heads, N, N) or (1, heads, N, N); Swin's shift mask, (1, windows, 1, N, N), is not per head.
+    per_head = [a for a in candidates if a.op == "get_attr" and node_shape(a) is not None
+                and (node_shape(a)[:-3] in ((), (1,))) and len(node_shape(a)) >= 3 and node_shape(a)[-3] == heads]
     return tuple(a.target for a in per_head)
 
 

@@ -173,3 +173,10 @@ def test_a_cnn_is_refused_naming_what_was_looked_for():
                                                "after node 'conv1': expected the blocks of a transformer"):
         program.require_structure("head_prune")
     assert program.run(images(1)).shape == (1, 10)  # it still runs, and lowers, uncompressed
+
+
+def test_swins_shift_mask_is_not_taken_for_a_bias_per_head_even_with_one_head():
+    program = program_of("swin")
+    pruned = heads(program, 0.5)  # stage 0 and 1 keep one head; blocks 1 and 3 are shifted
+    for block in pruned.structure.blocks:
+        assert [b.rpartition(".")[2] for b in block.attn.biases] == ["attention_bias"]
