@@ -80,7 +80,8 @@ def taylor(gm: fx.GraphModule, names: list[str], mask_shapes: list, images: np.n
     """|Σ ∂L/∂x · x| per unit of each node in `names`, summed over the samples.
 
     `mask_shapes[i](batch)` is the shape of node i's mask for a batch: ones
-    everywhere but the unit axis, e.g. (B, heads, 1, 1) for a context.
+    everywhere but the unit axis, e.g. (B, heads, 1, 1) for a context, or
+    (B × windows, heads, 1, 1) for windowed attention, whose windows are rows.
     """
     masked = _masked(gm, names)
     scores = [0.0] * len(names)
@@ -90,7 +91,9 @@ def taylor(gm: fx.GraphModule, names: list[str], mask_shapes: list, images: np.n
         loss = F.cross_entropy(logits, logits.argmax(dim=-1).detach(), reduction="sum")
         grads = torch.autograd.grad(loss, masks)
         for i, grad in enumerate(grads):
-            per_sample = grad.reshape(len(x), -1).abs()  # each sample's |Σ_tokens ∂L/∂x · x| per unit
+            # each sample's |Σ_tokens ∂L/∂x · x| per unit; windowed attention (Swin) runs a sample's
+            # windows as batch entries of their own, summed back into the sample before |.|
+            per_sample = grad.reshape(len(x), grad.shape[0] // len(x), -1).sum(dim=1).abs()
             scores[i] = scores[i] + per_sample.sum(dim=0).numpy()
     return scores
 
@@ -103,7 +106,8 @@ def head_taylor(gm: fx.GraphModule, blocks, images: np.ndarray) -> list[np.ndarr
         if shape is None or len(shape) != 4 or shape[1] != block.attn.num_heads:
             raise InputError(f"block {block.index}: node '{block.attn.context_node}' has shape {shape}, "
                              "expected (batch, heads, tokens, head_dim)")
-        shapes.append(lambda b, h=block.attn.num_heads: (b, h, 1, 1))
+        # the example's batch is 1: a context with more rows runs each sample's windows as rows
+        shapes.append(lambda b, h=block.attn.num_heads, windows=shape[0]: (b * windows, h, 1, 1))
     scores = taylor(gm, [b.attn.context_node for b in blocks], shapes, images)
     return [s / max(np.linalg.norm(s), 1e-12) for s in scores]
 

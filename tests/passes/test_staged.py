@@ -69,13 +69,13 @@ def outputs(program):
     return program.run(images())
 
 
-def heads(program, keep):
-    params = dict(keep=keep, score="l1", scope="layer", min_heads=1, data=None)
+def heads(program, keep, score="l1"):
+    params = dict(keep=keep, score=score, scope="layer", min_heads=1, data="calib")
     return HeadPrune().run(program, params, Ctx(params, images()))
 
 
-def hidden(program, keep, round_to=1):
-    params = dict(keep=keep, score="l1", round_to=round_to, data=None)
+def hidden(program, keep, round_to=1, score="l1"):
+    params = dict(keep=keep, score=score, round_to=round_to, data="calib")
     return FfnPrune().run(program, params, Ctx(params, images()))
 
 
@@ -93,22 +93,26 @@ def test_keep_1_leaves_the_outputs_bit_identical(staged):
     assert torch.equal(outputs(hidden(heads(program, 1.0), 1.0)), outputs(program))
 
 
-def test_removing_heads_zeroed_first_changes_the_outputs_by_under_1e_5(staged):
+@pytest.mark.parametrize("score", ["l1", "taylor"])  # taylor: Swin's windows are rows of their own
+def test_removing_heads_zeroed_first_changes_the_outputs_by_under_1e_5(staged, score):
     program = program_of(staged)
     attending = [b for b in program.structure.blocks if b.attn]  # LeViT downsamples by attention, then an MLP
     zero_heads(program, {b.index: list(range(b.attn.num_heads // 2)) for b in attending})
     reference = outputs(program)
-    pruned = heads(program, 0.5)
+    pruned = heads(program, 0.5, score)
     assert [b.attn.num_heads for b in pruned.structure.blocks if b.attn] == [
         b.attn.num_heads - b.attn.num_heads // 2 for b in attending]
     assert (outputs(pruned) - reference).abs().max() < 1e-5
 
 
-def test_removing_units_zeroed_first_changes_the_outputs_by_under_1e_5(staged):
+@pytest.mark.parametrize("score", ["l1", "taylor", "activation"])
+def test_removing_units_zeroed_first_changes_the_outputs_by_under_1e_5(staged, score):
     program = program_of(staged)
-    zero_hidden(program, {b.index: list(range(0, b.mlp.hidden, 2)) for b in program.structure.blocks})
+    zeroed = {b.index: list(range(0, b.mlp.hidden, 2)) for b in program.structure.blocks}
+    zero_hidden(program, zeroed)
+    _zero_batchnorms_after_fc1(program, zeroed)
     reference = outputs(program)
-    pruned = hidden(program, 0.5)
+    pruned = hidden(program, 0.5, score=score)
     assert [b.mlp.hidden for b in pruned.structure.blocks] == [b.mlp.hidden // 2 for b in program.structure.blocks]
     assert (outputs(pruned) - reference).abs().max() < 1e-5
 
@@ -122,6 +126,17 @@ def test_levits_batchnorms_keep_the_statistics_of_the_kept_heads_and_units():
     assert all(any(torch.equal(m, v) for v in before.running_mean) for m in qkv.running_mean)  # sliced, not reset
     assert pruned.graph.get_submodule("stages.0.blocks.0.mlp.ln1.bn").num_features == \
         pruned.structure.blocks[0].mlp.hidden
+
+
+def _zero_batchnorms_after_fc1(program, units_per_block):
+    """LeViT's fc1 is Linear then BatchNorm: a zeroed unit's BatchNorm must give 0 too for its
+    activation to be 0 (what the activation score sees), not only its fc2 column."""
+    with torch.no_grad():
+        for index, units in units_per_block.items():
+            owner = program.structure.blocks[index].mlp.fc1.rpartition(".")[0]
+            for name, m in program.graph.named_modules():
+                if name.startswith(f"{owner}.") and isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.bias[units], m.running_mean[units] = 0, 0
 
 
 def test_pvt_v2s_depthwise_conv_keeps_the_channels_of_the_kept_units():
