@@ -125,6 +125,7 @@ def _stream(view: View, conv: fx.Node, dim: int) -> list[Residual]:
 
 
 def _stage_from(view: View, first: Residual, dim: int) -> list[Residual]:
+    """`first` and the residual adds on (B, N, dim) tokens after it that each follow the one before."""
     residuals = [first] + [r for n in view.after(first.add) if (r := _residual(view, n, dim)) is not None]
     stream = residuals[:1]
     for r in residuals[1:]:
@@ -201,7 +202,6 @@ def _next_stage(view: View, last: fx.Node) -> tuple[list[Residual], int] | None:
         width, count = node_shape(r.skip)[-1], math.prod(node_shape(r.skip)[1:-1])
         # A stage is wider, or as wide on fewer tokens; a single token of the same width is a head's.
         if width != dim or count not in (tokens, 1):
-            width = node_shape(r.skip)[-1]
             return _stage_from(view, r, width), width
     return None
 
