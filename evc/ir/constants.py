@@ -63,12 +63,12 @@ def _fold_linear(gm: fx.GraphModule, node: fx.Node, constant: set[fx.Node]) -> b
     if bias not in constant or bias.op == "get_attr":
         return False
     owner = weight.target.rpartition(".")[0]
-    w = _fetch(gm, weight.target)
+    w = gm.get_parameter(weight.target)
     linear = nn.Linear(w.shape[1], w.shape[0])
     linear.weight = w
     linear.bias = nn.Parameter(_value(gm, bias).detach(), requires_grad=w.requires_grad)
     name = owner if _replaceable(_submodule(gm, owner)) else _free(gm, f"{owner}.linear")
-    _set_submodule(gm, name, linear)
+    gm.set_submodule(name, linear)
     with gm.graph.inserting_before(node):
         node.replace_all_uses_with(gm.graph.call_module(name, (given["input"],)))
     gm.graph.erase_node(node)
@@ -141,11 +141,6 @@ def _common_owner(targets: list[str]) -> str:
     return ".".join(common)
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
-
-
 def _replaceable(module: nn.Module | None) -> bool:
     """The weight's owner is the layer itself: a Linear, or the bare holder torch.export's capture made."""
     return isinstance(module, nn.Linear) or (type(module) is nn.Module and not list(module.children()))
@@ -156,11 +151,6 @@ def _submodule(gm: fx.GraphModule, name: str) -> nn.Module | None:
         return gm.get_submodule(name)
     except AttributeError:
         return None
-
-
-def _set_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
 def _free(gm: fx.GraphModule, name: str) -> str:

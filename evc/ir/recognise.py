@@ -215,14 +215,8 @@ def _is_class_token(node: fx.Node, dim: int) -> bool:
 def _class_stream(view: View, last: fx.Node, dim: int) -> list[Residual]:
     """CaiT's class-attention blocks: after the token stream, a class token (a parameter, not a
     token of the stream) gathers the tokens through residual blocks of its own."""
-    residuals = [r for n in view.after(last) if (r := _residual(view, n, dim)) is not None]
-    if not residuals or not _is_class_token(residuals[0].skip, dim):
-        return []
-    stream = residuals[:1]
-    for r in residuals[1:]:
-        if _follows(r.skip, stream[-1].add, dim):
-            stream.append(r)
-    return stream
+    first = next((r for n in view.after(last) if (r := _residual(view, n, dim)) is not None), None)
+    return _stage_from(view, first, dim) if first is not None and _is_class_token(first.skip, dim) else []
 
 
 def _module_of_norm(view: View, node: fx.Node) -> str | None:

@@ -1,5 +1,6 @@
 """Hierarchical ViTs (Swin, PVT-v2): stages of their own width, pruned head by head and unit by unit."""
 
+import copy
 import dataclasses
 import functools
 
@@ -53,7 +54,7 @@ def _captured(name: str) -> Program:
 
 def program_of(name: str) -> Program:
     program = _captured(name)
-    return dataclasses.replace(program, graph=__import__("copy").deepcopy(program.graph))
+    return dataclasses.replace(program, graph=copy.deepcopy(program.graph))
 
 
 @pytest.fixture(params=list(STAGED))
