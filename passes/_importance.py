@@ -41,8 +41,8 @@ def head_norms(gm: fx.GraphModule, attn, p: int, where: str) -> np.ndarray:
     total = np.zeros(attn.num_heads)
     for linear in attn.qkv:
         weight = gm.get_submodule(linear).weight.detach().numpy()
-        rows = head_rows(gm, attn, linear, where)
-        total += np.array([np.sum(np.abs(weight[r]) ** p) for r in rows])
+        rows = head_rows(gm, attn, linear, where)  # -1: another head's projection (cascaded attention)
+        total += np.array([np.sum(np.abs(weight[r[r >= 0]]) ** p) for r in rows])
     proj = gm.get_submodule(attn.proj).weight.detach().numpy().reshape(-1, attn.num_heads, attn.head_dim)
     total += np.sum(np.abs(proj) ** p, axis=(0, 2))
     return total ** (1 / p)
@@ -51,10 +51,11 @@ def head_norms(gm: fx.GraphModule, attn, p: int, where: str) -> np.ndarray:
 def hidden_norms(gm: fx.GraphModule, mlp, p: int) -> np.ndarray:
     """Per hidden unit: the p-norm of its fc1 row (and gate row) and fc2 column together, one shared
     score (nn_pruning)."""
-    fc2 = gm.get_submodule(mlp.fc2).weight.detach().numpy()
-    total = np.sum(np.abs(fc2) ** p, axis=0)
+    fc2 = gm.get_submodule(mlp.fc2).weight.detach().numpy()  # (out, hidden), or (out, hidden, 1, 1)
+    total = np.sum(np.abs(fc2.reshape(*fc2.shape[:2])) ** p, axis=0)
     for name, rows in hidden_rows(mlp).items():
-        per_row = np.sum(np.abs(gm.get_submodule(name).weight.detach().numpy()) ** p, axis=1)
+        weight = gm.get_submodule(name).weight.detach().numpy()
+        per_row = np.sum(np.abs(weight.reshape(len(weight), -1)) ** p, axis=1)
         total += per_row[rows].sum(axis=0)
     return total ** (1 / p)
 
@@ -100,20 +101,29 @@ def taylor(gm: fx.GraphModule, names: list[str], mask_shapes: list, images: np.n
 
 def head_taylor(gm: fx.GraphModule, blocks, images: np.ndarray) -> list[np.ndarray]:
     """Taylor importance of every head of `blocks`, normalised per layer (Michel et al.)."""
-    shapes = []
+    names, shapes, heads = [], [], []
     for block in blocks:
+        if block.attn.heads_out:  # cascaded: one mask per head's output, (B x windows, head_dim, H, W)
+            windows = node_shape(node_named(gm, block.attn.heads_out[0]))[0]
+            names += block.attn.heads_out
+            shapes += [lambda b, w=windows: (b * w, 1, 1, 1)] * block.attn.num_heads
+            heads.append(block.attn.num_heads)
+            continue
         shape = node_shape(node_named(gm, block.attn.context_node))
         if shape is None or len(shape) != 4 or shape[1] != block.attn.num_heads:
             raise InputError(f"block {block.index}: node '{block.attn.context_node}' has shape {shape}, "
                              "expected (batch, heads, tokens, head_dim)")
         # the example's batch is 1: a context with more rows runs each sample's windows as rows
         shapes.append(lambda b, h=block.attn.num_heads, windows=shape[0]: (b * windows, h, 1, 1))
-    scores = taylor(gm, [b.attn.context_node for b in blocks], shapes, images)
-    return [s / max(np.linalg.norm(s), 1e-12) for s in scores]
+        names.append(block.attn.context_node)
+        heads.append(1)
+    scores = iter(taylor(gm, names, shapes, images))
+    per_layer = [np.concatenate([next(scores) for _ in range(n)]) for n in heads]
+    return [s / max(np.linalg.norm(s), 1e-12) for s in per_layer]
 
 
 def hidden_taylor(gm: fx.GraphModule, blocks, images: np.ndarray) -> list[np.ndarray]:
-    shapes = [lambda b, h=block.mlp.hidden: (b, 1, h) for block in blocks]
+    shapes = [lambda b, m=block.mlp: (b, m.hidden, 1, 1) if m.axis == 1 else (b, 1, m.hidden) for block in blocks]
     return taylor(gm, [b.mlp.act_node for b in blocks], shapes, images)
 
 
@@ -133,17 +143,19 @@ class _Watch(fx.Interpreter):
 
 def activations(gm: fx.GraphModule, blocks, images: np.ndarray) -> list[np.ndarray]:
     """Mean |activation| of each hidden unit, over tokens and samples."""
-    sums = {b.mlp.act_node: 0.0 for b in blocks}
-    count = 0
+    axes = {b.mlp.act_node: b.mlp.axis for b in blocks}
+    sums = dict.fromkeys(axes, 0.0)
+    counts = dict.fromkeys(axes, 0)
 
     def add(node, value, env):
-        sums[node.name] = sums[node.name] + value.abs().sum(dim=(0, 1)).numpy()
+        units = value.movedim(axes[node.name], -1).reshape(-1, value.shape[axes[node.name]]).abs()
+        sums[node.name] = sums[node.name] + units.sum(dim=0).numpy()
+        counts[node.name] += len(units)
 
     with torch.no_grad():
         for x in _batches(images):
             _Watch(gm, {name: add for name in sums}).run(x)
-            count += len(x) * node_shape(node_named(gm, blocks[0].mlp.act_node))[1]
-    return [sums[b.mlp.act_node] / count for b in blocks]
+    return [sums[b.mlp.act_node] / counts[b.mlp.act_node] for b in blocks]
 
 
 def residual_ratios(gm: fx.GraphModule, spans: dict[str, tuple[str, str]], images: np.ndarray) -> dict[str, float]:

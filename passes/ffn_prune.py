@@ -35,6 +35,8 @@ class FfnPrune(Pass):
         structure = program.structure
         keep = ctx.per_layer("keep", structure.depth)
         blocks = [b for b in structure.blocks if b.mlp is not None]
+        if not blocks:
+            raise ctx.error("keep", "the model has no MLP left to remove hidden units from")
         score = params["score"]
         if score == "taylor":
             scores = hidden_taylor(program.graph, blocks, ctx.images(params["data"]))

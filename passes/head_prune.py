@@ -44,6 +44,9 @@ class HeadPrune(Pass):
         structure = program.structure
         keep = ctx.per_layer("keep", structure.depth)
         blocks = [b for b in structure.blocks if b.attn is not None]
+        if not blocks:
+            raise ctx.error("keep", "the model has no attention heads to remove: its blocks mix tokens by "
+                                    "convolution or pooling alone (FastViT's RepMixer, PoolFormer)")
         if params["score"] == "taylor":
             scores = head_taylor(program.graph, blocks, ctx.images(params["data"]))
         else:

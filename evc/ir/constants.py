@@ -33,7 +33,7 @@ def fold_constants(gm: fx.GraphModule) -> None:
         if node.target in _LINEARS:
             changed |= _fold_linear(gm, node, constant)
         else:
-            for value in _logit_terms(node):
+            for value in _logit_terms(gm, node):
                 if value in constant and value.op != "get_attr":
                     _fold_buffer(gm, value, "attention_bias")
                     changed = True
@@ -75,9 +75,17 @@ def _fold_linear(gm: fx.GraphModule, node: fx.Node, constant: set[fx.Node]) -> b
     return True
 
 
-def _logit_terms(node: fx.Node) -> list[fx.Node]:
+def _mixes_heads(layer: nn.Module, x) -> bool:
+    """A square Linear or 1 x 1 Conv2d: talking heads, the one layer the logits may pass before the softmax."""
+    square = isinstance(layer, nn.Linear) and layer.in_features == layer.out_features
+    pointwise = isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.in_channels == layer.out_channels
+    return (square or pointwise) and isinstance(x, fx.Node)
+
+
+def _logit_terms(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     """What is added to attention logits at `node`: sdpa's mask, or the operands of the adds a softmax
-    reads through views (Swin adds its bias, views by window, adds its shift mask, views back)."""
+    reads through views (Swin adds its bias, views by window, adds its shift mask, views back) and
+    layers that mix the heads (EfficientFormerV2 adds its bias, then mixes heads by a 1 x 1 conv)."""
     if node.target is F.scaled_dot_product_attention:
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
         return [mask] if isinstance(mask, fx.Node) else []
@@ -89,7 +97,9 @@ def _logit_terms(node: fx.Node) -> list[fx.Node]:
             operands = [a for a in logits.args[:2] if isinstance(a, fx.Node)]
             terms += operands
             logits = operands[0]
-        elif logits.op == "call_method" and logits.target in ("view", "reshape") and logits.args:
+        elif logits.op == "call_method" and logits.target in ("view", "reshape", "permute") and logits.args:
+            logits = logits.args[0]
+        elif logits.op == "call_module" and _mixes_heads(gm.get_submodule(logits.target), logits.args[0]):
             logits = logits.args[0]
         else:
             break

@@ -23,6 +23,7 @@ the same.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections import defaultdict
 
 import torch
@@ -37,7 +38,8 @@ _FUNCTIONS = {
     aten.add.Tensor: operator.add, aten.add_.Tensor: operator.add, aten.mul.Tensor: operator.mul,
     aten.sub.Tensor: operator.sub, aten.div.Tensor: operator.truediv, aten.matmul.default: operator.matmul,
     aten.bmm.default: torch.bmm, aten.cat.default: torch.cat, aten.mean.dim: torch.mean,
-    aten.gelu.default: F.gelu, aten.relu.default: torch.relu, aten.silu.default: F.silu,
+    aten.gelu.default: F.gelu, aten.relu.default: torch.relu, aten.relu_.default: torch.relu,
+    aten.silu.default: F.silu, aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
     aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh,
     aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
 }
@@ -47,6 +49,7 @@ _METHODS = {
     aten.flatten.using_ints: "flatten", aten.unflatten.int: "unflatten", aten.sym_size.int: "size",
     aten.unsqueeze.default: "unsqueeze", aten.squeeze.dim: "squeeze", aten.contiguous.default: "contiguous",
     aten.chunk.default: "chunk", aten.unbind.int: "unbind", aten.to.dtype: "to",
+    aten.split_with_sizes.default: "split",
 }
 _IDENTITY = (aten.dropout.default, aten.alias.default, aten.clone.default, aten.detach.default)
 _CHECKS = (aten._assert_tensor_metadata.default,)  # export's own checks on dtypes, made at capture
@@ -192,9 +195,11 @@ def _module_name(weight: str) -> str:
 
 
 def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
-    """A Linear, Conv2d or LayerNorm with the weights `node` applies, and its name; None for other ops."""
+    """A Linear, Conv2d, LayerNorm or BatchNorm2d with the weights `node` applies, and its name; None for
+    other ops."""
     args = list(node.args)
-    weights = args[2:4] if node.target is aten.layer_norm.default else args[1:3]
+    weights = (args[2:4] if node.target is aten.layer_norm.default else
+               args[1:5] if node.target is aten.batch_norm.default else args[1:3])
     params = [a for a in weights if isinstance(a, fx.Node) and a.op == "get_attr"]
     if not params or len(params) != len([w for w in weights if w is not None]):
         return None
@@ -202,11 +207,16 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
     if node.target is aten.linear.default:
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bool(bias))
     elif node.target is aten.conv2d.default:
-        stride, padding, dilation, groups = (*args[3:], *([1, 1], [0, 0], [1, 1], 1)[len(args) - 3:])[:4]
+        stride, padding, dilation, groups = (*args[3:], *([1, 1], [0, 0], [1, 1], 1)[max(len(args) - 3, 0):])[:4]
         layer = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding,
                           dilation, groups, bias=bool(bias))
     elif node.target is aten.layer_norm.default:
         layer = nn.LayerNorm(args[1], eps=args[4] if len(args) > 4 else 1e-5, bias=bool(bias))
+    elif node.target is aten.batch_norm.default and len(bias) == 3 and not args[5]:
+        kind = nn.BatchNorm2d if args[0].meta["val"].dim() == 4 else nn.BatchNorm1d
+        layer = kind(weight.shape[0], eps=args[7]).eval()
+        layer.running_mean, layer.running_var = bias[1:]
+        bias = bias[:1]
     else:
         return None
     layer.weight = weight
@@ -218,7 +228,9 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
 def exported(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """`model` captured by torch.export on `example`, batch dynamic, written as torch.fx records it."""
     batch = torch.cat([example, example]) if example.shape[0] == 1 else example  # a batch of 1 would be fixed
-    program = torch.export.export(model, (batch,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
+    with warnings.catch_warnings():  # caches a model fills on its first call (timm's attention biases)
+        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+        program = torch.export.export(model, (batch,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
     gm = _Rewriter(program.module()).run()
     _drop_empty_masks(gm, batch)
     return gm

@@ -22,23 +22,33 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from evc.ir.structure import Attention, Block, Mlp, Stage, Structure
+from evc.ir.structure import Attention, Block, Local, Mlp, Stage, Structure
 from evc.ir.sublayers import sublayer
-from evc.ir.view import RecognitionError, Residual, View, between, is_add, is_stream, is_tokens, node_shape
+from evc.ir.view import (
+    CATS,
+    RecognitionError,
+    Residual,
+    View,
+    between,
+    is_add,
+    is_stream,
+    is_tokens,
+    node_shape,
+    token_count,
+)
 
 __all__ = ["RecognitionError", "recognise"]
 
-_CATS = (torch.cat, torch.concat, torch.concatenate)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
-def _residual(view: View, node: fx.Node, dim: int | None, grid: bool = False) -> Residual | None:
-    """`node` as `x + f(x)` on tokens of width `dim` (see `is_stream`), or None. With dim None: on
-    (B, N, C) tokens of any width, or, with `grid`, on any (B, H, W, C) of the same shape."""
+def _residual(view: View, node: fx.Node, dim: int | None, grid: bool = False, axis: int = -1) -> Residual | None:
+    """`node` as `x + f(x)` on tokens of width `dim` on `axis` (see `is_stream`), or None. With dim
+    None: on (B, N, C) tokens of any width, or, with `grid`, on any 4-D maps of the same shape."""
     operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if not is_add(node) or len(operands) != 2:
         return None
-    if dim is not None and not all(is_stream(a, dim) for a in operands):
+    if dim is not None and not all(is_stream(a, dim, axis) for a in operands):
         return None
     if dim is None and not all(is_tokens(a, None) or (grid and len(node_shape(a) or ()) == 4) for a in operands):
         return None
@@ -50,18 +60,23 @@ def _residual(view: View, node: fx.Node, dim: int | None, grid: bool = False) ->
     return Residual(skip, node, between(view, skip, node))
 
 
-def _follows(node: fx.Node, previous: fx.Node, dim: int) -> bool:
+def _follows(node: fx.Node, previous: fx.Node, dim: int, axis: int) -> bool:
     """Whether `node` is `previous`, or comes from it through ops on the token stream.
 
     Ops that select or merge tokens (patch_slim, token_merge) may read the
     stream through several paths; each step back follows token-shaped inputs.
+    A feature map's stream keeps its shape: a strided conv to as many channels
+    starts a stage.
     """
+    def on_stream(a: fx.Node) -> bool:
+        return is_stream(a, dim, axis) and (axis == -1 or node_shape(a) == node_shape(previous))
+
     frontier, seen = [node], set()
     for _ in range(64):
         if previous in frontier:
             return True
         seen.update(frontier)
-        frontier = [a for n in frontier for a in n.all_input_nodes if is_stream(a, dim) and a not in seen]
+        frontier = [a for n in frontier for a in n.all_input_nodes if on_stream(a) and a not in seen]
         if not frontier:
             return False
     return False
@@ -73,12 +88,15 @@ class _Patches:
     dim: int
     size: tuple[int, int]
     grid: tuple[int, int]
+    axis: int = -1  # the tokens' width axis: -1, or 1 where the blocks work on (B, C, H, W) maps
 
 
 def _patch_embed(view: View) -> _Patches:
     """The layer that makes the tokens: a Linear on the image's patches, or the last Conv2d of the
     stem before the first residual block on (B, N, C) tokens (one Conv2d with kernel equal to
-    stride in a ViT; an overlapping one in PVT-v2; several in a convolutional stem)."""
+    stride in a ViT; an overlapping one in PVT-v2; several in a convolutional stem). A model with
+    no such block whose blocks work on (B, C, H, W) maps (EfficientViT, FastViT) starts at the
+    first residual block on them."""
     image = next(n for n in view.nodes if n.op == "placeholder")
     first = next((n for n in view.nodes if view.is_a(n, (nn.Conv2d, nn.Linear))), None)
     if first is None:
@@ -87,20 +105,25 @@ def _patch_embed(view: View) -> _Patches:
     if view.is_a(first, nn.Linear):
         return _linear_patches(first, view.module(first), node_shape(image))
     residual = next((r for n in view.after(first) if (r := _residual(view, n, None)) is not None), None)
+    residual = residual or next((r for n in view.after(first) if (r := _residual(view, n, None, grid=True))), None)
     if residual is None:
-        message = (f"no residual add `x + f(x)` on a (B, N, C) token stream after node '{first.name}': "
-                   "expected the blocks of a transformer")
-        maps = next((r for n in view.after(first) if (r := _residual(view, n, None, grid=True)) is not None), None)
-        if maps is not None:
-            message += (f"; the residual adds from node '{maps.add.name}' on are on (B, C, H, W) feature maps, "
-                        "which evc does not yet recognise as transformer blocks (EfficientViT-M, EfficientFormer-V2, "
-                        "FastViT) nor compresses (CNNs)")
+        message = f"no residual add `x + f(x)` after node '{first.name}': expected the blocks of a transformer"
         raise RecognitionError(first.name, message)
     stem = [n for n in view.after(first, residual.skip) if view.is_a(n, nn.Conv2d)]
     last = next(n for n in reversed([first, *stem]) if residual.skip in view.reached(n))
     grid = node_shape(last)[-2:]
     size = tuple(i // g for i, g in zip(node_shape(image)[-2:], grid))
-    return _Patches(last, node_shape(residual.skip)[-1], size, grid)
+    axis = 1 if _channels_first(view, last, residual.skip) else -1
+    return _Patches(last, node_shape(residual.skip)[axis], size, grid, axis)
+
+
+def _channels_first(view: View, conv: fx.Node, skip: fx.Node) -> bool:
+    """Whether the stream at `skip` keeps the (B, C, H, W) layout of the Conv2d `conv`'s output:
+    nothing between them moves an axis."""
+    moves = ("permute", "transpose", "reshape", "view", "flatten", "movedim")
+    path = between(view, conv, skip)
+    return len(node_shape(skip)) == 4 and not any(
+        n.target in moves or getattr(n.target, "__name__", "") in moves for n in path)
 
 
 def _linear_patches(node: fx.Node, linear: nn.Linear, image: tuple[int, ...]) -> _Patches:
@@ -115,21 +138,21 @@ def _linear_patches(node: fx.Node, linear: nn.Linear, image: tuple[int, ...]) ->
     return _Patches(node, linear.out_features, (p, p), (height // p, width // p))
 
 
-def _stream(view: View, conv: fx.Node, dim: int) -> list[Residual]:
-    """The residual adds on the (B, N, dim) tokens after node `conv`, each on the one before."""
-    first = next((r for n in view.after(conv) if (r := _residual(view, n, dim)) is not None), None)
+def _stream(view: View, conv: fx.Node, dim: int, axis: int) -> list[Residual]:
+    """The residual adds on the tokens of width `dim` after node `conv`, each on the one before."""
+    first = next((r for n in view.after(conv) if (r := _residual(view, n, dim, axis=axis)) is not None), None)
     if first is None:
         message = f"no residual add `x + f(x)` on the (B, N, {dim}) token stream after node '{conv.name}'"
         raise RecognitionError(conv.name, message)
-    return _stage_from(view, first, dim)
+    return _stage_from(view, first, dim, axis)
 
 
-def _stage_from(view: View, first: Residual, dim: int) -> list[Residual]:
-    """`first` and the residual adds on (B, N, dim) tokens after it that each follow the one before."""
-    residuals = [first] + [r for n in view.after(first.add) if (r := _residual(view, n, dim)) is not None]
+def _stage_from(view: View, first: Residual, dim: int, axis: int = -1) -> list[Residual]:
+    """`first` and the residual adds on tokens of width `dim` after it that each follow the one before."""
+    residuals = [first] + [r for n in view.after(first.add) if (r := _residual(view, n, dim, axis=axis))]
     stream = residuals[:1]
     for r in residuals[1:]:
-        if _follows(r.skip, stream[-1].add, dim):  # adds nested inside a branch are not on the stream
+        if _follows(r.skip, stream[-1].add, dim, axis):  # adds nested inside a branch are not on the stream
             stream.append(r)
     return stream
 
@@ -149,7 +172,7 @@ def _embedding(view: View, conv: fx.Node, start: fx.Node, dim: int) -> tuple[tup
     from_patches = view.reached(conv, start)
     prefix, pos = [], None
     for node in view.after(conv, start):
-        is_cat = node.op == "call_function" and node.target in _CATS
+        is_cat = node.op == "call_function" and node.target in CATS
         operands = node.args[0] if is_cat else node.args[:2] if is_add(node) else ()
         sources = [_param_source(a) for a in operands if isinstance(a, fx.Node) and a not in from_patches]
         params = [s for s in sources if s is not None and node_shape(s) is not None and node_shape(s)[-1] == dim]
@@ -161,24 +184,35 @@ def _embedding(view: View, conv: fx.Node, start: fx.Node, dim: int) -> tuple[tup
 
 
 def _blocks(view: View, start: fx.Node, stream: list[Residual], first: int = 0, prefix: int = 0,
-            class_attention: bool = False, stage: int = 0) -> tuple[Block, ...]:
-    """Pair sublayers into blocks: attention then MLP; either alone where a pass removed the other."""
-    groups: list[list[tuple[Attention | Mlp, Residual]]] = []
+            class_attention: bool = False, stage: int = 0, axis: int = -1) -> tuple[Block, ...]:
+    """Pair sublayers into blocks: attention then MLP; either alone where a pass removed the other.
+    Branches that mix tokens by convolution (`Local`) join the block they sit in: EfficientViT's
+    dw, ffn, attention, dw, ffn is two blocks, dw + ffn, then attention + dw + ffn."""
+    groups: list[list[tuple[Attention | Mlp | Local, Residual]]] = []
+    waiting: list[tuple[Local, Residual]] = []
     for r in stream:
-        is_open = bool(groups) and len(groups[-1]) == 1 and isinstance(groups[-1][0][0], Attention)
-        sub = sublayer(view, r, first + len(groups) - is_open)
-        if isinstance(sub, Mlp) and is_open:
+        is_open = bool(groups) and any(isinstance(s, Attention) for s, _ in groups[-1]) and not any(
+            isinstance(s, Mlp) for s, _ in groups[-1])
+        sub = sublayer(view, r, first + len(groups) - is_open, axis)
+        if isinstance(sub, Local):
+            (groups[-1] if is_open else waiting).append((sub, r))
+        elif isinstance(sub, Mlp) and is_open:
             groups[-1].append((sub, r))
         else:
-            groups.append([(sub, r)])
+            groups.append([*waiting, (sub, r)])
+            waiting = []
+    if waiting:  # conv mixers after the stage's last MLP
+        groups[-1:] = [[*groups[-1], *waiting]] if groups else [waiting]
     blocks, previous = [], start
     for i, group in enumerate(groups, first):
         attn = next((s for s, _ in group if isinstance(s, Attention)), None)
         mlp = next((s for s, _ in group if isinstance(s, Mlp)), None)
-        tokens = math.prod(node_shape(group[0][1].skip)[1:-1])  # (B, N, C), or (B, H, W, C) on the grid
+        local = tuple(s for s, _ in group if isinstance(s, Local))
+        tokens = token_count(node_shape(group[0][1].skip), axis)
         nodes = view.after(previous, group[-1][1].add)
         fixed = () if class_attention else _fixed_tokens(view, nodes, (tokens, tokens - prefix))
-        blocks.append(Block(i, attn, mlp, tokens, tuple(n.name for n in nodes), class_attention, fixed, stage))
+        blocks.append(Block(i, attn, mlp, tokens, tuple(n.name for n in nodes), class_attention, fixed, stage,
+                            local))
         previous = group[-1][1].add
     return tuple(blocks)
 
@@ -190,19 +224,21 @@ def _fixed_tokens(view: View, nodes: list[fx.Node], counts: tuple[int, int]) -> 
     return tuple(sorted(a.name for a in fixed))
 
 
-def _next_stage(view: View, last: fx.Node) -> tuple[list[Residual], int] | None:
-    """The residual blocks of the next stage of a hierarchical model: after a downsampling of the
-    stream ending at `last` to fewer, wider tokens (PVT, Swin), each on the one before."""
+def _next_stage(view: View, last: fx.Node, axis: int) -> tuple[list[Residual], int, int] | None:
+    """The residual blocks of the next stage of a hierarchical model, their width and its axis: after
+    a downsampling of the stream ending at `last` to fewer, wider tokens (PVT, Swin, EfficientViT)."""
     reached, shape = view.reached(last), node_shape(last)
-    tokens, dim = math.prod(shape[1:-1]), shape[-1]
+    tokens, dim = token_count(shape, axis), shape[axis]
     for node in view.after(last):
         r = _residual(view, node, None, grid=True)
         if r is None or r.skip not in reached:
             continue
-        width, count = node_shape(r.skip)[-1], math.prod(node_shape(r.skip)[1:-1])
+        s = node_shape(r.skip)
+        next_axis = axis if len(s) == 4 else -1
+        width, count = s[next_axis], token_count(s, next_axis)
         # A stage is wider, or as wide on fewer tokens; a single token of the same width is a head's.
         if width != dim or count not in (tokens, 1):
-            return _stage_from(view, r, width), width
+            return _stage_from(view, r, width, next_axis), width, next_axis
     return None
 
 
@@ -227,21 +263,31 @@ def _module_of_norm(view: View, node: fx.Node) -> str | None:
     return weight.target.rpartition(".")[0] if is_param else None
 
 
-def _is_map(node: fx.Node, dim: int) -> bool:
-    """Tokens (B, N, dim), or the same laid out on their grid: (B, dim, H, W) or (B, H, W, dim)."""
-    s = node_shape(node)
-    return is_tokens(node, dim) or (s is not None and len(s) == 4 and dim in (s[1], s[3]))
+def _is_map(node: fx.Node) -> bool:
+    """Tokens (B, N, C), or the same laid out on their grid: (B, C, H, W) or (B, H, W, C)."""
+    return len(node_shape(node) or ()) in (3, 4)
 
 
-def _pooling(view: View, last: fx.Node, tail: list[fx.Node], dim: int) -> tuple[fx.Node, str]:
+_POOLS = (F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean, "mean")
+
+
+def _pooled(view: View, node: fx.Node) -> bool:
+    """A (B, C) view of maps averaged to (B, C, 1, 1): `adaptive_avg_pool2d(x, 1).flatten(1)`."""
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    shape = node_shape(source) if source is not None else None
+    return (shape is not None and len(shape) == 4 and math.prod(shape[2:]) == 1
+            and (source.target in _POOLS or view.is_a(source, (nn.AdaptiveAvgPool2d, nn.AvgPool2d))))
+
+
+def _pooling(view: View, last: fx.Node, tail: list[fx.Node]) -> tuple[fx.Node, str]:
     for node in tail:
         s = node_shape(node)
-        if s is None or len(s) != 2 or not any(_is_map(a, dim) for a in node.all_input_nodes):
+        if s is None or len(s) != 2 or not any(_is_map(a) for a in node.all_input_nodes):
             continue
         index = node.args[1] if node.target is operator.getitem else None
         if isinstance(index, tuple) and len(index) == 2 and index[1] == 0:
             return node, "token"
-        if node.target in ("mean", torch.mean):
+        if node.target in ("mean", torch.mean) or _pooled(view, node):
             return node, "avg"
         message = f"expected pooling at node '{node.name}': x[:, 0] or a mean over tokens"
         raise RecognitionError(node.name, message)
@@ -251,7 +297,7 @@ def _pooling(view: View, last: fx.Node, tail: list[fx.Node], dim: int) -> tuple[
 def _head(view: View, last: fx.Node, dim: int) -> tuple[str | None, str, tuple[str, ...], int]:
     reach = view.reached(last)
     tail = [n for n in view.after(last) if n in reach]
-    pool_node, pool = _pooling(view, last, tail, dim)
+    pool_node, pool = _pooling(view, last, tail)
     norm = next((m for n in tail if (m := _module_of_norm(view, n)) is not None), None)
     heads = [n for n in tail if view.is_a(n, nn.Linear) and view.order[n] > view.order[pool_node]]
     if not heads and _returned(view, pool_node):  # a feature extractor (num_classes = 0, ViTModel)
@@ -275,18 +321,23 @@ def recognise(gm: fx.GraphModule) -> Structure:
         raise ValueError("recognise needs the shapes that evc.ir.trace records")
     view = View(gm)
     patches = _patch_embed(view)
-    dim = patches.dim
-    stream = _stream(view, patches.node, dim)
+    dim, axis = patches.dim, patches.axis
+    stream = _stream(view, patches.node, dim, axis)
     start = stream[0].skip
     prefix, pos = _embedding(view, patches.node, start, dim)
-    blocks = _blocks(view, start, stream, prefix=len(prefix))
+    blocks = _blocks(view, start, stream, prefix=len(prefix), axis=axis)
     stages = [Stage(0, dim, blocks[0].tokens, (0, len(blocks)))]
-    class_stream = _class_stream(view, stream[-1].add, dim)
-    while not class_stream and (next_stage := _next_stage(view, stream[-1].add)) is not None:
-        stream, dim = next_stage
+    class_stream = _class_stream(view, stream[-1].add, dim) if axis == -1 else []
+    while not class_stream and (next_stage := _next_stage(view, stream[-1].add, axis)) is not None:
+        stream, dim, axis = next_stage
         first = len(blocks)
-        blocks += _blocks(view, next_stage[0][0].skip, stream, first, stage=len(stages))
+        blocks += _blocks(view, stream[0].skip, stream, first, stage=len(stages), axis=axis)
         stages.append(Stage(len(stages), dim, blocks[first].tokens, (first, len(blocks))))
+    if not any(b.attn or b.mlp for b in blocks):
+        raise RecognitionError(patches.node.name, (
+            f"the residual blocks after node '{patches.node.name}' hold no attention (a softmax) and no MLP "
+            "(a Linear or 1 x 1 Conv2d, an activation, another): a convolutional network, which evc lowers but "
+            "does not compress"))
     blocks += _blocks(view, stream[-1].add, class_stream, len(blocks), class_attention=True)
     norm, pool, head, num_classes = _head(view, (class_stream or stream)[-1].add, dim)
     return Structure(

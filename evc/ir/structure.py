@@ -33,6 +33,9 @@ class Attention:
     # get_attr targets of constants (..., heads, N, N) added to the logits (BEiT's relative
     # position bias, folded by evc.ir.constants): sliced on their head axis with the heads.
     biases: tuple[str, ...] = ()
+    # Node names of each head's output in cascaded group attention (EfficientViT-M), where every head
+    # has its own q/k/v (`qkv` holds one per head) and feeds the next: a removed head is dropped whole.
+    heads_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,16 @@ class Mlp:
     residual: str  # node name of the residual add `x + mlp(x)` that closes the sublayer
     gate: str | None = None  # module name of a gated MLP's second input projection (SwiGLU's fc1_g)
     packed: int = 1  # fc1 gives `packed` chunks of `hidden` features (2: value and gate in one Linear)
+    axis: int = -1  # the hidden units' axis in act_node's value: 1 for 1 x 1 convs on (B, C, H, W) maps
+
+
+@dataclass(frozen=True)
+class Local:
+    """A residual branch with neither attention nor an MLP: depthwise convolutions, pooling or a
+    re-parameterisable conv mixing neighbouring tokens (EfficientViT's dw, FastViT's RepMixer).
+    It has no heads or hidden units to remove; it stays with its block."""
+
+    residual: str  # node name of the residual add that closes it
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class Block:
     # bias, a rotary embedding): they fix the token count, so token passes leave it.
     fixed_tokens: tuple[str, ...] = ()
     stage: int = 0  # the stage of a hierarchical model (PVT, Swin) the block belongs to
+    local: tuple[Local, ...] = ()  # its residual branches that mix tokens by convolution or pooling
 
 
 @dataclass(frozen=True)
@@ -131,7 +145,8 @@ def _describe_block(block: Block) -> str:
     attn = block.attn and _describe_attention(block.attn, block.class_attention)
     mlp = block.mlp and f"{'gated ' if block.mlp.gate or block.mlp.packed > 1 else ''}mlp {block.mlp.hidden}"
     fixed = f", positions fixed by {', '.join(block.fixed_tokens)}" if block.fixed_tokens else ""
-    return f"  block {block.index}: {attn or 'no attn'}, {mlp or 'no mlp'}, {block.tokens} tokens{fixed}"
+    local = f", {len(block.local)} conv mixer{'s' if len(block.local) > 1 else ''}" if block.local else ""
+    return f"  block {block.index}: {attn or 'no attn'}, {mlp or 'no mlp'}{local}, {block.tokens} tokens{fixed}"
 
 
 def _describe_attention(attn: Attention, class_attention: bool) -> str:

@@ -20,18 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from evc.ir.structure import Attention, Mlp
+from evc.ir.structure import Attention, Local, Mlp
 from evc.ir.view import (
+    CATS,
     RecognitionError,
     Residual,
     View,
     between,
     is_add,
+    is_dense,
     is_score,
     is_sdpa,
     last_linear,
     node_shape,
     size_value,
+    widths,
 )
 
 _RESHAPE_METHODS = ("reshape", "view", "unflatten")
@@ -42,20 +45,28 @@ _ACT_METHODS = ("relu", "sigmoid", "tanh")
 _MULS = (operator.mul, torch.mul)
 
 
-def sublayer(view: View, residual: Residual, index: int) -> Attention | Mlp:
+def sublayer(view: View, residual: Residual, index: int, axis: int = -1) -> Attention | Mlp | Local:
+    """The branch of `residual` as attention or an MLP; on (B, C, H, W) maps (`axis` 1), a branch that
+    is neither mixes tokens by convolution or pooling (`Local`)."""
     scores = [n for n in residual.branch if is_score(n)]
-    linears = [n for n in residual.branch if view.is_a(n, nn.Linear)]
+    linears = [n for n in residual.branch if is_dense(view, n)]
     end = last_linear(view, residual).name
     where = f"block {index}: the branch ending at node '{end}'"
-    if len(scores) > 1:
-        message = f"{where} has {len(scores)} softmax/attention nodes, expected one"
-        raise RecognitionError(scores[1].name, message)
+    if len(scores) > 1 or (scores and len(node_shape(scores[0]) or ()) == 3):  # a head per softmax
+        cascade = _cascade(view, residual, scores, index)
+        if cascade is not None:
+            return cascade
+        if len(scores) > 1:
+            message = f"{where} has {len(scores)} softmax/attention nodes, expected one (or one per head, cascaded)"
+            raise RecognitionError(scores[1].name, message)
     if scores:
         return _attention(view, residual, scores[0], index)
-    has_heads = any(len(node_shape(n) or ()) >= 4 for n in residual.branch)
+    has_heads = axis == -1 and any(len(node_shape(n) or ()) >= 4 for n in residual.branch)
     has_activation = any(_is_activation(view, n) for n in residual.branch)
-    if len(linears) in (2, 3) and (has_activation or not has_heads):
+    if len(linears) in (2, 3) and (has_activation or not has_heads) and _per_unit_between(view, linears):
         return _mlp(view, residual, linears, index)
+    if axis == 1:
+        return Local(residual.add.name)
     if len(linears) > 3 or has_heads:
         where = where.replace("the branch", "the attention branch")
         raise RecognitionError(end, f"{where} has no softmax or scaled_dot_product_attention")
@@ -64,6 +75,14 @@ def sublayer(view: View, residual: Residual, index: int) -> Attention | Mlp:
         "(softmax or scaled_dot_product_attention) or an MLP (Linear, activation, Linear)"
     )
     raise RecognitionError(end, message)
+
+
+def _per_unit_between(view: View, linears: list[fx.Node]) -> bool:
+    """Whether every convolution between the first input projection and the output one treats each
+    hidden unit on its own (a depthwise conv, PVT-v2's and EfficientFormerV2's): a dense 3 x 3 conv
+    there (a ResNet bottleneck) makes the branch no MLP."""
+    convs = [n for n in between(view, linears[0], linears[-1])[:-1] if view.is_a(n, nn.Conv2d)]
+    return all(view.module(n).groups == view.module(n).in_channels == view.module(n).out_channels for n in convs)
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -99,10 +118,11 @@ def _mixing(view: View, residual: Residual, score: fx.Node) -> fx.Node | None:
 
 
 def _mixes_heads(view: View, node: fx.Node, heads: int) -> bool:
-    """A Linear over the head axis, heads in and heads out (talking heads)."""
-    linear = view.module(node)
+    """A Linear over the head axis, heads in and heads out (CaiT's talking heads), or a 1 x 1 Conv2d
+    over it, (B, heads, N, N) (EfficientFormerV2's)."""
     shape = node_shape(node.args[0]) or ()
-    return linear.in_features == linear.out_features == heads and len(shape) == 4 and shape[-1] == heads
+    axis = 1 if view.is_a(node, nn.Conv2d) else -1
+    return widths(view.module(node)) == (heads, heads) and len(shape) == 4 and shape[axis] == heads
 
 
 def _logit_biases(view: View, score: fx.Node, upstream: tuple[fx.Node, ...], heads: int) -> tuple[str, ...]:
@@ -131,7 +151,7 @@ def _attention(view: View, residual: Residual, score: fx.Node, index: int) -> At
         message = f"{where}: node '{score.name}' has shape {s}, with no head axis (B, heads, N, ...)"
         raise RecognitionError(score.name, message)
     heads = s[-3]
-    linears = [n for n in residual.branch if view.is_a(n, nn.Linear)]
+    linears = [n for n in residual.branch if is_dense(view, n)]
     upstream = between(view, residual.skip, mix)
     downstream = view.reached(mix, residual.add)
     mixers = [n for n in linears if n in upstream and _mixes_heads(view, n, heads)]
@@ -142,7 +162,7 @@ def _attention(view: View, residual: Residual, score: fx.Node, index: int) -> At
     if len(proj) != 1:
         message = f"{where} has {len(proj)} Linears after node '{mix.name}', expected one output projection"
         raise RecognitionError(mix.name, message)
-    head_dim = view.module(proj[0]).in_features // heads
+    head_dim = widths(view.module(proj[0]))[0] // heads
     # A reshape of the block's input itself (PVT's spatial reduction) has the width, not the heads.
     from_qkv = set().union(*(view.reached(n, mix) for n in qkv))
     splits = [n for n in upstream if n in from_qkv] + list(between(view, mix, proj[0]))
@@ -154,12 +174,45 @@ def _attention(view: View, residual: Residual, score: fx.Node, index: int) -> At
                      biases=_logit_biases(view, score, upstream, heads))
 
 
+def _cascade(view: View, residual: Residual, scores: list[fx.Node], index: int) -> Attention | None:
+    """Cascaded group attention (EfficientViT-M), or None: a softmax per head, each head with its own
+    q/k/v projection reading its slice of the input plus the previous head's output, the heads'
+    outputs concatenated for the output projection."""
+    cats = [n for n in residual.branch if n.op == "call_function" and n.target in CATS
+            and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == len(scores)]
+    if len(cats) != 1:
+        return None
+    cat, outs = cats[0], list(cats[0].args[0])
+    if not all(out in view.reached(score, cat) for score, out in zip(scores, outs)):
+        return None
+    dense = [{n for n in between(view, residual.skip, out) if is_dense(view, n)} for out in outs]
+    qkv = [own - previous for own, previous in zip(dense, [set(), *dense])]
+    proj = [n for n in view.reached(cat, residual.add) if is_dense(view, n)]
+    if any(len(q) != 1 for q in qkv) or len(proj) != 1:
+        return None
+    head_dim = widths(view.module(proj[0]))[0] // len(scores)
+    if any((node_shape(out) or (0, 0))[1] != head_dim for out in outs):
+        return None
+    mix = _mixing(view, residual, scores[0])
+    return Attention(tuple(q.pop().target for q in qkv), proj[0].target, len(scores), head_dim, (), scores[0].name,
+                     mix.name, residual.add.name, heads_out=tuple(out.name for out in outs))
+
+
 # ---- MLP ---------------------------------------------------------------------------------------
 
 def _is_activation(view: View, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _ACT_METHODS
-    return view.is_a(node, _ACT_MODULES) or (node.op == "call_function" and node.target in _ACT_FUNCTIONS)
+    module = view.module(node)
+    # timm's BatchNormAct2d is a BatchNorm, kept whole, that applies its activation too
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module = getattr(module, "act", None)
+    return _is_act_module(module) or (node.op == "call_function" and node.target in _ACT_FUNCTIONS)
+
+
+def _is_act_module(module: nn.Module | None) -> bool:
+    """torch's activations, and timm's own classes of the same (`timm.layers.activations.GELU`)."""
+    return isinstance(module, _ACT_MODULES) or type(module).__module__ == "timm.layers.activations"
 
 
 def _chunks(view: View, fc1: fx.Node, fc2: fx.Node) -> int:
@@ -183,13 +236,13 @@ def _mlp(view: View, residual: Residual, linears: list[fx.Node], index: int) -> 
     if not any(acts.values()):
         message = f"{where} has no activation after node '{inputs[0].name}'"
         raise RecognitionError(fc2.name, message)
-    hidden = view.module(fc2).in_features
+    hidden = widths(view.module(fc2))[0]
     if len(inputs) == 1:
         fc1, gate = inputs[0], None
         packed = _chunks(view, fc1, fc2)
         act = acts[fc1]
-        if view.module(fc1).out_features != packed * hidden:
-            raise RecognitionError(fc2.name, f"{where}: node '{fc1.name}' gives {view.module(fc1).out_features} "
+        if widths(view.module(fc1))[1] != packed * hidden:
+            raise RecognitionError(fc2.name, f"{where}: node '{fc1.name}' gives {widths(view.module(fc1))[1]} "
                                              f"features and node '{fc2.name}' reads {hidden}")
     else:
         gate = next(i for i in inputs if acts[i] is not None)
@@ -198,7 +251,8 @@ def _mlp(view: View, residual: Residual, linears: list[fx.Node], index: int) -> 
     if packed > 1:
         act = _product(view, fc1, fc1, fc2) or act
     return Mlp(fc1.target, fc2.target, hidden, act.name, residual.add.name,
-               gate=gate.target if gate is not None else None, packed=packed)
+               gate=gate.target if gate is not None else None, packed=packed,
+               axis=1 if view.is_a(fc1, nn.Conv2d) else -1)
 
 
 def _product(view: View, a: fx.Node, b: fx.Node, fc2: fx.Node) -> fx.Node | None:

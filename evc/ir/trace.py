@@ -12,7 +12,9 @@ is traced as the same computation in plain ops (`evc.ir.attention`), so its
 heads are seen. Where torch.fx cannot trace (Hugging Face models branch on
 their inputs; einops dispatches on the tensor's type), torch.export captures
 the model on the example instead, written back in the same vocabulary
-(`evc.ir.export`). Either way the graph returns one tensor (`evc.ir.outputs`).
+(`evc.ir.export`); so it does where one of timm's no-trace modules holds layers
+(EfficientViT's windowed attention branches on the input's size). Either way
+the graph returns one tensor (`evc.ir.outputs`).
 """
 
 from __future__ import annotations
@@ -110,10 +112,24 @@ def trace(model: nn.Module, example: torch.Tensor, name: str | None = None, outp
         _drop_fixed_inputs(graph)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
         _select_output(gm, output, name)
+        if _opaque(gm):  # a leaf timm keeps whole hides layers (EfficientViT's LocalWindowAttention)
+            with contextlib.suppress(Exception):  # where export fails too, recognition names the leaf
+                captured = exported(OneOutput(model, output, name), example)
+                gm = fx.GraphModule(captured, captured.graph, class_name=type(model).__name__)
     _softmax_as_function(gm)
     fold_constants(gm)
     propagate_shapes(gm, example, name)
     return gm
+
+
+def _opaque(gm: fx.GraphModule) -> bool:
+    """Whether a module called whole holds weights that are not one layer's: torch.fx stops at
+    timm's no-trace modules, whose branches on the input's size only a capture on it resolves."""
+    def is_opaque(m: nn.Module) -> bool:
+        ours = isinstance(m, _WHOLE) or type(m).__module__.startswith("torch.nn")
+        return not ours and next(m.parameters(), None) is not None
+
+    return any(n.op == "call_module" and is_opaque(gm.get_submodule(n.target)) for n in gm.graph.nodes)
 
 
 def _softmax_as_function(gm: fx.GraphModule) -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from torch import fx, nn
 from evc.errors import InputError
 
 ADDS = (operator.add, operator.iadd, torch.add)
+CATS = (torch.cat, torch.concat, torch.concatenate)
 _SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax)
 
 
@@ -93,10 +95,31 @@ def is_tokens(node: fx.Node, dim: int | None) -> bool:
     return s is not None and len(s) == 3 and (dim is None or s[-1] == dim)
 
 
-def is_stream(node: fx.Node, dim: int) -> bool:
-    """Tokens of width `dim`: (B, N, dim), or laid out on their grid channels-last, (B, H, W, dim) (Swin)."""
+def is_stream(node: fx.Node, dim: int, axis: int = -1) -> bool:
+    """Tokens of width `dim` on `axis`: (B, N, dim), or laid out on their grid channels-last,
+    (B, H, W, dim) (Swin); with axis 1, a feature map (B, dim, H, W) (EfficientViT, FastViT)."""
     s = node_shape(node)
-    return s is not None and len(s) in (3, 4) and s[-1] == dim
+    return s is not None and len(s) in ((3, 4) if axis == -1 else (4,)) and s[axis] == dim
+
+
+def token_count(shape: tuple[int, ...], axis: int = -1) -> int:
+    """How many tokens a stream tensor of this shape holds: all axes but the batch and the width."""
+    return math.prod(s for i, s in enumerate(shape[1:], 1) if i != axis % len(shape))
+
+
+def is_dense(view: View, node: fx.Node) -> bool:
+    """A Linear, or a Conv2d acting as one on a feature map: 1 x 1, stride 1, one group."""
+    module = view.module(node)
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.groups == 1
+    return isinstance(module, nn.Linear)
+
+
+def widths(layer: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a Linear or a Conv2d."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels, layer.out_channels
+    return layer.in_features, layer.out_features
 
 
 def is_add(node: fx.Node) -> bool:
@@ -128,5 +151,5 @@ def between(view: View, source: fx.Node, sink: fx.Node) -> tuple[fx.Node, ...]:
 
 
 def last_linear(view: View, residual: Residual) -> fx.Node:
-    """The node a branch is named by in errors: its last Linear, else the add."""
-    return next((n for n in reversed(residual.branch) if view.is_a(n, nn.Linear)), residual.add)
+    """The node a branch is named by in errors: its last Linear (or 1 x 1 Conv2d), else the add."""
+    return next((n for n in reversed(residual.branch) if is_dense(view, n)), residual.add)

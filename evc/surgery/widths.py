@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from evc.errors import InputError
 from evc.ir.structure import Attention, Mlp
-from evc.ir.view import node_shape, size_value
+from evc.ir.view import CATS, node_shape, size_value, widths
 
 _RESHAPES = ("reshape", "view")
 
@@ -41,25 +41,26 @@ def set_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
-def keep_rows(linear: nn.Linear, rows: Sequence[int]) -> nn.Linear:
-    """A Linear with only the given output features of `linear`."""
-    index = torch.as_tensor(np.asarray(rows), dtype=torch.long)
-    smaller = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None)
-    with torch.no_grad():
-        smaller.weight.copy_(linear.weight[index])
-        if linear.bias is not None:
-            smaller.bias.copy_(linear.bias[index])
-    return smaller
+def keep_rows(layer: nn.Module, rows: Sequence[int]) -> nn.Module:
+    """A Linear (or 1 x 1 Conv2d) with only the given output features of `layer`."""
+    return _sliced(layer, 0, rows)
 
 
-def keep_cols(linear: nn.Linear, cols: Sequence[int]) -> nn.Linear:
-    """A Linear with only the given input features of `linear`."""
-    index = torch.as_tensor(np.asarray(cols), dtype=torch.long)
-    smaller = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None)
+def keep_cols(layer: nn.Module, cols: Sequence[int]) -> nn.Module:
+    """A Linear (or 1 x 1 Conv2d) with only the given input features of `layer`."""
+    return _sliced(layer, 1, cols)
+
+
+def _sliced(layer: nn.Module, axis: int, index: Sequence[int]) -> nn.Module:
+    """`layer` keeping `index` along its weight's axis 0 (outputs: the bias goes with them) or 1 (inputs)."""
+    index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+    smaller = copy.deepcopy(layer)
     with torch.no_grad():
-        smaller.weight.copy_(linear.weight[:, index])
-        if linear.bias is not None:
-            smaller.bias.copy_(linear.bias)
+        smaller.weight = nn.Parameter(layer.weight.detach().index_select(axis, index).clone())
+        if layer.bias is not None and axis == 0:
+            smaller.bias = nn.Parameter(layer.bias.detach()[index].clone())
+    names = ("out_channels", "in_channels") if isinstance(layer, nn.Conv2d) else ("out_features", "in_features")
+    setattr(smaller, names[axis], len(index))
     return smaller
 
 
@@ -97,15 +98,22 @@ def _split_of(gm: fx.GraphModule, attn: Attention, linear: str, where: str) -> f
 
 def head_rows(gm: fx.GraphModule, attn: Attention, linear: str, where: str) -> np.ndarray:
     """Output rows of a q/k/v Linear by head: an array (heads, rows per head), from the split's shape.
-    A Linear chunked into q, k and v first (`to_qkv(x).chunk(3, dim=-1)`) is split chunk by chunk."""
+    A Linear chunked into q, k and v first (`to_qkv(x).chunk(3, dim=-1)`) is split chunk by chunk.
+    In cascaded attention, the rows of another head's projection are -1."""
+    if attn.heads_out:  # cascaded: each head has a projection of its own
+        rows = widths(gm.get_submodule(linear))[1]
+        grid = np.full((attn.num_heads, rows), -1)
+        grid[list(attn.qkv).index(linear)] = np.arange(rows)
+        return grid
     split = _split_of(gm, attn, linear, where)
-    out = gm.get_submodule(linear).out_features
+    out = widths(gm.get_submodule(linear))[1]
     chunks = _chunks(split, linear)
     shape = node_shape(split)
     # The shortest trailing axes holding the Linear's features with a head axis among them: a batch
-    # or token axis of 1 is not one, a head axis of 1 (a stage with one head) is.
-    found = (_heads_in(shape[i:], attn) for i in reversed(range(len(shape)))
-             if int(np.prod(shape[i:])) * chunks == out)
+    # or token axis of 1 is not one, a head axis of 1 (a stage with one head) is. A 1 x 1 conv's
+    # features come first, before the tokens: (B, heads, head_dim, N) (EfficientFormerV2).
+    spans = [(i, len(shape)) for i in reversed(range(len(shape)))] + [(1, j) for j in range(2, len(shape))]
+    found = (_heads_in(shape[i:j], attn) for i, j in spans if int(np.prod(shape[i:j])) * chunks == out)
     dims, axis = next((f for f in found if f[1] is not None), (None, None))
     if axis is None:
         raise InputError(f"{where}: node '{split.name}' splits '{linear}' as {shape}, with no axis of "
@@ -140,9 +148,9 @@ def _check_head_major(gm: fx.GraphModule, attn: Attention, where: str) -> None:
     """The output projection must read heads one after another: (..., heads, head_dim) flattened."""
     proj = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == attn.proj)
     node = proj.args[0]
-    for _ in range(4):
+    for _ in range(6):
         shape = node_shape(node) or ()
-        if len(shape) >= 2 and shape[-2:] == (attn.num_heads, attn.head_dim):
+        if any(shape[i:i + 2] == (attn.num_heads, attn.head_dim) for i in range(1, len(shape) - 1)):
             return
         tensors = [a for a in node.all_input_nodes if node_shape(a) is not None]
         if not tensors:
@@ -156,12 +164,16 @@ def keep_heads(gm: fx.GraphModule, attn: Attention, keep: Sequence[int], where: 
     keep = sorted(keep)
     if not keep:
         raise ValueError("at least one head must stay")
-    _check_head_major(gm, attn, where)
-    for linear in attn.qkv:
-        rows = np.sort(head_rows(gm, attn, linear, where)[keep].ravel())
-        for norm in _norms_after(gm, linear):  # LeViT's Linear then BatchNorm: its statistics go with the rows
-            set_submodule(gm, norm, _per_unit(gm.get_submodule(norm), rows, gm.get_submodule(linear).out_features))
-        set_submodule(gm, linear, keep_rows(gm.get_submodule(linear), rows))
+    if attn.heads_out:
+        _keep_cascaded(gm, attn, keep)
+    else:
+        _check_head_major(gm, attn, where)
+        for linear in attn.qkv:
+            rows = np.sort(head_rows(gm, attn, linear, where)[keep].ravel())
+            out = widths(gm.get_submodule(linear))[1]
+            for module in _per_channel_after(gm, linear):  # BatchNorm, EfficientFormerV2's v_local
+                set_submodule(gm, module, _per_unit(gm.get_submodule(module), rows, out))
+            set_submodule(gm, linear, keep_rows(gm.get_submodule(linear), rows))
     cols = (np.asarray(keep)[:, None] * attn.head_dim + np.arange(attn.head_dim)).ravel()
     set_submodule(gm, attn.proj, keep_cols(gm.get_submodule(attn.proj), cols))
     for mixer in attn.mixers:  # a head mixed into the others goes from both sides of the mixing
@@ -173,20 +185,37 @@ def keep_heads(gm: fx.GraphModule, attn: Attention, keep: Sequence[int], where: 
         _rewrite_head_count(nodes[name], attn, len(keep), where)
 
 
-def _norms_after(gm: fx.GraphModule, linear: str) -> list[str]:
-    """BatchNorms over the output features of `linear`, reading it directly or through a flatten or
-    reshape (LeViT's `bn(linear(x).flatten(0, 1)).reshape_as(x)`)."""
-    out = gm.get_submodule(linear).out_features
+def _keep_cascaded(gm: fx.GraphModule, attn: Attention, keep: list[int]) -> None:
+    """Drop the other heads of cascaded group attention whole: each head's output leaves the concat
+    for the projection, and the next head reads its own input slice without it."""
+    nodes = _nodes(gm)
+    outs = [nodes[name] for name in attn.heads_out]
+    cat = next(u for u in outs[0].users if u.target in CATS)
+    for head, out in enumerate(outs):
+        if head in keep:
+            continue
+        for user in [u for u in out.users if u is not cat]:  # `out + x_next`: the next head's input
+            user.replace_all_uses_with(next(a for a in user.args[:2] if a is not out))
+    cat.args = ([out for head, out in enumerate(outs) if head in keep], *cat.args[1:])
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+
+
+def _per_channel_after(gm: fx.GraphModule, linear: str) -> list[str]:
+    """Modules that treat each output feature of `linear` on its own, reading it directly, through
+    each other, or through a flatten or reshape: BatchNorm (LeViT's `bn(linear(x).flatten(0, 1))`,
+    a conv's ConvNorm) and depthwise convs (EfficientFormerV2's local v)."""
+    out = widths(gm.get_submodule(linear))[1]
     frontier = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == linear]
     found = []
-    for _ in range(2):
+    for _ in range(4):
         frontier = [u for n in frontier for u in n.users]
         for node in frontier:
-            module = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_features == out:
+            if node.op == "call_module" and _per_channel(gm.get_submodule(node.target), out):
                 found.append(node.target)
-        frontier = [n for n in frontier if n.op == "call_method" and n.target in ("flatten", "reshape", "view")]
-    return found
+        frontier = [n for n in frontier if n.target in found or (
+            n.op == "call_method" and n.target in ("flatten", "reshape", "view"))]
+    return list(dict.fromkeys(found))
 
 
 def _keep_along(gm: fx.GraphModule, target: str, axis: int, keep: Sequence[int]) -> None:
@@ -220,6 +249,10 @@ def _rewrite_head_count(node: fx.Node, attn: Attention, heads: int, where: str) 
         sizes[-3] = heads
     elif len(shape) >= 4 and size_value(sizes[-2]) == attn.num_heads == shape[-2]:
         sizes[-2] = heads  # (B, N, heads, q | k | v of the head): LeViT's split
+    elif len(shape) == 4 and size_value(sizes[1]) == attn.num_heads == shape[1]:
+        sizes[1] = heads  # (B, heads, head_dim, N) from a 1 x 1 conv (EfficientFormerV2)
+    elif len(shape) == 4 and size_value(sizes[1]) == attn.num_heads * attn.head_dim == shape[1]:
+        sizes[1] = heads * attn.head_dim  # heads back on the grid, (B, heads x head_dim, H, W)
     _set_shape_args(node, sizes)
 
 
@@ -272,14 +305,14 @@ def _per_unit(module: nn.Module, keep: np.ndarray, hidden: int) -> nn.Module | N
     """`module` on the kept units alone, for a module that treats each unit on its own; else None."""
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return _norm_over(module, keep)
+    if not _per_channel(module, hidden):
+        return None
     index = torch.as_tensor(keep)
     smaller = copy.deepcopy(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         smaller.num_features = len(keep)
-    elif isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels == hidden:
-        smaller.in_channels = smaller.out_channels = smaller.groups = len(keep)
     else:
-        return None
+        smaller.in_channels = smaller.out_channels = smaller.groups = len(keep)
     for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
         if tensor.ndim and tensor.shape[0] == hidden:
             kept = tensor.detach()[index].clone()
@@ -288,6 +321,13 @@ def _per_unit(module: nn.Module, keep: np.ndarray, hidden: int) -> nn.Module | N
             else:
                 smaller.register_buffer(name, kept)
     return smaller
+
+
+def _per_channel(module: nn.Module, width: int) -> bool:
+    """A BatchNorm over `width` channels, or a depthwise Conv2d on them: each channel on its own."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features == width
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels == width
 
 
 def _norm_over(norm: nn.LayerNorm | nn.RMSNorm, keep: np.ndarray) -> nn.Module:

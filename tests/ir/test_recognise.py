@@ -132,8 +132,8 @@ class SmallCnn(nn.Module):
 
 
 def test_cnn_is_rejected_at_its_first_conv():
-    with pytest.raises(RecognitionError, match="no residual add `x \\+ f\\(x\\)` on a \\(B, N, C\\) token "
-                                               "stream after node 'conv'") as error:
+    with pytest.raises(RecognitionError, match="no residual add `x \\+ f\\(x\\)` after node 'conv': "
+                                               "expected the blocks of a transformer") as error:
         recognise(trace(SmallCnn(), torch.randn(1, 3, 32, 32)))
     assert error.value.node == "conv"
 

@@ -112,10 +112,15 @@ def zero_heads(program: Program, heads_per_block: dict[int, list[int]]) -> None:
             attn = program.structure.blocks[index].attn
             for linear in attn.qkv:
                 rows = head_rows(gm, attn, linear, "test")[heads].ravel()
+                rows = rows[rows >= 0]  # cascaded attention: -1 marks another head's projection
                 module = gm.get_submodule(linear)
                 module.weight[rows] = 0
                 if module.bias is not None:
                     module.bias[rows] = 0
+                if attn.heads_out and len(rows):  # its output feeds the next head: its BatchNorm gives 0 too
+                    for m in gm.get_submodule(linear.rpartition(".")[0]).modules():
+                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                            m.weight[rows], m.bias[rows], m.running_mean[rows] = 0, 0, 0
             proj = gm.get_submodule(attn.proj)
             for h in heads:
                 proj.weight[:, h * attn.head_dim:(h + 1) * attn.head_dim] = 0

@@ -32,11 +32,26 @@ STAGED = {
     # head, downsampling by attention (then an MLP alone), two heads
     "levit": lambda: timm.create_model("levit_128s", img_size=SIZE, embed_dim=(32, 48, 64), num_heads=(2, 3, 4),
                                        depth=(1, 2, 1), key_dim=8, num_classes=10),
+    # on (B, C, H, W) maps: 1 x 1 convs and BatchNorm; blocks of dw, ffn, cascaded group attention in 2 x 2
+    # windows (each head its own q/k/v conv, feeding the next), dw, ffn; captured by torch.export
+    "efficientvit": lambda: timm.create_model("efficientvit_m5", img_size=SIZE, embed_dim=(32, 48, 64),
+                                              depth=(1, 2, 1), num_heads=(2, 3, 4), key_dim=(8, 8, 8),
+                                              window_size=(2, 2, 2), num_classes=10),
+    # 1 x 1 conv MLPs with a depthwise conv inside; attention on maps with talking heads as 1 x 1 convs, a
+    # local conv on v, and, in its third stage, a strided conv before and an upsampling after
+    "efficientformerv2": lambda: timm.create_model("efficientformerv2_s1", img_size=SIZE, depths=(1, 1, 2, 2),
+                                                   embed_dims=(16, 32, 64, 128), num_classes=10),
+    # re-parameterisable conv mixers (RepMixer) and conv MLPs; fastvit_t12 has no attention
+    "fastvit": lambda: timm.create_model("fastvit_t12", layers=(1, 1, 2, 1), embed_dims=(16, 32, 64, 128),
+                                         num_classes=10),
 }
 STAGES = {  # (width, tokens) of each stage, and each block's stage
     "swin": ([(16, 256), (32, 64), (64, 16), (128, 4)], [0, 0, 1, 1, 2, 2, 3]),
     "pvt_v2": ([(16, 256), (32, 64), (32, 16), (64, 4)], [0, 0, 1, 1, 2, 3]),
     "levit": ([(32, 16), (48, 4), (64, 1)], [0, 1, 1, 1, 2, 2]),
+    "efficientvit": ([(32, 16), (48, 4), (64, 1)], [0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2]),
+    "efficientformerv2": ([(16, 256), (32, 64), (64, 16), (128, 4)], [0, 1, 2, 2, 3, 3]),
+    "fastvit": ([(16, 256), (32, 64), (64, 16), (128, 4)], [0, 1, 2, 2, 3]),
 }
 
 
@@ -59,6 +74,11 @@ def program_of(name: str) -> Program:
 
 @pytest.fixture(params=list(STAGED))
 def staged(request):
+    return request.param
+
+
+@pytest.fixture(params=[name for name in STAGED if name != "fastvit"])  # fastvit_t12 has no attention
+def attending(request):
     return request.param
 
 
@@ -89,14 +109,26 @@ def test_every_stage_is_recognised_with_its_width_and_blocks(staged):
     assert "stage 1: width {}, {} tokens".format(*stages[1]) in text and text.count("  block ") == structure.depth
 
 
+def pruned(program, keep, round_to=1):
+    """Heads (where the model has attention) and hidden units, `keep` of each."""
+    if any(b.attn for b in program.structure.blocks):
+        program = heads(program, keep)
+    return hidden(program, keep, round_to)
+
+
 def test_keep_1_leaves_the_outputs_bit_identical(staged):
     program = program_of(staged)
-    assert torch.equal(outputs(hidden(heads(program, 1.0), 1.0)), outputs(program))
+    assert torch.equal(outputs(pruned(program, 1.0)), outputs(program))
+
+
+def test_head_prune_on_a_model_with_no_attention_says_so():
+    with pytest.raises(SpecError, match="keep: .*no attention heads to remove: its blocks mix tokens by convolution"):
+        heads(program_of("fastvit"), 0.5)
 
 
 @pytest.mark.parametrize("score", ["l1", "taylor"])  # taylor: Swin's windows are rows of their own
-def test_removing_heads_zeroed_first_changes_the_outputs_by_under_1e_5(staged, score):
-    program = program_of(staged)
+def test_removing_heads_zeroed_first_changes_the_outputs_by_under_1e_5(attending, score):
+    program = program_of(attending)
     attending = [b for b in program.structure.blocks if b.attn]  # LeViT downsamples by attention, then an MLP
     zero_heads(program, {b.index: list(range(b.attn.num_heads // 2)) for b in attending})
     reference = outputs(program)
@@ -134,9 +166,11 @@ def _zero_batchnorms_after_fc1(program, units_per_block):
     activation to be 0 (what the activation score sees), not only its fc2 column."""
     with torch.no_grad():
         for index, units in units_per_block.items():
-            owner = program.structure.blocks[index].mlp.fc1.rpartition(".")[0]
+            mlp = program.structure.blocks[index].mlp
+            owner = mlp.fc1.rpartition(".")[0]
             for name, m in program.graph.named_modules():
-                if name.startswith(f"{owner}.") and isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                if (name.startswith(f"{owner}.") and isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                        and m.num_features == mlp.hidden):
                     m.bias[units], m.running_mean[units] = 0, 0
 
 
@@ -148,7 +182,8 @@ def test_pvt_v2s_depthwise_conv_keeps_the_channels_of_the_kept_units():
 
 def test_skipping_a_block_inside_a_stage_keeps_every_downsampling(staged):
     program = program_of(staged)
-    params = dict(attn=(), mlp=(), blocks=(1,), count=None, part="attn", score="residual", data=None)
+    block = next(s.blocks[0] for s in program.structure.stages if s.blocks[1] - s.blocks[0] > 1)
+    params = dict(attn=(), mlp=(), blocks=(block,), count=None, part="attn", score="residual", data=None)
     skipped = BlockSkip().run(program, params, Ctx(params, images()))
     assert [s.dim for s in skipped.structure.stages] == [s.dim for s in program.structure.stages]
     assert skipped.structure.depth == program.structure.depth - 1
@@ -156,21 +191,21 @@ def test_skipping_a_block_inside_a_stage_keeps_every_downsampling(staged):
 
 
 def test_the_pruned_model_exports_to_onnx_with_parity(staged, tmp_path):
-    pruned = hidden(heads(program_of(staged), 0.5), 0.5, round_to=8)
-    export_onnx(pruned, tmp_path / "model.onnx", opset=17)
+    program = pruned(program_of(staged), 0.5, round_to=8)
+    export_onnx(program, tmp_path / "model.onnx", opset=17)
     x = images(1)
-    np.testing.assert_allclose(session(tmp_path / "model.onnx")(x), pruned.run(x), atol=1e-4)
+    np.testing.assert_allclose(session(tmp_path / "model.onnx")(x), program.run(x), atol=1e-4)
 
 
 def test_the_pruned_model_converts_to_tflite_with_parity(staged):
     from ai_edge_litert.interpreter import Interpreter
     from evc.targets.tflite import convert
 
-    pruned = hidden(heads(program_of(staged), 0.5), 0.5, round_to=8)
-    run = Interpreter(model_content=convert(pruned)).get_signature_runner()
+    program = pruned(program_of(staged), 0.5, round_to=8)
+    run = Interpreter(model_content=convert(program)).get_signature_runner()
     x = images(1)
     (y,) = run(input=x).values()
-    np.testing.assert_allclose(y, pruned.run(x), atol=1e-4)
+    np.testing.assert_allclose(y, program.run(x), atol=1e-4)
 
 
 @pytest.mark.parametrize("token_pass, params", [(PatchSlim, dict(keep=[1, 0.5, 0.5, 0.5, 0.5, 0.5], fuse=False,
@@ -185,8 +220,8 @@ def test_token_passes_refuse_a_model_in_stages_saying_why(token_pass, params):
 def test_a_cnn_is_refused_naming_what_was_looked_for():
     program = Program.from_module(timm.create_model("resnet18", num_classes=10).eval(), ImageInput(SIZE, SIZE))
     assert program.structure is None
-    with pytest.raises(RecognitionError, match="no residual add `x \\+ f\\(x\\)` on a \\(B, N, C\\) token stream "
-                                               "after node 'conv1': expected the blocks of a transformer"):
+    with pytest.raises(RecognitionError, match="the residual blocks after node 'conv1' hold no attention "
+                                               "\\(a softmax\\) and no MLP .*: a convolutional network"):
         program.require_structure("head_prune")
     assert program.run(images(1)).shape == (1, 10)  # it still runs, and lowers, uncompressed
 
