@@ -107,12 +107,18 @@ FAMILIES = {
     "swin_tiny": lambda: timm.create_model("swin_tiny_patch4_window7_224"),
     "pvt_v2_b0": lambda: timm.create_model("pvt_v2_b0"),
     "levit_128s": lambda: timm.create_model("levit_128s"),
+    # on (B, C, H, W) maps with 1 x 1 convs and BatchNorm: cascaded group attention; talking heads and a
+    # local v conv; no attention at all (RepMixer), so ffn_prune alone
+    "efficientvit_m5": lambda: timm.create_model("efficientvit_m5"),
+    "efficientformerv2_s1": lambda: timm.create_model("efficientformerv2_s1"),
+    "fastvit_t12": lambda: timm.create_model("fastvit_t12"),
 }
 
 
 def pruned(program: Program) -> Program:
-    heads = run_pass(HeadPrune().run, program, keep=KEEP, score="l1", scope="layer", min_heads=1, data=None)
-    return run_pass(FfnPrune().run, heads, keep=KEEP, score="l1", round_to=8, data=None)
+    if any(b.attn for b in program.structure.blocks):  # fastvit_t12 has no attention
+        program = run_pass(HeadPrune().run, program, keep=KEEP, score="l1", scope="layer", min_heads=1, data=None)
+    return run_pass(FfnPrune().run, program, keep=KEEP, score="l1", round_to=8, data=None)
 
 
 def lowered(name: str, programs: dict[str, Program], work: Path, feed: np.ndarray) -> dict[str, dict]:
@@ -131,8 +137,10 @@ def lowered(name: str, programs: dict[str, Program], work: Path, feed: np.ndarra
 
 
 def _shape(program: Program) -> str:
-    first = program.structure.blocks[0]
-    return f"{first.attn.num_heads}×{first.attn.head_dim} / {first.mlp.hidden}"
+    """The first attention's heads × head dim and the first MLP's hidden width."""
+    attn = next((b.attn for b in program.structure.blocks if b.attn), None)
+    mlp = next(b.mlp for b in program.structure.blocks if b.mlp)
+    return f"{f'{attn.num_heads}×{attn.head_dim}' if attn else 'no attn'} / {mlp.hidden}"
 
 
 def family(name: str, work: Path, feed: np.ndarray) -> dict[str, dict]:

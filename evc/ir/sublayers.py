@@ -63,7 +63,10 @@ def sublayer(view: View, residual: Residual, index: int, axis: int = -1) -> Atte
         return _attention(view, residual, scores[0], index)
     has_heads = axis == -1 and any(len(node_shape(n) or ()) >= 4 for n in residual.branch)
     has_activation = any(_is_activation(view, n) for n in residual.branch)
-    if len(linears) in (2, 3) and (has_activation or not has_heads) and _per_unit_between(view, linears):
+    # On maps, a dense conv between the 1 x 1 convs (a ResNet bottleneck) makes the branch a conv mixer;
+    # in a token MLP, ffn_prune names it when asked to remove units under it.
+    is_mlp = len(linears) in (2, 3) and (has_activation or not has_heads)
+    if is_mlp and (axis == -1 or _per_unit_between(view, linears)):
         return _mlp(view, residual, linears, index)
     if axis == 1:
         return Local(residual.add.name)

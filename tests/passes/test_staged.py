@@ -161,6 +161,44 @@ def test_levits_batchnorms_keep_the_statistics_of_the_kept_heads_and_units():
         pruned.structure.blocks[0].mlp.hidden
 
 
+def test_efficientvits_removed_heads_leave_with_their_convs_and_the_cascade_skips_them():
+    program = program_of("efficientvit")
+    attn = "stages.1.blocks.0.mixer.m.attn"
+    block = next(b for b in program.structure.blocks if b.attn and b.attn.proj.startswith(attn))
+    assert block.attn.qkv == tuple(f"{attn}.qkvs.{h}.conv" for h in range(3)) and len(block.attn.heads_out) == 3
+    zero_heads(program, {block.index: [1]})
+    reference = outputs(program)
+    params = dict(keep=[1 if b is not block else 2 / 3 for b in program.structure.blocks], score="l1",
+                  scope="layer", min_heads=1, data=None)
+    two = HeadPrune().run(program, params, Ctx(params))
+    names = dict(two.graph.named_modules())
+    assert f"{attn}.qkvs.0.conv" in names and f"{attn}.qkvs.2.conv" in names
+    assert f"{attn}.qkvs.1.conv" not in names and f"{attn}.dws.1.conv" not in names  # head 1 went whole
+    assert names[f"{attn}.proj.1.conv"].in_channels == 2 * block.attn.head_dim
+    # head 2 now reads its own slice of the input alone: exactly what it read when head 1 gave zeros
+    assert (outputs(two) - reference).abs().max() < 1e-5
+
+
+def test_efficientformerv2s_local_v_conv_talking_heads_and_bias_keep_the_kept_heads():
+    program = program_of("efficientformerv2")
+    pruned = heads(program, 0.5)
+    attn = "stages.2.blocks.0.token_mixer"
+    before, after = program.structure.blocks[2].attn, pruned.structure.blocks[2].attn
+    assert (before.num_heads, after.num_heads) == (8, 4)
+    kept = after.num_heads * after.head_dim
+    assert pruned.graph.get_submodule(f"{attn}.v.bn").num_features == kept
+    local = pruned.graph.get_submodule(f"{attn}.v_local.conv")
+    assert local.in_channels == local.out_channels == local.groups == kept
+    assert pruned.graph.get_submodule(f"{attn}.talking_head1").weight.shape[:2] == (4, 4)
+    assert getattr(pruned.graph.get_submodule(attn), "attention_bias").shape[0] == 4
+    assert pruned.graph.get_submodule(f"{attn}.q.conv").out_channels == 4 * 32  # 4 heads of key_dim 32
+
+
+def test_explain_shows_the_conv_mixers_of_a_block():
+    text = program_of("efficientvit").structure.describe()
+    assert "block 1: attn 2x16, mlp 64, 1 conv mixer, 16 tokens" in text
+
+
 def _zero_batchnorms_after_fc1(program, units_per_block):
     """LeViT's fc1 is Linear then BatchNorm: a zeroed unit's BatchNorm must give 0 too for its
     activation to be 0 (what the activation score sees), not only its fc2 column."""
