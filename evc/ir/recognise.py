@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -104,17 +104,35 @@ def _patch_embed(view: View) -> _Patches:
         raise RecognitionError(image.name, message)
     if view.is_a(first, nn.Linear):
         return _linear_patches(first, view.module(first), node_shape(image))
-    residual = next((r for n in view.after(first) if (r := _residual(view, n, None)) is not None), None)
-    residual = residual or next((r for n in view.after(first) if (r := _residual(view, n, None, grid=True))), None)
-    if residual is None:
+    tokens = next((r for n in view.after(first) if (r := _residual(view, n, None)) is not None), None)
+    maps = next((r for n in view.after(first) if (r := _residual(view, n, None, grid=True))), None)
+    candidates = [_patches(view, first, r) for r in (maps, tokens) if r is not None]
+    if not candidates:
         message = f"no residual add `x + f(x)` after node '{first.name}': expected the blocks of a transformer"
         raise RecognitionError(first.name, message)
+    # Blocks on feature maps start the model where they hold an MLP or attention (EfficientFormer's first
+    # stages); where they do not (a ResNet stem before a ViT's tokens), they are part of the stem.
+    maps_first = candidates[0].axis == 1 and (tokens is None or _transforms(view, maps, candidates[0].dim))
+    return candidates[0] if maps_first else candidates[-1]
+
+
+def _patches(view: View, first: fx.Node, residual: Residual) -> _Patches:
+    """The patch embedding for blocks starting at `residual`: the last Conv2d of the stem before it."""
+    image = next(n for n in view.nodes if n.op == "placeholder")
     stem = [n for n in view.after(first, residual.skip) if view.is_a(n, nn.Conv2d)]
     last = next(n for n in reversed([first, *stem]) if residual.skip in view.reached(n))
     grid = node_shape(last)[-2:]
     size = tuple(i // g for i, g in zip(node_shape(image)[-2:], grid))
     axis = 1 if _channels_first(view, last, residual.skip) else -1
     return _Patches(last, node_shape(residual.skip)[axis], size, grid, axis)
+
+
+def _transforms(view: View, first: Residual, dim: int) -> bool:
+    """Whether the stage of feature maps starting at `first` holds an MLP or attention."""
+    try:
+        return any(not isinstance(sublayer(view, r, 0, 1), Local) for r in _stage_from(view, first, dim, 1))
+    except RecognitionError:
+        return False
 
 
 def _channels_first(view: View, conv: fx.Node, skip: fx.Node) -> bool:
@@ -237,7 +255,8 @@ def _next_stage(view: View, last: fx.Node, axis: int) -> tuple[list[Residual], i
         next_axis = axis if len(s) == 4 else -1
         width, count = s[next_axis], token_count(s, next_axis)
         # A stage is wider, or as wide on fewer tokens; a single token of the same width is a head's.
-        if width != dim or count not in (tokens, 1):
+        # The same tokens flattened from maps (EfficientFormer's last stage) go on in the same stage.
+        if width != dim or count not in (tokens, 1) or (count == tokens and len(s) < len(shape)):
             return _stage_from(view, r, width, next_axis), width, next_axis
     return None
 
@@ -331,8 +350,12 @@ def recognise(gm: fx.GraphModule) -> Structure:
     while not class_stream and (next_stage := _next_stage(view, stream[-1].add, axis)) is not None:
         stream, dim, axis = next_stage
         first = len(blocks)
-        blocks += _blocks(view, stream[0].skip, stream, first, stage=len(stages), axis=axis)
-        stages.append(Stage(len(stages), dim, blocks[first].tokens, (first, len(blocks))))
+        flattened = dim == stages[-1].dim and token_count(node_shape(stream[0].skip), axis) == blocks[-1].tokens
+        blocks += _blocks(view, stream[0].skip, stream, first, stage=len(stages) - flattened, axis=axis)
+        if flattened:  # maps become (B, N, C) tokens mid-stage
+            stages[-1] = replace(stages[-1], blocks=(stages[-1].blocks[0], len(blocks)))
+        else:
+            stages.append(Stage(len(stages), dim, blocks[first].tokens, (first, len(blocks))))
     if not any(b.attn or b.mlp for b in blocks):
         raise RecognitionError(patches.node.name, (
             f"the residual blocks after node '{patches.node.name}' hold no attention (a softmax) and no MLP "

@@ -194,6 +194,29 @@ def test_efficientformerv2s_local_v_conv_talking_heads_and_bias_keep_the_kept_he
     assert pruned.graph.get_submodule(f"{attn}.q.conv").out_channels == 4 * 32  # 4 heads of key_dim 32
 
 
+def test_efficientformer_v1_is_recognised_from_its_first_stage_and_pruned_through_maps_and_tokens(tmp_path):
+    """Its stages run on maps, pooling then a 1 x 1 conv MLP; its last stage flattens them to (B, N, C) tokens
+    mid-stage for attention. Its attention bias is made for 224 x 224."""
+    torch.manual_seed(0)
+    model = timm.create_model("efficientformer_l1", depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 32), num_vit=1,
+                              num_classes=10).eval()
+    program = Program.from_module(model, ImageInput(224, 224))
+    structure = program.structure
+    assert [(s.dim, s.tokens, s.blocks) for s in structure.stages] == [
+        (16, 3136, (0, 1)), (16, 784, (1, 2)), (32, 196, (2, 3)), (32, 49, (3, 5))]
+    assert [bool(b.attn) for b in structure.blocks] == [False, False, False, False, True]
+    zero_heads(program, {4: [0, 1, 2, 3]})
+    zero_hidden(program, {b.index: list(range(0, b.mlp.hidden, 2)) for b in structure.blocks})
+    _zero_batchnorms_after_fc1(program, {b.index: list(range(0, b.mlp.hidden, 2)) for b in structure.blocks})
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    reference = program.run(x)
+    small = hidden(heads(program, 0.5), 0.5)
+    assert small.structure.blocks[4].attn.num_heads == 4 and small.structure.blocks[0].mlp.hidden == 32
+    assert (small.run(x) - reference).abs().max() < 1e-5
+    export_onnx(small, tmp_path / "model.onnx", opset=17)
+    np.testing.assert_allclose(session(tmp_path / "model.onnx")(x[:1]), small.run(x[:1]), atol=1e-4)
+
+
 def test_explain_shows_the_conv_mixers_of_a_block():
     text = program_of("efficientvit").structure.describe()
     assert "block 1: attn 2x16, mlp 64, 1 conv mixer, 16 tokens" in text
