@@ -1,6 +1,6 @@
-"""The command line: `evc build|check|explain|bench`.
+"""The command line: `evc build|check|explain|bench|serve|infer`.
 
-Exit codes: 0 done, 1 the build failed, 2 bad input. Every EvcError becomes
+Exit codes: 0 done, 1 the build (or a collaborative run) failed, 2 bad input. Every EvcError becomes
 its rendered text here and nowhere else.
 """
 
@@ -101,6 +101,53 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from evc.collab.server import serve
+
+    server = None
+    try:
+        server = serve(Path(args.bundle), args.part, args.port, args.host, args.threads)
+        print(f"serving part {args.part} of {args.bundle} on {server.address}", flush=True)
+        server.wait_for_termination()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through _terminate; while loading too
+        if server is not None:
+            server.stop(grace=1).wait(2)
+        print(f"stopped serving part {args.part}", file=sys.stderr)
+    return 0
+
+
+def cmd_infer(args) -> int:
+    import json
+
+    import numpy as np
+
+    from evc.collab.contract import read
+    from evc.collab.coordinator import Coordinator, parse_peers
+    from evc.collab.images import read_batch
+
+    peers = parse_peers(args.peers)
+    if args.deadline_ms is not None and not args.deadline_ms > 0:
+        raise InputError(f"--deadline-ms {args.deadline_ms:g}: expected a positive number of milliseconds")
+    bundle = Path(args.bundle)
+    collab = read(bundle)
+    batches = [(path, read_batch(Path(path), collab)) for path in args.images]  # every file read before any call
+    rows = []
+    with Coordinator(bundle, peers, None if args.deadline_ms is None else args.deadline_ms / 1e3) as coordinator:
+        for path, images in batches:
+            answer = coordinator.infer(images)
+            names = [f"{path}[{i}]" for i in range(len(images))] if path.endswith(".npy") else [path]
+            for name, logits in zip(names, answer.logits):
+                row = {"image": name, "class": int(np.argmax(logits)), "degraded": answer.degraded,
+                       "missing": list(answer.missing), "reasons": list(answer.reasons)}
+                rows.append(row)
+                if not args.json:
+                    print(f"{name}: class {row['class']}" + (f", degraded: {'; '.join(answer.reasons)}"
+                                                             if answer.degraded else ""), flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="evc", description="A model-compression compiler for vision transformers.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -127,6 +174,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", nargs="+", help="thread counts, or 'all' (default: the target's)")
     p.add_argument("--serial", help="benchmark on this device over adb (Android bundles)")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("serve", help="serve one part of a decomposed bundle over gRPC (blocks; Ctrl-C stops)")
+    p.add_argument("bundle", help="a bundle folder with a collab.json")
+    p.add_argument("--part", type=int, required=True, metavar="K", help="the part to serve, from 0")
+    p.add_argument("--port", type=int, required=True, metavar="P", help="the port to listen on (0: any free one)")
+    p.add_argument("--host", default="127.0.0.1", metavar="H",
+                   help="the address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--threads", type=int, metavar="T", help="threads the part's runtime uses (default: its own)")
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("infer", help="classify images with a decomposed bundle's served parts")
+    p.add_argument("bundle", help="a bundle folder with a collab.json (its fusion runs here)")
+    p.add_argument("images", nargs="+", metavar="IMAGES",
+                   help="image files (PNG, JPEG, ...) or .npy arrays (B, C, H, W) of preprocessed images")
+    p.add_argument("--peers", required=True, metavar="HOST:PORT,...", help="the served parts, in part order")
+    p.add_argument("--deadline-ms", type=float, metavar="N",
+                   help="how long to wait for the parts per call (default: collab.json's deadline_ms)")
+    p.add_argument("--json", action="store_true", help="print the answers as JSON")
+    p.set_defaults(run=cmd_infer)
     return top
 
 

@@ -186,13 +186,18 @@ def _problem(path: Path, decode: bool) -> str | None:
 
 def _read(path: Path):
     """The image at `path` as RGB, read on access."""
+    return read_rgb(path, SKIP_BAD)
+
+
+def read_rgb(path: Path, hint: str = ""):
+    """The image at `path` as an RGB PIL image; InputError names it, `hint` after why, if Pillow cannot."""
     from PIL import Image
 
     try:
         with Image.open(path) as picture:
             return picture.convert("RGB")
     except _pil_errors() as e:
-        raise InputError(_unreadable(path, _why(e))) from None
+        raise InputError(f"cannot read image {path}: {_why(e)}{hint}") from None
 
 
 def _pil_errors() -> tuple[type[Exception], ...]:
@@ -210,8 +215,11 @@ def _why(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
+SKIP_BAD = " (`skip_bad = true` in its data block skips it with a warning)"
+
+
 def _unreadable(path: Path, problem: str) -> str:
-    return f"cannot read image {path}: {problem} (`skip_bad = true` in its data block skips it with a warning)"
+    return f"cannot read image {path}: {problem}{SKIP_BAD}"
 
 
 class ImageSet:

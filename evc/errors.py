@@ -2,7 +2,8 @@
 
 Every user-facing failure is an `EvcError`. The CLI alone turns one into text
 and an exit code: 2 for bad input (a spec, a checkpoint, a model evc cannot
-recognise), 1 for a build that ran and failed (parity, a lowering crash).
+recognise), 1 for a build that ran and failed (parity, a lowering crash) or a
+collaborative run that failed at a peer.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class InputError(EvcError):
 
 class BuildError(EvcError):
     """The build ran and failed; what it names (a node, an artifact) is at fault."""
+
+    exit_code = 1
+
+
+class PeerError(EvcError):
+    """A collaborative run failed at a peer (down, slower than the deadline, a malformed reply) and no
+    answer was possible without it; the message names the peer's address and its part."""
 
     exit_code = 1
 

@@ -1,0 +1,248 @@
+"""decompose's runtime: what serving the parts over gRPC costs on top of running them.
+
+    .venv/bin/python benchmarks/collab.py [--parts 2 4] [--runs 50]
+
+For N = 2 and 4, a decomposed bundle of N small ViTs (timm's VisionTransformer
+at 224×224, patch 16, width 128, depth 6, 2 heads, each answering its class
+token of 128 features; random init), lowered as evc's onnx format lowers a
+Program (torch.onnx, onnxslim), and a fusion (a Linear over the features,
+masked by `present`, to 1000 logits). Each part is served by `evc serve
+--threads 1` in its own process on loopback; the coordinator runs the fusion
+here. Timed taking turns run by run, one image per call, at 1 thread each:
+
+    part k alone        part k's model in ONNX Runtime, in this process
+    parts at once       all N models, in this process, each in its own thread
+                        (ONNX Runtime releases the GIL): the same CPU contention
+                        as the served parts, without gRPC
+    fusion alone        the fusion in ONNX Runtime, in this process
+    over gRPC           Coordinator.infer: the image to every part, their
+                        features back, the fusion
+    one call            part 0 alone over gRPC: its request built, sent, its
+                        features back and read (the per-call cost, without the
+                        other parts competing for the cores)
+    transfer            the request's and the reply's bytes through a loopback
+                        TCP socket and back, once per part, the parts at once;
+                        and for part 0 alone
+
+The goal: `over gRPC` at most 1 ms plus the transfer above the slowest part
+alone. That holds the parts' competition for the cores as well, which on a
+machine with fewer free cores than parts is no cost of serving: the table
+also gives `over gRPC` less `parts at once` and `fusion alone`, and `one call`
+less part 0 alone against part 0's transfer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import timm
+import torch
+from _timing import interleaved  # benchmarks/, the script's own folder
+from evc.targets.onnx import export_onnx, session
+
+from evc.collab import collab_pb2 as pb
+from evc.collab import collab_pb2_grpc, wire
+from evc.collab.contract import read
+from evc.collab.coordinator import Coordinator
+from evc.collab.runtime import Fusion
+from evc.ir.program import Program
+from evc.plan import ImageInput
+
+SIZE, WIDTH, DEPTH, HEADS, CLASSES = 224, 128, 6, 2, 1000
+THREADS = 1
+
+
+def part(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=SIZE, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+                             num_classes=0).eval()
+
+
+class MaskedFusion(torch.nn.Module):
+    def __init__(self, parts: int):
+        super().__init__()
+        self.register_buffer("blocks", torch.kron(torch.eye(parts), torch.ones(1, WIDTH)))
+        self.head = torch.nn.Linear(parts * WIDTH, CLASSES)
+
+    def forward(self, tokens, present):
+        return self.head(tokens * (present @ self.blocks))
+
+
+def write_bundle(folder: Path, parts: int) -> Path:
+
+    entries = []
+    for k in range(parts):
+        export_onnx(Program.from_module(part(k), ImageInput(SIZE, SIZE)), folder / f"part{k}.onnx", 17)
+        entries.append({"index": k, "model": f"part{k}.onnx", "output_dim": WIDTH})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(MaskedFusion(parts).eval(), (torch.zeros(1, parts * WIDTH), torch.ones(1, parts)),
+                          str(folder / "fusion.onnx"), dynamo=False, opset_version=17,
+                          input_names=["tokens", "present"], output_names=["logits"])
+    (folder / "collab.json").write_text(json.dumps({
+        "version": 1, "input": {"name": "input", "shape": [3, SIZE, SIZE], "dtype": "float32"},
+        "parts": entries, "fusion": {"model": "fusion.onnx", "degraded_ok": True}, "deadline_ms": 5000}))
+    return folder
+
+
+def serve_all(bundle: Path, parts: int, logs: Path) -> tuple[list[subprocess.Popen], list[str]]:
+    processes, peers = [], []
+    try:
+        for k in range(parts):
+            with open(logs / f"serve{k}.err", "w") as err:
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "evc", "serve", str(bundle), "--part", str(k), "--port", "0",
+                     "--threads", str(THREADS)], stdout=subprocess.PIPE, stderr=err, text=True))
+        for k, process in enumerate(processes):
+            line = process.stdout.readline()  # evc serve prints its address once the model is loaded
+            if not line.startswith("serving part"):
+                raise SystemExit(f"evc serve --part {k} did not start:\n{(logs / f'serve{k}.err').read_text()}")
+            peers.append(line.split()[-1])
+    except BaseException:
+        stop(processes)
+        raise
+    return processes, peers
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.kill()
+        process.wait(10)
+
+
+class Echo:
+    """A loopback TCP peer that reads `request` bytes and answers `reply` bytes: the transfer alone."""
+
+    def __init__(self, request: int, reply: int):
+        self.request, self.reply = request, reply
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+        self.client = socket.create_connection(("127.0.0.1", self.port))
+        self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        answer = bytes(self.reply)
+        while _read(conn, self.request):
+            conn.sendall(answer)
+
+    def round_trip(self, payload: bytes) -> None:
+        self.client.sendall(payload)
+        _read(self.client, self.reply)
+
+    def close(self):
+        self.client.close()
+        self.listener.close()
+
+
+def _read(conn: socket.socket, count: int) -> bool:
+    view = memoryview(bytearray(count))
+    got = 0
+    while got < count:
+        n = conn.recv_into(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
+
+
+def measure(parts: int, runs: int, work: Path) -> dict:
+    (work / f"n{parts}").mkdir()
+    bundle = write_bundle(work / f"n{parts}", parts)
+    collab = read(bundle)
+    feed = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE), dtype=np.float32)
+    models = [session(bundle / p.model, THREADS) for p in collab.parts]
+    fusion = Fusion(collab, THREADS)
+    features = [m(feed) for m in models]
+    request = pb.Images(images=wire.tensor(feed)).ByteSize()
+    reply = pb.Features(features=wire.tensor(features[0])).ByteSize()
+    processes, peers = serve_all(bundle, parts, work)
+    pool = ThreadPoolExecutor(parts)
+    echoes = [Echo(request, reply) for _ in range(parts)]
+    payload = bytes(request)
+    channel = grpc.insecure_channel(peers[0], options=wire.CHANNEL_OPTIONS)
+    stub = collab_pb2_grpc.PartStub(channel)
+    try:
+        with Coordinator(bundle, peers, threads=THREADS) as coordinator:
+            answer = coordinator.infer(feed)
+            assert not answer.degraded, answer.reasons
+            np.testing.assert_array_equal(answer.logits, fusion(features))  # the served answer is the local one
+            runs_ = {f"part {k} alone": m for k, m in enumerate(models)}
+            runs_["parts at once"] = lambda x: list(pool.map(lambda m: m(x), models))
+            runs_["fusion alone"] = lambda x: fusion(features)
+            runs_["over gRPC"] = coordinator.infer
+            runs_["one call"] = lambda x: wire.array(stub.Features(pb.Images(images=wire.tensor(x))).features)
+            runs_["transfer"] = lambda x: list(pool.map(lambda e: e.round_trip(payload), echoes))
+            runs_["transfer, one part"] = lambda x: echoes[0].round_trip(payload)
+            times = interleaved(runs_, feed, runs)
+    finally:
+        channel.close()
+        stop(processes)
+        pool.shutdown()
+        for echo in echoes:
+            echo.close()
+    return {"times": times, "request": request, "reply": reply}
+
+
+def machine() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    model = fields.get("Model name", platform.processor() or "unknown CPU").strip()
+    cores = len(os.sched_getaffinity(0))
+    load = open("/proc/loadavg").read().split()[0]
+    return (f"machine: {platform.machine()}, {model}, {cores} cores, load average {load} at the start; "
+            f"Python {platform.python_version()}, ONNX Runtime {ort.__version__}, grpcio "
+            f"{grpc.__version__}, torch {torch.__version__}, timm {timm.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--runs", type=int, default=50)
+    args = parser.parse_args()
+    print(machine())
+    print(f"parts: ViT {SIZE}×{SIZE}, patch 16, width {WIDTH}, depth {DEPTH}, {HEADS} heads; {THREADS} thread each; "
+          f"median of {args.runs} runs after 10 warm-ups, one image per call\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for parts in args.parts:
+            start = time.perf_counter()
+            result = measure(parts, args.runs, Path(folder))
+            print(f"N = {parts}: measured in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            rows.append((parts, result))
+    print("| N | slowest part alone | parts at once, in-process | fusion | over gRPC | over gRPC − slowest part "
+          "(goal ≤ 1 + transfer) | over gRPC − parts at once − fusion | one call − part 0 alone (transfer, one part) "
+          "| bytes per image and part: request / reply |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for parts, result in rows:
+        t = result["times"]
+        slowest = max(t[f"part {k} alone"] for k in range(parts))
+        over = t["over gRPC"] - slowest
+        met = "met" if over <= 1 + t["transfer"] else "missed"
+        print(f"| {parts} | {slowest:.2f} | {t['parts at once']:.2f} | {t['fusion alone']:.2f} | "
+              f"{t['over gRPC']:.2f} | {over:.2f} (≤ {1 + t['transfer']:.2f}: {met}) | "
+              f"{t['over gRPC'] - t['parts at once'] - t['fusion alone']:.2f} | "
+              f"{t['one call'] - t['part 0 alone']:.2f} ({t['transfer, one part']:.2f}) | "
+              f"{result['request']:,} / {result['reply']:,} |")
+    print("\nms, median of the interleaved runs")
+
+
+if __name__ == "__main__":
+    main()

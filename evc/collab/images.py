@@ -1,0 +1,48 @@
+"""Image files as `evc infer` reads them: a batch per file, in the shape collab.json gives.
+
+PNG, JPEG and whatever else Pillow reads go through the eval transform
+`evc build` validates with (resize by crop_pct, centre crop, normalise), with
+collab.json's mean, std, crop_pct and interpolation. A `.npy` file holds a
+batch (B, C, H, W), or one image (C, H, W), already preprocessed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from evc.collab.contract import Collab
+from evc.errors import InputError
+
+
+def read_batch(path: Path, collab: Collab) -> np.ndarray:
+    """(B, C, H, W) float32 for one file."""
+    if not path.is_file():
+        raise InputError(f"no such image file: {path}")
+    batch = _npy(path) if path.suffix.lower() == ".npy" else _picture(path, collab)[None]
+    if batch.ndim == 3:
+        batch = batch[None]
+    problem = collab.images_problem(batch.shape, "float32")
+    if problem:
+        raise InputError(f"{path}: {problem}")
+    return batch
+
+
+def _npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path} as a NumPy array: {e}") from None
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"{path}: holds {array.dtype}; expected preprocessed float32 images (B, C, H, W)")
+    return array.astype(np.float32)
+
+
+def _picture(path: Path, collab: Collab) -> np.ndarray:
+    from evc.data import eval_transform, read_rgb
+
+    if collab.input_shape[0] != 3:
+        raise InputError(f"{path}: {collab.file}'s parts take {collab.input_shape[0]} channels, not an RGB image; "
+                         "give them as a .npy array")
+    return np.asarray(eval_transform(collab.image)(read_rgb(path)), dtype=np.float32)
