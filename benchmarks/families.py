@@ -38,7 +38,7 @@ from evc.ir.program import Program
 from evc.plan import ImageInput
 
 SIZE, PATCH, WIDTH, HEADS, DEPTH, CLASSES = 224, 16, 192, 3, 12, 1000  # deit_tiny's shape
-KEEP, THREADS, TOLERANCE, GOAL = 0.5, 1, 1e-4, 0.9
+KEEP, THREADS, TOLERANCE, GOAL, STAGED_GOAL = 0.5, 1, 1e-4, 0.9, 0.85  # convs and BatchNorm fold otherwise
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -103,7 +103,7 @@ FAMILIES = {
     "eva02": lambda: timm.create_model("eva02_tiny_patch14_224", num_classes=CLASSES),
     # talking heads, then 2 class-attention blocks
     "cait": lambda: timm.create_model("cait_xxs24_224", embed_dim=WIDTH, num_heads=HEADS, depth=DEPTH),
-    # hierarchical, as timm builds them (issue 12's goal for these: realized / ideal >= 0.85)
+    # hierarchical, as timm builds them (goal for these: realized / ideal >= STAGED_GOAL)
     "swin_tiny": lambda: timm.create_model("swin_tiny_patch4_window7_224"),
     "pvt_v2_b0": lambda: timm.create_model("pvt_v2_b0"),
     "levit_128s": lambda: timm.create_model("levit_128s"),
@@ -132,6 +132,7 @@ def lowered(name: str, programs: dict[str, Program], work: Path, feed: np.ndarra
         with torch.inference_mode():
             diff = float(np.abs(run(feed) - program.graph(torch.from_numpy(feed)).numpy()).max())
         out[kind] = {"path": path, "run": run, "diff": diff, "macs": macs(program),
+                     "goal": STAGED_GOAL if program.structure.stages else GOAL,
                      "ops": sum(op_counts(path).values()), "shape": _shape(program)}
     return out
 
@@ -173,13 +174,13 @@ def main() -> None:
         print(f"PARITY FAILED (max abs diff > {TOLERANCE:g}): {', '.join(bad)}")
     print("\n| family | heads×dim / hidden, after | MACs original (G) | MACs pruned (G) | ONNX ops original / pruned "
           "| ORT original (ms) | ORT pruned (ms) | ideal speedup | realized speedup "
-          f"| realized / ideal (goal ≥ {GOAL}) |")
+          f"| realized / ideal (goal ≥ {GOAL}; ≥ {STAGED_GOAL} in stages) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         original, after = r["original"], r["pruned"]
         ideal = original["macs"] / after["macs"]
         realized = medians[name, "original"] / medians[name, "pruned"]
-        verdict = "met" if realized / ideal >= GOAL else "missed"
+        verdict = "met" if realized / ideal >= original["goal"] else "missed"
         print(f"| {name} | {after['shape']} | {original['macs'] / 1e9:.3f} | {after['macs'] / 1e9:.3f} "
               f"| {original['ops']} / {after['ops']} | {medians[name, 'original']:.2f} "
               f"| {medians[name, 'pruned']:.2f} | {ideal:.2f} | {realized:.2f} | {realized / ideal:.2f}: {verdict} |")
