@@ -46,9 +46,13 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | Non
     for pass_plan, key in zip(plan.passes, keys.passes):
         with progress.stage(f"pass {pass_plan.name}"):
             ctx = PassContext(plan, pass_plan, as_loaded, key, cache if write_cache else None, progress)
-            program = PASSES[pass_plan.name].plugin.run(program, pass_plan.params, ctx)
+            plugin = PASSES[pass_plan.name].plugin
+            if program.parts:  # after decompose: the pass runs on every part
+                program = PASSES["decompose"].plugin.each_part(program, plugin, pass_plan.params, ctx)
+            else:
+                program = plugin.run(program, pass_plan.params, ctx)
         found.append(canonical(ctx.found))
-    after = aligned(_summary(program), original, program.structure) if plan.passes else before
+    after = _aligned_summary(program, original) if plan.passes else before
     if write_cache and plan.passes:
         _store(cache, keys.program, program, before, after, found)
     return Compiled(program, before, after, found, keys.weights, keys.program)
@@ -105,6 +109,26 @@ def aligned(after: dict, original, compressed) -> dict:
     gone = {"heads": 0, "hidden": 0, "params": 0, "macs": 0}
     blocks = [rows.get(b.index, {"index": b.index, "tokens": b.tokens, **gone}) for b in original.blocks]
     return {**after, "blocks": blocks}
+
+
+def _aligned_summary(program, original) -> dict:
+    """The summary of `program` aligned to the original's blocks; for a decomposed model, its parts' summed
+    block by block (each part's own in `parts`), with the fusion in the head."""
+    if not program.parts:
+        return aligned(_summary(program), original, program.structure)
+    from evc.ir.macs import params_of
+
+    parts = [aligned(_summary(p.program), original, p.program.structure) for p in program.parts]
+    fusion = {"params": params_of(program.graph, ["fusion"]), "macs": program.fusion.linear.weight.numel()}
+    blocks = [{**rows[0], **{k: sum(r[k] for r in rows) for k in ("heads", "hidden", "params", "macs")}}
+              for rows in zip(*(p["blocks"] for p in parts))]
+    stem, head = ({k: sum(p[part][k] for p in parts) for k in ("params", "macs")} for part in ("stem", "head"))
+    head = {k: head[k] + fusion[k] for k in head}
+    total = {k: sum(p["total"][k] for p in parts) + fusion[k] for k in ("params", "macs")}
+    return canonical({"stem": stem, "blocks": blocks, "head": head, "total": total,
+                      "parts": [{"name": p.name, "classes": list(p.classes), "width": p.width, **s["total"]}
+                                for p, s in zip(program.parts, parts)],
+                      "fusion": fusion})
 
 
 def _module_names(block) -> list[str]:

@@ -54,6 +54,12 @@ class Context:
 
         return load_images(self._plan.data[data], self.input)
 
+    def labelled(self, data: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """A data block's images and their class indices (None where it has no class subfolders)."""
+        from evc.data import load_labelled
+
+        return load_labelled(self._plan.data[data], self.input)
+
     def dataset(self, data: str, train: bool = False):
         """A data block as a lazy dataset of (image, label); `train` applies timm's training transform."""
         from evc.data import dataset

@@ -27,6 +27,20 @@ class Program:
     structure: Structure | None  # None: not a ViT evc recognises; it lowers, but passes cannot compress it
     input: ImageInput
     unrecognised: str | None = None  # why recognition stopped, naming the node
+    # A decomposed model (the decompose pass): its parts, each a Program of its own, and the fusion of
+    # what they send (evc.ir.ensemble). `graph` then runs them all and the fusion, every part present.
+    parts: tuple = ()
+    fusion: nn.Module | None = None
+
+    @classmethod
+    def decomposed(cls, parts, fusion: nn.Module, image: ImageInput) -> Program:
+        """The ensemble of `parts` (evc.ir.ensemble.Part) joined by `fusion`."""
+        from evc.ir.ensemble import joined
+
+        graph = joined([part.program.graph for part in parts], fusion)
+        propagate_shapes(graph, example_input(image), "decomposed")
+        return cls(graph, None, image, f"it is decomposed into {len(parts)} parts, each a ViT of its own",
+                   tuple(parts), fusion)
 
     @classmethod
     def from_module(cls, module: nn.Module, image: ImageInput, output: str | None = None) -> Program:
@@ -61,17 +75,33 @@ class Program:
             return self.graph(torch.as_tensor(images))
 
     def save(self, path: Path) -> None:
+        torch.save(self._state(), path)
+
+    def _state(self) -> dict:
         # A GraphModule pickles as its code and re-traces it on load, with the
         # tracer class it was made by unless told otherwise; torch.fx's own
         # tracer reproduces the same graph and needs no evc to be importable.
+        # A decomposed model keeps its parts apart, and is joined again on load.
+        if self.parts:
+            parts = [{"name": p.name, "classes": p.classes, "width": p.width, **p.program._state()}
+                     for p in self.parts]
+            return {"parts": parts, "fusion": self.fusion, "input": self.input}
         self.graph._tracer_cls = None
-        torch.save({"graph": self.graph, "structure": self.structure, "input": self.input,
-                    "unrecognised": self.unrecognised}, path)
+        return {"graph": self.graph, "structure": self.structure, "input": self.input,
+                "unrecognised": self.unrecognised}
 
     @classmethod
     def load(cls, path: Path) -> Program:
         # evc wrote this file itself into its cache; it pickles an fx GraphModule.
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        return cls._from_state(torch.load(path, map_location="cpu", weights_only=False))
+
+    @classmethod
+    def _from_state(cls, saved: dict) -> Program:
+        if "parts" in saved:
+            from evc.ir.ensemble import Part
+
+            parts = [Part(p["name"], tuple(p["classes"]), cls._from_state(p), p["width"]) for p in saved["parts"]]
+            return cls.decomposed(parts, saved["fusion"].eval(), saved["input"])
         graph = saved["graph"].eval()
         propagate_shapes(graph, example_input(saved["input"]), "cached")
         return cls(graph, saved["structure"], saved["input"], saved.get("unrecognised"))

@@ -1,0 +1,167 @@
+"""decompose: one ViT into N small ones on N devices, joined by a small fusion (DeViT).
+
+    decompose { parts = 2, keep = 1/2, data = train }
+    decompose { parts = 4, keep = 1/2, score = l1, data = train, drop = false, seed = 3 }
+
+After DeViT (Xu et al., "DeViT: Decomposing Vision Transformers for
+Collaborative Inference in Edge Devices", IEEE TMC 2024; falcon-xu/DeViT):
+
+1. The classes, shuffled with `seed`, are cut into `parts` disjoint subsets.
+2. Each part starts as a copy of the model and keeps `keep` of its heads and
+   of its FFN units, ranked by head_prune's and ffn_prune's `score` on the
+   images of its own classes; its classifier goes, and it sends its final
+   features (its class token, or its mean over tokens) once per image.
+3. The fusion maps the parts' features, concatenated, to the model's logits.
+   DeViT's Linear to the teacher's token and its classifier make one Linear
+   here, fitted in closed form (ridge least squares to the model's own logits
+   on `data`) without touching the parts: a decomposition is usable in
+   seconds on a CPU.
+4. With `drop` (the default) the fit also sees every image with each part
+   missing in turn: zeros for its features and a 0 for its flag, the fusion's
+   second input. A coordinator can then answer from the other parts.
+
+Passes written after decompose apply to every part, and the fusion is fitted
+again after each of them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from evc.params import REQUIRED, Choice, DataRef, Flag, Int, Param, Ratio
+from evc.registry import Pass, register_pass
+
+RIDGE = 1e-6  # of the features' mean square: enough to settle collinear columns, too little to bias the fit
+
+
+@register_pass(
+    "decompose",
+    Param("parts", Int(1), REQUIRED, "how many part models, one per device"),
+    Param("by", Choice(("classes",)), "classes", "what each part is shrunk for: a disjoint subset of the classes"),
+    Param("seed", Int(0), 0, "seed the classes are shuffled with before they are split"),
+    Param("keep", Ratio(), 1.0, "share of its heads and of its FFN units each part keeps"),
+    Param("score", Choice(("l1", "taylor")), "taylor",
+          "how a part ranks heads and units: weight norms, or Taylor importance on its own classes' images"),
+    Param("round_to", Int(1), 8, "keep each part's FFN width a multiple of this"),
+    Param("data", DataRef(), REQUIRED, "labelled images (class subfolders): the parts' scores and the fusion's fit"),
+    Param("drop", Flag(), True, "fit the fusion with each part missing in turn too, so the others answer without it"),
+)
+class Decompose(Pass):
+    """Split the model into parts, each shrunk for a subset of the classes, joined by a fitted fusion."""
+
+    def run(self, program, params, ctx):
+        from evc.ir.ensemble import Fusion, Part
+
+        if program.parts:
+            raise ctx.error("parts", "the model is decomposed already: decompose once in a compress block")
+        images, labels = ctx.labelled(params["data"])
+        structure = program.structure
+        if labels is None:
+            raise ctx.error("data", f"data '{params['data']}' has no labels (no class subfolders): decompose splits "
+                                    "the classes among the parts")
+        if params["parts"] > structure.num_classes:
+            raise ctx.error("parts", f"{params['parts']} parts for {structure.num_classes} classes: each part needs "
+                                     "one class at least")
+        split = class_split(structure.num_classes, params["parts"], params["seed"])
+        parts = []
+        for k, classes in enumerate(split):
+            shrunk = _shrunk(program, images[np.isin(labels, classes)], params, ctx)
+            features = _features(shrunk)
+            parts.append(Part(f"part{k}", classes, features, int(features.run(images[:1]).shape[-1])))
+        fusion = Fusion(tuple(p.width for p in parts), structure.num_classes)
+        fusion.fitted_on, fusion.drop = params["data"], params["drop"]
+        decomposed = program.decomposed(parts, fit(fusion, parts, program, images), program.input)
+        ctx.report("classes", [list(c) for c in split])
+        return decomposed
+
+    def each_part(self, program, plugin, params, ctx):
+        """Another pass written after decompose: run on every part, then the fusion fitted again."""
+        images, _ = ctx.labelled(program.fusion.fitted_on)
+        parts = [replace(p, program=plugin.run(p.program, params, ctx)) for p in program.parts]
+        parts = [replace(p, width=int(p.program.run(images[:1]).shape[-1])) for p in parts]
+        teacher = ctx.model("original")
+        return program.decomposed(parts, fit(copy.deepcopy(program.fusion), parts, teacher, images), program.input)
+
+
+def class_split(classes: int, parts: int, seed: int) -> list[tuple[int, ...]]:
+    """The classes shuffled with `seed` and cut into `parts` disjoint subsets, as even as they go (DeViT)."""
+    order = np.random.default_rng(seed).permutation(classes)
+    return [tuple(sorted(int(c) for c in chunk)) for chunk in np.array_split(order, parts)]
+
+
+class _OnImages:
+    """What head_prune and ffn_prune ask of their context, answered for one part."""
+
+    def __init__(self, images: np.ndarray, ctx):
+        self._images, self._ctx = images, ctx
+
+    def per_layer(self, key, depth):
+        return (self.keep,) * depth
+
+    def images(self, name):
+        return self._images
+
+    def report(self, key, value):
+        pass
+
+    def error(self, key, message):
+        return self._ctx.error(key, message)
+
+
+def _shrunk(program, images: np.ndarray, params, ctx):
+    """A copy of `program` with `keep` of its heads and FFN units, ranked on `images`."""
+    from evc.passes.ffn_prune import FfnPrune
+    from evc.passes.head_prune import HeadPrune
+
+    part = _OnImages(images, ctx)
+    part.keep = params["keep"]
+    data = "part" if params["score"] == "taylor" else None
+    if any(b.attn for b in program.structure.blocks):
+        program = HeadPrune().run(program, dict(keep=params["keep"], score=params["score"], scope="layer",
+                                                min_heads=1, data=data), part)
+    return FfnPrune().run(program, dict(keep=params["keep"], score=params["score"], round_to=params["round_to"],
+                                        data=data), part)
+
+
+def _features(program):
+    """`program` without its classifier: it returns what the classifier read."""
+    from evc.surgery import copy_graph, features
+
+    return program.rebuilt(features(copy_graph(program.graph), program.structure.head))
+
+
+def fit(fusion, parts, teacher, images: np.ndarray):
+    """`fusion` fitted by ridge least squares to the teacher's logits on `images`, in float64; with
+    `fusion.drop`, on every image with each part missing in turn too."""
+    tokens = np.concatenate([p.program.run(images).numpy() for p in parts], axis=1).astype(np.float64)
+    target = _run(teacher, images).astype(np.float64)
+    present = np.ones((len(images), len(parts)))
+    rows, targets = [np.concatenate([tokens, present], axis=1)], [target]
+    if fusion.drop and len(parts) > 1:
+        edges = np.cumsum([0, *fusion.widths])
+        for k in range(len(parts)):
+            missing = rows[0].copy()
+            missing[:, edges[k]:edges[k + 1]] = 0
+            missing[:, edges[-1] + k] = 0
+            rows.append(missing)
+            targets.append(target)
+    x, y = np.concatenate(rows), np.concatenate(targets)
+    x = np.concatenate([x, np.ones((len(x), 1))], axis=1)  # the bias
+    gram = x.T @ x
+    gram += RIDGE * np.trace(gram) / len(gram) * np.eye(len(gram))
+    solution = np.linalg.solve(gram, x.T @ y)
+    with torch.no_grad():
+        fusion.linear.weight.copy_(torch.from_numpy(solution[:-1].T))
+        fusion.linear.bias.copy_(torch.from_numpy(solution[-1]))
+    return fusion.eval()
+
+
+def _run(model, images: np.ndarray) -> np.ndarray:
+    if hasattr(model, "run"):
+        return model.run(images).numpy()
+    with torch.inference_mode():
+        return model(torch.from_numpy(images)).numpy()

@@ -1,0 +1,139 @@
+"""decompose: parts shrunk for disjoint class subsets, a fusion fitted to the model's logits (DeViT)."""
+
+import numpy as np
+import pytest
+import torch
+from evc.passes.decompose import Decompose, class_split
+from evc.passes.ffn_prune import FfnPrune
+
+from evc.ir.program import Program
+from tests.passes.conftest import Ctx, images, program_of
+
+
+class LabelledCtx(Ctx):
+    """A pass context whose data block `train` is labelled: by the model's own top-1 predictions, unless given."""
+
+    def __init__(self, params, program, data=None):
+        super().__init__(params, images(64) if data is None else data[0])
+        self.labels = program.run(self._images).argmax(-1).numpy() if data is None else data[1]
+        self.original = program
+
+    def labelled(self, name):
+        return self._images, self.labels
+
+    def model(self, name):
+        return self.original
+
+
+def decompose(program, data=None, **params):
+    params = dict(parts=2, by="classes", seed=0, keep=0.5, score="l1", round_to=8, data="train", drop=True) | params
+    ctx = LabelledCtx(params, program, data)
+    return Decompose().run(program, params, ctx), ctx
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A 2-block ViT trained for a few seconds on scikit-learn's digits (32 x 32): a model that has learned
+    something, its training images and labels, and its validation images and labels."""
+    import timm
+    from sklearn.datasets import load_digits
+
+    from evc.plan import ImageInput
+
+    data = load_digits()
+    pixels = np.kron(data.images / 16, np.ones((4, 4)))[:, None].repeat(3, axis=1).astype(np.float32)
+    x, y = (pixels - 0.5) / 0.25, data.target
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    train, val = order[:1400], order[1400:]
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                              num_classes=10)
+    epochs, steps = 12, len(train) // 64
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=epochs * steps, pct_start=0.1)
+    for _ in range(epochs):
+        for batch in np.array_split(rng.permutation(train), steps):
+            loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x[batch])), torch.from_numpy(y[batch]))
+            optimizer.zero_grad(), loss.backward(), optimizer.step(), schedule.step()
+    program = Program.from_module(model.eval(), ImageInput(32, 32))
+    return program, (x[train], y[train]), (x[val], y[val])
+
+
+@pytest.mark.parametrize("classes, parts", [(10, 2), (10, 3), (1000, 4), (5, 5)])
+def test_the_class_split_is_disjoint_and_covers_every_class(classes, parts):
+    split = class_split(classes, parts, seed=0)
+    assert len(split) == parts and all(split)
+    assert sorted(c for part in split for c in part) == list(range(classes))
+    assert max(map(len, split)) - min(map(len, split)) <= 1
+    assert split == class_split(classes, parts, seed=0) != class_split(classes, parts, seed=1)
+
+
+def test_one_part_keeping_everything_reproduces_the_model():
+    program = program_of("deit_tiny")
+    decomposed, _ = decompose(program, parts=1, keep=1.0)
+    x = images(8)
+    assert (decomposed.run(x) - program.run(x)).abs().max() < 1e-4  # the fusion fitted to the identity
+
+
+def test_each_part_is_shrunk_and_sends_its_features():
+    program = program_of("vit_small")  # 6 heads, 10 classes
+    decomposed, ctx = decompose(program, parts=2, keep=0.5)
+    assert [p.name for p in decomposed.parts] == ["part0", "part1"]
+    assert sorted(c for p in decomposed.parts for c in p.classes) == list(range(program.structure.num_classes))
+    for part in decomposed.parts:
+        assert [b.attn.num_heads for b in part.program.structure.blocks] == [3] * program.structure.depth
+        assert part.program.structure.head == () and part.width == program.structure.embed_dim
+        assert part.program.run(images(2)).shape == (2, part.width)
+    assert decomposed.run(images(2)).shape == (2, program.structure.num_classes)
+    assert ctx.found["classes"] == [list(p.classes) for p in decomposed.parts]
+
+
+def test_a_decomposed_program_saves_and_loads_as_it_was(tmp_path):
+    decomposed, _ = decompose(program_of("deit_tiny"))
+    decomposed.save(tmp_path / "program.pt")
+    loaded = Program.load(tmp_path / "program.pt")
+    assert [p.classes for p in loaded.parts] == [p.classes for p in decomposed.parts]
+    assert torch.equal(loaded.run(images(4)), decomposed.run(images(4)))
+
+
+def test_a_pass_after_decompose_runs_on_every_part_and_the_fusion_is_fitted_again():
+    program = program_of("deit_tiny")
+    decomposed, _ = decompose(program, keep=1.0)
+    params = dict(keep=0.5, score="l1", round_to=8, data=None)
+    after = Decompose().each_part(decomposed, FfnPrune(), params, LabelledCtx(params, program))
+    for before, part in zip(decomposed.parts, after.parts):
+        assert [b.mlp.hidden for b in part.program.structure.blocks] == [
+            b.mlp.hidden // 2 for b in before.program.structure.blocks]
+    assert not torch.equal(after.fusion.linear.weight, decomposed.fusion.linear.weight)
+
+
+def test_on_a_trained_model_a_fusion_fitted_with_parts_dropped_answers_without_one(digits):
+    program, train, (x, y) = digits
+
+    def top1(logits):
+        return float((logits.argmax(-1).numpy() == y).mean())
+
+    def without(decomposed, k):
+        tokens = torch.cat([p.program.run(x) if i != k else torch.zeros(len(x), p.width)
+                            for i, p in enumerate(decomposed.parts)], dim=-1)
+        present = torch.ones(len(x), len(decomposed.parts))
+        present[:, k] = 0
+        with torch.no_grad():
+            return top1(decomposed.fusion(tokens, present))
+
+    original = top1(program.run(x))
+    dropped, _ = decompose(program, train, keep=0.5, score="taylor", drop=True)
+    plain, _ = decompose(program, train, keep=0.5, score="taylor", drop=False)
+    assert original > 0.5  # it learned the digits (0.64 after these 12 epochs; chance is 0.1)
+    # half the heads and units each, not distilled: 0.59 and 0.61 here
+    assert top1(dropped.run(x)) >= original - 0.1 and top1(plain.run(x)) >= original - 0.1
+    # one part missing: 0.53 and 0.55 fitted with parts dropped, 0.38 and 0.31 without
+    assert min(without(dropped, k) for k in (0, 1)) > max(without(plain, k) for k in (0, 1)) + 0.05
+
+
+def test_more_parts_than_classes_is_an_error_at_parts():
+    from evc.errors import SpecError
+
+    with pytest.raises(SpecError, match="parts: 1001 parts for 1000 classes"):
+        decompose(program_of("deit_tiny"), parts=1001)
