@@ -97,6 +97,7 @@ def _manifest(plan: Plan, target: TargetPlan, compiled, checked: dict, key: str 
                                     "interpolation": image.interpolation, "source": dict(image.origin)}},
         "output": {"name": "logits", "shape": checked["output_shape"]},
         "structure": _structure_record(compiled.program),
+        **({"decomposition": _decomposition_record(compiled)} if compiled.program.parts else {}),
         "passes": [{"name": p.name, "params": canonical(p.params), **({"found": found} if found else {})}
                    for p, found in zip(plan.passes, compiled.found)],
         "params_macs": {"before": compiled.before, "after": compiled.after},
@@ -132,6 +133,18 @@ def _weights_record(model, compiled, spec_dir: Path) -> str | dict:
 
 def _spec_record(plan: Plan) -> dict:
     return {"path": str(plan.path), "sha256": text_digest(plan.text)}
+
+
+def _decomposition_record(compiled) -> dict:
+    """A decomposed model's parts: classes, costs, what each sends per image; the fusion; how to run them."""
+    program, image = compiled.program, compiled.program.input
+    costs = {p["name"]: p for p in compiled.after["parts"]}
+    request = 4 * 3 * image.height * image.width  # float32 images, (1, 3, H, W)
+    parts = [{"name": p.name, "classes": list(p.classes), "width": p.width, "macs": costs[p.name]["macs"],
+              "params": costs[p.name]["params"], "bytes_per_image": {"request": request, "reply": 4 * p.width},
+              "structure": _structure_record(p.program)} for p in program.parts]
+    return {"parts": parts, "fusion": {**compiled.after["fusion"], "degraded_ok": bool(program.fusion.drop)},
+            "run": "evc serve BUNDLE --part K --port P on each device, then evc infer BUNDLE --peers HOST:PORT,..."}
 
 
 def _structure_record(program) -> dict:

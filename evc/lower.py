@@ -48,10 +48,14 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, 
     from evc.bundle import keep_failed, write_json
 
     fmt = FORMATS[target.format].plugin
+    program = compiled.program
     with progress.stage(f"lower to {target.format} for target '{target.name}'"):
         try:
-            artifacts = fmt.lower(compiled.program, target, folder,
-                                  Context(plan, progress, image=compiled.program.input))
+            ctx = Context(plan, progress, image=program.input)
+            if program.parts:
+                artifacts = _lower_parts(fmt, program, target, folder, ctx)
+            else:
+                artifacts = fmt.lower(program, target, folder, ctx)
         except EvcError:
             raise
         except Exception as e:  # the exporter's own message names the op or node at fault
@@ -59,8 +63,8 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, 
     failures, validation = [], None
     if isinstance(fmt, Runtime):  # a format with no runtime here is checked on the device alone
         validation = _validate(plan, target, compiled, fmt, folder, artifacts, progress, failures)
-        if plan.evaluate:
-            _score(plan, target, fmt, folder, artifacts, compiled.program.input, progress)
+        if plan.evaluate and not program.parts:
+            _score(plan, target, fmt, folder, artifacts, program.input, progress)
     output = compiled.program.run(compiled.program.example())
     checked = {"artifacts": [a.describe(folder) for a in artifacts], "output_shape": list(output.shape),
                "validation": validation}
@@ -71,24 +75,71 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, 
                          f"the failed artifact is kept in {failed}")
 
 
+def _lower_parts(fmt, program, target: TargetPlan, folder: Path, ctx: Context) -> list:
+    """A decomposed model: every part lowered by the target's format into its own folder, the fusion
+    to ONNX (the coordinator runs it), and collab.json, which `evc serve` and `evc infer` read."""
+    from evc.collab import contract
+    from evc.targets.onnx import export_module
+
+    if target.format not in ("onnx", "tflite"):
+        raise BuildError(f"target '{target.name}': a decomposed model lowers to format onnx or tflite, whose "
+                         f"runtimes serve its parts; format {target.format} is not one of them yet")
+    artifacts, served = [], []
+    for part in program.parts:
+        (folder / part.name).mkdir()
+        lowered = fmt.lower(part.program, target, folder / part.name, ctx)
+        for artifact in lowered:
+            artifact.path = Path(part.name) / artifact.path
+            artifact.details["part"] = part.name
+        artifacts += lowered
+        served.append((str(lowered[0].path), part.width))
+    width = sum(p.width for p in program.parts)
+    export_module(program.fusion, (_zeros(1, width), _zeros(1, len(program.parts))), folder / FUSION,
+                  inputs=("tokens", "present"))
+    contract.write(folder, program.input, served, FUSION, bool(program.fusion.drop))
+    return artifacts
+
+
+FUSION = "fusion.onnx"
+
+
+def _zeros(*shape):
+    import torch
+
+    return torch.zeros(shape)
+
+
 def _validate(plan: Plan, target: TargetPlan, compiled, fmt: Runtime, folder: Path, artifacts, progress: Progress,
               failures: list[str]) -> dict:
     """Each artifact's parity with the Program on the target's validation data; appends to `failures` the
-    artifacts that miss it."""
+    artifacts that miss it. A decomposed model's parts are each checked against their own Program, and
+    the whole, fused from the lowered parts, against the PyTorch ensemble."""
     from evc.data import load_images
     from evc.parity import compare
 
     data = validation_data(plan, target)
+    program = compiled.program
     with progress.stage(f"validate target '{target.name}' on {data.name}"):
-        images = load_images(data, compiled.program.input)
-        reference = compiled.program.run(images).numpy()
+        images = load_images(data, program.input)
+        references = {p.name: p.program.run(images).numpy() for p in program.parts}
+        reference = program.run(images).numpy()
         for artifact in artifacts:
-            parity = compare(reference, fmt.run(folder / artifact.path, images))
+            parity = compare(references.get(artifact.details.get("part"), reference),
+                             fmt.run(folder / artifact.path, images))
             artifact.parity = parity.to_dict()
             reason = fmt.check_parity(parity, target.params, artifact)
             if reason:
                 failures.append(f"{artifact.path}: {reason}")
-    return {"data": data.name, "samples": len(images)}
+        record = {"data": data.name, "samples": len(images)}
+        if program.parts:
+            from evc.collab.runtime import local_infer
+
+            whole = compare(reference, local_infer(folder, images))
+            record["whole"] = whole.to_dict()
+            reason = fmt.check_parity(whole, target.params, artifacts[0])  # the parts' thresholds
+            if reason:
+                failures.append(f"the parts fused ({FUSION} on the lowered parts): {reason}")
+    return record
 
 
 def _score(plan: Plan, target: TargetPlan, fmt: Runtime, folder: Path, artifacts, image,

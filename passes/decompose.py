@@ -16,7 +16,9 @@ Collaborative Inference in Edge Devices", IEEE TMC 2024; falcon-xu/DeViT):
    here, fitted in closed form (ridge least squares to the model's own logits
    on `data`) without touching the parts: a decomposition is usable in
    seconds on a CPU.
-4. With `drop` (the default) the fit also sees every image with each part
+4. With `epochs`, each part is first distilled from the model on its own
+   classes' images (DeViT's per-part distillation), by finetune's engine.
+5. With `drop` (the default) the fit also sees every image with each part
    missing in turn: zeros for its features and a 0 for its flag, the fusion's
    second input. A coordinator can then answer from the other parts.
 
@@ -32,7 +34,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from evc.params import REQUIRED, Choice, DataRef, Flag, Int, Param, Ratio
+from evc.params import REQUIRED, Choice, DataRef, Flag, Float, Int, Param, Ratio
 from evc.registry import Pass, register_pass
 
 RIDGE = 1e-6  # of the features' mean square: enough to settle collinear columns, too little to bias the fit
@@ -49,6 +51,10 @@ RIDGE = 1e-6  # of the features' mean square: enough to settle collinear columns
     Param("round_to", Int(1), 8, "keep each part's FFN width a multiple of this"),
     Param("data", DataRef(), REQUIRED, "labelled images (class subfolders): the parts' scores and the fusion's fit"),
     Param("drop", Flag(), True, "fit the fusion with each part missing in turn too, so the others answer without it"),
+    Param("epochs", Int(0), 0, "epochs each part is distilled from the model on its own classes' images, with "
+                               "finetune's engine; 0 leaves the parts as pruned"),
+    Param("lr", Float(0, open_low=True), 5e-4, "peak learning rate of that distillation"),
+    Param("batch", Int(1), 64, "images per step of that distillation"),
 )
 class Decompose(Pass):
     """Split the model into parts, each shrunk for a subset of the classes, joined by a fitted fusion."""
@@ -70,6 +76,8 @@ class Decompose(Pass):
         parts = []
         for k, classes in enumerate(split):
             shrunk = _shrunk(program, images[np.isin(labels, classes)], params, ctx)
+            if params["epochs"]:
+                shrunk = _distilled(shrunk, program, classes, params, ctx, f"part{k}")
             features = _features(shrunk)
             parts.append(Part(f"part{k}", classes, features, int(features.run(images[:1]).shape[-1])))
         fusion = Fusion(tuple(p.width for p in parts), structure.num_classes)
@@ -125,6 +133,24 @@ def _shrunk(program, images: np.ndarray, params, ctx):
                                                 min_heads=1, data=data), part)
     return FfnPrune().run(program, dict(keep=params["keep"], score=params["score"], round_to=params["round_to"],
                                         data=data), part)
+
+
+def _distilled(part, teacher, classes: tuple[int, ...], params, ctx, name: str):
+    """`part` distilled from `teacher` on its own classes' images (DeViT), through finetune's engine: each
+    epoch checkpointed in the build cache, so an interrupted build resumes."""
+    from torch.utils.data import Subset
+
+    from evc.train import Recipe, distill
+
+    data = ctx.dataset(params["data"])
+    subset = Subset(data, [i for i, label in enumerate(data.labels) if label in classes])
+    subset.classes = data.classes
+    recipe = Recipe(epochs=params["epochs"], lr=params["lr"], batch=params["batch"], alpha=0.9, temperature=1.0,
+                    seed=params["seed"])
+    workspace = ctx.workspace()
+    result = distill(part.graph, teacher.graph, subset, recipe, workspace and workspace / name,
+                     progress=ctx.progress.epoch if getattr(ctx, "progress", None) else None)
+    return replace(part, graph=result.student.eval())
 
 
 def _features(program):

@@ -63,24 +63,27 @@ def session(path: Path, threads: int | None = None, fused: bool = True):
     return lambda x: ort_session.run(None, {name: x})[0]
 
 
-
 def export_onnx(program, path: Path, opset: int) -> None:
     """Export at batch 1 with stable node names, then simplify in place with onnxslim."""
+    # torch.onnx writes scaled_dot_product_attention only from opset 14 on, and
+    # then computes its scale from shapes at run time: spelled out, attention
+    # exports at any opset with the scale a constant.
+    export_module(explicit_attention(program.graph), (program.example(),), path, opset)
+
+
+def export_module(module, args: tuple, path: Path, opset: int = 17, inputs: tuple[str, ...] = (INPUT_NAME,)) -> None:
+    """`module` on `args` as ONNX, its inputs named `inputs` and its output `logits`, simplified by onnxslim."""
     import onnx
     import onnxslim
     import torch
 
-    # torch.onnx writes scaled_dot_product_attention only from opset 14 on, and
-    # then computes its scale from shapes at run time: spelled out, attention
-    # exports at any opset with the scale a constant.
-    graph = explicit_attention(program.graph)
     raw = path.with_suffix(".raw.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about asserts on static shapes
         # The TorchScript exporter keeps node names stable across builds and
         # still writes opset 11, which device toolchains (RDK X5) require.
-        torch.onnx.export(graph, (program.example(),), str(raw), dynamo=False,
-                          opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+        torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset, input_names=list(inputs),
+                          output_names=[OUTPUT_NAME])
     slim = onnxslim.slim(str(raw))
     onnx.save(slim, str(path))
     raw.unlink()

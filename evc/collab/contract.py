@@ -115,6 +115,25 @@ def read(bundle: Path) -> Collab:
     )
 
 
+def write(folder: Path, image: ImageInput, parts: list[tuple[str, int]], fusion: str, degraded_ok: bool,
+          deadline_ms: float = 2000) -> None:
+    """collab.json for artifacts in `folder`: `parts` as (file, output_dim) in part order, each file's
+    sha256 taken from the file."""
+    from evc.keys import file_digest
+
+    record = {
+        "version": 1,
+        "input": {"name": "input", "shape": [3, image.height, image.width], "dtype": "float32",
+                  "mean": list(image.mean), "std": list(image.std), "crop_pct": image.crop_pct,
+                  "interpolation": image.interpolation},
+        "parts": [{"index": k, "model": model, "output_dim": width, "sha256": file_digest(folder / model)}
+                  for k, (model, width) in enumerate(parts)],
+        "fusion": {"model": fusion, "degraded_ok": degraded_ok},
+        "deadline_ms": deadline_ms,
+    }
+    (folder / FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def _part(keys: _Keys, entry, k: int) -> PartEntry:
     where = f"parts[{k}]."
     entry = keys.table(entry, f"parts[{k}]")
