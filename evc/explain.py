@@ -22,7 +22,9 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
     weights = "none (random init)" if plan.model.random_init else plan.model.weights or f"from {plan.model.source}"
     console.print(f"[bold]model[/] {plan.model.name} = {plan.model.source}, "
                   f"input {'x'.join(map(str, compiled.program.input.shape))}, weights {weights}")
-    if structure is None:
+    if compiled.program.parts:
+        console.print(_decomposition(compiled.program), markup=False)
+    elif structure is None:
         console.print(f"not recognised as a ViT, so it lowers but cannot be compressed: "
                       f"{compiled.program.unrecognised}")
     else:
@@ -93,3 +95,16 @@ def blocks_table(before: dict, after: dict) -> Table:
                           _arrow(b["hidden"], a["hidden"]), _skipped(b, a),
                           _arrow(b["params"], a["params"], _millions), _arrow(b["macs"], a["macs"], _millions))
     return table
+
+
+def _decomposition(program) -> str:
+    """A decomposed model: each part, what it was shrunk for and what it sends, then the fusion."""
+    fusion = program.fusion
+    lines = [f"decomposed into {len(program.parts)} parts (DeViT):"]
+    for part in program.parts:
+        lines.append(f"{part.name}: classes {list(part.classes)}, sends {part.width} floats per image")
+        lines += [f"  {line}" for line in part.program.structure.describe().splitlines()]
+    dropped = ", fitted with each part missing in turn too" if fusion.drop else ""
+    lines.append(f"fusion: one Linear, {fusion.linear.in_features} in (the parts' features and a flag each), "
+                 f"{fusion.linear.out_features} out{dropped}")
+    return "\n".join(lines)

@@ -89,3 +89,11 @@ def test_parts_served_in_their_own_processes_answer_as_the_bundle_does_in_proces
         for server in servers:
             server.kill()
             server.wait(10)
+
+
+def test_explain_shows_each_part_and_the_fusion(bundle):
+    done = run_evc("explain", bundle.parent.parent / "tiny.evc")
+    assert done.returncode == 0, done.stderr
+    assert "decomposed into 2 parts (DeViT):" in done.stdout
+    assert "part1: classes" in done.stdout and "sends 192 floats per image" in done.stdout
+    assert "fusion: one Linear, 386 in (the parts' features and a flag each), 10 out" in done.stdout
