@@ -44,6 +44,9 @@ STAGED = {
     # re-parameterisable conv mixers (RepMixer) and conv MLPs; fastvit_t12 has no attention
     "fastvit": lambda: timm.create_model("fastvit_t12", layers=(1, 1, 2, 1), embed_dims=(16, 32, 64, 128),
                                          num_classes=10),
+    # FastViT's attention stage: a conv position encoding, then attention on the flattened map
+    "fastvit_sa": lambda: timm.create_model("fastvit_sa12", layers=(1, 1, 1, 2), embed_dims=(16, 32, 64, 128),
+                                            num_classes=10),
 }
 STAGES = {  # (width, tokens) of each stage, and each block's stage
     "swin": ([(16, 256), (32, 64), (64, 16), (128, 4)], [0, 0, 1, 1, 2, 2, 3]),
@@ -52,6 +55,7 @@ STAGES = {  # (width, tokens) of each stage, and each block's stage
     "efficientvit": ([(32, 16), (48, 4), (64, 1)], [0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2]),
     "efficientformerv2": ([(16, 256), (32, 64), (64, 16), (128, 4)], [0, 1, 2, 2, 3, 3]),
     "fastvit": ([(16, 256), (32, 64), (64, 16), (128, 4)], [0, 1, 2, 2, 3]),
+    "fastvit_sa": ([(16, 256), (32, 64), (64, 16), (128, 4)], [0, 1, 2, 3, 3]),
 }
 
 
