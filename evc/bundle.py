@@ -33,6 +33,10 @@ def write(plan: Plan, target: TargetPlan, compiled, lowered: Path, checked: dict
 
     with staged(bundle) as folder:
         copy_artifacts(lowered, folder)
+        if target.params.get("peers"):  # the placement is the target's, not the artifacts': not in the lower cache
+            from evc.collab.contract import place
+
+            place(folder, target.params["peers"])
         manifest = _manifest(plan, target, compiled, checked, key)
         if evaluation is not None:
             manifest["evaluation"] = evaluation
@@ -97,7 +101,7 @@ def _manifest(plan: Plan, target: TargetPlan, compiled, checked: dict, key: str 
                                     "interpolation": image.interpolation, "source": dict(image.origin)}},
         "output": {"name": "logits", "shape": checked["output_shape"]},
         "structure": _structure_record(compiled.program),
-        **({"decomposition": _decomposition_record(compiled)} if compiled.program.parts else {}),
+        **({"decomposition": _decomposition_record(compiled, target)} if compiled.program.parts else {}),
         "passes": [{"name": p.name, "params": canonical(p.params), **({"found": found} if found else {})}
                    for p, found in zip(plan.passes, compiled.found)],
         "params_macs": {"before": compiled.before, "after": compiled.after},
@@ -135,7 +139,7 @@ def _spec_record(plan: Plan) -> dict:
     return {"path": str(plan.path), "sha256": text_digest(plan.text)}
 
 
-def _decomposition_record(compiled) -> dict:
+def _decomposition_record(compiled, target: TargetPlan) -> dict:
     """A decomposed model's parts: classes, costs, what each sends per image; the fusion; how to run them."""
     program, image = compiled.program, compiled.program.input
     costs = {p["name"]: p for p in compiled.after["parts"]}
@@ -143,6 +147,9 @@ def _decomposition_record(compiled) -> dict:
     parts = [{"name": p.name, "classes": list(p.classes), "width": p.width, "macs": costs[p.name]["macs"],
               "params": costs[p.name]["params"], "bytes_per_image": {"request": request, "reply": 4 * p.width},
               "structure": _structure_record(p.program)} for p in program.parts]
+    peers = list(target.params.get("peers") or ())
+    for part, peer in zip(parts, peers):
+        part["peer"] = peer
     return {"parts": parts, "fusion": {**compiled.after["fusion"], "degraded_ok": bool(program.fusion.drop)},
             "run": "evc serve BUNDLE --part K --port P on each device, then evc infer BUNDLE --peers HOST:PORT,..."}
 

@@ -125,11 +125,14 @@ def cmd_infer(args) -> int:
     from evc.collab.coordinator import Coordinator, parse_peers
     from evc.collab.images import read_batch
 
-    peers = parse_peers(args.peers)
-    if args.deadline_ms is not None and not args.deadline_ms > 0:
-        raise InputError(f"--deadline-ms {args.deadline_ms:g}: expected a positive number of milliseconds")
     bundle = Path(args.bundle)
     collab = read(bundle)
+    if args.peers is None and not collab.peers:
+        raise InputError(f"--peers: {bundle}'s collab.json places no parts (a target's `peers`): say where each "
+                         "part is served, HOST:PORT,... in part order")
+    peers = parse_peers(args.peers) if args.peers is not None else list(collab.peers)
+    if args.deadline_ms is not None and not args.deadline_ms > 0:
+        raise InputError(f"--deadline-ms {args.deadline_ms:g}: expected a positive number of milliseconds")
     batches = [(path, read_batch(Path(path), collab)) for path in args.images]  # every file read before any call
     rows = []
     with Coordinator(bundle, peers, None if args.deadline_ms is None else args.deadline_ms / 1e3) as coordinator:
@@ -188,7 +191,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="a bundle folder with a collab.json (its fusion runs here)")
     p.add_argument("images", nargs="+", metavar="IMAGES",
                    help="image files (PNG, JPEG, ...) or .npy arrays (B, C, H, W) of preprocessed images")
-    p.add_argument("--peers", required=True, metavar="HOST:PORT,...", help="the served parts, in part order")
+    p.add_argument("--peers", metavar="HOST:PORT,...",
+                   help="the served parts, in part order (default: the placement in collab.json, a target's peers)")
     p.add_argument("--deadline-ms", type=float, metavar="N",
                    help="how long to wait for the parts per call (default: collab.json's deadline_ms)")
     p.add_argument("--json", action="store_true", help="print the answers as JSON")

@@ -28,6 +28,11 @@ CHECKED = "lowered.json"  # the validation record, kept with the cached artifact
 def lower(plan: Plan, target: TargetPlan, compiled, key: str, cache: Cache, progress: Progress,
           bundle: Path) -> tuple[Path, dict]:
     """The folder of checked artifacts (in the cache) and the record of their checks."""
+    peers, parts = target.params.get("peers") or (), compiled.program.parts
+    if peers and len(peers) != len(parts):
+        raise plan.error(target.spans.get("peers"), f"target '{target.name}': peers: {len(peers)} given for "
+                                                    f"{len(parts)} parts; list one HOST:PORT per part, in part order"
+                                                    + ("" if parts else " (the model is not decomposed)"))
     folder = cache.get("lower", key)
     if folder is None:
         with cache.entry("lower", key) as out:

@@ -119,6 +119,9 @@ def _cell(value) -> str:
     Param("warmups", Int(0), 10, "untimed runs before timing (--warmup_runs)"),
     Param("serial", Text(pattern=r"[A-Za-z0-9._:-]{1,64}", shape='an adb serial, e.g. "R58M12ABCDE"'), None,
           "the phone bench.sh uses when more than one is attached (default: $ANDROID_SERIAL or the only one)"),
+    Param("peers", ListOf(Text(pattern=r"[A-Za-z0-9._-]+:[0-9]{1,5}", shape='"HOST:PORT"')), (),
+          "where a decomposed model's parts are served, one per part in part order: collab.json's placement "
+          "and evc infer's default --peers"),
     formats=("tflite",),
     templates="android",
     files=("parse_benchmark_model.py",),

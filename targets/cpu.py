@@ -4,7 +4,7 @@
     target cpu { device = cpu, format = tflite, quantize = dynamic }   # bench.py times it in LiteRT
 """
 
-from evc.params import AnyOf, Choice, Int, ListOf, Param
+from evc.params import AnyOf, Choice, Int, ListOf, Param, Text
 from evc.registry import Device, register_device
 
 
@@ -14,6 +14,9 @@ from evc.registry import Device, register_device
           "thread counts to benchmark at; `all` is every core of the machine"),
     Param("runs", Int(1), 50, "timed runs per thread count"),
     Param("warmups", Int(0), 10, "untimed runs before timing"),
+    Param("peers", ListOf(Text(pattern=r"[A-Za-z0-9._-]+:[0-9]{1,5}", shape='"HOST:PORT"')), (),
+          "where a decomposed model's parts are served, one per part in part order: collab.json's placement "
+          "and evc infer's default --peers"),
     formats=("onnx", "tflite"),
     templates="cpu",
 )

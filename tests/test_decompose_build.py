@@ -1,6 +1,7 @@
 """A decomposed model built end to end: N + 1 models lowered and checked, then served on loopback."""
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -20,9 +21,17 @@ compress {{
     decompose {{ parts = 2, keep = 1/2, score = l1, data = train }}
     ffn_prune {{ keep = 50%, round_to = 8 }}
 }}
-target cpu   {{ device = cpu, format = onnx, runs = 3, warmups = 1 }}
+target cpu   {{ device = cpu, format = onnx, runs = 3, warmups = 1, peers = {peers} }}
 target phone {{ device = android, format = tflite }}
 """
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(n)]
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +41,8 @@ def bundle(tmp_path_factory):
     import prepare
 
     prepare.write_folders(folder / "data")
-    (folder / "tiny.evc").write_text(SPEC.format(model=SMALL_MODEL))
+    peers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    (folder / "tiny.evc").write_text(SPEC.format(model=SMALL_MODEL, peers=json.dumps(peers)))
     done = run_evc("build", folder / "tiny.evc", "--out", folder / "out")
     assert done.returncode == 0, done.stderr
     return folder / "out" / "tiny"
@@ -64,16 +74,21 @@ def test_the_manifest_records_each_parts_classes_costs_and_traffic(bundle):
     assert after["total"]["macs"] == sum(p["macs"] for p in parts) + manifest["decomposition"]["fusion"]["macs"]
 
 
-def test_parts_served_in_their_own_processes_answer_as_the_bundle_does_in_process(bundle, tmp_path):
+def test_parts_served_where_the_spec_placed_them_answer_as_the_bundle_does_in_process(bundle, tmp_path):
     images = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
+    placed = json.loads((bundle / "cpu" / "collab.json").read_text())["peers"]
+    manifest = json.loads((bundle / "cpu" / "manifest.json").read_text())
+    assert [p["peer"] for p in manifest["decomposition"]["parts"]] == placed
     servers = [subprocess.Popen([sys.executable, "-m", "evc", "serve", str(bundle / "cpu"), "--part", str(k),
-                                 "--port", "0"], stdout=subprocess.PIPE, text=True) for k in (0, 1)]
+                                 "--port", peer.rpartition(":")[2]], stdout=subprocess.PIPE, text=True)
+               for k, peer in enumerate(placed)]
     try:
         peers = [server.stdout.readline().split()[-1] for server in servers]  # "serving part K of B on HOST:PORT"
-        # a deadline no loaded CI machine misses: a late part would make a degraded answer
-        done = run_evc("infer", bundle / "cpu", "--peers", ",".join(peers), tmp_path / "images.npy", "--json",
-                       "--deadline-ms", 30000, timeout=120)
+        assert peers == placed
+        # no --peers: collab.json's placement; a deadline no loaded CI machine misses (a late part degrades)
+        done = run_evc("infer", bundle / "cpu", tmp_path / "images.npy", "--json", "--deadline-ms", 30000,
+                       timeout=120)
         assert done.returncode == 0, done.stderr
         answers = json.loads(done.stdout)
         assert [a["class"] for a in answers] == local_infer(bundle / "cpu", images).argmax(-1).tolist()
@@ -97,3 +112,14 @@ def test_explain_shows_each_part_and_the_fusion(bundle):
     assert "decomposed into 2 parts (DeViT):" in done.stdout
     assert "part1: classes" in done.stdout and "sends 192 floats per image" in done.stdout
     assert "fusion: one Linear, 386 in (the parts' features and a flag each), 10 out" in done.stdout
+
+
+def test_peers_that_do_not_match_the_parts_are_a_spec_error_at_the_key(bundle):
+    spec = bundle.parent.parent / "wrong_peers.evc"
+    text = (bundle.parent.parent / "tiny.evc").read_text()
+    spec.write_text(text.replace("target phone { device = android, format = tflite }",
+                                 'target phone { device = android, format = tflite, peers = ["10.0.0.2:50051"] }'))
+    done = run_evc("build", spec, "--out", bundle.parent.parent / "out")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "wrong_peers.evc:12:" in done.stderr and "target 'phone': peers: 1 given for 2 parts" in done.stderr
+    assert not (bundle.parent.parent / "out" / "wrong_peers" / "phone").exists()

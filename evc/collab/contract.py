@@ -61,6 +61,7 @@ class Collab:
     fusion: str
     degraded_ok: bool
     deadline_ms: float
+    peers: tuple[str, ...] = ()  # where the spec placed the parts: evc infer's default --peers
 
     @property
     def file(self) -> Path:
@@ -112,6 +113,8 @@ def read(bundle: Path) -> Collab:
         fusion=keys.get(fusion, "model", "fusion.", "the name of an .onnx file", _suffix(".onnx")),
         degraded_ok=keys.get(fusion, "degraded_ok", "fusion.", "true or false", lambda v: isinstance(v, bool)),
         deadline_ms=float(keys.get(top, "deadline_ms", "", "a positive number of milliseconds", _positive, 2000)),
+        peers=tuple(keys.get(top, "peers", "", f"a list of {len(parts)} \"HOST:PORT\" strings, one per part",
+                             lambda v: isinstance(v, list) and len(v) == len(parts) and all(map(_string, v)), [])),
     )
 
 
@@ -132,6 +135,12 @@ def write(folder: Path, image: ImageInput, parts: list[tuple[str, int]], fusion:
         "deadline_ms": deadline_ms,
     }
     (folder / FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def place(folder: Path, peers: list[str]) -> None:
+    """Record in `folder`'s collab.json where each part is served: `evc infer`'s default --peers."""
+    record = json.loads((folder / FILE).read_text())
+    (folder / FILE).write_text(json.dumps({**record, "peers": list(peers)}, indent=2) + "\n")
 
 
 def _part(keys: _Keys, entry, k: int) -> PartEntry:
