@@ -18,7 +18,9 @@ Collaborative Inference in Edge Devices", IEEE TMC 2024; falcon-xu/DeViT):
    seconds on a CPU.
 4. With `epochs`, each part is first distilled from the model on its own
    classes' images (DeViT's per-part distillation), by finetune's engine.
-5. With `drop` (the default) the fit also sees every image with each part
+5. With `joint`, the parts and the fusion are then distilled together from
+   the model on all the images, and the fusion fitted again on the result.
+6. With `drop` (the default) the fit also sees every image with each part
    missing in turn: zeros for its features and a 0 for its flag, the fusion's
    second input. A coordinator can then answer from the other parts.
 
@@ -53,8 +55,10 @@ RIDGE = 1e-6  # of the features' mean square: enough to settle collinear columns
     Param("drop", Flag(), True, "fit the fusion with each part missing in turn too, so the others answer without it"),
     Param("epochs", Int(0), 0, "epochs each part is distilled from the model on its own classes' images, with "
                                "finetune's engine; 0 leaves the parts as pruned"),
-    Param("lr", Float(0, open_low=True), 5e-4, "peak learning rate of that distillation"),
-    Param("batch", Int(1), 64, "images per step of that distillation"),
+    Param("joint", Int(0), 0, "epochs the parts and the fusion are then distilled together from the model on all "
+                              "of `data` (DeViT's last stage), with finetune's engine; the fusion is fitted again after"),
+    Param("lr", Float(0, open_low=True), 5e-4, "peak learning rate of those distillations"),
+    Param("batch", Int(1), 64, "images per step of those distillations"),
 )
 class Decompose(Pass):
     """Split the model into parts, each shrunk for a subset of the classes, joined by a fitted fusion."""
@@ -84,6 +88,8 @@ class Decompose(Pass):
         fusion.fitted_on, fusion.drop = params["data"], params["drop"]
         decomposed = program.decomposed(parts, fit(fusion, parts, program, images), program.input)
         ctx.report("classes", [list(c) for c in split])
+        if params["joint"]:
+            decomposed = _jointly(decomposed, program, images, params, ctx)
         return decomposed
 
     def each_part(self, program, plugin, params, ctx):
@@ -151,6 +157,25 @@ def _distilled(part, teacher, classes: tuple[int, ...], params, ctx, name: str):
     result = distill(part.graph, teacher.graph, subset, recipe, workspace and workspace / name,
                      progress=ctx.progress.epoch if getattr(ctx, "progress", None) else None)
     return replace(part, graph=result.student.eval())
+
+
+def _jointly(decomposed, teacher, images: np.ndarray, params, ctx):
+    """The parts and the fusion distilled together from `teacher` on all of the data, through finetune's
+    engine, every part present; the fusion is then fitted again on the trained parts, with parts dropped."""
+    from evc.train import Recipe, distill
+
+    recipe = Recipe(epochs=params["joint"], lr=params["lr"], batch=params["batch"], alpha=0.9, temperature=1.0,
+                    seed=params["seed"])
+    workspace = ctx.workspace()
+    result = distill(decomposed.graph, teacher.graph, ctx.dataset(params["data"]), recipe,
+                     workspace and workspace / "joint", progress=ctx.progress.epoch if getattr(ctx, "progress", None)
+                     else None)
+    trained = result.student.eval()
+    parts = [replace(p, program=replace(p.program, graph=trained.get_submodule(f"parts.{k}")))
+             for k, p in enumerate(decomposed.parts)]
+    ctx.report("joint_epochs", [{"epoch": e.epoch, "loss": round(e.loss, 5)} for e in result.history])
+    return decomposed.decomposed(parts, fit(copy.deepcopy(decomposed.fusion), parts, teacher, images),
+                                 decomposed.input)
 
 
 def _features(program):

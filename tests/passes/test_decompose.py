@@ -21,12 +21,21 @@ class LabelledCtx(Ctx):
     def labelled(self, name):
         return self._images, self.labels
 
+    def dataset(self, name, train=False):
+        data = torch.utils.data.TensorDataset(torch.from_numpy(self._images), torch.from_numpy(self.labels))
+        data.classes, data.labels = [str(c) for c in range(10)], list(self.labels)
+        return data
+
+    def workspace(self):
+        return None
+
     def model(self, name):
         return self.original
 
 
 def decompose(program, data=None, **params):
-    params = dict(parts=2, by="classes", seed=0, keep=0.5, score="l1", round_to=8, data="train", drop=True) | params
+    params = dict(parts=2, by="classes", seed=0, keep=0.5, score="l1", round_to=8, data="train", drop=True, epochs=0,
+                  joint=0, lr=5e-4, batch=64) | params
     ctx = LabelledCtx(params, program, data)
     return Decompose().run(program, params, ctx), ctx
 
@@ -130,6 +139,22 @@ def test_on_a_trained_model_a_fusion_fitted_with_parts_dropped_answers_without_o
     assert top1(dropped.run(x)) >= original - 0.1 and top1(plain.run(x)) >= original - 0.1
     # one part missing: 0.53 and 0.55 fitted with parts dropped, 0.38 and 0.31 without
     assert min(without(dropped, k) for k in (0, 1)) > max(without(plain, k) for k in (0, 1)) + 0.05
+
+
+def test_parts_distilled_on_their_classes_then_jointly_come_closer_to_the_model(digits):
+    program, train, _ = digits
+    x = train[0][:256]
+
+    def divergence(decomposed):  # KL(model || decomposed) on training images
+        teacher = torch.log_softmax(program.run(x), -1)
+        return torch.sum(teacher.exp() * (teacher - torch.log_softmax(decomposed.run(x), -1)), -1).mean().item()
+
+    pruned, _ = decompose(program, train, keep=0.5)
+    distilled, _ = decompose(program, train, keep=0.5, epochs=2)
+    joint, ctx = decompose(program, train, keep=0.5, epochs=2, joint=2)
+    assert [e["epoch"] for e in ctx.found["joint_epochs"]] == [1, 2]
+    assert divergence(joint) < divergence(distilled) < divergence(pruned)
+    assert [p.width for p in joint.parts] == [p.width for p in pruned.parts] and joint.fusion.drop
 
 
 def test_more_parts_than_classes_is_an_error_at_parts():
