@@ -56,7 +56,7 @@ RIDGE = 1e-6  # of the features' mean square: enough to settle collinear columns
     Param("epochs", Int(0), 0, "epochs each part is distilled from the model on its own classes' images, with "
                                "finetune's engine; 0 leaves the parts as pruned"),
     Param("joint", Int(0), 0, "epochs the parts and the fusion are then distilled together from the model on all "
-                              "of `data` (DeViT's last stage), with finetune's engine; the fusion is fitted again after"),
+                              "of `data` (DeViT's last stage), with finetune's engine; the fusion is then refitted"),
     Param("lr", Float(0, open_low=True), 5e-4, "peak learning rate of those distillations"),
     Param("batch", Int(1), 64, "images per step of those distillations"),
 )
