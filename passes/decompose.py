@@ -48,6 +48,10 @@ RIDGE = 1e-6  # of the features' mean square: enough to settle collinear columns
     Param("by", Choice(("classes",)), "classes", "what each part is shrunk for: a disjoint subset of the classes"),
     Param("seed", Int(0), 0, "seed the classes are shuffled with before they are split"),
     Param("keep", Ratio(), 1.0, "share of its heads and of its FFN units each part keeps"),
+    Param("heads", Int(1), None, "heads each part keeps in every attention (instead of `keep`'s share)",
+          not_with=("keep",)),
+    Param("hidden", Int(1), None, "FFN units each part keeps in every MLP, rounded to `round_to` (instead of "
+                                  "`keep`'s share)", not_with=("keep",)),
     Param("score", Choice(("l1", "taylor")), "taylor",
           "how a part ranks heads and units: weight norms, or Taylor importance on its own classes' images"),
     Param("round_to", Int(1), 8, "keep each part's FFN width a multiple of this"),
@@ -108,13 +112,13 @@ def class_split(classes: int, parts: int, seed: int) -> list[tuple[int, ...]]:
 
 
 class _OnImages:
-    """What head_prune and ffn_prune ask of their context, answered for one part."""
+    """What head_prune and ffn_prune ask of their context, answered for one part: `keep` per block."""
 
-    def __init__(self, images: np.ndarray, ctx):
-        self._images, self._ctx = images, ctx
+    def __init__(self, images: np.ndarray, ctx, keep: tuple[float, ...]):
+        self._images, self._ctx, self._keep = images, ctx, keep
 
     def per_layer(self, key, depth):
-        return (self.keep,) * depth
+        return self._keep
 
     def images(self, name):
         return self._images
@@ -131,14 +135,25 @@ def _shrunk(program, images: np.ndarray, params, ctx):
     from evc.passes.ffn_prune import FfnPrune
     from evc.passes.head_prune import HeadPrune
 
-    part = _OnImages(images, ctx)
-    part.keep = params["keep"]
     data = "part" if params["score"] == "taylor" else None
-    if any(b.attn for b in program.structure.blocks):
-        program = HeadPrune().run(program, dict(keep=params["keep"], score=params["score"], scope="layer",
-                                                min_heads=1, data=data), part)
-    return FfnPrune().run(program, dict(keep=params["keep"], score=params["score"], round_to=params["round_to"],
-                                        data=data), part)
+    blocks = program.structure.blocks
+    if any(b.attn for b in blocks):
+        keep = _shares(params["heads"], [b.attn and b.attn.num_heads for b in blocks], params["keep"], "heads", ctx)
+        program = HeadPrune().run(program, dict(keep=keep, score=params["score"], scope="layer", min_heads=1,
+                                                data=data), _OnImages(images, ctx, keep))
+    keep = _shares(params["hidden"], [b.mlp and b.mlp.hidden for b in program.structure.blocks], params["keep"],
+                   "hidden", ctx)
+    return FfnPrune().run(program, dict(keep=keep, score=params["score"], round_to=params["round_to"], data=data),
+                          _OnImages(images, ctx, keep))
+
+
+def _shares(count: int | None, widths: list[int | None], keep: float, key: str, ctx) -> tuple[float, ...]:
+    """The share of each block's width that keeps `count` of it, or `keep` everywhere without a count."""
+    if count is None:
+        return (keep,) * len(widths)
+    if count > max(w or 0 for w in widths):
+        raise ctx.error(key, f"{key} = {count}: the model's widest block has {max(w or 0 for w in widths)}")
+    return tuple(min(1.0, count / w) if w else 1.0 for w in widths)
 
 
 def _distilled(part, teacher, classes: tuple[int, ...], params, ctx, name: str):

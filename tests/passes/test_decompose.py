@@ -35,7 +35,7 @@ class LabelledCtx(Ctx):
 
 def decompose(program, data=None, **params):
     params = dict(parts=2, by="classes", seed=0, keep=0.5, score="l1", round_to=8, data="train", drop=True, epochs=0,
-                  joint=0, lr=5e-4, batch=64) | params
+                  joint=0, lr=5e-4, batch=64, heads=None, hidden=None) | params
     ctx = LabelledCtx(params, program, data)
     return Decompose().run(program, params, ctx), ctx
 
@@ -96,6 +96,13 @@ def test_each_part_is_shrunk_and_sends_its_features():
         assert part.program.run(images(2)).shape == (2, part.width)
     assert decomposed.run(images(2)).shape == (2, program.structure.num_classes)
     assert ctx.found["classes"] == [list(p.classes) for p in decomposed.parts]
+
+
+def test_explicit_widths_give_every_part_that_many_heads_and_units():
+    program = program_of("vit_small")  # 6 heads of 64, MLPs of 1536
+    decomposed, _ = decompose(program, keep=1.0, heads=2, hidden=104)
+    for part in decomposed.parts:
+        assert {(b.attn.num_heads, b.mlp.hidden) for b in part.program.structure.blocks} == {(2, 104)}
 
 
 def test_a_decomposed_program_saves_and_loads_as_it_was(tmp_path):
