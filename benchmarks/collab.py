@@ -166,16 +166,24 @@ def _read(conn: socket.socket, count: int) -> bool:
 def measure(parts: int, runs: int, work: Path) -> dict:
     (work / f"n{parts}").mkdir()
     bundle = write_bundle(work / f"n{parts}", parts)
-    collab = read(bundle)
     feed = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE), dtype=np.float32)
+    return timed(bundle, feed, runs, work)
+
+
+def timed(bundle: Path, feed: np.ndarray, runs: int, logs: Path, alongside: dict | None = None) -> dict:
+    """Median ms of this table's runs on `bundle`, and of the runs `alongside`, all taking turns, each part
+    served by `evc serve` on loopback; the bytes of a part's request and replies, the parts' features and
+    the served logits for `feed`."""
+    collab = read(bundle)
+    parts = len(collab.parts)
     models = [session(bundle / p.model, THREADS) for p in collab.parts]
     fusion = Fusion(collab, THREADS)
     features = [m(feed) for m in models]
     request = pb.Images(images=wire.tensor(feed)).ByteSize()
-    reply = pb.Features(features=wire.tensor(features[0])).ByteSize()
-    processes, peers = serve_all(bundle, parts, work)
+    replies = [pb.Features(features=wire.tensor(f)).ByteSize() for f in features]
+    processes, peers = serve_all(bundle, parts, logs)
     pool = ThreadPoolExecutor(parts)
-    echoes = [Echo(request, reply) for _ in range(parts)]
+    echoes = [Echo(request, reply) for reply in replies]
     payload = bytes(request)
     channel = grpc.insecure_channel(peers[0], options=wire.CHANNEL_OPTIONS)
     stub = collab_pb2_grpc.PartStub(channel)
@@ -184,7 +192,7 @@ def measure(parts: int, runs: int, work: Path) -> dict:
             answer = coordinator.infer(feed)
             assert not answer.degraded, answer.reasons
             np.testing.assert_array_equal(answer.logits, fusion(features))  # the served answer is the local one
-            runs_ = {f"part {k} alone": m for k, m in enumerate(models)}
+            runs_ = {**(alongside or {}), **{f"part {k} alone": m for k, m in enumerate(models)}}
             runs_["parts at once"] = lambda x: list(pool.map(lambda m: m(x), models))
             runs_["fusion alone"] = lambda x: fusion(features)
             runs_["over gRPC"] = coordinator.infer
@@ -198,7 +206,7 @@ def measure(parts: int, runs: int, work: Path) -> dict:
         pool.shutdown()
         for echo in echoes:
             echo.close()
-    return {"times": times, "request": request, "reply": reply}
+    return {"times": times, "request": request, "replies": replies, "features": features, "logits": answer.logits}
 
 
 def machine() -> str:
@@ -240,7 +248,7 @@ def main() -> None:
               f"{t['over gRPC']:.2f} | {over:.2f} (≤ {1 + t['transfer']:.2f}: {met}) | "
               f"{t['over gRPC'] - t['parts at once'] - t['fusion alone']:.2f} | "
               f"{t['one call'] - t['part 0 alone']:.2f} ({t['transfer, one part']:.2f}) | "
-              f"{result['request']:,} / {result['reply']:,} |")
+              f"{result['request']:,} / {result['replies'][0]:,} |")
     print("\nms, median of the interleaved runs")
 
 
