@@ -178,4 +178,5 @@ def _script_context(plan: Plan, target: TargetPlan, manifest: dict, bundle: Path
         "output_shape": manifest["output"]["shape"],
         "random_weights": manifest["model"]["weights"] == "random",
         "bundle_path": str(bundle),
+        "decomposition": manifest.get("decomposition"),
     }

@@ -14,9 +14,13 @@ def templates_root() -> Path:
     return Path(evc.targets.__file__).parent / "templates"
 
 
+SHARED = "_shared"
+
+
 def _environment(folder: str) -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(templates_root() / folder),
+        # the device's own templates, and what they include from _shared/ (not rendered on their own)
+        loader=jinja2.FileSystemLoader([templates_root() / folder, templates_root() / SHARED]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
@@ -48,7 +52,8 @@ def render_scripts(device, context: dict, out_dir: Path) -> list[str]:
 
 def bundle_files(device) -> list[Path]:
     """Every file a device's bundles are made from: its templates and its payload files."""
-    return sorted((templates_root() / device.templates).glob("*.j2")) + [payload_root() / f for f in device.files]
+    templates = [*(templates_root() / device.templates).glob("*.j2"), *(templates_root() / SHARED).iterdir()]
+    return sorted(templates) + [payload_root() / f for f in device.files]
 
 
 def payload_root() -> Path:

@@ -123,3 +123,12 @@ def test_peers_that_do_not_match_the_parts_are_a_spec_error_at_the_key(bundle):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "wrong_peers.evc:12:" in done.stderr and "target 'phone': peers: 1 given for 2 parts" in done.stderr
     assert not (bundle.parent.parent / "out" / "wrong_peers" / "phone").exists()
+
+
+@pytest.mark.parametrize("target", ["cpu", "phone"])
+def test_the_bundles_readme_says_how_to_run_the_parts_together(bundle, target):
+    readme = (bundle / target / "README.md").read_text()
+    assert "## The parts, run together" in readme and "decomposed into 2 parts" in readme
+    assert "evc serve . --part K" in readme and "flagged degraded" in readme
+    placed = json.loads((bundle / "cpu" / "collab.json").read_text())["peers"]
+    assert all(peer in readme for peer in placed) if target == "cpu" else "not placed" in readme
