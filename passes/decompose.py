@@ -34,7 +34,6 @@ import copy
 from dataclasses import replace
 
 import numpy as np
-import torch
 
 from evc.params import REQUIRED, Choice, DataRef, Flag, Float, Int, Param, Ratio
 from evc.registry import Pass, register_pass
@@ -220,6 +219,8 @@ def fit(fusion, parts, teacher, images: np.ndarray):
     gram = x.T @ x
     gram += RIDGE * np.trace(gram) / len(gram) * np.eye(len(gram))
     solution = np.linalg.solve(gram, x.T @ y)
+    import torch
+
     with torch.no_grad():
         fusion.linear.weight.copy_(torch.from_numpy(solution[:-1].T))
         fusion.linear.bias.copy_(torch.from_numpy(solution[-1]))
@@ -227,6 +228,8 @@ def fit(fusion, parts, teacher, images: np.ndarray):
 
 
 def _run(model, images: np.ndarray) -> np.ndarray:
+    import torch
+
     if hasattr(model, "run"):
         return model.run(images).numpy()
     with torch.inference_mode():

@@ -29,7 +29,8 @@ from tests.passes.test_families import BROUGHT  # pruned, exported and converted
 DOC = ROOT / "docs" / "models.md"
 MARKER = "<!-- families table: each cell is measured by tests/passes/test_models_doc.py -->"
 # evc's passes and formats the table leaves out, and why.
-NOT_COLUMNS = {"finetune": "retrains weights, changes no structure", "bpu": "int8 on a board, not lowered here"}
+NOT_COLUMNS = {"finetune": "retrains weights, changes no structure", "bpu": "int8 on a board, not lowered here",
+               "decompose": "makes N models of one, each pruned by head_prune and ffn_prune: test_decompose.py"}
 
 
 class _Ctx(Ctx):
