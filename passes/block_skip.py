@@ -47,12 +47,8 @@ class BlockSkip(Pass):
 
 def _sublayers(block, part: str) -> list:
     """The sublayers of `block` that `part` names, in graph order; a whole block takes its conv mixers too."""
-    if part == "block":
-        parts = sorted([block.attn, block.mlp, *block.local], key=lambda s: -1 if s is None else block.nodes.index(
-            s.residual))
-    else:
-        parts = [block.attn] if part == "attn" else [block.mlp]
-    return [p for p in parts if p is not None]
+    parts = {"attn": [block.attn], "mlp": [block.mlp], "block": [block.attn, block.mlp, *block.local]}[part]
+    return sorted((p for p in parts if p is not None), key=lambda p: block.nodes.index(p.residual))
 
 
 def _named(blocks: dict, params, ctx) -> list[str]:

@@ -54,8 +54,8 @@ class _PartsWhole(fx.Tracer):
     """Keeps each part and the fusion one call: the ensemble's graph names them."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname.startswith("parts.") and qualname.count(".") == 1 or qualname == "fusion" or (
-            super().is_leaf_module(m, qualname))
+        whole = qualname == "fusion" or (qualname.startswith("parts.") and qualname.count(".") == 1)
+        return whole or super().is_leaf_module(m, qualname)
 
 
 def joined(parts: list[nn.Module], fusion: Fusion) -> fx.GraphModule:
