@@ -141,7 +141,8 @@ def cmd_infer(args) -> int:
             names = [f"{path}[{i}]" for i in range(len(images))] if path.endswith(".npy") else [path]
             for name, logits in zip(names, answer.logits):
                 row = {"image": name, "class": int(np.argmax(logits)), "degraded": answer.degraded,
-                       "missing": list(answer.missing), "reasons": list(answer.reasons)}
+                       "missing": list(answer.missing), "reasons": list(answer.reasons),
+                       "batch_ms": round(answer.ms, 3), "parts_compute_ms": list(answer.compute_ms)}
                 rows.append(row)
                 if not args.json:
                     print(f"{name}: class {row['class']}" + (f", degraded: {'; '.join(answer.reasons)}"

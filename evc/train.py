@@ -8,6 +8,9 @@ The loss is DeiT's soft distillation (Touvron et al., 2021) mixed with cross-ent
 
     alpha * T² * KL(softmax(teacher / T) ‖ softmax(student / T)) + (1 - alpha) * CE(student, labels)
 
+With `recipe.relation`, DeViT's relation terms are added: at one block, the student's queries, keys and
+values each match the teacher's token-to-token relations (see `Relation`).
+
 Under torchrun, after `init_distributed()`, the same call trains with DistributedDataParallel.
 `batch` is the global batch, split across ranks, so N ranks see the same batches one process
 would. Only rank 0 reads and writes checkpoints and reports progress, and every rank returns
@@ -42,6 +45,20 @@ CHECKPOINT = "distill.pt"
 
 
 @dataclass(frozen=True)
+class Relation:
+    """DeViT's relation distillation (Xu et al., after MiniLM): at one block, each of q, k and v gives the
+    relations of the tokens, softmax(X Xᵀ / √head_dim) with X the heads' vectors side by side (B, N, C),
+    and the student's are drawn to the teacher's by KL(teacher ‖ student), weighted per q, k and v. The
+    relations are N × N whatever the widths, so a student with fewer heads or a narrower head is matched
+    to its teacher as it is."""
+
+    student: tuple[str, ...]  # module names giving q, k and v: one fused projection (q | k | v), or three
+    teacher: tuple[str, ...]
+    head_dims: tuple[int, int]  # the student's and the teacher's
+    weights: tuple[float, float, float] = (0.2, 0.1, 0.3)  # DeViT's, for q, k and v
+
+
+@dataclass(frozen=True)
 class Recipe:
     epochs: int = 3
     lr: float = 1e-4
@@ -53,6 +70,7 @@ class Recipe:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda when there is one), "cpu" or "cuda"
     workers: int = 0  # DataLoader worker processes per rank
+    relation: Relation | None = None  # DeViT's relation terms, added to the loss; they need a teacher
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch < 1 or not 0 <= self.alpha <= 1 or self.temperature <= 0:
@@ -214,20 +232,26 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_set: Dataset, r
         scheduler.load_state_dict(checkpoint["scheduler"])
         history, best = [Epoch(**e) for e in checkpoint["history"]], _Best(**checkpoint["best"])
     if len(history) < recipe.epochs:
-        step = _step(_wrapped(model, device), _frozen(teacher, device), optimizer, scheduler, recipe)
+        frozen = _frozen(teacher, device)
+        relation = _Relations(recipe.relation, model, frozen) if recipe.relation and frozen is not None else None
+        step = _step(_wrapped(model, device), frozen, optimizer, scheduler, recipe, relation)
         model.train()
-        for epoch in range(len(history) + 1, recipe.epochs + 1):
-            sampler.set_epoch(epoch)
-            loss, throughput, seconds = _train_epoch(step, train_set, sampler, per_rank, recipe, device, epoch)
-            score = top1(model, val_set, per_rank) if val_set is not None else None
-            history.append(Epoch(epoch, loss, score, throughput, seconds, optimizer.param_groups[0]["lr"]))
-            best = _better(best, history[-1], model)
-            if checkpoints is not None and is_main():
-                _save(checkpoints, {"fingerprint": key, "student": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "history": [dataclasses.asdict(e) for e in history], "best": vars(best)})
-            if is_main():
-                (progress or print_epoch)(history[-1], recipe.epochs, _seconds_left(history, recipe.epochs))
+        try:
+            for epoch in range(len(history) + 1, recipe.epochs + 1):
+                sampler.set_epoch(epoch)
+                loss, throughput, seconds = _train_epoch(step, train_set, sampler, per_rank, recipe, device, epoch)
+                score = top1(model, val_set, per_rank) if val_set is not None else None
+                history.append(Epoch(epoch, loss, score, throughput, seconds, optimizer.param_groups[0]["lr"]))
+                best = _better(best, history[-1], model)
+                if checkpoints is not None and is_main():
+                    _save(checkpoints, {"fingerprint": key, "student": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                        "history": [dataclasses.asdict(e) for e in history], "best": vars(best)})
+                if is_main():
+                    (progress or print_epoch)(history[-1], recipe.epochs, _seconds_left(history, recipe.epochs))
+        finally:
+            if relation is not None:
+                relation.remove()  # the student returned carries no hooks
     if best.state is not None:
         model.load_state_dict(best.state)
     return Result(model.cpu().train(student.training), history, best.epoch)
@@ -267,11 +291,13 @@ def _frozen(teacher: nn.Module | None, device: torch.device) -> nn.Module | None
 
 
 def _step(model: nn.Module, teacher: nn.Module | None, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
-          recipe: Recipe) -> Callable[[Tensor, Tensor], Tensor]:
+          recipe: Recipe, relation: _Relations | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     def step(images: Tensor, labels: Tensor) -> Tensor:
         with torch.no_grad():
             target = logits(teacher(images)) if teacher is not None else None
         loss = distillation_loss(logits(model(images)), target, labels, recipe.alpha, recipe.temperature)
+        if relation is not None:
+            loss = loss + sum(w * d for w, d in zip(relation.spec.weights, relation.divergences()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -279,6 +305,55 @@ def _step(model: nn.Module, teacher: nn.Module | None, optimizer: torch.optim.Op
         return loss.detach()
 
     return step
+
+
+class _Relations:
+    """The relation terms of one student and its teacher: forward hooks keep the q/k/v projections'
+    outputs of each model's last forward; `divergences()` compares them."""
+
+    def __init__(self, spec: Relation, student: nn.Module, teacher: nn.Module):
+        self.spec, self.outputs = spec, ({}, {})
+        self.handles = [model.get_submodule(name).register_forward_hook(self._keeper(kept, name))
+                        for model, names, kept in ((student, spec.student, self.outputs[0]),
+                                                   (teacher, spec.teacher, self.outputs[1])) for name in names]
+
+    @staticmethod
+    def _keeper(kept: dict, name: str):
+        def keep(module, args, output):
+            kept[name] = output
+        return keep
+
+    def divergences(self) -> list[Tensor]:
+        """KL(teacher ‖ student) of the q, k and v relations, averaged over the batch, from the last forwards."""
+        student, teacher = (_relations([self.outputs[i][n] for n in names], dim)
+                            for i, (names, dim) in enumerate(((self.spec.student, self.spec.head_dims[0]),
+                                                             (self.spec.teacher, self.spec.head_dims[1]))))
+        return [F.kl_div(s, t, reduction="batchmean", log_target=True) for s, t in zip(student, teacher)]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _relations(outputs: list[Tensor], head_dim: int) -> list[Tensor]:
+    """log softmax(X Xᵀ / √head_dim) for X = q, k and v as (B, N, C) tokens: from one fused projection's
+    output, cut in three on its features, or from three; a channels-first map (B, C, H, W) read as its
+    H·W tokens."""
+    tokens = [o.flatten(2).transpose(1, 2) if o.dim() == 4 else o for o in outputs]
+    qkv = tokens[0].chunk(3, dim=-1) if len(tokens) == 1 else tokens
+    return [F.log_softmax(x @ x.transpose(-1, -2) / math.sqrt(head_dim), dim=-1) for x in qkv]
+
+
+def relation_divergences(relation: Relation, student: nn.Module, teacher: nn.Module,
+                         images: Tensor) -> list[float]:
+    """The q, k and v relation divergences of `student` from `teacher` on `images`, in eval mode."""
+    terms = _Relations(relation, student, teacher)
+    try:
+        with torch.no_grad():
+            student(images), teacher(images)
+            return [d.item() for d in terms.divergences()]
+    finally:
+        terms.remove()
 
 
 def _train_epoch(step: Callable[[Tensor, Tensor], Tensor], train_set: Dataset, sampler: DistributedSampler,

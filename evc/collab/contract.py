@@ -8,7 +8,9 @@
      "deadline_ms": 2000}
 
 Part k (ONNX or TFLite) maps images (B, C, H, W) float32 to features
-(B, output_dim). The fusion (ONNX) maps `tokens`, the parts' features
+(B, output_dim). Images may also travel as uint8 pixels, resized and cropped
+but not normalised; the part normalises them with `input.mean` and
+`input.std`. The fusion (ONNX) maps `tokens`, the parts' features
 concatenated in part order, and `present` (B, N), 1 where a part answered and
 0 where it did not (its features then zeros), to logits. `degraded_ok` says
 the fusion was trained with parts dropped, so an answer without one means
@@ -28,10 +30,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from evc.errors import InputError
 from evc.plan import ImageInput
 
 FILE = "collab.json"
+IMAGE_DTYPES = ("float32", "uint8")
 PART_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 _REQUIRED = object()
@@ -76,10 +81,18 @@ class Collab:
 
     def images_problem(self, shape: tuple[int, ...], dtype: str) -> str | None:
         """Why images of this shape and dtype are not what the parts take, or None."""
-        expected = f"(B, {', '.join(map(str, self.input_shape))}) float32"
-        if len(shape) != 4 or tuple(shape[1:]) != self.input_shape or shape[0] < 1 or dtype != "float32":
+        expected = f"(B, {', '.join(map(str, self.input_shape))}) float32 or uint8"
+        if len(shape) != 4 or tuple(shape[1:]) != self.input_shape or shape[0] < 1 or dtype not in IMAGE_DTYPES:
             return f"expected images of shape {expected}, received {tuple(shape)} {dtype}"
         return None
+
+    def normalised(self, images: np.ndarray) -> np.ndarray:
+        """Images as the parts take them: uint8 pixels scaled to [0, 1] and normalised by the mean and std, in
+        float32 as timm's ToTensor and Normalize do (bit for bit); float32 images as they are."""
+        if images.dtype != np.uint8:
+            return images
+        mean, std = (np.asarray(v, np.float32)[:, None, None] for v in (self.image.mean, self.image.std))
+        return (images.astype(np.float32) / np.float32(255) - mean) / std
 
 
 def read(bundle: Path) -> Collab:

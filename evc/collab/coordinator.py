@@ -39,6 +39,8 @@ class Answer:
     degraded: bool  # a part did not answer, and the logits were fused without it
     missing: tuple[str, ...] = ()  # the peers that did not answer, by address
     reasons: tuple[str, ...] = ()  # why, one per missing peer: "part 1 at 10.0.0.3:50051: no answer within 500 ms"
+    compute_ms: tuple[float | None, ...] = ()  # per part, its model's time as the peer measured it; None if missing
+    ms: float = 0.0  # the whole call here, from the images sent to the logits fused
 
 
 class _Missing(Exception):
@@ -77,20 +79,25 @@ class Coordinator:
         describes = {k: self.stubs[k].Describe.future(pb.Empty(), timeout=self.deadline_s)
                      for k, checked in enumerate(self.checked) if not checked}
         calls = [stub.Features.future(request, timeout=self.deadline_s) for stub in self.stubs]
-        features, reasons = [], {}
+        features, compute_ms, reasons = [], [], {}
         for k, call in enumerate(calls):
             try:
                 if k in describes:
                     self._check(k, self._reply(k, describes[k], start))
-                features.append(self._features(k, self._reply(k, call, start), len(images)))
+                reply = self._reply(k, call, start)
+                features.append(self._features(k, reply, len(images)))
+                compute_ms.append(reply.compute_us / 1e3)
             except _Missing as e:
                 call.cancel()
                 features.append(None)
+                compute_ms.append(None)
                 reasons[k] = str(e)
         if reasons and not (self.collab.degraded_ok and len(reasons) < len(calls)):
             raise PeerError(self._no_answer(reasons))
-        return Answer(self.fusion(features), degraded=bool(reasons), missing=tuple(self.peers[k] for k in reasons),
-                      reasons=tuple(reasons.values()))
+        logits = self.fusion(features)
+        return Answer(logits, degraded=bool(reasons), missing=tuple(self.peers[k] for k in reasons),
+                      reasons=tuple(reasons.values()), compute_ms=tuple(compute_ms),
+                      ms=(time.monotonic() - start) * 1e3)
 
     def close(self) -> None:
         for channel in self.channels:

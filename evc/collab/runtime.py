@@ -81,6 +81,7 @@ def local_infer(bundle: Path, images: np.ndarray, missing: tuple[int, ...] = ())
     `missing` left out as if they had not answered. What served parts must reproduce exactly."""
     collab = read(bundle)
     images = checked_images(collab, images)
+    images = collab.normalised(images)
     features = [None if k in missing else part_model(collab, k)(images) for k in range(len(collab.parts))]
     if all(f is None for f in features):
         raise InputError("local_infer: every part is missing; at least one must answer")

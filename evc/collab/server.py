@@ -12,6 +12,7 @@ the shape expected and the shape received.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import grpc
 
 from evc.collab import collab_pb2 as pb
 from evc.collab import collab_pb2_grpc, wire
-from evc.collab.contract import Collab, read
+from evc.collab.contract import IMAGE_DTYPES, Collab, read
 from evc.collab.runtime import part_model
 from evc.errors import InputError, first_line
 
@@ -41,18 +42,21 @@ class PartServicer(collab_pb2_grpc.PartServicer):
 
     def Features(self, request, context):
         try:
-            images = wire.array(request.images)
+            images = wire.array(request.images, IMAGE_DTYPES)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"part {self.k}: malformed images: {e}")
-        problem = self.collab.images_problem(images.shape, "float32")
+        problem = self.collab.images_problem(images.shape, str(images.dtype))
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"part {self.k}: {problem}")
+        images = self.collab.normalised(images)
         try:
             with self.lock:
+                start = time.perf_counter_ns()
                 features = self.features(images)
+                compute_us = (time.perf_counter_ns() - start) // 1000
         except Exception as e:  # the runtime's own error, passed on to the coordinator as text
             context.abort(grpc.StatusCode.INTERNAL, f"part {self.k}: the model failed: {first_line(e)}")
-        return pb.Features(features=wire.tensor(features))
+        return pb.Features(features=wire.tensor(features), compute_us=compute_us)
 
     def Describe(self, request, context):
         return self.info

@@ -1,4 +1,8 @@
-"""Tensors on the wire (shape, dtype, raw little-endian float32 bytes) and the channel options both ends use."""
+"""Tensors on the wire (shape, dtype, raw little-endian bytes) and the channel options both ends use.
+
+Features are float32. Images are float32 when the caller preprocessed them, or uint8 pixels (B, C, H, W),
+resized and cropped but not normalised: a quarter of the bytes, normalised by the part that receives them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import numpy as np
 
 from evc.collab import collab_pb2 as pb
 
-FLOAT32 = np.dtype("<f4")
+DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 # A batch of 224x224 images outgrows gRPC's default 4 MB limit on a message.
 MAX_MESSAGE = 256 << 20
 MESSAGE_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
@@ -21,21 +25,24 @@ SERVER_OPTIONS = MESSAGE_OPTIONS + [("grpc.so_reuseport", 0)]
 
 
 def tensor(array: np.ndarray) -> pb.Tensor:
-    array = np.ascontiguousarray(array, dtype=FLOAT32)
-    return pb.Tensor(shape=array.shape, dtype="float32", data=array.tobytes())
+    """`array` as a message: uint8 stays uint8, anything else is sent as float32."""
+    dtype = "uint8" if array.dtype == np.uint8 else "float32"
+    array = np.ascontiguousarray(array, dtype=DTYPES[dtype])
+    return pb.Tensor(shape=array.shape, dtype=dtype, data=array.tobytes())
 
 
-def array(message: pb.Tensor) -> np.ndarray:
-    """The tensor a message carries; ValueError says what is wrong with a malformed one."""
+def array(message: pb.Tensor, dtypes: tuple[str, ...] = ("float32",)) -> np.ndarray:
+    """The tensor a message carries, of one of `dtypes`; ValueError says what is wrong with a malformed one."""
     shape = tuple(message.shape)
-    if message.dtype != "float32":
-        raise ValueError(f"dtype {message.dtype or 'unset'!r}, expected float32")
+    if message.dtype not in dtypes:
+        raise ValueError(f"dtype {message.dtype or 'unset'!r}, expected {' or '.join(dtypes)}")
     if any(n < 0 for n in shape):
         raise ValueError(f"negative size in shape {shape}")
-    size = math.prod(shape) * FLOAT32.itemsize
+    dtype = DTYPES[message.dtype]
+    size = math.prod(shape) * dtype.itemsize
     if len(message.data) != size:
-        raise ValueError(f"{len(message.data)} bytes for shape {shape} float32, which takes {size}")
-    return np.frombuffer(message.data, dtype=FLOAT32).reshape(shape).astype(np.float32, copy=False)
+        raise ValueError(f"{len(message.data)} bytes for shape {shape} {message.dtype}, which takes {size}")
+    return np.frombuffer(message.data, dtype=dtype).reshape(shape).astype(message.dtype, copy=False)
 
 
 def address(host: str, port: int) -> str:

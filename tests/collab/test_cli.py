@@ -46,6 +46,8 @@ def test_infer_json_marks_a_degraded_answer_and_names_the_missing_peer(bundles, 
     assert [row["class"] for row in rows] == [int(k) for k in local_infer(bundle, x, missing=(2,)).argmax(1)]
     assert all(row["degraded"] and row["missing"] == [down] for row in rows)
     assert rows[0]["reasons"][0].startswith(f"part 2 at {down}: unreachable")
+    compute = rows[0]["parts_compute_ms"]
+    assert compute[2] is None and all(0 < ms < rows[0]["batch_ms"] for ms in compute[:2])
 
 
 def test_infer_with_a_part_down_and_no_degraded_answer_exits_1_naming_the_peer(bundles, serve, tmp_path):
@@ -71,7 +73,7 @@ def test_infer_refuses_bad_input_files_with_exit_2(bundles, tmp_path):
     peers = ("--peers", "127.0.0.1:1,127.0.0.1:2")
     assert "no such bundle folder" in _fails(run_evc("infer", tmp_path / "absent", "x.npy", *peers), 2)
     np.save(tmp_path / "small.npy", np.zeros((2, 3, 16, 16), np.float32))
-    assert "small.npy: expected images of shape (B, 3, 32, 32) float32, received (2, 3, 16, 16)" in _fails(
+    assert "small.npy: expected images of shape (B, 3, 32, 32) float32 or uint8, received (2, 3, 16, 16)" in _fails(
         run_evc("infer", bundles["two"], tmp_path / "small.npy", *peers), 2)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     assert "cannot read image" in _fails(run_evc("infer", bundles["two"], tmp_path / "broken.png", *peers), 2)

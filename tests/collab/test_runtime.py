@@ -74,3 +74,19 @@ def test_a_file_that_is_not_a_model_is_refused_naming_it(bundles, tmp_path):
 def test_local_infer_needs_one_part_at_least(bundles):
     with pytest.raises(InputError, match="every part is missing"):
         local_infer(bundles["two"], images(1), missing=(0, 1))
+
+
+def test_a_picture_is_read_as_uint8_pixels_that_normalise_to_the_eval_transform_bit_for_bit(bundles, tmp_path):
+    """`evc infer` sends pictures as pixels, a quarter of the bytes; the part's normalising must give exactly
+    the images `evc build` validated with."""
+    from evc.collab.images import read_batch
+    from evc.data import eval_transform, read_rgb
+    from tests.conftest import write_images
+
+    collab = read(bundles["two"])
+    picture = next(write_images(tmp_path, 1, height=40, width=50).iterdir())
+    pixels = read_batch(picture, collab)
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, *collab.input_shape)
+    expected = eval_transform(collab.image)(read_rgb(picture)).numpy()[None]
+    np.testing.assert_array_equal(collab.normalised(pixels), expected)
+    np.testing.assert_array_equal(local_infer(bundles["two"], pixels), local_infer(bundles["two"], expected))

@@ -42,7 +42,28 @@ def test_images_of_the_wrong_shape_are_invalid_argument_naming_both_shapes(serve
     with pytest.raises(grpc.RpcError) as e:
         served.Features(pb.Images(images=wire.tensor(np.zeros(shape, np.float32))), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details() == f"part 1: expected images of shape (B, 3, 32, 32) float32, received {shape} float32"
+    assert e.value.details() == (f"part 1: expected images of shape (B, 3, 32, 32) float32 or uint8, "
+                                 f"received {shape} float32")
+
+
+def test_uint8_pixels_are_normalised_by_the_part_as_the_eval_transform_does(served, bundles):
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    request = pb.Images(images=wire.tensor(pixels))
+    assert request.images.dtype == "uint8" and len(request.images.data) == pixels.size
+    reply = served.Features(request, timeout=10)
+    collab = read(bundles["two"])
+    normalised = collab.normalised(pixels)
+    assert normalised.dtype == np.float32 and not np.array_equal(normalised, pixels)
+    np.testing.assert_array_equal(wire.array(reply.features), part_model(collab, 1)(normalised))
+
+
+def test_images_of_another_dtype_are_invalid_argument(served):
+    message = wire.tensor(np.zeros((1, 3, 32, 32), np.float32))
+    message.dtype = "float16"
+    with pytest.raises(grpc.RpcError) as e:
+        served.Features(pb.Images(images=message), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "part 1: malformed images: dtype 'float16', expected float32 or uint8"
 
 
 def test_a_truncated_request_is_invalid_argument(served):

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from evc.passes.decompose import Decompose, class_split
+from evc.passes.decompose import Decompose, class_split, relation
 from evc.passes.ffn_prune import FfnPrune
 
 from evc.ir.program import Program
+from evc.train import relation_divergences
 from tests.passes.conftest import Ctx, images, program_of
 
 
@@ -35,7 +36,7 @@ class LabelledCtx(Ctx):
 
 def decompose(program, data=None, **params):
     params = dict(parts=2, by="classes", seed=0, keep=0.5, score="l1", round_to=8, data="train", drop=True, epochs=0,
-                  joint=0, lr=5e-4, batch=64, heads=None, hidden=None) | params
+                  joint=0, lr=5e-4, batch=64, heads=None, hidden=None, relation=1.0) | params
     ctx = LabelledCtx(params, program, data)
     return Decompose().run(program, params, ctx), ctx
 
@@ -162,6 +163,29 @@ def test_parts_distilled_on_their_classes_then_jointly_come_closer_to_the_model(
     assert [e["epoch"] for e in ctx.found["joint_epochs"]] == [1, 2]
     assert divergence(joint) < divergence(distilled) < divergence(pruned)
     assert [p.width for p in joint.parts] == [p.width for p in pruned.parts] and joint.fusion.drop
+
+    # DeViT's relation terms (on by default) drew each part's q, k and v relations towards the model's
+    logits_only, _ = decompose(program, train, keep=0.5, epochs=2, relation=0)
+    images = torch.from_numpy(x)
+
+    def relations(decomposed, k):
+        part = decomposed.parts[k].program
+        return sum(relation_divergences(relation(part, program, 1.0), part.graph, program.graph, images))
+
+    for k in (0, 1):
+        assert relations(distilled, k) < relations(logits_only, k) and relations(distilled, k) < relations(pruned, k)
+    assert not any(m._forward_hooks for p in distilled.parts for m in p.program.graph.modules())
+
+
+def test_relation_terms_read_the_middle_blocks_q_k_v_and_vanish_for_the_model_itself(digits):
+    program, train, _ = digits
+    spec = relation(program, program, 2.0)
+    blocks = program.structure.blocks  # 2 blocks: DeViT's depth // 2 - 1 is the first
+    assert spec.student == spec.teacher == blocks[0].attn.qkv and spec.head_dims == (16, 16)
+    assert spec.weights == pytest.approx((0.4, 0.2, 0.6)) and relation(program, program, 0) is None
+    images = torch.from_numpy(train[0][:64])
+    assert relation_divergences(spec, program.graph, program.graph, images) == pytest.approx([0, 0, 0], abs=1e-6)
+    assert not program.graph.get_submodule(spec.student[0])._forward_hooks  # the hooks went with the measure
 
 
 def test_more_parts_than_classes_is_an_error_at_parts():
