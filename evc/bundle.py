@@ -101,7 +101,8 @@ def _manifest(plan: Plan, target: TargetPlan, compiled, checked: dict, key: str 
                                     "interpolation": image.interpolation, "source": dict(image.origin)}},
         "output": {"name": "logits", "shape": checked["output_shape"]},
         "structure": _structure_record(compiled.program),
-        **({"decomposition": _decomposition_record(compiled, target)} if compiled.program.parts else {}),
+        **({"decomposition": _decomposition_record(compiled, target, checked["artifacts"])}
+           if compiled.program.parts else {}),
         "passes": [{"name": p.name, "params": canonical(p.params), **({"found": found} if found else {})}
                    for p, found in zip(plan.passes, compiled.found)],
         "params_macs": {"before": compiled.before, "after": compiled.after},
@@ -139,18 +140,24 @@ def _spec_record(plan: Plan) -> dict:
     return {"path": str(plan.path), "sha256": text_digest(plan.text)}
 
 
-def _decomposition_record(compiled, target: TargetPlan) -> dict:
-    """A decomposed model's parts: classes, costs, what each sends per image; the fusion; how to run them."""
+def _decomposition_record(compiled, target: TargetPlan, artifacts: list[dict]) -> dict:
+    """A decomposed model's parts: the model served, classes, costs, what each sends per image; the fusion;
+    how to run them."""
     program, image = compiled.program, compiled.program.input
     costs = {p["name"]: p for p in compiled.after["parts"]}
-    request = 4 * 3 * image.height * image.width  # float32 images, (1, 3, H, W)
-    parts = [{"name": p.name, "classes": list(p.classes), "width": p.width, "macs": costs[p.name]["macs"],
-              "params": costs[p.name]["params"], "bytes_per_image": {"request": request, "reply": 4 * p.width},
+    pixels = 3 * image.height * image.width  # (1, 3, H, W): float32 images, or uint8 pixels from picture files
+    sent = {"request": 4 * pixels, "request_pixels": pixels}
+    served = {p.name: next(a["path"] for a in artifacts if a["path"].startswith(f"{p.name}/")) for p in program.parts}
+    parts = [{"name": p.name, "model": served[p.name], "classes": list(p.classes), "width": p.width,
+              "macs": costs[p.name]["macs"],
+              "params": costs[p.name]["params"], "bytes_per_image": {**sent, "reply": 4 * p.width},
               "structure": _structure_record(p.program)} for p in program.parts]
     peers = list(target.params.get("peers") or ())
     for part, peer in zip(parts, peers):
         part["peer"] = peer
-    return {"parts": parts, "fusion": {**compiled.after["fusion"], "degraded_ok": bool(program.fusion.drop)},
+    same = all(p["structure"] == parts[0]["structure"] for p in parts)  # heads, units, tokens in every block
+    return {"parts": parts, "same_shapes": same,
+            "fusion": {**compiled.after["fusion"], "degraded_ok": bool(program.fusion.drop)},
             "run": "evc serve BUNDLE --part K --port P on each device, then evc infer BUNDLE --peers HOST:PORT,..."}
 
 

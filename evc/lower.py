@@ -82,13 +82,12 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, 
 
 def _lower_parts(fmt, program, target: TargetPlan, folder: Path, ctx: Context) -> list:
     """A decomposed model: every part lowered by the target's format into its own folder, the fusion
-    to ONNX (the coordinator runs it), and collab.json, which `evc serve` and `evc infer` read."""
+    to ONNX (the coordinator runs it), and collab.json, which `evc serve` and `evc infer` read. A part
+    is served from its format's first artifact: the model itself (for the BPU, the float ONNX that the
+    toolchain compiles; `evc serve` runs it here in ONNX Runtime)."""
     from evc.collab import contract
     from evc.targets.onnx import export_module
 
-    if target.format not in ("onnx", "tflite"):
-        raise BuildError(f"target '{target.name}': a decomposed model lowers to format onnx or tflite, whose "
-                         f"runtimes serve its parts; format {target.format} is not one of them yet")
     artifacts, served = [], []
     for part in program.parts:
         (folder / part.name).mkdir()

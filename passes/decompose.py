@@ -20,8 +20,8 @@ Collaborative Inference in Edge Devices", IEEE TMC 2024; falcon-xu/DeViT):
    classes' images (DeViT's per-part distillation), by finetune's engine:
    the logits' KD and cross-entropy, and DeViT's relation terms, which draw
    the token-to-token relations of the part's q, k and v at the middle
-   attention block to the model's (weights 0.2, 0.1 and 0.3, times
-   `relation`).
+   attention block to the model's (DeViT's weights 0.2, 0.1 and 0.3, over
+   the depth as DeViT's code has them, times `relation`).
 5. With `joint`, the parts and the fusion are then distilled together from
    the model on all the images, and the fusion fitted again on the result.
 6. With `drop` (the default) the fit also sees every image with each part
@@ -191,8 +191,9 @@ def relation(part, teacher, weight: float):
     mine, theirs = pairs[max(0, len(pairs) // 2 - 1)]
     if mine.heads_out or theirs.heads_out or {len(mine.qkv), len(theirs.qkv)} - {1, 3}:
         return None
+    # DeViT divides the terms by the part's depth, though it reads one block
     return Relation(mine.qkv, theirs.qkv, (mine.head_dim, theirs.head_dim),
-                    tuple(weight * w for w in Relation.weights))
+                    tuple(weight * w / len(part.structure.blocks) for w in Relation.weights))
 
 
 def _jointly(decomposed, teacher, images: np.ndarray, params, ctx):

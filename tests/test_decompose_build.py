@@ -65,7 +65,8 @@ def test_the_manifest_records_each_parts_classes_costs_and_traffic(bundle):
     parts = manifest["decomposition"]["parts"]
     assert sorted(c for p in parts for c in p["classes"]) == list(range(10))
     for part in parts:
-        assert part["bytes_per_image"] == {"request": 4 * 3 * 32 * 32, "reply": 4 * part["width"]}
+        assert part["bytes_per_image"] == {"request": 4 * 3 * 32 * 32, "request_pixels": 3 * 32 * 32,
+                                           "reply": 4 * part["width"]}
         assert part["macs"] < manifest["params_macs"]["before"]["total"]["macs"]
         heads = [b["attn"]["num_heads"] for b in part["structure"]["blocks"]]
         hidden = [b["mlp"]["hidden"] for b in part["structure"]["blocks"]]
@@ -132,3 +133,76 @@ def test_the_bundles_readme_says_how_to_run_the_parts_together(bundle, target):
     assert "evc serve . --part K" in readme and "flagged degraded" in readme
     placed = json.loads((bundle / "cpu" / "collab.json").read_text())["peers"]
     assert all(peer in readme for peer in placed) if target == "cpu" else "not placed" in readme
+
+
+BOARDS = """evc 1
+model tiny {{
+    source = {model}
+    input  = image(32, 32, crop_pct = 1.0)
+}}
+data train {{ images = "data/train" }}
+compress {{
+    decompose {{ parts = 2, keep = 1/2, score = l1, data = train }}
+}}
+target x5   {{ device = rdk_x5, format = bpu, calibrate = train }}
+target orin {{ device = jetson, format = onnx }}
+"""
+
+
+@pytest.fixture(scope="module")
+def boards(tmp_path_factory):
+    """The same model decomposed for the X5's BPU toolchain and for a Jetson's TensorRT."""
+    folder = tmp_path_factory.mktemp("boards")
+    sys.path.insert(0, str(ROOT / "examples" / "digits"))
+    import prepare
+
+    prepare.write_folders(folder / "data")
+    (folder / "tiny.evc").write_text(BOARDS.format(model=SMALL_MODEL))
+    done = run_evc("build", folder / "tiny.evc", "--out", folder / "out")
+    assert done.returncode == 0, done.stderr
+    return folder / "out" / "tiny"
+
+
+def test_every_part_is_lowered_for_the_bpu_toolchain_and_checked(boards):
+    bundle = boards / "x5"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    paths = [a["path"] for a in manifest["artifacts"]]
+    assert paths == ["part0/model.onnx", "part0/model_int8_proxy.onnx", "part1/model.onnx",
+                     "part1/model_int8_proxy.onnx"]
+    for part in ("part0", "part1"):
+        for name in ("config.yaml", "op_check.json", "calibration"):
+            assert (bundle / part / name).exists(), f"{part}/{name}"
+        check = json.loads((bundle / part / "op_check.json").read_text())
+        assert check["summary"]["unsupported"] == 0
+    onnx = [a for a in manifest["artifacts"] if "toolchain" in a]
+    assert all(a["parity"]["max_abs_diff"] < 1e-4 for a in onnx)
+    assert manifest["validation"]["whole"]["max_abs_diff"] < 1e-4  # the fused float parts against PyTorch
+    collab = json.loads((bundle / "collab.json").read_text())
+    assert [p["model"] for p in collab["parts"]] == ["part0/model.onnx", "part1/model.onnx"]
+    assert [p["model"] for p in manifest["decomposition"]["parts"]] == ["part0/model.onnx", "part1/model.onnx"]
+    assert manifest["decomposition"]["same_shapes"]
+
+
+def test_build_sh_compiles_every_part_in_its_own_folder(boards, tmp_path):
+    bundle = boards / "x5"
+    assert subprocess.run(["shellcheck", bundle / "build.sh", bundle / "bench.sh"]).returncode == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "hb_mapper"  # the toolchain runs on the user's PC, not here: it records its calls
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "${PWD##*/}" "$1" >> "$CALLS"\n')
+    fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(calls)}
+    done = subprocess.run(["bash", bundle / "build.sh"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().split() == ["part0", "checker", "part0", "makertbin",
+                                         "part1", "checker", "part1", "makertbin"]
+    readme = (bundle / "README.md").read_text()
+    assert "`part0/config.yaml`" in readme and "compiles every part" in readme
+
+
+def test_a_jetson_target_lowers_every_part_to_onnx(boards):
+    manifest = json.loads((boards / "orin" / "manifest.json").read_text())
+    assert [a["path"] for a in manifest["artifacts"]] == ["part0/model.onnx", "part1/model.onnx"]
+    assert manifest["validation"]["whole"]["max_abs_diff"] < 1e-4
+    assert "MODEL=part0/model.onnx" in (boards / "orin" / "bench.sh").read_text()
