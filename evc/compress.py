@@ -42,15 +42,15 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | Non
     original = program.structure
     if plan.passes:
         program.require_structure(f"pass {plan.passes[0].name}")
-    found, as_loaded = [], program
+    found, as_loaded, whole = [], program, None  # whole: the model decompose split, once it has
     for pass_plan, key in zip(plan.passes, keys.passes):
         with progress.stage(f"pass {pass_plan.name}"):
             ctx = PassContext(plan, pass_plan, as_loaded, key, cache if write_cache else None, progress)
             plugin = PASSES[pass_plan.name].plugin
-            if program.parts:  # after decompose: the pass runs on every part
-                program = PASSES["decompose"].plugin.each_part(program, plugin, pass_plan.params, ctx)
+            if program.parts:  # after decompose: the pass runs on every part, the fusion refitted to `whole`
+                program = PASSES["decompose"].plugin.each_part(program, plugin, pass_plan.params, ctx, whole)
             else:
-                program = plugin.run(program, pass_plan.params, ctx)
+                whole, program = program, plugin.run(program, pass_plan.params, ctx)
         found.append(canonical(ctx.found))
     after = _aligned_summary(program, original) if plan.passes else before
     if write_cache and plan.passes:

@@ -101,13 +101,13 @@ class Decompose(Pass):
             decomposed = _jointly(decomposed, program, images, params, ctx)
         return decomposed
 
-    def each_part(self, program, plugin, params, ctx):
-        """Another pass written after decompose: run on every part, then the fusion fitted again."""
+    def each_part(self, program, plugin, params, ctx, whole):
+        """Another pass written after decompose: run on every part, then the fusion fitted again to `whole`,
+        the model decompose split, as it was first fitted."""
         images, _ = ctx.labelled(program.fusion.fitted_on)
         parts = [replace(p, program=plugin.run(p.program, params, ctx)) for p in program.parts]
         parts = [replace(p, width=int(p.program.run(images[:1]).shape[-1])) for p in parts]
-        teacher = ctx.model("original")
-        return program.decomposed(parts, fit(copy.deepcopy(program.fusion), parts, teacher, images), program.input)
+        return program.decomposed(parts, fit(copy.deepcopy(program.fusion), parts, whole, images), program.input)
 
 
 def class_split(classes: int, parts: int, seed: int) -> list[tuple[int, ...]]:
@@ -222,13 +222,33 @@ def _features(program):
     return program.rebuilt(features(copy_graph(program.graph), program.structure.head))
 
 
-def fit(fusion, parts, teacher, images: np.ndarray):
+def fit(fusion, parts, teacher, images: np.ndarray, batch: int = 256):
     """`fusion` fitted by ridge least squares to the teacher's logits on `images`, in float64; with
-    `fusion.drop`, on every image with each part missing in turn too."""
+    `fusion.drop`, on every image with each part missing in turn too. The normal equations are summed
+    batch by batch, so the fit holds one batch's features at a time, whatever the number of images."""
+    import torch
+
+    width = sum(fusion.widths) + len(parts) + 1  # the features, a flag per part, the bias
+    gram, moment = np.zeros((width, width)), 0.0
+    for start in range(0, len(images), batch):
+        x, y = _rows(fusion, parts, teacher, images[start:start + batch])
+        gram += x.T @ x
+        moment = moment + x.T @ y
+    gram += RIDGE * np.trace(gram) / len(gram) * np.eye(len(gram))
+    solution = np.linalg.solve(gram, moment)
+    with torch.no_grad():
+        fusion.linear.weight.copy_(torch.from_numpy(solution[:-1].T))
+        fusion.linear.bias.copy_(torch.from_numpy(solution[-1]))
+    return fusion.eval()
+
+
+def _rows(fusion, parts, teacher, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fit's inputs for `images` (the parts' features, 1 per part present, 1 for the bias) and targets
+    (the teacher's logits); with `fusion.drop`, the same images again with each part missing in turn."""
     tokens = np.concatenate([p.program.run(images).numpy() for p in parts], axis=1).astype(np.float64)
     target = _run(teacher, images).astype(np.float64)
-    present = np.ones((len(images), len(parts)))
-    rows, targets = [np.concatenate([tokens, present], axis=1)], [target]
+    ones = np.ones((len(images), len(parts) + 1))
+    rows, targets = [np.concatenate([tokens, ones], axis=1)], [target]
     if fusion.drop and len(parts) > 1:
         edges = np.cumsum([0, *fusion.widths])
         for k in range(len(parts)):
@@ -237,17 +257,7 @@ def fit(fusion, parts, teacher, images: np.ndarray):
             missing[:, edges[-1] + k] = 0
             rows.append(missing)
             targets.append(target)
-    x, y = np.concatenate(rows), np.concatenate(targets)
-    x = np.concatenate([x, np.ones((len(x), 1))], axis=1)  # the bias
-    gram = x.T @ x
-    gram += RIDGE * np.trace(gram) / len(gram) * np.eye(len(gram))
-    solution = np.linalg.solve(gram, x.T @ y)
-    import torch
-
-    with torch.no_grad():
-        fusion.linear.weight.copy_(torch.from_numpy(solution[:-1].T))
-        fusion.linear.bias.copy_(torch.from_numpy(solution[-1]))
-    return fusion.eval()
+    return np.concatenate(rows), np.concatenate(targets)
 
 
 def _run(model, images: np.ndarray) -> np.ndarray:

@@ -114,14 +114,40 @@ def test_a_decomposed_program_saves_and_loads_as_it_was(tmp_path):
     assert torch.equal(loaded.run(images(4)), decomposed.run(images(4)))
 
 
-def test_a_pass_after_decompose_runs_on_every_part_and_the_fusion_is_fitted_again():
-    program = program_of("deit_tiny")
-    decomposed, _ = decompose(program, keep=1.0)
+def test_the_fusion_fitted_batch_by_batch_is_the_fusion_fitted_at_once():
+    import copy
+
+    from evc.passes.decompose import fit
+
+    program = program_of("vit_small")
+    decomposed, ctx = decompose(program, parts=3)
+    x = ctx.labelled("train")[0]
+    at_once, batched = (fit(copy.deepcopy(decomposed.fusion), decomposed.parts, program, x, batch=b).linear
+                        for b in (len(x), 7))
+    torch.testing.assert_close(batched.weight, at_once.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched.bias, at_once.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pass_after_decompose_runs_on_every_part_and_the_fusion_is_fitted_again_to_the_model_it_split():
+    import copy
+
+    from evc.passes.decompose import fit
+
+    loaded = program_of("deit_tiny")
     params = dict(keep=0.5, score="l1", round_to=8, data=None)
-    after = Decompose().each_part(decomposed, FfnPrune(), params, LabelledCtx(params, program))
+    whole = FfnPrune().run(loaded, params, Ctx(params))  # a pass before decompose: decompose splits this
+    decomposed, _ = decompose(whole, keep=1.0)
+    later = dict(params)
+    ctx = LabelledCtx(later, whole)
+    after = Decompose().each_part(decomposed, FfnPrune(), later, ctx, whole)
     for before, part in zip(decomposed.parts, after.parts):
-        assert [b.mlp.hidden for b in part.program.structure.blocks] == [
-            b.mlp.hidden // 2 for b in before.program.structure.blocks]
+        assert [b.mlp.hidden for b in before.program.structure.blocks] == [384] * 12
+        assert [b.mlp.hidden for b in part.program.structure.blocks] == [192] * 12
+    x = ctx.labelled("train")[0]
+    refit = {name: fit(copy.deepcopy(after.fusion), after.parts, model, x).linear.weight
+             for name, model in (("whole", whole), ("loaded", loaded))}
+    assert torch.equal(after.fusion.linear.weight, refit["whole"])
+    assert not torch.equal(refit["whole"], refit["loaded"])
     assert not torch.equal(after.fusion.linear.weight, decomposed.fusion.linear.weight)
 
 
