@@ -94,3 +94,13 @@ def recover(final: Path) -> None:
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.rename(aside, final)
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path` holds `text` whole, or keeps what it held: written beside it, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

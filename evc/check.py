@@ -8,8 +8,10 @@ every problem is reported at once, in source order:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from evc import budget
 from evc.blocks import BLOCK_KINDS, DATA_PARAMS, EVALUATE_PARAMS, MODEL_PARAMS, TARGET_PARAMS, data_problem
 from evc.errors import Diagnostic, Span, SpecError
 from evc.params import Invalid, ModelRef, Param, check_entries, did_you_mean, named_data
@@ -41,6 +43,7 @@ class _Checker:
         self.diagnostics: list[Diagnostic] = []
         self.data_refs: list[tuple[str, Span]] = []
         self.model_refs: list[tuple[str, Span]] = []
+        self.budget: PassPlan | None = None
 
     def report(self, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic(message, span, hint))
@@ -68,7 +71,8 @@ class _Checker:
                 self.report(f"undefined data '{name}'", span, did_you_mean(name, defined) or self._defined(defined))
         if self.diagnostics or model is None:
             return None
-        return Plan(Path(self.spec.path), self.spec.source, model, data, passes, targets, evaluate, teachers)
+        return Plan(Path(self.spec.path), self.spec.source, model, data, passes, targets, evaluate, teachers,
+                    self.budget)
 
     @staticmethod
     def _defined(data) -> str:
@@ -188,13 +192,21 @@ class _Checker:
             self.report(f"'{entry.key}' is a setting, but compress holds passes, as in `head_prune {{ keep = 0.5 }}`",
                         entry.span)
         passes = []
+        budgets = [n for n in block.nested if n.kind == budget.BUDGET]
+        self.budget = self.budget_of(budgets)
         for i, nested in enumerate(block.nested):
+            if nested.kind == budget.BUDGET:
+                continue
             info = PASSES.get(nested.kind)
             if info is None:
-                self.report(f"unknown pass '{nested.kind}'", nested.span, did_you_mean(nested.kind, PASSES))
+                self.report(f"unknown pass '{nested.kind}'", nested.span,
+                            did_you_mean(nested.kind, [*PASSES, budget.BUDGET]))
                 continue
             self.exclusions(nested, block.nested[:i])
-            values = self.entries(nested, info.params, f"pass '{nested.kind}'")
+            params = info.params
+            if budgets and nested.kind in budget.SEARCHED and not any(e.key == "keep" for e in nested.entries):
+                params = tuple(replace(p, default=None) if p.name == "keep" else p for p in params)  # searched
+            values = self.entries(nested, params, f"pass '{nested.kind}'")
             if values is None:
                 continue
             spans = {e.key: e.value.span for e in nested.entries}
@@ -205,7 +217,34 @@ class _Checker:
                     self.report(e.message, e.span or nested.span, e.hint)
                     continue
             passes.append(PassPlan(nested.kind, values, spans))
+        if budgets and self.budget is not None:
+            if not any(p.name in budget.SEARCHED and p.params.get("keep") is None for p in passes):
+                self.report("the budget has nothing to choose: leave `keep` out of head_prune or ffn_prune for "
+                            "the budget to choose it block by block", budgets[0].span)
+            for p in passes:
+                if p.name == "head_prune" and p.params.get("keep") is None and p.params["scope"] == "global":
+                    self.report("a budget chooses head_prune's keep block by block: scope = global ranks all "
+                                "heads together", p.spans.get("scope"))
+                if p.name == "decompose":
+                    self.report("a budget cannot be combined with decompose yet: the budget is searched for one "
+                                "model", budgets[0].span)
         return tuple(passes)
+
+    def budget_of(self, blocks: list[ast.Block]) -> PassPlan | None:
+        """The compress block's `budget { ... }`, checked; None without one or when it is wrong."""
+        for extra in blocks[1:]:
+            self.report("a compress block has at most one budget; this is a second one", extra.span)
+        if not blocks:
+            return None
+        values = self.entries(blocks[0], budget.PARAMS, "the budget")
+        if values is None:
+            return None
+        try:
+            budget.check(values, {}, blocks[0].span)
+        except Invalid as e:
+            self.report(e.message, e.span, e.hint)
+            return None
+        return PassPlan(budget.BUDGET, values, {e.key: e.value.span for e in blocks[0].entries})
 
     def exclusions(self, later: ast.Block, earlier: tuple[ast.Block, ...]) -> None:
         """Report `later` once for each pass before it that it cannot share the compress block with."""

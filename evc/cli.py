@@ -37,6 +37,17 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _pin(plan, results) -> None:
+    from evc.budget import lock_path, write_lock
+    from evc.keys import derive
+
+    if plan.budget is None:
+        raise InputError(f"--pin: {plan.path} has no budget in its compress block: there is no search to pin")
+    record = {k: v for k, v in results[0].manifest["budget"].items() if k != "pinned"}
+    write_lock(plan.path, derive(plan).budget, record)
+    print(f"pinned: {lock_path(plan.path)}")
+
+
 def cmd_build(args) -> int:
     from evc.driver import build
 
@@ -60,6 +71,8 @@ def cmd_build(args) -> int:
         print(f"{state}: {result.bundle}")
         for a in result.manifest["artifacts"]:
             print(f"    {a['path']}: {a['size'] / 1e6:.1f} MB, parity {describe(a['parity'])}")
+    if args.pin:
+        _pin(plan, results)
     evaluated = [r for r in results if "evaluation" in r.manifest]
     if evaluated:
         from evc.evaluate import table
@@ -161,6 +174,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build", help="where bundles go: OUT/<spec stem>/<target> (default: build)")
     p.add_argument("--target", action="append", metavar="NAME", help="build only this target (repeatable)")
     p.add_argument("--force", action="store_true", help="rebuild everything, ignoring the cache")
+    p.add_argument("--pin", action="store_true", help="write what a budget's search chose to SPEC.lock beside the "
+                                                      "spec; later builds read it instead of searching")
     p.set_defaults(run=cmd_build)
 
     p = sub.add_parser("check", help="check a spec without loading the model")

@@ -25,6 +25,7 @@ class Compiled:
     found: list  # per pass, in order: {key: value} for values the pass chose itself (a searched schedule)
     weights: str  # the checkpoint's sha256, or "random"
     key: str
+    budget: dict | None = None  # what a budget's search chose and reached (evc.budget.Search.record)
 
 
 def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | None = None,
@@ -36,14 +37,17 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | Non
                       "so its outputs mean nothing (the bundle is still complete and checked)")
     cached = _fetch(cache, keys.program)
     if cached is not None:
-        return Compiled(*cached, keys.weights, keys.program)
+        return Compiled(*cached[:4], keys.weights, keys.program, cached[4])
 
     program, before = loaded(plan, cache, progress, keys, write_cache)
     original = program.structure
     if plan.passes:
         program.require_structure(f"pass {plan.passes[0].name}")
+    passes, searched = plan.passes, None
+    if plan.budget is not None:
+        passes, searched = _searched(plan, program, before, progress, keys.budget)
     found, as_loaded, whole = [], program, None  # whole: the model decompose split, once it has
-    for pass_plan, key in zip(plan.passes, keys.passes):
+    for pass_plan, key in zip(passes, keys.passes):
         with progress.stage(f"pass {pass_plan.name}"):
             ctx = PassContext(plan, pass_plan, as_loaded, key, cache if write_cache else None, progress)
             plugin = PASSES[pass_plan.name].plugin
@@ -54,8 +58,38 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | Non
         found.append(canonical(ctx.found))
     after = _aligned_summary(program, original) if plan.passes else before
     if write_cache and plan.passes:
-        _store(cache, keys.program, program, before, after, found)
-    return Compiled(program, before, after, found, keys.weights, keys.program)
+        _store(cache, keys.program, program, before, after, found, searched)
+    return Compiled(program, before, after, found, keys.weights, keys.program, searched)
+
+
+def _searched(plan: Plan, program, before: dict, progress: Progress, key: str):
+    """The passes with the keep the budget chose filled in, and the search's record; what a lock file beside
+    the spec pinned for this budget, model and data, without searching."""
+    from evc.budget import BudgetTooSmall, Search, lock_path, pinned, read_lock, target_of
+    from evc.context import Context
+
+    record = read_lock(plan.path, key)
+    if record is not None:
+        return tuple(pinned(plan.passes, record)), {**record, "pinned": lock_path(plan.path).name}
+
+    params = plan.budget.params
+    metric = "macs" if params["macs"] is not None else "params"
+    target = target_of(params[metric], before["total"][metric])
+    images = Context(plan, progress, program).images(params["data"])[:params["samples"]]
+
+    def run_pass(program_, pass_plan):
+        return PASSES[pass_plan.name].plugin.run(program_, pass_plan.params,
+                                                 PassContext(plan, pass_plan, program, "", None, progress))
+
+    def count(program_) -> dict:
+        return _summary(program_)["total"]
+
+    with progress.stage(f"budget {metric} = {target / 1e6:.4g}M: sensitivity of each block, then the search"):
+        try:
+            passes, _, record = Search(program, list(plan.passes), metric, target, images, run_pass, count).run()
+        except BudgetTooSmall as e:
+            raise plan.error(plan.budget.spans.get(metric), f"budget: {e}") from None
+    return tuple(passes), record
 
 
 def loaded(plan: Plan, cache: Cache, progress: Progress, keys: Keys, write_cache: bool = True):
@@ -85,13 +119,15 @@ def _fetch(cache: Cache, key: str):
     if hit is None:
         return None
     summaries = json.loads((hit / "summary.json").read_text())
-    return Program.load(hit / "program.pt"), summaries["before"], summaries["after"], summaries["found"]
+    return (Program.load(hit / "program.pt"), summaries["before"], summaries["after"], summaries["found"],
+            summaries.get("budget"))
 
 
-def _store(cache: Cache, key: str, program, before: dict, after: dict, found: list) -> None:
+def _store(cache: Cache, key: str, program, before: dict, after: dict, found: list, budget: dict | None = None) -> None:
     with cache.entry("program", key) as folder:
         program.save(folder / "program.pt")
-        (folder / "summary.json").write_text(json.dumps({"before": before, "after": after, "found": found}))
+        (folder / "summary.json").write_text(json.dumps({"before": before, "after": after, "found": found,
+                                                         "budget": budget}))
 
 
 def aligned(after: dict, original, compressed) -> dict:

@@ -29,9 +29,12 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
                       f"{compiled.program.unrecognised}")
     else:
         console.print(structure.describe())
+    if compiled.budget:
+        console.print(budget_text(plan, compiled.budget), highlight=False, markup=False)
     for p, found in zip(plan.passes, compiled.found):
         info = PASSES[p.name]
-        params = ", ".join(f"{k} = {v}" for k, v in canonical(p.params).items())
+        params = ", ".join(f"{k} = {'(searched)' if k == 'keep' and v is None and plan.budget else v}"
+                           for k, v in canonical(p.params).items())
         console.print(f"[bold]pass[/] {p.name} {{ {params} }}: {info.help}")
         for key, value in found.items():
             console.print(f"  found: {key} = {_spec_value(value)}", highlight=False)
@@ -43,6 +46,18 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
         fmt = FORMATS[t.format].plugin
         if isinstance(fmt, Placement):
             console.print(placement_text(fmt.placement(compiled.program, t)))
+
+
+def budget_text(plan: Plan, record: dict) -> str:
+    """What a budget's search chose, and the fragment that pins it in the spec."""
+    from evc.budget import human
+
+    metric, reached, target = record["metric"], record["reached"], record["target"]
+    how = f"pinned by {record['pinned']}" if record.get("pinned") else f"searched, {len(record['counts'])} count(s)"
+    lines = [f"budget {metric} <= {human(target)}: reached {human(reached)} ({how})",
+             "  chosen, to pin in the spec (or `evc build --pin` for a lock file):"]
+    lines += [f"    {entry['pass']} {{ keep = [{', '.join(entry['keep'])}] }}" for entry in record["chosen"]]
+    return "\n".join(lines)
 
 
 def _spec_value(value) -> str:

@@ -41,6 +41,7 @@ class Keys:
     lower: dict[str, str]  # per target name
     bundle: dict[str, str]  # per target name
     evaluate: str | None  # None without an evaluate block
+    budget: str | None = None  # what a budget's search reads: the model as loaded, the budget, its data
 
     @property
     def program(self) -> str:
@@ -60,7 +61,11 @@ def derive(plan) -> Keys:
     hub = plan.model.weights if isinstance(plan.model.weights, HubWeights) else None
     load = stage_key("load", plan.model.source, plan.model.input, weights, hub, source_code_digest(plan),
                      plan.model.output, library_versions())
-    passes, key = [], load
+    passes, key, budget = [], load, None
+    if plan.budget is not None:  # what the searched passes' keep follows from
+        searched = [p for p in plan.passes if p.params.get("keep") is None]
+        budget = key = stage_key("budget", key, plan.budget, data_identity(plan.data[plan.budget.params["data"]]),
+                                 searched)
     for p in plan.passes:
         declared = PASSES[p.name].params
         data = {name: data_identity(plan.data[name]) for name in data_refs(declared, p.params)}
@@ -81,7 +86,7 @@ def derive(plan) -> Keys:
         bundle[target.name] = stage_key("target", lower[target.name], target, templates_digest(device),
                                         plan.path.name)
     evaluation = evaluate and stage_key("evaluate", program, load, evaluate, library_versions())
-    return Keys(weights, load, tuple(passes), lower, bundle, evaluation)
+    return Keys(weights, load, tuple(passes), lower, bundle, evaluation, budget)
 
 
 def stage_key(*parts: Any) -> str:

@@ -69,6 +69,25 @@ class Ratio(Kind):
 
 
 @dataclass(frozen=True)
+class Amount(Kind):
+    """A budget: a share of the model's own (`50%`, `1/2`, `0.5`) or a count (`600M`, `8M`, `2.5e6`).
+    Checks to ("share", x) or ("count", n)."""
+
+    text = "a share (50%, 1/2) or a count (600M, 8M)"
+    example = "50%"
+
+    def check(self, value):
+        if isinstance(value, ast.Quantity) and not value.is_time:
+            return ("count", value.amount)
+        if isinstance(value, ast.Quantity):
+            raise Invalid(f"expected {self.text}, found {_show(value)}, a time", value.span)
+        x = _number(value, self.text)
+        if x <= 0:
+            raise Invalid(f"{_show(value)} is out of range: expected {self.text}, above 0", value.span)
+        return ("share", float(x)) if x <= 1 else ("count", float(x))
+
+
+@dataclass(frozen=True)
 class Int(Kind):
     low: int | None = None
     high: int | None = None
@@ -459,6 +478,8 @@ def _show(value: ast.Value) -> str:
         return f"{value.value.numerator}/{value.value.denominator}"
     if isinstance(value, ast.Percent):
         return f"{value.value:g}%"
+    if isinstance(value, ast.Quantity):
+        return f"{value.value:g}{value.unit}"
     if isinstance(value, ast.String):
         return f'"{value.value}"'
     if isinstance(value, ast.Ident):

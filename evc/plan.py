@@ -141,6 +141,7 @@ class Plan:
     targets: tuple[TargetPlan, ...]
     evaluate: EvaluatePlan | None = None
     teachers: dict[str, ModelPlan] = field(default_factory=dict)  # model blocks after the first, by name
+    budget: PassPlan | None = None  # `budget { ... }` in compress: the searched passes' keep (evc.budget)
 
     @property
     def stem(self) -> str:

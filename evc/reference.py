@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from evc import budget
 from evc.blocks import DATA_PARAMS, EVALUATE_PARAMS, MODEL_PARAMS, TARGET_PARAMS
 from evc.params import Param, Record
 from evc.registry import DEVICES, FORMATS, PASSES, load_plugins
@@ -67,7 +68,9 @@ def reference() -> str:
                   *_table(device.params)]
     for fmt in sorted(FORMATS.values(), key=lambda f: f.name):
         lines += ["", f"#### `format = {fmt.name}`: {fmt.help}", *_table(fmt.params)]
-    lines += ["", "### `compress { PASS { ... } ... }` (at most one; passes run in the order written)"]
+    lines += ["", "### `compress { PASS { ... } ... }` (at most one; passes run in the order written)",
+              "", "#### `budget`: the compressed model's MACs or params; head_prune and ffn_prune written without "
+                  "`keep` take theirs, block by block, from a search (docs/budget.md)", *_table(budget.PARAMS)]
     if not PASSES:
         lines.append("No passes are registered yet.")
     for info in sorted(PASSES.values(), key=lambda p: p.name):

@@ -43,6 +43,29 @@ class Percent:
 
 
 @dataclass(frozen=True)
+class Quantity:
+    """`600M` (a count) or `12ms` (a time): the number as written and its unit."""
+
+    value: float
+    unit: str  # K, M, G, ms or us
+    span: Span
+
+    SCALE = {"K": 1e3, "M": 1e6, "G": 1e9, "ms": 1e-3, "us": 1e-6}
+
+    @property
+    def amount(self) -> float:
+        """In plain units: a count, or seconds."""
+        return self.value * self.SCALE[self.unit]
+
+    @property
+    def is_time(self) -> bool:
+        return self.unit in ("ms", "us")
+
+    def describe(self) -> str:
+        return "a time" if self.is_time else "a count"
+
+
+@dataclass(frozen=True)
 class String:
     value: str
     span: Span
@@ -100,7 +123,7 @@ class Table:
         return "a table"
 
 
-Value = Number | Fraction | Percent | String | Ident | List | Call | Table
+Value = Number | Quantity | Fraction | Percent | String | Ident | List | Call | Table
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,12 @@ class _ToAst(lark.Transformer):
         (token,) = children
         return ast.Percent(float(token), _span(meta))
 
+    def quantity(self, children):
+        (token,) = children
+        text = str(token)
+        unit = text.lstrip("0123456789.")
+        return ast.Quantity(float(text[:len(text) - len(unit)]), unit, _span(token))
+
     def string(self, children):
         (token,) = children
         raw = str(token)[1:-1]
