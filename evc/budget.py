@@ -35,16 +35,21 @@ import math
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
-from evc.params import REQUIRED, Amount, DataRef, Int, Invalid, Param, PerLayer
+from evc.params import REQUIRED, Amount, DataRef, Int, Invalid, Param, PerLayer, TargetRef, Time
 
 BUDGET = "budget"
 SEARCHED = ("head_prune", "ffn_prune")  # the passes whose per-layer `keep` a budget chooses
-METRICS = ("macs", "params")
+METRICS = ("macs", "params", "latency")
 PARAMS = (
     Param("macs", Amount(), None, "the compressed model's multiply-accumulates: a share of the model's own "
-                                  "(50%) or a count (600M)", not_with=("params",)),
+                                  "(50%) or a count (600M)", not_with=("params", "latency")),
     Param("params", Amount(), None, "the compressed model's parameters: a share (60%) or a count (8M)",
-          not_with=("macs",)),
+          not_with=("macs", "latency")),
+    Param("latency", Time(), None, "the compressed model's time on the target `on`, as its latency table "
+                                   "(evc profile) predicts it: a time (12ms) or a share (50%)",
+          not_with=("macs", "params")),
+    Param("on", TargetRef(), None, "the target whose runtime a latency budget is measured in (device = cpu)",
+          only_with="latency"),
     Param("data", DataRef(), REQUIRED, "images each block's sensitivity is measured on"),
     Param("samples", Int(1), 32, "how many of those images"),
 )
@@ -52,10 +57,13 @@ MAX_ROUNDS = 4  # verification rounds: each takes the steps the last count showe
 
 
 def check(values: dict, spans: dict, at) -> None:
-    """A budget names exactly one of its metrics."""
+    """A budget names one of its metrics; a latency, the target it is timed on."""
     given = [m for m in METRICS if values.get(m) is not None]
     if not given:
-        raise Invalid("a budget needs `macs` or `params`, e.g. `budget { macs = 50%, data = calib }`", at)
+        raise Invalid("a budget needs `macs`, `params` or `latency`, e.g. `budget { macs = 50%, data = calib }`", at)
+    if values.get("latency") is not None and values.get("on") is None:
+        raise Invalid("a latency budget needs `on`, the target it is timed on: `latency = 12ms, on = cpu`",
+                      spans.get("latency", at))
 
 
 @dataclass
@@ -277,7 +285,7 @@ def fraction_text(value: Fraction) -> str:
 
 
 def target_of(amount: tuple[str, float], whole: float) -> float:
-    """A budget's amount in the metric's units: a share of the model's own, or a count as written."""
+    """A budget's amount in the metric's units: a share of the model's own, or a count (or ms) as written."""
     kind, value = amount
     return value * whole if kind == "share" else value
 
@@ -285,8 +293,9 @@ def target_of(amount: tuple[str, float], whole: float) -> float:
 class BudgetTooSmall(Exception):
     def __init__(self, metric: str, target: float, floor: float):
         self.metric, self.target, self.floor = metric, target, floor
-        super().__init__(f"{metric} = {human(target)} cannot be met: the searched passes reach "
-                         f"{human(floor)} at the least (every block at its fewest heads and units)")
+        show = (lambda ms: f"{ms:.3g}ms") if metric == "latency" else human
+        super().__init__(f"{metric} = {show(target)} cannot be met: the searched passes reach "
+                         f"{show(floor)} at the least (every block at its fewest heads and units)")
 
 
 def human(count: float) -> str:

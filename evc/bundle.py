@@ -106,7 +106,8 @@ def _manifest(plan: Plan, target: TargetPlan, compiled, checked: dict, key: str 
         "passes": [{"name": p.name, "params": canonical(p.params), **({"found": found} if found else {})}
                    for p, found in zip(plan.passes, compiled.found)],
         "params_macs": {"before": compiled.before, "after": compiled.after},
-        **({"budget": compiled.budget} if compiled.budget else {}),
+        **({"budget": {**compiled.budget, **({"timed": checked["latency"]} if "latency" in checked else {})}}
+           if compiled.budget else {}),
         "target": {"name": target.name, "device": target.device, "format": target.format,
                    "params": canonical(target.params)},
         "artifacts": checked["artifacts"],

@@ -65,6 +65,8 @@ class _Checker:
         if not by_kind["target"]:
             self.report("the spec has no target block; add one, e.g. `target cpu { device = cpu, format = onnx }`",
                         self.spec.header_span)
+        if self.budget is not None and self.budget.params["on"] is not None:
+            self.budget_target(self.budget, targets, [b.name for b in by_kind["target"]])
         defined = [b.name for b in data_blocks]  # a block with its own errors is still defined
         for name, span in self.data_refs:
             if name not in defined:
@@ -230,6 +232,17 @@ class _Checker:
                                 "model", budgets[0].span)
         return tuple(passes)
 
+    def budget_target(self, plan: PassPlan, targets: tuple[TargetPlan, ...], names: list[str]) -> None:
+        """A latency budget's `on` names a target timed here."""
+        name, span = plan.params["on"], plan.spans.get("on")
+        target = next((t for t in targets if t.name == name), None)
+        if name not in names:
+            self.report(f"budget: on: undefined target '{name}'", span, did_you_mean(name, names))
+        elif target is not None and target.device != "cpu":
+            self.report(f"budget: on: target '{name}' runs on device {target.device}; a latency budget is timed "
+                        "in the target's runtime on this machine, so `on` names a target with device = cpu",
+                        span)
+
     def budget_of(self, blocks: list[ast.Block]) -> PassPlan | None:
         """The compress block's `budget { ... }`, checked; None without one or when it is wrong."""
         for extra in blocks[1:]:
@@ -240,7 +253,7 @@ class _Checker:
         if values is None:
             return None
         try:
-            budget.check(values, {}, blocks[0].span)
+            budget.check(values, {e.key: e.value.span for e in blocks[0].entries}, blocks[0].span)
         except Invalid as e:
             self.report(e.message, e.span, e.hint)
             return None

@@ -48,6 +48,44 @@ def _pin(plan, results) -> None:
     print(f"pinned: {lock_path(plan.path)}")
 
 
+def cmd_profile(args) -> int:
+    """The latency table of the spec's model on one of its targets, measured here (or from the cache)."""
+    from rich.console import Console
+
+    from evc.cache import Cache
+    from evc.compress import loaded
+    from evc.keys import derive
+    from evc.profile import table_for
+    from evc.progress import Progress
+
+    plan = _read_plan(args.spec)
+    names = [t.name for t in plan.targets]
+    if args.target not in names:
+        raise InputError(f"--target {args.target}: {args.spec} has no such target (it has: {', '.join(names)})")
+    target = next(t for t in plan.targets if t.name == args.target)
+    if target.device != "cpu":
+        raise InputError(f"--target {args.target}: device {target.device} is not this machine; evc profile times "
+                         "targets with device = cpu")
+    progress = Progress(Console(stderr=True))
+    keys = derive(plan)
+    cache = Cache(Path(args.out) / ".cache")
+    program, _ = loaded(plan, cache, progress, keys)
+    program.require_structure("evc profile")
+    table = table_for(plan, args.target, program, cache, keys.load, progress)
+    if args.json:
+        import json
+
+        print(json.dumps(table.to_dict(), indent=1))
+        return 0
+    print(f"{plan.model.name} on target '{table.target}' ({table.runtime}, {table.threads} thread(s)): "
+          f"{table.base_ms:.3f} ms without blocks, then per block, ms:")
+    print("heads \\ MLP units " + " ".join(f"{u:>7}" for u in table.units))
+    for heads, row in zip(table.heads, table.block_ms):
+        print(f"{heads:>17} " + " ".join(f"{ms:7.3f}" for ms in row))
+    print(f"the model as loaded: {table.predict(program.structure):.3f} ms predicted")
+    return 0
+
+
 def cmd_build(args) -> int:
     from evc.driver import build
 
@@ -177,6 +215,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pin", action="store_true", help="write what a budget's search chose to SPEC.lock beside the "
                                                       "spec; later builds read it instead of searching")
     p.set_defaults(run=cmd_build)
+
+    p = sub.add_parser("profile", help="measure a latency table for a target (what a latency budget reads)")
+    p.add_argument("spec", help="the .evc spec file")
+    p.add_argument("--target", required=True, help="the target to time, a cpu one")
+    p.add_argument("--out", default="build", help="where the cache is (default: build)")
+    p.add_argument("--json", action="store_true", help="print the table as one JSON document")
+    p.set_defaults(run=cmd_profile)
 
     p = sub.add_parser("check", help="check a spec without loading the model")
     p.add_argument("spec", help="the .evc spec file")

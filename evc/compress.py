@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from evc.cache import Cache
 from evc.context import PassContext
+from evc.errors import InputError
 from evc.keys import Keys, canonical, derive
 from evc.plan import Plan
 from evc.progress import Progress
@@ -45,7 +46,7 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | Non
         program.require_structure(f"pass {plan.passes[0].name}")
     passes, searched = plan.passes, None
     if plan.budget is not None:
-        passes, searched = _searched(plan, program, before, progress, keys.budget)
+        passes, searched = _searched(plan, program, before, progress, keys, cache if write_cache else None)
     found, as_loaded, whole = [], program, None  # whole: the model decompose split, once it has
     for pass_plan, key in zip(passes, keys.passes):
         with progress.stage(f"pass {pass_plan.name}"):
@@ -62,19 +63,29 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | Non
     return Compiled(program, before, after, found, keys.weights, keys.program, searched)
 
 
-def _searched(plan: Plan, program, before: dict, progress: Progress, key: str):
+def _searched(plan: Plan, program, before: dict, progress: Progress, keys: Keys, cache: Cache | None):
     """The passes with the keep the budget chose filled in, and the search's record; what a lock file beside
     the spec pinned for this budget, model and data, without searching."""
     from evc.budget import BudgetTooSmall, Search, lock_path, pinned, read_lock, target_of
     from evc.context import Context
 
-    record = read_lock(plan.path, key)
+    record = read_lock(plan.path, keys.budget)
     if record is not None:
         return tuple(pinned(plan.passes, record)), {**record, "pinned": lock_path(plan.path).name}
 
     params = plan.budget.params
-    metric = "macs" if params["macs"] is not None else "params"
-    target = target_of(params[metric], before["total"][metric])
+    metric = next(m for m in ("macs", "params", "latency") if params[m] is not None)
+    table = None
+    if metric == "latency":
+        from evc.profile import table_for
+
+        try:
+            table = table_for(plan, params["on"], program, cache, keys.load, progress)
+            table.predict(program.structure)
+        except InputError as e:
+            raise plan.error(plan.budget.spans.get("latency"), f"budget: {e}") from None
+    whole = table.predict(program.structure) if table else before["total"][metric]
+    target = target_of(params[metric], whole)
     images = Context(plan, progress, program).images(params["data"])[:params["samples"]]
 
     def run_pass(program_, pass_plan):
@@ -82,13 +93,17 @@ def _searched(plan: Plan, program, before: dict, progress: Progress, key: str):
                                                  PassContext(plan, pass_plan, program, "", None, progress))
 
     def count(program_) -> dict:
-        return _summary(program_)["total"]
+        total = _summary(program_)["total"]
+        return {**total, "latency": table.predict(program_.structure)} if table else total
 
-    with progress.stage(f"budget {metric} = {target / 1e6:.4g}M: sensitivity of each block, then the search"):
+    shown = f"{target:.3g}ms" if table else f"{target / 1e6:.4g}M"
+    with progress.stage(f"budget {metric} = {shown}: sensitivity of each block, then the search"):
         try:
             passes, _, record = Search(program, list(plan.passes), metric, target, images, run_pass, count).run()
         except BudgetTooSmall as e:
             raise plan.error(plan.budget.spans.get(metric), f"budget: {e}") from None
+    if table:
+        record.update(on=params["on"], table=table.to_dict(), loaded_ms=whole)
     return tuple(passes), record
 
 

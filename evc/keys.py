@@ -64,8 +64,9 @@ def derive(plan) -> Keys:
     passes, key, budget = [], load, None
     if plan.budget is not None:  # what the searched passes' keep follows from
         searched = [p for p in plan.passes if p.params.get("keep") is None]
+        timed_on = [t for t in plan.targets if t.name == plan.budget.params.get("on")]  # a latency budget's
         budget = key = stage_key("budget", key, plan.budget, data_identity(plan.data[plan.budget.params["data"]]),
-                                 searched)
+                                 searched, timed_on)
     for p in plan.passes:
         declared = PASSES[p.name].params
         data = {name: data_identity(plan.data[name]) for name in data_refs(declared, p.params)}

@@ -73,6 +73,9 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, 
     output = compiled.program.run(compiled.program.example())
     checked = {"artifacts": [a.describe(folder) for a in artifacts], "output_shape": list(output.shape),
                "validation": validation}
+    budget = compiled.budget
+    if budget and budget["metric"] == "latency" and budget["on"] == target.name and not failures:
+        checked["latency"] = _timed(target, fmt, folder / artifacts[0].path, program, budget, progress)
     write_json(folder / CHECKED, checked)
     if failures:
         failed = keep_failed(plan, target, compiled, folder, checked, failures, bundle)
@@ -111,6 +114,22 @@ def _zeros(*shape):
     import torch
 
     return torch.zeros(shape)
+
+
+def _timed(target: TargetPlan, fmt: Runtime, path: Path, program, budget: dict, progress: Progress) -> dict:
+    """The artifact a latency budget was searched for, timed as its table was: predicted against measured."""
+    import numpy as np
+
+    from evc.profile import Table, interleaved, thread_count
+
+    threads = thread_count(target.params["threads"][0])
+    with progress.stage(f"time {path.name} against the latency budget ({threads} thread(s))"):
+        feed = np.random.default_rng(0).standard_normal(program.input.shape, dtype=np.float32)
+        measured = interleaved({"model": fmt.session(path, threads)}, feed, target.params["runs"],
+                               target.params["warmups"])["model"]
+    predicted = Table.from_dict(budget["table"]).predict(program.structure)
+    return {"budget_ms": budget["target"], "predicted_ms": predicted, "measured_ms": measured,
+            "measured_over_predicted": measured / predicted, "threads": threads}
 
 
 def _validate(plan: Plan, target: TargetPlan, compiled, fmt: Runtime, folder: Path, artifacts, progress: Progress,

@@ -88,6 +88,26 @@ class Amount(Kind):
 
 
 @dataclass(frozen=True)
+class Time(Kind):
+    """A latency budget: a time (`12ms`, `800us`) or a share of the model's own (`50%`). Checks to
+    ("ms", t) or ("share", x)."""
+
+    text = "a time (12ms, 800us) or a share of the model's own (50%)"
+    example = "12ms"
+
+    def check(self, value):
+        if isinstance(value, ast.Quantity) and value.is_time:
+            return ("ms", value.amount * 1e3)
+        if isinstance(value, ast.Quantity):
+            raise Invalid(f"expected {self.text}, found {_show(value)}, a count", value.span)
+        x = _number(value, self.text)
+        if not 0 < x <= 1:
+            raise Invalid(f"{_show(value)} is out of range: expected {self.text}; a bare number is a share in "
+                          "(0, 1], and a time takes its unit", value.span)
+        return ("share", float(x))
+
+
+@dataclass(frozen=True)
 class Int(Kind):
     low: int | None = None
     high: int | None = None
@@ -188,6 +208,14 @@ class DataRef(_BlockName):
 
     text = "the name of a data block"
     example = "<a data block>"
+
+
+@dataclass(frozen=True)
+class TargetRef(_BlockName):
+    """The name of a `target` block."""
+
+    text = "the name of a target block"
+    example = "<a target block>"
 
 
 @dataclass(frozen=True)

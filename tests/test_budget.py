@@ -120,7 +120,7 @@ def test_an_impossible_budget_is_bad_input_naming_the_floor(tmp_path):
 
 
 @pytest.mark.parametrize("budget, passes, message", [
-    ("", SEARCHED, "a budget needs `macs` or `params`"),
+    ("", SEARCHED, "a budget needs `macs`, `params` or `latency`"),
     ("macs = 50%, params = 50%", SEARCHED, "give either `macs` or `params`"),
     ("macs = 12ms", SEARCHED, "found 12ms, a time"),
     ("macs = 50%", "    head_prune { keep = 1/2 }", "the budget has nothing to choose"),

@@ -1,0 +1,113 @@
+"""Latency tables (evc profile) and latency budgets: a block's cost by heads and MLP width, timed here."""
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from evc.targets.onnx import export_onnx, session
+
+from evc.ir.program import Program
+from evc.plan import ImageInput
+from evc.profile import Table, _Uniform, measure
+from tests.conftest import check_fails, run_evc
+
+
+def _lower(program, folder):
+    export_onnx(program, folder / "model.onnx", 17)
+    return folder / "model.onnx"
+
+
+def _shaped(program, heads, units):
+    """`program` with these heads and MLP units per block, by the passes a budget runs."""
+    from evc.passes.ffn_prune import FfnPrune
+    from evc.passes.head_prune import HeadPrune
+
+    class PerBlock(_Uniform):
+        def __init__(self, keep):
+            self.keep = keep
+
+        def per_layer(self, key, depth):
+            return self.keep
+
+    narrow = HeadPrune().run(program, dict(keep=None, score="l1", scope="layer", min_heads=1, data=None),
+                             PerBlock(tuple(h / 3 for h in heads)))
+    return FfnPrune().run(narrow, dict(keep=None, score="l1", round_to=8, data=None),
+                          PerBlock(tuple(u / 768 for u in units)))
+
+
+def test_the_table_predicts_held_back_configurations_within_15_percent():
+    """Three models of uneven blocks, timed in the same turns as the table's own, against its prediction."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, patch_size=8, depth=6).eval()
+    program = Program.from_module(model, ImageInput(64, 64))
+    rng = np.random.default_rng(0)
+    held_back = {f"config {i}": _shaped(program, rng.integers(1, 4, 6).tolist(),
+                                        (rng.integers(1, 97, 6) * 8).tolist()) for i in range(3)}
+    table, measured = measure(program, _lower, session, 1, 40, 5, alongside=held_back)
+    assert table.heads == (1, 2, 3) and table.units == (96, 192, 384, 576, 768)
+    assert table.base_ms > 0 and all(ms > 0 for row in table.block_ms for ms in row)
+    for name, config in held_back.items():
+        predicted = table.predict(config.structure)
+        assert abs(predicted - measured[name]) <= 0.15 * measured[name], (name, predicted, measured[name])
+    assert Table.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+
+
+def test_between_measured_points_a_block_is_interpolated():
+    table = Table("cpu", "onnx", 1, 2, (1, 3), (8, 16), 1.0, ((1.0, 2.0), (3.0, 4.0)))
+    assert table.block(1, 8) == 1.0 and table.block(3, 16) == 4.0
+    assert table.block(2, 12) == pytest.approx(2.5)  # halfway in both
+    assert table.block(3, 32) == 4.0  # beyond the grid: its edge
+
+
+SPEC = """evc 1
+model m {{
+    source = timm("vit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = 4, num_classes = 10)
+    input  = image(32, 32, crop_pct = 1.0)
+}}
+data calib {{ synthetic = 8 }}
+compress {{
+    budget {{ {budget} }}
+    head_prune {{ score = l1 }}
+    ffn_prune {{ score = l1 }}
+}}
+target cpu {{ device = cpu, format = onnx, threads = 1, runs = 20, warmups = 3 }}
+target phone {{ device = android, format = tflite }}
+"""
+
+
+def test_a_latency_budget_is_searched_on_the_targets_table_and_timed_after_the_build(tmp_path):
+    spec = tmp_path / "m.evc"
+    spec.write_text(SPEC.format(budget="latency = 70%, on = cpu, data = calib, samples = 8"))
+    done = run_evc("build", spec, "--out", tmp_path / "out", "--target", "cpu")
+    assert done.returncode == 0, done.stderr
+    budget = json.loads((tmp_path / "out" / "m" / "cpu" / "manifest.json").read_text())["budget"]
+    assert budget["metric"] == "latency" and budget["on"] == "cpu"
+    assert budget["target"] == pytest.approx(0.7 * budget["loaded_ms"])
+    assert budget["reached"] <= budget["target"]  # as the table predicts it
+    timed = budget["timed"]
+    assert timed["predicted_ms"] == pytest.approx(budget["reached"]) and timed["measured_ms"] > 0
+    profile = run_evc("profile", spec, "--target", "cpu", "--out", tmp_path / "out", "--json")
+    assert profile.returncode == 0, profile.stderr
+    assert json.loads(profile.stdout) == budget["table"]  # the table the build searched on, from the cache
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("latency = 12ms, data = calib", "a latency budget needs `on`"),
+    ("latency = 12ms, on = cpx, data = calib", "undefined target 'cpx'"),
+    ("latency = 12ms, on = phone, data = calib", "target 'phone' runs on device android"),
+    ("latency = 600M, on = cpu, data = calib", "found 600M, a count"),
+])
+def test_a_latency_budget_that_cannot_be_timed_here_is_a_spec_error(tmp_path, budget, message):
+    spec = tmp_path / "m.evc"
+    spec.write_text(SPEC.format(budget=budget))
+    stderr = check_fails(spec)
+    assert message in stderr and "m.evc:8:" in stderr
+
+
+def test_profile_names_a_target_it_cannot_time(tmp_path):
+    spec = tmp_path / "m.evc"
+    spec.write_text(SPEC.format(budget="macs = 50%, data = calib"))
+    done = run_evc("profile", spec, "--target", "phone", "--out", tmp_path / "out")
+    assert done.returncode == 2 and "device android is not this machine" in done.stderr
