@@ -12,9 +12,11 @@ writes its `keep` keeps it, and every other pass runs as written. The search
 
 1. **Sensitivity.** Each searched pass is run alone on one block at a few
    widths (heads 1 at a time; units at 3/4, 1/2, 1/4 and the least), on the
-   model the compress block starts from. Each pruned model's output is
-   compared with the unpruned one's on `samples` images of `data`: the
-   KL divergence of its class probabilities. Its MACs and params are counted.
+   model the compress block starts from, its scores (taylor, activation)
+   taken on the budget's `samples` images rather than the pass's whole
+   `data`. Each pruned model's output is compared with the unpruned one's on
+   those images: the KL divergence of its class probabilities. Its MACs and
+   params are counted.
 2. **Allocation.** Starting from every block whole, the step that costs the
    least divergence per MAC (or param) saved is taken, one head or
    `round_to` units at a time (divergence interpolated between the measured
@@ -117,6 +119,7 @@ class Search:
     images: object  # np.ndarray, the sensitivity's images
     run_pass: object  # (program, PassPlan) -> Program
     count: object  # (program) -> {"macs": ..., "params": ...}
+    probe_pass: object = None  # run_pass for the sensitivity's trials, scoring on fewer images; run_pass if None
     groups: list[Group] = field(default_factory=list)
 
     def run(self):
@@ -153,7 +156,8 @@ class Search:
             for block, (width, step, least) in widths(self.program, plan):
                 group = Group(index, block, width, step, least, {width: 0.0}, width=width)
                 for level in levels(width, step, least):
-                    pruned = self.run_pass(self.program, self.one_block(plan, block, keep_of(level, width)))
+                    trial = self.one_block(plan, block, keep_of(level, width))
+                    pruned = (self.probe_pass or self.run_pass)(self.program, trial)
                     logits = torch.log_softmax(pruned.run(self.images), -1)
                     group.measured[level] = float(torch.sum(reference.exp() * (reference - logits), -1).mean())
                     if level == least:

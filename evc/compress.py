@@ -92,6 +92,10 @@ def _searched(plan: Plan, program, before: dict, progress: Progress, keys: Keys,
         return PASSES[pass_plan.name].plugin.run(program_, pass_plan.params,
                                                  PassContext(plan, pass_plan, program, "", None, progress))
 
+    def probe_pass(program_, pass_plan):  # scores on the budget's images: a trial needs no more
+        return PASSES[pass_plan.name].plugin.run(program_, pass_plan.params,
+                                                 _Probe(plan, pass_plan, program, images, progress))
+
     def count(program_) -> dict:
         total = _summary(program_)["total"]
         return {**total, "latency": table.predict(program_.structure)} if table else total
@@ -99,12 +103,24 @@ def _searched(plan: Plan, program, before: dict, progress: Progress, keys: Keys,
     shown = f"{target:.3g}ms" if table else f"{target / 1e6:.4g}M"
     with progress.stage(f"budget {metric} = {shown}: sensitivity of each block, then the search"):
         try:
-            passes, _, record = Search(program, list(plan.passes), metric, target, images, run_pass, count).run()
+            passes, _, record = Search(program, list(plan.passes), metric, target, images, run_pass, count,
+                                       probe_pass).run()
         except BudgetTooSmall as e:
             raise plan.error(plan.budget.spans.get(metric), f"budget: {e}") from None
     if table:
         record.update(on=params["on"], table=table.to_dict(), loaded_ms=whole)
     return tuple(passes), record
+
+
+class _Probe(PassContext):
+    """A pass's context in a budget's trials: any data block it scores on reads as the budget's images."""
+
+    def __init__(self, plan: Plan, pass_plan, original, images, progress: Progress):
+        super().__init__(plan, pass_plan, original, "", None, progress)
+        self._probe = images
+
+    def images(self, data: str):
+        return self._probe
 
 
 def loaded(plan: Plan, cache: Cache, progress: Progress, keys: Keys, write_cache: bool = True):
