@@ -60,11 +60,12 @@ class Context:
 
         return load_labelled(self._plan.data[data], self.input)
 
-    def dataset(self, data: str, train: bool = False):
-        """A data block as a lazy dataset of (image, label); `train` applies timm's training transform."""
+    def dataset(self, data: str, train: bool = False, smallest: float = 0.08):
+        """A data block as a lazy dataset of (image, label); `train` applies timm's training transform, its
+        random crops down to `smallest` of the image."""
         from evc.data import dataset
 
-        return dataset(self._plan.data[data], self.input, train)
+        return dataset(self._plan.data[data], self.input, train, smallest)
 
     def model(self, name: str):
         """The nn.Module of a teacher: `original` (the model as loaded) or another model block, loaded."""

@@ -356,6 +356,67 @@ def relation_divergences(relation: Relation, student: nn.Module, teacher: nn.Mod
         terms.remove()
 
 
+RANGE_FALLBACK = 1e-4  # when the range test shows no descent: the usual rate for finetuning a ViT
+
+
+def lr_range_test(student: nn.Module, teacher: nn.Module | None, train_set: Dataset, recipe: Recipe,
+                  steps: int = 100, low: float = 1e-6, high: float = 1.0) -> tuple[float, list[tuple[float, float]]]:
+    """A learning rate for `recipe`, from Smith's range test (2015; fastai's lr_find): a copy of the student
+    trained for `steps` batches as the rate grows exponentially from `low` to `high`, its loss smoothed
+    (bias-corrected moving average, 0.9). The rate where the smoothed loss was least, past the first tenth
+    of the steps and before it blew up (4 times the least), over 10, within [1e-5, 1e-2]. When the loss
+    never fell 2% below where it was after that first tenth, the trace says nothing and the rate is
+    RANGE_FALLBACK. Seeded: the same model and data give the same rate. Returns it and the (rate, smoothed
+    loss) trace."""
+    device = resolve_device(recipe.device)
+    model = copy.deepcopy(student).to(device).train()
+    frozen = _frozen(teacher if recipe.alpha > 0 else None, device)
+    optimizer = _adamw(model, dataclasses.replace(recipe, lr=low))
+    loader = DataLoader(train_set, recipe.batch, shuffle=True, num_workers=recipe.workers,
+                        generator=torch.Generator().manual_seed(_seed(recipe.seed, 0, 0)))
+    grow = (high / low) ** (1 / max(1, steps - 1))
+    trace, average, batches = [], 0.0, iter(())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        for i in range(steps):
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                images, labels = next(batches)
+            images, labels = images.to(device), labels.to(device)
+            rate = low * grow ** i
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            with torch.no_grad():
+                target = logits(frozen(images)) if frozen is not None else None
+            loss = distillation_loss(logits(model(images)), target, labels, recipe.alpha, recipe.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            average = 0.9 * average + 0.1 * loss.item()
+            smoothed = average / (1 - 0.9 ** (i + 1))
+            trace.append((rate, smoothed))
+            if not math.isfinite(smoothed) or smoothed > 4 * min(t[1] for t in trace):
+                break
+    chosen = _least_loss_rate(trace, skip=steps // 10)
+    if dist.is_initialized():  # every rank trains at rank 0's rate
+        shared = torch.tensor([chosen], dtype=torch.float64, device=device)
+        dist.broadcast(shared, 0)
+        chosen = shared.item()
+    return chosen, trace
+
+
+def _least_loss_rate(trace: list[tuple[float, float]], skip: int) -> float:
+    usable = [t for t in trace[skip:] if math.isfinite(t[1])]
+    if not usable:
+        return RANGE_FALLBACK
+    loss, rate = min((l, r) for r, l in usable)
+    if loss > 0.98 * usable[0][1]:
+        return RANGE_FALLBACK
+    return min(1e-2, max(1e-5, rate / 10))
+
+
 def _train_epoch(step: Callable[[Tensor, Tensor], Tensor], train_set: Dataset, sampler: DistributedSampler,
                  per_rank: int, recipe: Recipe, device: torch.device, epoch: int) -> tuple[float, float, float]:
     """(mean loss, samples/s, seconds), over all ranks."""

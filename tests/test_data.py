@@ -293,3 +293,13 @@ def test_a_bad_split_is_a_check_error_at_its_line_and_column(write_spec, tmp_pat
     done = run_evc("check", spec)
     assert done.returncode == 2
     assert f"{spec}:{where}: error: {message}" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("side, expected", [(32, ("none", None)), (63, ("none", None)), (64, ("standard", 0.98)),
+                                            (112, ("standard", 0.32)), (224, ("standard", 0.08)),
+                                            (448, ("standard", 0.02))])
+def test_augment_auto_crops_keep_as_many_pixels_as_timms_8_percent_of_224(side, expected):
+    from evc.data import fitting_augmentation
+    from evc.plan import ImageInput
+
+    assert fitting_augmentation(ImageInput(side, side)) == expected

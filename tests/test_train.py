@@ -323,3 +323,19 @@ def test_two_processes_train_as_one_with_their_global_batch(tmp_path):
     for name, tensor in alone.student.state_dict().items():
         assert torch.allclose(tensor, ranks[0]["first"][name], atol=1e-5), name
     assert [e.loss for e in alone.history] == pytest.approx(ranks[0]["loss"], rel=1e-5)
+
+
+def test_the_range_test_picks_a_tenth_of_the_least_loss_rate_and_repeats_itself():
+    from evc.train import lr_range_test
+
+    recipe = replace(FAST, alpha=0.0)
+    rate, trace = lr_range_test(mlp(seed=3), None, blobs(), recipe)
+    again, _ = lr_range_test(mlp(seed=3), None, blobs(), recipe)
+    assert rate == again and 1e-5 <= rate <= 1e-2
+    rates, losses = zip(*trace)
+    assert all(b > a for a, b in zip(rates, rates[1:])) and rates[0] == pytest.approx(1e-6)
+    assert min(losses) < losses[0]  # the loss fell as the rate grew
+    best = min(range(10, len(trace)), key=lambda i: losses[i])  # past the first tenth of the 100 steps
+    assert rate == pytest.approx(min(1e-2, max(1e-5, rates[best] / 10)))
+    trained = distill(mlp(seed=3), None, blobs(), replace(recipe, lr=rate), progress=quiet).student
+    assert top1(trained, blobs(seed=7)) > 0.9

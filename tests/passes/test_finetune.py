@@ -122,3 +122,16 @@ def test_prune_finetune_prune_finetune_each_finetune_trains_what_came_before(wri
     assert [p["name"] for p in passes] == ["ffn_prune", "finetune", "head_prune", "finetune"]
     assert len(passes[1]["found"]["epochs"]) == 1 and len(passes[3]["found"]["epochs"]) == 2
     assert done.stderr.count("epoch 1/1") == 1 and done.stderr.count("epoch 2/2") == 1
+
+
+def test_by_default_the_learning_rate_and_augmentation_fit_the_model_and_images(write_spec, tmp_path, digits):
+    text = spec_text(digits).replace("lr = 1e-3, ", "").replace(", augment = none", "")
+    assert "lr" not in text.split("finetune")[1] and "augment" not in text
+    done = run_evc("build", write_spec(text), "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    result = manifest(tmp_path / "out")
+    chosen = result["passes"][1]["found"]["chosen"]
+    assert chosen["augment"] == "none"  # 32 x 32: no random crops
+    assert 1e-5 <= chosen["lr"] <= 1e-2  # from the range test
+    evaluation = result["evaluation"]  # a random-init model, trained 2 epochs at a rate chosen for finetuning
+    assert evaluation["compressed"]["top1"] > evaluation["original"]["top1"] + 0.1
