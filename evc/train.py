@@ -411,7 +411,7 @@ def _least_loss_rate(trace: list[tuple[float, float]], skip: int) -> float:
     usable = [t for t in trace[skip:] if math.isfinite(t[1])]
     if not usable:
         return RANGE_FALLBACK
-    loss, rate = min((l, r) for r, l in usable)
+    loss, rate = min((smoothed, rate) for rate, smoothed in usable)
     if loss > 0.98 * usable[0][1]:
         return RANGE_FALLBACK
     return min(1e-2, max(1e-5, rate / 10))
