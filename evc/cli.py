@@ -63,15 +63,20 @@ def cmd_profile(args) -> int:
     if args.target not in names:
         raise InputError(f"--target {args.target}: {args.spec} has no such target (it has: {', '.join(names)})")
     target = next(t for t in plan.targets if t.name == args.target)
-    if target.device != "cpu":
-        raise InputError(f"--target {args.target}: device {target.device} is not this machine; evc profile times "
-                         "targets with device = cpu")
+    if target.device not in ("cpu", "android"):
+        raise InputError(f"--target {args.target}: device {target.device} is timed on the board, which evc does "
+                         "not reach yet; evc profile times cpu targets here and android ones over adb")
+    if target.device == "android" and not (args.serial or target.params.get("serial")):
+        raise InputError(f"--target {args.target} is a phone: give --serial SERIAL (adb devices lists them) and "
+                         "--binary, a benchmark_model built for its ABI")
     progress = Progress(Console(stderr=True))
     keys = derive(plan)
     cache = Cache(Path(args.out) / ".cache")
     program, _ = loaded(plan, cache, progress, keys)
     program.require_structure("evc profile")
-    table = table_for(plan, args.target, program, cache, keys.load, progress)
+    serial = args.serial or (target.params.get("serial") if target.device == "android" else None)
+    table = table_for(plan, args.target, program, cache, keys.load, progress, serial,
+                      Path(args.binary) if args.binary else None)
     if args.json:
         import json
 
@@ -218,7 +223,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="measure a latency table for a target (what a latency budget reads)")
     p.add_argument("spec", help="the .evc spec file")
-    p.add_argument("--target", required=True, help="the target to time, a cpu one")
+    p.add_argument("--target", required=True, help="the target to time: a cpu one here, an android one over adb")
+    p.add_argument("--serial", help="an android target's phone (adb devices)")
+    p.add_argument("--binary", help="benchmark_model for the phone's ABI (default: ./benchmark_model)")
     p.add_argument("--out", default="build", help="where the cache is (default: build)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON document")
     p.set_defaults(run=cmd_profile)

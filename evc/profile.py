@@ -14,11 +14,12 @@ time there, less the blockless time, over the depth; the
 cost between points is interpolated (bilinear in heads and units), and a
 model's predicted time is the blockless time plus its blocks' costs.
 
-Measured here: targets whose device is this machine (`device = cpu`, ONNX
-Runtime or LiteRT). The blocks must be alike (a plain ViT or DeiT): a model
-whose stages differ in width needs a table per stage, and a block left with
-attention or an MLP alone (block_skip) a table of its own, which evc does
-not make yet.
+Measured here for targets whose device is this machine (`device = cpu`, ONNX
+Runtime or LiteRT); for a phone (`device = android`), on the phone over adb
+by TFLite's benchmark_model, one model after another (`evc profile --serial`).
+The blocks must be alike (a plain ViT or DeiT): a model whose stages differ
+in width needs a table per stage, and a block left with attention or an MLP
+alone (block_skip) a table of its own, which evc does not make yet.
 """
 
 from __future__ import annotations
@@ -105,42 +106,55 @@ def grid(structure) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def measure(program, lower, session, threads: int, runs: int, warmups: int, alongside: dict | None = None):
     """The table for `program`: `lower(program, folder)` writes the target's artifact and returns its path,
-    `session(path, threads)` runs it. Models `alongside` (name: Program) are timed in the same turns, and
-    their ms returned with the table: (table, {name: ms})."""
+    `session(path, threads)` runs it here. Models `alongside` (name: Program) are timed in the same turns,
+    and their ms returned with the table: (table, {name: ms})."""
+    models = {**grid_models(program), **{("alongside", name): m for name, m in (alongside or {}).items()}}
+    with tempfile.TemporaryDirectory() as folder:
+        runs_ = {key: session(path, threads) for key, path in lowered(models, lower, Path(folder)).items()}
+        feed = np.random.default_rng(0).standard_normal(program.input.shape, dtype=np.float32)
+        times = interleaved(runs_, feed, runs, warmups)
+    return table_of(program, times, threads), {key[1]: ms for key, ms in times.items() if key[0] == "alongside"}
+
+
+def grid_models(program) -> dict:
+    """The grid's models, every block alike, keyed (heads, units); and "one", the model of one block."""
     from evc.passes.block_skip import BlockSkip
     from evc.passes.ffn_prune import FfnPrune
     from evc.passes.head_prune import HeadPrune
 
-    structure = program.structure
-    heads, units = grid(structure)
-    full_heads, full_units = heads[-1], units[-1]
-    depth = len(structure.blocks)
+    heads, units = grid(program.structure)
     models = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for h in heads:
-            narrow = HeadPrune().run(program, dict(keep=h / full_heads, score="l1", scope="layer", min_heads=1,
-                                                   data=None), _Uniform(h / full_heads))
-            for u in units:
-                shaped = FfnPrune().run(narrow, dict(keep=u / full_units, score="l1", round_to=ROUND_TO, data=None),
-                                        _Uniform(u / full_units))
-                models[(h, u)] = shaped
-        # A model of no block does not lower (nothing is left to recognise), so one of one block stands in:
-        # base = T(one) - (T(all) - T(one)) / (depth - 1).
-        models["one"] = BlockSkip().run(program, dict(attn=(), mlp=(), blocks=tuple(range(1, depth)), count=None,
-                                                      part="block", score="residual", data=None), _Uniform(1.0))
-        models.update({("alongside", name): model for name, model in (alongside or {}).items()})
-        runs_ = {}
-        for i, (key, model) in enumerate(models.items()):
-            target = Path(folder) / str(i)
-            target.mkdir()
-            runs_[key] = session(lower(model, target), threads)
-        feed = np.random.default_rng(0).standard_normal(program.input.shape, dtype=np.float32)
-        times = interleaved(runs_, feed, runs, warmups)
-    whole = times[(full_heads, full_units)]
+    for h in heads:
+        narrow = HeadPrune().run(program, dict(keep=h / heads[-1], score="l1", scope="layer", min_heads=1,
+                                               data=None), _Uniform(h / heads[-1]))
+        for u in units:
+            models[(h, u)] = FfnPrune().run(narrow, dict(keep=u / units[-1], score="l1", round_to=ROUND_TO,
+                                                         data=None), _Uniform(u / units[-1]))
+    # A model of no block does not lower (nothing is left to recognise), so one of one block stands in:
+    # base = T(one) - (T(all) - T(one)) / (depth - 1).
+    depth = len(program.structure.blocks)
+    models["one"] = BlockSkip().run(program, dict(attn=(), mlp=(), blocks=tuple(range(1, depth)), count=None,
+                                                  part="block", score="residual", data=None), _Uniform(1.0))
+    return models
+
+
+def lowered(models: dict, lower, folder: Path) -> dict:
+    """Each model lowered into a folder of its own: key -> the artifact's path."""
+    paths = {}
+    for i, (key, model) in enumerate(models.items()):
+        (folder / str(i)).mkdir()
+        paths[key] = lower(model, folder / str(i))
+    return paths
+
+
+def table_of(program, times: dict, threads: int) -> Table:
+    """The table from the grid models' ms (keyed as grid_models keys them)."""
+    heads, units = grid(program.structure)
+    depth = len(program.structure.blocks)
+    whole = times[(heads[-1], units[-1])]
     base = times["one"] - (whole - times["one"]) / (depth - 1)
     block_ms = tuple(tuple(max(0.0, (times[(h, u)] - base) / depth) for u in units) for h in heads)
-    table = Table("", "", threads, depth, heads, units, base, block_ms)
-    return table, {key[1]: ms for key, ms in times.items() if key[0] == "alongside"}
+    return Table("", "", threads, depth, heads, units, base, block_ms)
 
 
 class _Uniform:
@@ -182,8 +196,11 @@ def thread_count(value) -> int:
     return len(os.sched_getaffinity(0)) if value == "all" else int(value)
 
 
-def table_for(plan, target_name: str, program, cache, load_key: str, progress) -> Table:
-    """The latency table of `program` on the spec's target `target_name`, from the cache when it is there."""
+def table_for(plan, target_name: str, program, cache, load_key: str, progress, serial: str | None = None,
+              binary: Path | None = None) -> Table:
+    """The latency table of `program` on the spec's target `target_name`, from the cache when it is there.
+    A cpu target is timed here; an android one on the phone `serial` by `binary` (benchmark_model), only
+    when they are given: a build reads the table `evc profile --serial` measured."""
     import json
 
     from evc.context import Context
@@ -192,23 +209,41 @@ def table_for(plan, target_name: str, program, cache, load_key: str, progress) -
 
     target = next(t for t in plan.targets if t.name == target_name)
     fmt = FORMATS[target.format].plugin
-    if not isinstance(fmt, Runtime):
-        raise InputError(f"target '{target.name}': format {target.format} has no runtime here to time it in")
     threads = thread_count(target.params["threads"][0])
     fmt_params = {p.name: target.params[p.name] for p in FORMATS[target.format].params}
-    key = stage_key("profile", load_key, target.device, target.format, fmt_params, threads, target.params["runs"],
-                    target.params["warmups"], library_versions())
+    timing = {k: target.params.get(k) for k in ("runs", "warmups", "cores")}
+    key = stage_key("profile", load_key, target.device, target.format, fmt_params, threads, timing,
+                    library_versions())
     hit = cache.get("profile", key) if cache is not None else None
-    if hit is not None:
+    if hit is not None and not (serial and target.device == "android"):  # a serial given measures again
         return Table.from_dict(json.loads((hit / TABLE).read_text()))
     ctx = Context(plan, progress, program)
 
     def lower(model, folder: Path) -> Path:
         return folder / fmt.lower(model, target, folder, ctx)[0].path
 
-    with progress.stage(f"profile target '{target.name}': a latency table, {target.format} at {threads} thread(s)"):
-        table, _ = measure(program, lower, fmt.session, threads, target.params["runs"], target.params["warmups"])
-    table = replace(table, target=target.name, runtime=target.format)
+    stage = f"profile target '{target.name}': a latency table, {target.format} at {threads} thread(s)"
+    if target.device == "android":
+        from evc.targets.android import profiling_phone, time_on_phone
+
+        if serial is None:
+            raise InputError(f"target '{target.name}' has no latency table yet: measure it on the phone with "
+                             f"`evc profile {plan.path} --target {target.name} --serial SERIAL --binary "
+                             "benchmark_model`")
+        binary = Path(binary or "benchmark_model")
+        device = profiling_phone(serial, binary)  # before the models: a phone that is not there says so at once
+        with progress.stage(stage + f" on '{serial}'"), tempfile.TemporaryDirectory() as folder:
+            paths = lowered(grid_models(program), lower, Path(folder))
+            times = time_on_phone(device, binary, paths, target.params, threads)
+        table = replace(table_of(program, times, threads), runtime=f"{target.format} on {serial}")
+    elif target.device == "cpu" and isinstance(fmt, Runtime):
+        with progress.stage(stage):
+            table, _ = measure(program, lower, fmt.session, threads, target.params["runs"], target.params["warmups"])
+        table = replace(table, runtime=target.format)
+    else:
+        raise InputError(f"target '{target.name}': device {target.device} is timed on the board, which evc does "
+                         "not reach yet; latency tables are measured for cpu and android targets")
+    table = replace(table, target=target.name)
     if cache is not None:
         with cache.entry("profile", key) as folder:
             (folder / TABLE).write_text(json.dumps(table.to_dict(), indent=1) + "\n")

@@ -90,6 +90,37 @@ def _run_on(device, bundle: Path, binary: Path, manifest: dict, runs: int | None
     return rows
 
 
+def profiling_phone(serial: str, binary: Path):
+    """The phone a latency table is measured on, checked before any model is made for it."""
+    if not binary.is_file():
+        raise InputError(f"--binary {binary}: no such file; download benchmark_model for the phone's ABI (the "
+                         "android bundle's README.md says where)")
+    return phone(serial)
+
+
+def time_on_phone(device, binary: Path, models: dict[object, Path], params: dict, threads: int) -> dict:
+    """Each model's average inference ms on the phone by benchmark_model, one after another (a latency
+    table's grid, for evc profile)."""
+    import adbutils
+    from evc.targets.payload.parse_benchmark_model import parse
+
+    serial = device.serial
+    times = {}
+    try:
+        device.shell(["mkdir", "-p", DEVICE_DIR])
+        device.sync.push(str(binary), f"{DEVICE_DIR}/{BINARY}", mode=0o755)
+        for key, path in models.items():
+            device.sync.push(str(path), f"{DEVICE_DIR}/profile.tflite", mode=0o644)
+            done = device.shell2(benchmark_command(params, "profile.tflite", threads), timeout=RUN_TIMEOUT_S)
+            try:
+                times[key] = parse(done.output)["inference_avg_ms"]
+            except ValueError as e:
+                raise BuildError(f"{BINARY} on '{serial}' (exit {done.returncode}) for {path.name}: {e}") from None
+    except adbutils.AdbError as e:
+        raise InputError(f"adb lost '{serial}' while profiling: {e}") from None
+    return times
+
+
 def _table(rows: list[dict], title: str):
     from rich.table import Table
 

@@ -96,7 +96,6 @@ def test_a_latency_budget_is_searched_on_the_targets_table_and_timed_after_the_b
 @pytest.mark.parametrize("budget, message", [
     ("latency = 12ms, data = calib", "a latency budget needs `on`"),
     ("latency = 12ms, on = cpx, data = calib", "undefined target 'cpx'"),
-    ("latency = 12ms, on = phone, data = calib", "target 'phone' runs on device android"),
     ("latency = 600M, on = cpu, data = calib", "found 600M, a count"),
 ])
 def test_a_latency_budget_that_cannot_be_timed_here_is_a_spec_error(tmp_path, budget, message):
@@ -110,4 +109,20 @@ def test_profile_names_a_target_it_cannot_time(tmp_path):
     spec = tmp_path / "m.evc"
     spec.write_text(SPEC.format(budget="macs = 50%, data = calib"))
     done = run_evc("profile", spec, "--target", "phone", "--out", tmp_path / "out")
-    assert done.returncode == 2 and "device android is not this machine" in done.stderr
+    assert done.returncode == 2 and "--target phone is a phone: give --serial SERIAL" in done.stderr
+
+
+def test_a_phones_table_is_measured_over_adb_and_a_build_without_it_says_how(tmp_path):
+    spec = tmp_path / "m.evc"
+    spec.write_text(SPEC.format(budget="latency = 12ms, on = phone, data = calib"))
+    done = run_evc("build", spec, "--out", tmp_path / "out")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "m.evc:8:" in done.stderr and "target 'phone' has no latency table yet" in done.stderr
+    assert f"evc profile {spec} --target phone --serial SERIAL" in done.stderr
+    binary = tmp_path / "benchmark_model"
+    binary.write_text("")
+    # a real adb server, with no phone attached
+    profile = run_evc("profile", spec, "--target", "phone", "--serial", "emulator-5554", "--binary", binary,
+                      "--out", tmp_path / "out")
+    assert profile.returncode == 2 and "Traceback" not in profile.stderr
+    assert "no device 'emulator-5554' attached" in profile.stderr
