@@ -36,7 +36,7 @@ def lower(plan: Plan, target: TargetPlan, compiled, key: str, cache: Cache, prog
     folder = cache.get("lower", key)
     if folder is None:
         with cache.entry("lower", key) as out:
-            _lower_and_validate(plan, target, compiled, out, bundle, progress)
+            _lower_and_validate(plan, target, compiled, out, bundle, progress, cache)
         folder = cache.path("lower", key)
     return folder, json.loads((folder / CHECKED).read_text())
 
@@ -49,7 +49,7 @@ def validation_data(plan: Plan, target: TargetPlan) -> DataPlan:
 
 
 def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, bundle: Path,
-                        progress: Progress) -> None:
+                        progress: Progress, cache: Cache | None = None) -> None:
     from evc.bundle import keep_failed, write_json
 
     fmt = FORMATS[target.format].plugin
@@ -76,7 +76,8 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, 
     budget = compiled.budget
     if budget and budget["metric"] == "latency" and budget["on"] == target.name and target.device == "cpu" \
             and not failures:  # a phone's model is timed on the phone: evc bench --serial
-        checked["latency"] = _timed(target, fmt, folder / artifacts[0].path, program, budget, progress)
+        checked["latency"] = _timed(plan, target, fmt, folder / artifacts[0].path, program, budget, progress,
+                                    cache)
     write_json(folder / CHECKED, checked)
     if failures:
         failed = keep_failed(plan, target, compiled, folder, checked, failures, bundle)
@@ -117,20 +118,32 @@ def _zeros(*shape):
     return torch.zeros(shape)
 
 
-def _timed(target: TargetPlan, fmt: Runtime, path: Path, program, budget: dict, progress: Progress) -> dict:
-    """The artifact a latency budget was searched for, timed as its table was: predicted against measured."""
+def _timed(plan: Plan, target: TargetPlan, fmt: Runtime, path: Path, program, budget: dict, progress: Progress,
+           cache: Cache | None) -> dict:
+    """The artifact a latency budget was searched for, timed as its table was, taking turns with the model as
+    loaded (lowered alike), so that the share of its time is measured in one sitting: predicted against
+    measured, in ms and as a share of the loaded model's."""
+    import tempfile
+
     import numpy as np
 
+    from evc.compress import loaded
+    from evc.keys import derive
     from evc.profile import Table, interleaved, thread_count
 
     threads = thread_count(target.params["threads"][0])
-    with progress.stage(f"time {path.name} against the latency budget ({threads} thread(s))"):
+    table = Table.from_dict(budget["table"])
+    whole, _ = loaded(plan, cache, progress, derive(plan), write_cache=False)
+    with progress.stage(f"time {path.name} against the latency budget ({threads} thread(s))"), \
+            tempfile.TemporaryDirectory() as folder:
+        reference = Path(folder) / fmt.lower(whole, target, Path(folder), Context(plan, progress, whole))[0].path
         feed = np.random.default_rng(0).standard_normal(program.input.shape, dtype=np.float32)
-        measured = interleaved({"model": fmt.session(path, threads)}, feed, target.params["runs"],
-                               target.params["warmups"])["model"]
-    predicted = Table.from_dict(budget["table"]).predict(program.structure)
-    return {"budget_ms": budget["target"], "predicted_ms": predicted, "measured_ms": measured,
-            "measured_over_predicted": measured / predicted, "threads": threads}
+        times = interleaved({"model": fmt.session(path, threads), "loaded": fmt.session(reference, threads)}, feed,
+                            target.params["runs"], target.params["warmups"])
+    predicted = table.predict(program.structure)
+    return {"budget_ms": budget["target"], "predicted_ms": predicted, "measured_ms": times["model"],
+            "loaded_measured_ms": times["loaded"], "predicted_share": predicted / budget["loaded_ms"],
+            "measured_share": times["model"] / times["loaded"], "threads": threads}
 
 
 def _validate(plan: Plan, target: TargetPlan, compiled, fmt: Runtime, folder: Path, artifacts, progress: Progress,

@@ -88,6 +88,8 @@ def test_a_latency_budget_is_searched_on_the_targets_table_and_timed_after_the_b
     assert budget["reached"] <= budget["target"]  # as the table predicts it
     timed = budget["timed"]
     assert timed["predicted_ms"] == pytest.approx(budget["reached"]) and timed["measured_ms"] > 0
+    assert timed["predicted_share"] <= 0.7 and timed["measured_share"] == pytest.approx(
+        timed["measured_ms"] / timed["loaded_measured_ms"])  # the chosen and the loaded model timed together
     profile = run_evc("profile", spec, "--target", "cpu", "--out", tmp_path / "out", "--json")
     assert profile.returncode == 0, profile.stderr
     assert json.loads(profile.stdout) == budget["table"]  # the table the build searched on, from the cache
