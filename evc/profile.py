@@ -49,7 +49,7 @@ class Table:
     depth: int
     heads: tuple[int, ...]
     units: tuple[int, ...]
-    base_ms: float  # every block removed: the stem, the head, the runtime's cost per call
+    base_ms: float  # the model without blocks (the stem, the head, the call), from the one-block model
     block_ms: tuple[tuple[float, ...], ...]  # [heads level][units level]
 
     def block(self, heads: int, units: int) -> float:
