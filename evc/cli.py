@@ -158,17 +158,22 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import threading
+
     from evc.collab.server import serve
 
-    server = None
-    try:
-        server = serve(Path(args.bundle), args.part, args.port, args.host, args.threads)
-        print(f"serving part {args.part} of {args.bundle} on {server.address}", flush=True)
-        server.wait_for_termination()
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through _terminate; while loading too
-        if server is not None:
-            server.stop(grace=1).wait(2)
-        print(f"stopped serving part {args.part}", file=sys.stderr)
+    # Ctrl-C and SIGTERM set a flag that this thread waits on, rather than raising KeyboardInterrupt
+    # wherever the main thread happens to be (inside gRPC's own waiting, it could leave a lock held and
+    # the stop below waiting on it for ever). A signal while the model loads stops the server once it is up.
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    server = serve(Path(args.bundle), args.part, args.port, args.host, args.threads)
+    print(f"serving part {args.part} of {args.bundle} on {server.address}", flush=True)
+    while not stopping.wait(0.5):
+        pass
+    server.stop(grace=1).wait(2)
+    print(f"stopped serving part {args.part}", file=sys.stderr)
     return 0
 
 
