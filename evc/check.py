@@ -206,8 +206,10 @@ class _Checker:
                 continue
             self.exclusions(nested, block.nested[:i])
             params = info.params
-            if budgets and nested.kind in budget.SEARCHED and not any(e.key == "keep" for e in nested.entries):
-                params = tuple(replace(p, default=None) if p.name == "keep" else p for p in params)  # searched
+            knob = budget.KNOBS.get(nested.kind) if budgets else None
+            chosen = knob is not None and not any(e.key in knob.keys for e in nested.entries)
+            if chosen:  # the budget's search fills these keys in
+                params = tuple(replace(p, default=None, needed_when=()) if p.name in knob.keys else p for p in params)
             values = self.entries(nested, params, f"pass '{nested.kind}'")
             if values is None:
                 continue
@@ -219,10 +221,15 @@ class _Checker:
                     self.report(e.message, e.span or nested.span, e.hint)
                     continue
             passes.append(PassPlan(nested.kind, values, spans))
+            if chosen and not knob.timed and self.budget is not None and self.budget.params["latency"]:
+                self.report(f"a latency budget cannot choose {nested.kind}'s {knob.keys[0]} yet: the latency table "
+                            "prices heads and MLP units, not tokens or removed sublayers; give them in the spec, "
+                            "or budget macs instead", nested.span)
         if budgets and self.budget is not None:
-            if not any(p.name in budget.SEARCHED and p.params.get("keep") is None for p in passes):
-                self.report("the budget has nothing to choose: leave `keep` out of head_prune or ffn_prune for "
-                            "the budget to choose it block by block", budgets[0].span)
+            if not any(budget.searched(p) for p in passes):
+                self.report("the budget has nothing to choose: leave `keep` out of head_prune, ffn_prune or "
+                            "patch_slim (or the blocks out of block_skip) for the budget to choose them block by "
+                            "block", budgets[0].span)
             for p in passes:
                 if p.name == "head_prune" and p.params.get("keep") is None and p.params["scope"] == "global":
                     self.report("a budget chooses head_prune's keep block by block: scope = global ranks all "

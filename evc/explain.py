@@ -50,13 +50,13 @@ def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
 
 def budget_text(plan: Plan, record: dict) -> str:
     """What a budget's search chose, and the fragment that pins it in the spec."""
-    from evc.budget import human
+    from evc.budget import fragment, human
 
     metric, reached, target = record["metric"], record["reached"], record["target"]
     how = f"pinned by {record['pinned']}" if record.get("pinned") else f"searched, {len(record['counts'])} count(s)"
     lines = [f"budget {metric} <= {human(target)}: reached {human(reached)} ({how})",
              "  chosen, to pin in the spec (or `evc build --pin` for a lock file):"]
-    lines += [f"    {entry['pass']} {{ keep = [{', '.join(entry['keep'])}] }}" for entry in record["chosen"]]
+    lines += [f"    {entry['pass']} {{ {fragment(entry)} }}" for entry in record["chosen"]]
     return "\n".join(lines)
 
 

@@ -110,6 +110,54 @@ def test_a_lock_file_repeats_the_choice_without_searching(tmp_path):
     assert "pinned" not in result.budget and result.budget["target"] < lock["budget"]["target"]
 
 
+def test_a_budget_chooses_which_sublayers_block_skip_removes(tmp_path):
+    passes = "    block_skip { part = attn }\n    ffn_prune { score = l1, round_to = 8 }"
+    path = write(tmp_path, budget="macs = 60%", passes=passes, model=PLAIN)
+    plan, result = compiled(path)
+    before, after = result.before["total"]["macs"], result.after["total"]["macs"]
+    assert 0.98 * 0.6 * before <= after <= 0.6 * before
+    skip, ffn = result.budget["chosen"]
+    assert skip["pass"] == "block_skip" and set(skip) == {"pass", "index", "attn"}
+    assert skip["attn"], "at 60% the cheapest saving includes an attention sublayer"
+    assert [b.index for b in result.program.structure.blocks if b.attn is None] == skip["attn"]
+    assert any(b.attn is not None for b in result.program.structure.blocks)
+    # the fragment `evc explain` prints, pasted in place of the budget, builds the same model
+    text = re.sub(r"    budget \{.*\}\n", "", path.read_text())
+    text = text.replace("block_skip { part = attn }", f"block_skip {{ attn = [{', '.join(map(str, skip['attn']))}] }}")
+    text = text.replace("round_to = 8 }", f"round_to = 8, keep = [{', '.join(ffn['keep'])}] }}")
+    path.write_text(text)
+    _, written = compiled(path)
+    assert written.budget is None and written.after == result.after
+
+
+def test_a_budget_chooses_the_patches_patch_slim_keeps(tmp_path):
+    passes = "    patch_slim { }\n    ffn_prune { score = l1, round_to = 8 }"
+    model = 'timm("deit_tiny_patch16_224", img_size = 64, patch_size = 8, depth = 6)'  # 64 patches
+    path = write(tmp_path, budget="macs = 50%", passes=passes, model=model)
+    path.write_text(path.read_text().replace("image(32, 32", "image(64, 64"))
+    plan, result = compiled(path)
+    before, after = result.before["total"]["macs"], result.after["total"]["macs"]
+    assert 0.97 * before / 2 <= after <= before / 2  # a step is an eighth of a block's patches: coarser
+    slim = result.budget["chosen"][0]
+    assert slim["pass"] == "patch_slim" and slim["keep"][0] == "1"
+    shares = [Fraction(k) for k in slim["keep"]]
+    assert all(s in {Fraction(k, 8) for k in range(2, 9)} for s in shares)
+    tokens = [b["tokens"] for b in result.after["blocks"]]
+    assert tokens == sorted(tokens, reverse=True) and tokens[-1] < tokens[0], tokens
+    patches, first = 64, result.before["blocks"][0]["tokens"]  # 64x64 in patches of 8, and the class token
+    assert first == patches + 1
+    for block, share in enumerate(shares):  # each block keeps its share of the patches entering it
+        if block:
+            entering = tokens[block - 1] - 1
+            assert tokens[block] - 1 == min(entering, max(0, int(share * entering + Fraction(1, 2))))
+
+
+def test_a_latency_budget_does_not_choose_what_its_table_cannot_price(tmp_path):
+    path = write(tmp_path, budget="latency = 50%, on = cpu", passes="    patch_slim { }\n" + SEARCHED)
+    stderr = check_fails(path)
+    assert "a latency budget cannot choose patch_slim's keep yet" in stderr and "m.evc:9:5" in stderr
+
+
 def test_an_impossible_budget_is_bad_input_naming_the_floor(tmp_path):
     path = write(tmp_path, budget="macs = 5%", model=PLAIN)
     done = run_evc("build", path, "--out", tmp_path / "out")
