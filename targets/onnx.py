@@ -18,18 +18,25 @@ judged as tflite's quantized modes are (targets/_quantized.py): the worst
 cosine and top-1 agreement in THRESHOLDS below, unless the target sets its own.
 
 Where the numbers come from: worst per-sample cosine of the logits, measured
-on the 2-block test ViT at random weights, on the test ViT trained on a toy
-task (tests/targets/test_cpu_quantize.py trains it) and on the digits ViT
-(examples/digits, 359 validation images), with ONNX Runtime's fused int8
-kernels on an AVX-512 VNNI host and with every QDQ pair evaluated in float:
+on the 2-block test ViT and deit_small at random weights, on the test ViT
+trained on a toy task (tests/targets/test_cpu_quantize.py uses it) and on the
+digits ViT (examples/digits, its 359 validation images), in ONNX Runtime's
+fused int8 kernels on an AVX-512 VNNI host; in brackets the worst of the test
+ViT, digits and deit_small with every QDQ pair evaluated by plain float
+operators instead (ORT_ENABLE_BASIC: another rounding path altogether):
 
-    dynamic  0.99919 (test ViT), ... (toy), 0.99881 (digits); top-1 100% trained
-    int8     0.99684 (test ViT), ... (toy), 0.99550 (digits); top-1 100% trained
-    int8 calibrated on blank images: ...
+    dynamic  0.99859 (test ViT), 0.99996 (toy), 0.99881 (digits), 0.99822 (deit_small)
+             [0.99807]; top-1 100% on the trained two
+    int8     0.99684 (test ViT), 0.99989 (toy), 0.99550 (digits), 0.99703 (deit_small)
+             [0.99511]; top-1 100% on the trained two
+    collapsed int8: calibrated on all-zero images 0.21 (test ViT), on dim noise
+             (pixels 0 to 8 of 255) -0.08 (toy)
 
-Both keep their losses at least ten times inside their cosine thresholds. The
-integer sums are exact on every x86 CPU (weights use 7 bits, so AVX2's 16-bit
-pair sums cannot saturate): what remains between hosts is float rounding.
+Both thresholds sit at least ten times the worst loss away from 1 (int8: 1 -
+0.95 = 10 × 0.0049), far above a collapse. The integer sums are exact on every
+x86 CPU (weights use 7 bits, so AVX2's 16-bit pair sums cannot saturate):
+what remains between hosts is float rounding, which the bracketed figures
+bound. Flat calibration images fail the build before parity, saying so.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from evc.registry import Export, Format, Runtime, register_format
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MODES = ("none", "int8", "dynamic")
 # Per quantized mode: (worst cosine, top-1 agreement); the docstring says why.
-THRESHOLDS = {"int8": (0.95, 0.9), "dynamic": (0.99, 0.9)}
+THRESHOLDS = {"int8": (0.95, 0.9), "dynamic": (0.98, 0.9)}
 QUANTIZE_DEVICES = ("cpu",)  # the devices whose runtime is ONNX Runtime itself
 QUANTIZE_OPSET = 13  # per-channel QuantizeLinear needs its `axis`
 
@@ -70,7 +77,7 @@ def _check(values: dict, spans: dict, device: str) -> None:
     "onnx",
     Param("opset", Int(11, 21), 17, "ONNX opset to export at"),
     Param("quantize", Choice(MODES), "none",
-          "none (fp32), int8 (static QDQ: int8 weights and activations, calibrated on `calibrate`) or dynamic "
+          "none (fp32), int8 (static QDQ: int8 weights, uint8 activations calibrated on `calibrate`) or dynamic "
           "(int8 weights, activations quantized at run time); ONNX Runtime's quantization, device = cpu only"),
     Param("calibrate", DataRef(), None, "images that set activation ranges for quantize = int8",
           needed_when=(When("quantize", ("int8",)),)),
