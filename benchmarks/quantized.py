@@ -100,7 +100,8 @@ def rows(name: str, module: torch.nn.Module, size: int, calibration: np.ndarray,
         table.append(row)
     print(f"{name}: timing {len(ARTIFACTS)} artifacts, {runs} runs each, interleaved", flush=True)
     sessions = {key: formats[key[0]].session(paths[key], THREADS) for key in ARTIFACTS}
-    medians = interleaved(sessions, images[:1], runs)
+    # Rotated: a short model timed just after another one's turn ran up to 3× slower here, whichever it was.
+    medians = interleaved(sessions, images[:1], runs, rotate=True)
     for row in table:
         row["ms"] = medians[row["format"], row["mode"]]
         row["speedup"] = medians["onnx", "fp32"] / row["ms"]
@@ -125,13 +126,14 @@ def digits(folder: Path, runs: int, work: Path) -> list[dict]:
     train, _ = read_folder(folder / "data" / "train")
     images, labels = read_folder(folder / "data" / "val")
     calibration = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:64]].numpy()
-    return rows("digits", model, 32, calibration, images.numpy(), labels.numpy(), runs, work)
+    # A digits call takes 1 to 2 ms, in which a busy machine's noise is as large as the differences: 10× the runs.
+    return rows("digits", model, 32, calibration, images.numpy(), labels.numpy(), 10 * runs, work)
 
 
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
-    flags = sorted(set(re.findall(r"\b(avx512[a-z_]*|avx_vnni|amx_int8|avx2)\b", cpuinfo)))
+    flags = sorted(set(re.findall(r"\b(avx512[a-z0-9_]*|avx_vnni|amx_int8|avx2)\b", cpuinfo)))
     import ai_edge_litert
 
     return (f"machine: {platform.machine()}, {model.group(1) if model else 'unknown CPU'}, "
@@ -162,8 +164,9 @@ def main() -> None:
         (work / "deit_small").mkdir()
         (work / "digits").mkdir()
         table = digits(args.digits, args.runs, work) + deit_small(args.runs, work)
-    print(f"\nmedian of {args.runs} runs after 10 warm-ups, {THREADS} thread, one image per call; a model's "
-          "artifacts interleaved run by run; top-1 in brackets: points against the PyTorch model's")
+    print(f"\nmedian of {args.runs} runs (digits: {10 * args.runs}) after 10 warm-ups, {THREADS} thread, one "
+          "image per call; a model's artifacts interleaved run by run, each round starting one later; top-1 in "
+          "brackets: points against the PyTorch model's")
     print_table(table)
     deit = {row["mode"]: row for row in table if row["model"] == "deit_small" and row["format"] == "onnx"}
     digit = {row["mode"]: row for row in table if row["model"] == "digits" and row["format"] == "onnx"}
