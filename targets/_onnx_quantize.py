@@ -16,8 +16,9 @@ The recipe, for a ViT on any x86 CPU:
 - Weights use 7 of their 8 bits (`reduce_range`). x86 CPUs without VNNI
   multiply uint8 by int8 with VPMADDUBSW, which sums pairs of products in 16
   bits and saturates beyond 32767: 2 × 255 × 64 cannot reach it, 2 × 255 ×
-  127 can. So the integer sums, and the model's outputs, are the same on AVX2,
-  AVX-512 and VNNI hosts, and parity measured here holds on all of them.
+  127 can. So AVX2, AVX-512 and VNNI hosts compute the same integer sums,
+  the outputs differ between them only by float rounding, and parity
+  measured here holds on all of them.
 """
 
 from __future__ import annotations
