@@ -8,11 +8,14 @@ import time
 import numpy as np
 
 
-def interleaved(runs: dict, feed: np.ndarray, count: int, warmups: int = 10) -> dict:
-    """Median ms of each run(feed) in `runs`, all of them taking turns run by run."""
+def interleaved(runs: dict, feed: np.ndarray, count: int, warmups: int = 10, rotate: bool = False) -> dict:
+    """Median ms of each run(feed) in `runs`, all of them taking turns run by run; with `rotate`, each round
+    starts one model later, so that whatever falls on a place in the round falls on every model alike."""
     times = {key: [] for key in runs}
+    order = list(runs.items())
     for i in range(warmups + count):
-        for key, run in runs.items():
+        shift = i % len(order) if rotate else 0
+        for key, run in order[shift:] + order[:shift]:
             start = time.perf_counter()
             run(feed)
             if i >= warmups:

@@ -295,7 +295,7 @@ class _Checker:
         spans = {e.key: e.value.span for e in block.entries}
         if fmt.check is not None:
             try:
-                fmt.check(values, spans)
+                fmt.check(values, spans, device.name)
             except Invalid as e:
                 self.report(f"{where}: {e.message}", e.span or block.name_span, e.hint)
                 return None

@@ -122,7 +122,7 @@ class PassInfo(Info):
 
 @dataclass(frozen=True)
 class FormatInfo(Info):
-    check: Callable | None = None  # (params: dict, spans: dict) -> None, raises Invalid
+    check: Callable | None = None  # (params: dict, spans: dict, device: str) -> None, raises Invalid
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """device = cpu: a plain CPU running ONNX Runtime or LiteRT, benchmarked by a generated Python script.
 
     target cpu { device = cpu, format = onnx }
+    target cpu { device = cpu, format = onnx, quantize = int8, calibrate = calib }   # ONNX Runtime's int8
     target cpu { device = cpu, format = tflite, quantize = dynamic }   # bench.py times it in LiteRT
 """
 

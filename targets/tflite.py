@@ -54,20 +54,16 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+from evc.targets._quantized import check_quantized, parity_thresholds, threshold_params
+
 from evc.artifact import Artifact
-from evc.params import Choice, DataRef, Float, Param, Ratio, When
+from evc.params import Choice, DataRef, Float, Param, When
 from evc.registry import Format, Runtime, register_format
 
 MODES = ("none", "float16", "dynamic", "int8")
 # Per quantized mode: (worst cosine, top-1 agreement); the docstring says why.
 THRESHOLDS = {"float16": (0.9999, 0.99), "dynamic": (0.99, 0.9), "int8": (0.6, 0.75)}
 
-
-def _defaults(i: int) -> str:
-    return ", ".join(f"{mode} {limits[i]:g}" for mode, limits in THRESHOLDS.items())
-
-
-RANDOM_TOP1 = "the weights are random, so the reference's top-1 is noise that any rounding flips"
 
 
 @register_format(
@@ -79,11 +75,7 @@ RANDOM_TOP1 = "the weights are random, so the reference's top-1 is noise that an
           needed_when=(When("quantize", ("int8",)),)),
     Param("tolerance", Float(0, open_low=True), 1e-4,
           "largest max abs diff from PyTorch that passes parity at quantize = none"),
-    Param("min_cosine", Float(-1, 1), None,
-          f"worst cosine to PyTorch that passes a quantized mode (default: {_defaults(0)})"),
-    Param("min_top1", Ratio(), None,
-          f"top-1 agreement with PyTorch that passes a quantized mode (default: {_defaults(1)}; "
-          "not judged at random weights)"),
+    *threshold_params(THRESHOLDS),
 )
 class Tflite(Format, Runtime):
     """TFLite, converted with litert-torch, quantized with ai-edge-quantizer, checked in LiteRT."""
@@ -96,7 +88,7 @@ class Tflite(Format, Runtime):
             model = quantize(model, mode, ctx.images(params["calibrate"]) if mode == "int8" else None)
         path = out_dir / "model.tflite"
         path.write_bytes(model)
-        thresholds = parity_thresholds(params, random_weights=ctx.random_weights)
+        thresholds = parity_thresholds(params, THRESHOLDS, random_weights=ctx.random_weights)
         return [Artifact(Path(path.name), "tflite", details={
             "quantize": mode, "parity_thresholds": thresholds, "io": io_types(path), **describe_ops(path)})]
 
@@ -119,29 +111,7 @@ class Tflite(Format, Runtime):
 
     def check_parity(self, parity, params, artifact) -> str | None:
         """None if `parity` passes the thresholds `lower` recorded for the artifact, else why not."""
-        limits = artifact.details["parity_thresholds"]
-        if "max_abs_diff" in limits:
-            return parity.beyond(limits["max_abs_diff"])
-        mode = params["quantize"]
-        if parity.cosine < limits["cosine"]:
-            return f"quantize = {mode}: worst cosine {parity.cosine:.5f} is below {limits['cosine']:g}"
-        if limits["top1_agreement"] is not None and parity.top1_agreement < limits["top1_agreement"]:
-            return (f"quantize = {mode}: top-1 agreement {parity.top1_agreement:.1%} is below "
-                    f"{limits['top1_agreement']:.1%}")
-        return None
-
-
-def parity_thresholds(params: dict, random_weights: bool) -> dict:
-    """What an artifact must reach, as the manifest records it."""
-    mode = params["quantize"]
-    if mode == "none":
-        return {"max_abs_diff": params["tolerance"]}
-    cosine, top1 = THRESHOLDS[mode]
-    limits = {"cosine": cosine if params["min_cosine"] is None else params["min_cosine"],
-              "top1_agreement": top1 if params["min_top1"] is None else params["min_top1"]}
-    if random_weights and params["min_top1"] is None:
-        limits.update(top1_agreement=None, top1_not_judged=RANDOM_TOP1)
-    return limits
+        return check_quantized(parity, params["quantize"], artifact.details["parity_thresholds"])
 
 
 def convert(program) -> bytes:
