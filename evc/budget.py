@@ -53,7 +53,7 @@ PARAMS = (
     Param("latency", Time(), None, "the compressed model's time on the target `on`, as its latency table "
                                    "(evc profile) predicts it: a time (12ms) or a share (50%)",
           not_with=("macs", "params")),
-    Param("on", TargetRef(), None, "the target whose runtime a latency budget is measured in (device = cpu)",
+    Param("on", TargetRef(), None, "the target whose latency table a latency budget reads (evc profile)",
           only_with="latency"),
     Param("data", DataRef(), REQUIRED, "images each block's sensitivity is measured on"),
     Param("samples", Int(1), 32, "how many of those images"),

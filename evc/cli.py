@@ -63,9 +63,9 @@ def cmd_profile(args) -> int:
     if args.target not in names:
         raise InputError(f"--target {args.target}: {args.spec} has no such target (it has: {', '.join(names)})")
     target = next(t for t in plan.targets if t.name == args.target)
-    if target.device not in ("cpu", "android"):
-        raise InputError(f"--target {args.target}: device {target.device} is timed on the board, which evc does "
-                         "not reach yet; evc profile times cpu targets here and android ones over adb")
+    if args.results and target.device in ("cpu", "android"):
+        raise InputError(f"--results: target {args.target} is timed by evc itself; --results reads back what a "
+                         "board kit's scripts logged (rdk_x5 and jetson targets)")
     if target.device == "android" and not (args.serial or target.params.get("serial")):
         raise InputError(f"--target {args.target} is a phone: give --serial SERIAL (adb devices lists them) and "
                          "--binary, a benchmark_model built for its ABI")
@@ -74,9 +74,25 @@ def cmd_profile(args) -> int:
     cache = Cache(Path(args.out) / ".cache")
     program, _ = loaded(plan, cache, progress, keys)
     program.require_structure("evc profile")
-    serial = args.serial or (target.params.get("serial") if target.device == "android" else None)
-    table = table_for(plan, args.target, program, cache, keys.load, progress, serial,
-                      Path(args.binary) if args.binary else None)
+    if target.device not in ("cpu", "android"):
+        from evc.profile import board_kit, read_results
+
+        folder = Path(args.out) / plan.stem / f"profile-{target.name}"
+        if args.results:
+            table = read_results(plan, target, program, Path(args.results), keys.load, cache)
+        else:
+            names = board_kit(plan, target, program, folder, keys, progress)
+            from evc.registry import DEVICES
+
+            steps = " then ".join(f"`./profile.sh {where}` on the {where.replace('pc', 'PC')}"
+                                  for where, _ in DEVICES[target.device].plugin.steps)
+            print(f"{folder}: {len(names)} models to time on the {target.device}: {steps}; then bring the folder "
+                  f"back and run `evc profile {args.spec} --target {target.name} --results {folder}`")
+            return 0
+    else:
+        serial = args.serial or (target.params.get("serial") if target.device == "android" else None)
+        table = table_for(plan, args.target, program, cache, keys.load, progress, serial,
+                          Path(args.binary) if args.binary else None)
     if args.json:
         import json
 
@@ -228,7 +244,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="measure a latency table for a target (what a latency budget reads)")
     p.add_argument("spec", help="the .evc spec file")
-    p.add_argument("--target", required=True, help="the target to time: a cpu one here, an android one over adb")
+    p.add_argument("--target", required=True, help="the target to time: a cpu one here, an android one over adb; "
+                                                   "for rdk_x5 and jetson, the models and scripts to time it there")
+    p.add_argument("--results", help="a board kit's folder with the logs its scripts left: read them into the table")
     p.add_argument("--serial", help="an android target's phone (adb devices)")
     p.add_argument("--binary", help="benchmark_model for the phone's ABI (default: ./benchmark_model)")
     p.add_argument("--out", default="build", help="where the cache is (default: build)")

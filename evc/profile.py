@@ -204,16 +204,12 @@ def table_for(plan, target_name: str, program, cache, load_key: str, progress, s
     import json
 
     from evc.context import Context
-    from evc.keys import library_versions, stage_key
     from evc.registry import FORMATS, Runtime
 
     target = next(t for t in plan.targets if t.name == target_name)
     fmt = FORMATS[target.format].plugin
-    threads = thread_count(target.params["threads"][0])
-    fmt_params = {p.name: target.params[p.name] for p in FORMATS[target.format].params}
-    timing = {k: target.params.get(k) for k in ("runs", "warmups", "cores")}
-    key = stage_key("profile", load_key, target.device, target.format, fmt_params, threads, timing,
-                    library_versions())
+    threads = threads_of(target)
+    key = profile_key(plan, target, load_key)
     hit = cache.get("profile", key) if cache is not None else None
     if hit is not None and not (serial and target.device == "android"):  # a serial given measures again
         return Table.from_dict(json.loads((hit / TABLE).read_text()))
@@ -241,13 +237,101 @@ def table_for(plan, target_name: str, program, cache, load_key: str, progress, s
             table, _ = measure(program, lower, fmt.session, threads, target.params["runs"], target.params["warmups"])
         table = replace(table, runtime=target.format)
     else:
-        raise InputError(f"target '{target.name}': device {target.device} is timed on the board, which evc does "
-                         "not reach yet; latency tables are measured for cpu and android targets")
-    table = replace(table, target=target.name)
+        raise InputError(f"target '{target.name}' has no latency table yet: `evc profile {plan.path} --target "
+                         f"{target.name}` writes the models and scripts to time on the {target.device}, and "
+                         "`--results FOLDER` reads back what they logged")
+    return _cached(replace(table, target=target.name), cache, key)
+
+
+def profile_key(plan, target, load_key: str) -> str:
+    """What a target's latency table follows from: the model as loaded, how the target lowers and times it."""
+    from evc.keys import library_versions, stage_key
+    from evc.registry import FORMATS
+
+    fmt_params = {p.name: target.params[p.name] for p in FORMATS[target.format].params}
+    timing = {k: target.params.get(k) for k in ("runs", "warmups", "cores", "frame_count", "iterations",
+                                                  "precision")}
+    return stage_key("profile", load_key, target.device, target.format, fmt_params, threads_of(target), timing,
+                     library_versions())
+
+
+def threads_of(target) -> int:
+    """The thread count a target's table is timed at: its first."""
+    return thread_count(target.params.get("threads", (1,))[0])
+
+
+def _cached(table: Table, cache, key: str) -> Table:
+    import json
+
     if cache is not None:
         with cache.entry("profile", key) as folder:
             (folder / TABLE).write_text(json.dumps(table.to_dict(), indent=1) + "\n")
     return table
+
+
+KIT = "profile.json"  # a board kit's record: the grid, each model's folder, the key the table will carry
+
+
+def board_kit(plan, target, program, folder: Path, keys, progress) -> list[str]:
+    """Write at `folder` what times the grid on a board evc does not reach: one bundle per grid model, made as
+    `evc build` makes the target's (lowered, checked against PyTorch, with its build and bench scripts), and
+    profile.sh, which runs their scripts in turn. The folder names, in order."""
+    import json
+    import tempfile
+
+    from evc import bundle as bundles
+    from evc.atomic import staged
+    from evc.compress import Compiled, _summary
+    from evc.lower import CHECKED, _lower_and_validate
+    from evc.registry import DEVICES
+    from evc.scripts import render_one
+
+    device = DEVICES[target.device].plugin
+    models = grid_models(program)
+    names = {key: "one" if key == "one" else f"heads{key[0]}_units{key[1]}" for key in models}
+    with staged(folder) as out:
+        for key, model in models.items():
+            summary = _summary(model)
+            compiled = Compiled(model, summary, summary, [], keys.weights, "profile")
+            with progress.stage(f"grid model {names[key]}"), tempfile.TemporaryDirectory() as lowered:
+                _lower_and_validate(plan, target, compiled, Path(lowered), out / names[key], progress)
+                checked = json.loads((Path(lowered) / CHECKED).read_text())
+                bundles.write(plan, target, compiled, Path(lowered), checked, "profile", out / names[key])
+        record = {"target": target.name, "device": target.device, "key": profile_key(plan, target, keys.load),
+                  "threads": threads_of(target),
+                  "models": [{"folder": names[k], "heads": k[0], "units": k[1]} if k != "one"
+                             else {"folder": "one", "blocks": 1} for k in models]}
+        (out / KIT).write_text(json.dumps(record, indent=1) + "\n")
+        render_one("_profile", "profile.sh.j2", out / "profile.sh", spec=str(plan.path), target=target.name,
+                   device=target.device, steps=device.steps, models=list(names.values()), folder=str(folder))
+    return list(names.values())
+
+
+def read_results(plan, target, program, folder: Path, load_key: str, cache) -> Table:
+    """The table from a board kit whose scripts ran: each grid model's logged latency, read by its device."""
+    import json
+
+    from evc.registry import DEVICES
+
+    try:
+        record = json.loads((folder / KIT).read_text())
+    except FileNotFoundError:
+        raise InputError(f"--results {folder}: no {KIT}: give the folder `evc profile --target {target.name}` "
+                         "wrote, with the logs its scripts left") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"--results {folder}/{KIT}: cannot read it ({e})") from None
+    key = profile_key(plan, target, load_key)
+    if record.get("key") != key:
+        raise InputError(f"--results {folder}: these models were made for another model, target or toolchain "
+                         f"setting than target '{target.name}' of {plan.path} now has; make the kit again")
+    device = DEVICES[target.device].plugin
+    times = {}
+    for model in record["models"]:
+        ms = device.latency_ms(folder / model["folder"], record["threads"])
+        times["one" if model["folder"] == "one" else (model["heads"], model["units"])] = ms
+    table = replace(table_of(program, times, record["threads"]), target=target.name,
+                    runtime=f"{target.format} on the {target.device}")
+    return _cached(table, cache, key)
 
 
 TABLE = "latency_table.json"

@@ -69,8 +69,9 @@ def reference() -> str:
     for fmt in sorted(FORMATS.values(), key=lambda f: f.name):
         lines += ["", f"#### `format = {fmt.name}`: {fmt.help}", *_table(fmt.params)]
     lines += ["", "### `compress { PASS { ... } ... }` (at most one; passes run in the order written)",
-              "", "#### `budget`: the compressed model's MACs, params or latency; head_prune and ffn_prune written "
-                  "without `keep` take theirs, block by block, from a search (docs/budget.md)", *_table(budget.PARAMS)]
+              "", "#### `budget`: the compressed model's MACs, params or latency; head_prune, ffn_prune and "
+                  "patch_slim written without `keep`, and block_skip without its lists, take theirs, block by "
+                  "block, from a search (docs/budget.md)", *_table(budget.PARAMS)]
     if not PASSES:
         lines.append("No passes are registered yet.")
     for info in sorted(PASSES.values(), key=lambda p: p.name):

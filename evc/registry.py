@@ -101,6 +101,17 @@ class RemoteBench(ABC):
     def bench(self, bundle: Path, manifest: dict, serial: str, runs: int | None, console) -> list[dict]: ...
 
 
+class BoardTimed(ABC):
+    """Capability of a device evc does not reach: its bundles' scripts, run by a person on a PC and on the board,
+    leave logs that evc reads the latency from (`evc profile --results`)."""
+
+    steps: tuple[tuple[str, str], ...] = (("board", "bench.sh"),)  # (where, script) run in each bundle, in order
+
+    @abstractmethod
+    def latency_ms(self, bundle: Path, threads: int) -> float:
+        """The latency the bench script logged in `bundle`; InputError naming the log when it is missing."""
+
+
 # ---- registries ---------------------------------------------------------------------------------
 
 

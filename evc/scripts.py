@@ -50,6 +50,14 @@ def render_scripts(device, context: dict, out_dir: Path) -> list[str]:
     return written
 
 
+def render_one(templates: str, name: str, path: Path, **context) -> None:
+    """One template of the `templates` folder rendered to `path`, executable."""
+    from evc import __version__
+
+    path.write_text(_environment(templates).get_template(name).render(evc_version=__version__, **context))
+    path.chmod(0o755)
+
+
 def bundle_files(device) -> list[Path]:
     """Every file a device's bundles are made from: its templates and its payload files."""
     templates = [*(templates_root() / device.templates).glob("*.j2"), *(templates_root() / SHARED).iterdir()]

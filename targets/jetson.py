@@ -8,8 +8,11 @@ tegrastats logs power, then `parse_trtexec.py` turns both logs into
 latency, throughput and energy per inference.
 """
 
+from pathlib import Path
+
+from evc.errors import InputError
 from evc.params import Choice, Int, Param
-from evc.registry import Device, register_device
+from evc.registry import BoardTimed, Device, register_device
 
 
 @register_device(
@@ -23,5 +26,17 @@ from evc.registry import Device, register_device
     templates="jetson",
     files=("parse_trtexec.py",),
 )
-class Jetson(Device):
+class Jetson(Device, BoardTimed):
     """an NVIDIA Jetson with TensorRT"""
+
+    def latency_ms(self, bundle: Path, threads: int) -> float:
+        """trtexec's median latency (enqueue to output, on the board) from the log bench.sh keeps."""
+        from evc.targets.payload.parse_trtexec import parse_trtexec
+
+        log = bundle / "results" / "trtexec.log"
+        try:
+            return parse_trtexec(log.read_text(errors="replace"))["latency_ms"]["median"]
+        except FileNotFoundError:
+            raise InputError(f"{log}: no trtexec log: run bench.sh in {bundle.name} on the Jetson") from None
+        except (ValueError, KeyError) as e:
+            raise InputError(f"{log}: {e}") from None

@@ -128,3 +128,99 @@ def test_a_phones_table_is_measured_over_adb_and_a_build_without_it_says_how(tmp
                       "--out", tmp_path / "out")
     assert profile.returncode == 2 and "Traceback" not in profile.stderr
     assert "no device 'emulator-5554' attached" in profile.stderr
+
+
+BOARD_SPEC = """evc 1
+model m {{
+    source = timm("vit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = 2, num_classes = 10)
+    input  = image(32, 32, crop_pct = 1.0)
+}}
+data calib {{ synthetic = 8 }}
+compress {{
+    budget {{ latency = 60%, on = orin, data = calib, samples = 8 }}
+    head_prune {{ score = l1 }}
+    ffn_prune {{ score = l1 }}
+}}
+target orin {{ device = jetson, format = onnx }}
+"""
+
+
+def _trtexec_log(median_ms: float) -> str:
+    from tests.targets.test_jetson import TRTEXEC
+
+    return TRTEXEC.replace("median = 1.91895 ms", f"median = {median_ms:.5f} ms")
+
+
+def test_a_boards_table_comes_from_a_kit_its_scripts_ran_on_the_board(tmp_path):
+    """For a Jetson: the grid's bundles and profile.sh, then the logs read back into the table a budget reads."""
+    import shutil
+    import subprocess
+
+    spec, out = tmp_path / "m.evc", tmp_path / "out"
+    spec.write_text(BOARD_SPEC.format())
+    done = run_evc("build", spec, "--out", out)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "m.evc:8:" in done.stderr and "target 'orin' has no latency table yet" in done.stderr
+    assert f"evc profile {spec} --target orin" in done.stderr
+
+    made = run_evc("profile", spec, "--target", "orin", "--out", out)
+    assert made.returncode == 0, made.stderr
+    kit = out / "m" / "profile-orin"
+    assert f"run `evc profile {spec} --target orin --results {kit}`" in made.stdout
+    record = json.loads((kit / "profile.json").read_text())
+    grid = [(m["heads"], m["units"]) for m in record["models"] if m["folder"] != "one"]
+    assert grid == [(h, u) for h in (1, 2, 3) for u in (96, 192, 384, 576, 768)]
+    for model in record["models"]:  # each a bundle as `evc build` makes the target's: checked, with bench.sh
+        manifest = json.loads((kit / model["folder"] / "manifest.json").read_text())
+        assert manifest["target"]["device"] == "jetson" and (kit / model["folder"] / "bench.sh").is_file()
+        assert manifest["artifacts"][0]["parity"]["max_abs_diff"] < 1e-4  # checked against PyTorch
+    blocks = json.loads((kit / "heads2_units192" / "manifest.json").read_text())["structure"]["blocks"]
+    assert [(b["attn"]["num_heads"], b["mlp"]["hidden"]) for b in blocks] == [(2, 192)] * 2
+    if shutil.which("shellcheck"):
+        assert subprocess.run(["shellcheck", kit / "profile.sh"]).returncode == 0
+    usage = subprocess.run(["bash", kit / "profile.sh"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: ./profile.sh board" in usage.stderr
+
+    def block_ms(heads, units):  # what the "board" logs: a base of 0.5 ms and blocks of this cost
+        return 0.1 * heads + 0.001 * units
+
+    for model in record["models"]:
+        ms = 0.5 + (block_ms(3, 768) if model["folder"] == "one" else 2 * block_ms(model["heads"], model["units"]))
+        (kit / model["folder"] / "results").mkdir()
+        (kit / model["folder"] / "results" / "trtexec.log").write_text(_trtexec_log(ms))
+    read = run_evc("profile", spec, "--target", "orin", "--out", out, "--results", kit, "--json")
+    assert read.returncode == 0, read.stderr
+    table = Table.from_dict(json.loads(read.stdout))
+    assert table.base_ms == pytest.approx(0.5, abs=1e-4) and table.runtime == "onnx on the jetson"
+    for h, row in zip(table.heads, table.block_ms):
+        assert row == pytest.approx([block_ms(h, u) for u in table.units], abs=1e-4)
+
+    built = run_evc("build", spec, "--out", out)  # the budget now reads the table brought back
+    assert built.returncode == 0, built.stderr
+    budget = json.loads((out / "m" / "orin" / "manifest.json").read_text())["budget"]
+    assert budget["on"] == "orin" and budget["reached"] <= budget["target"] == pytest.approx(0.6 * budget["loaded_ms"])
+    assert budget["loaded_ms"] == pytest.approx(0.5 + 2 * block_ms(3, 768), abs=1e-3)
+
+    (kit / "heads2_units384" / "results" / "trtexec.log").unlink()
+    missing = run_evc("profile", spec, "--target", "orin", "--out", out, "--results", kit)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"{kit / 'heads2_units384' / 'results' / 'trtexec.log'}: no trtexec log" in missing.stderr
+
+
+def test_the_x5_reads_hrt_model_execs_log_at_the_tables_thread_count(tmp_path):
+    from evc.errors import InputError
+    from evc.registry import DEVICES, load_plugins
+    from tests.targets.test_parse_hrt import FOUR_THREADS, ONE_THREAD
+
+    load_plugins()
+    x5 = DEVICES["rdk_x5"].plugin
+    assert [where for where, _ in x5.steps] == ["pc", "board"]  # hb_mapper on a PC, hrt_model_exec on the board
+    (tmp_path / "perf_threads_1.log").write_text(ONE_THREAD)
+    (tmp_path / "perf_threads_4.log").write_text(FOUR_THREADS)
+    assert x5.latency_ms(tmp_path, 1) == pytest.approx(8.571925)
+    assert x5.latency_ms(tmp_path, 4) == pytest.approx(16.090725)
+    with pytest.raises(InputError, match=r"perf_threads_2\.log: no hrt_model_exec log"):
+        x5.latency_ms(tmp_path, 2)
+    (tmp_path / "perf_threads_1.log").write_text("hrt_model_exec: model file not found\n")
+    with pytest.raises(InputError, match=r"perf_threads_1\.log: no hrt_model_exec perf result found"):
+        x5.latency_ms(tmp_path, 1)
