@@ -9,6 +9,8 @@ The digits ViT (examples/digits: 6 blocks of 3 heads, width 96, MLP 384,
 
     evc budget      `budget { macs = 50%, data = train }` with head_prune and
                     ffn_prune by Taylor scores on train, keep left to the search
+    evc budget +    the same with `patch_slim { }` before them, its kept
+      patches       patches (64 at first) left to the search too
     uniform         the same passes with one keep for every block: 2 of 3
                     heads, and the MLP share that brings the MACs to 50%
                     (bisected, the largest at or under it)
@@ -18,7 +20,8 @@ The digits ViT (examples/digits: 6 blocks of 3 heads, width 96, MLP 384,
 
 Each is then finetuned the same way, by evc's engine (evc.train.distill:
 10 epochs, lr 5e-4, batch 64, KD alpha 0.9 from the model as trained, no
-augmentation), and scored on the 359 validation images. MACs are counted by
+augmentation), once per seed (`--seeds`, 3), and scored on the 359
+validation images: the mean, and the least and most. MACs are counted by
 evc (torch.utils.flop_counter with its attention formula) on every model.
 
 Then a latency budget on the CPU: `budget { latency = 60%, on = cpu }` built
@@ -125,8 +128,9 @@ def torch_pruning(model, image, whole: int):
     return best
 
 
-def finetuned(student, teacher, train_set, val_set, epochs: int):
-    recipe = Recipe(epochs=epochs, lr=5e-4, batch=64, alpha=0.9, temperature=1.0, device="cpu")
+def finetuned(student, teacher, train_set, val_set, epochs: int, seed: int = 0):
+    torch.manual_seed(seed)
+    recipe = Recipe(epochs=epochs, lr=5e-4, batch=64, alpha=0.9, temperature=1.0, device="cpu", seed=seed)
     result = distill(student, teacher, train_set, recipe)
     return result.student.eval(), top1(result.student.eval(), val_set)
 
@@ -134,6 +138,7 @@ def finetuned(student, teacher, train_set, val_set, epochs: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3, help="finetune runs per model, each from its own seed")
     parser.add_argument("--latency-only", action="store_true", help="only the latency budget")
     args = parser.parse_args()
     if args.latency_only:
@@ -163,10 +168,13 @@ def main() -> None:
         compress = f"    budget {{ macs = {TARGET:.0%}, data = train }}\n" + PASSES.replace("KEEP_H", "").replace(
             "KEEP_U", "")
         _, searched = compiled(spec(compress), work, "budget")
-        chosen = "; ".join(f"{c['pass']} [{', '.join(c['keep'])}]" for c in searched.budget["chosen"])
         rows.append(("evc budget (searched)", searched.after["total"]["macs"], searched.program.graph, None, None,
-                     chosen))
+                     chosen_text(searched.budget)))
         print(f"searched in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        _, tokens = compiled(spec(compress.replace("    head_prune", "    patch_slim { }\n    head_prune")), work,
+                             "budget_patches")
+        rows.append(("evc budget (heads, units, patches)", tokens.after["total"]["macs"], tokens.program.graph,
+                     None, None, chosen_text(tokens.budget)))
         units, flat = uniform(work, whole)
         rows.append(("uniform keep", flat.after["total"]["macs"], flat.program.graph, None, None,
                      f"heads 2/3, MLP {units}/384 in every block"))
@@ -181,18 +189,27 @@ def main() -> None:
                 continue
             before_ft = top1(model, val_set)
             start = time.perf_counter()
-            _, after_ft = finetuned(model, teacher, train_set, val_set, args.epochs)
-            print(f"{name}: finetuned in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            after_ft = [finetuned(copy.deepcopy(model), teacher, train_set, val_set, args.epochs, seed)[1]
+                        for seed in range(args.seeds)]
+            print(f"{name}: finetuned {args.seeds}x in {time.perf_counter() - start:.0f} s", file=sys.stderr)
             table.append((name, count, before_ft, after_ft, how))
 
-        print(f"| model | MACs | × the model's | top-1 before finetune | top-1 after {args.epochs} epochs "
-              "| what was kept |")
+        print(f"| model | MACs | × the model's | top-1 before finetune | top-1 after {args.epochs} epochs, mean "
+              f"of {args.seeds} seeds (least–most) | what was kept |")
         print("|---|---|---|---|---|---|")
         for name, count, before_ft, after_ft, how in table:
+            after_ft = after_ft if isinstance(after_ft, list) else [after_ft]
             print(f"| {name} | {count / 1e6:.2f} M | {count / whole:.3f} | {100 * before_ft:.2f}% "
-                  f"| {100 * after_ft:.2f}% | {how} |")
+                  f"| {100 * sum(after_ft) / len(after_ft):.2f}% ({100 * min(after_ft):.2f}–{100 * max(after_ft):.2f}) "
+                  f"| {how} |")
 
         latency(work)
+
+
+def chosen_text(record: dict) -> str:
+    from evc.budget import fragment
+
+    return "; ".join(f"{c['pass']} {fragment(c)}" for c in record["chosen"])
 
 
 def teacher_module():
@@ -234,7 +251,7 @@ def latency(work: Path) -> None:
           f"| {timed['predicted_ms']:.3f} | {timed['predicted_share']:.3f} |")
     print(f"| measured by the build, taking turns (ms) | {timed['loaded_measured_ms']:.3f} | "
           f"{0.6 * timed['loaded_measured_ms']:.3f} | {timed['measured_ms']:.3f} | {timed['measured_share']:.3f} |")
-    print(f"\nchosen: {'; '.join(c['pass'] + ' [' + ', '.join(c['keep']) + ']' for c in budget['chosen'])}")
+    print(f"\nchosen: {chosen_text(budget)}")
 
 
 if __name__ == "__main__":
