@@ -196,3 +196,27 @@ def test_threshold_expressions_that_do_not_parse_are_input_errors():
     for text in ("latency", "latency*5", "+5%", "latency+5%%", "Latency+5"):
         with pytest.raises(InputError):
             threshold(text)
+
+
+def test_the_ci_example_runs_evc_commands_that_parse_on_a_spec_that_exists():
+    """examples/ci/evc.yml: every evc command line in it is one evc's parser takes, every --fail-on parses."""
+    import shlex
+
+    import yaml
+
+    from evc.cli import parser
+    from tests.conftest import ROOT
+
+    workflow = yaml.safe_load((ROOT / "examples" / "ci" / "evc.yml").read_text())
+    spec = workflow["env"]["SPEC"]
+    assert (ROOT / spec).is_file()
+    commands = [shlex.split(line.strip().replace("$SPEC", spec).split(" > ")[0].removesuffix(" || true"))
+                for step in workflow["jobs"]["diff"]["steps"] if "run" in step
+                for line in step["run"].replace("\\\n", " ").splitlines() if line.strip().startswith("evc ")]
+    assert [c[1] for c in commands] == ["check", "build", "build", "bench", "diff", "diff"]
+    for command in commands:
+        args = parser().parse_args(command[1:])
+        for expression in getattr(args, "fail_on", None) or ():
+            threshold(expression)
+    gate = parser().parse_args(commands[-1][1:])
+    assert gate.old == "build/base" and gate.new == "build/head" and "macs+0%" in gate.fail_on
