@@ -159,7 +159,7 @@ def _console():
 def cmd_explain(args) -> int:
     from evc.explain import explain
 
-    explain(_read_plan(args.spec), Path(args.out), _console())
+    explain(_read_plan(args.spec), Path(args.out), _console(), as_json=args.json)
     return 0
 
 
@@ -275,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="show the recognised model, what each pass does, and the targets")
     p.add_argument("spec", help="the .evc spec file")
     p.add_argument("--out", default="build", help="the build folder whose cache may be read (nothing is written)")
+    p.add_argument("--json", action="store_true", help="print one JSON document: the model, passes, blocks, targets")
     p.set_defaults(run=cmd_explain)
 
     p = sub.add_parser("bench", help="benchmark a bundle's artifacts on this machine")
