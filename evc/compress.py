@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from evc.cache import Cache
 from evc.context import PassContext
-from evc.errors import InputError
+from evc.errors import InputError, at_value
 from evc.keys import Keys, canonical, derive
 from evc.plan import Plan
 from evc.progress import Progress
@@ -135,10 +135,13 @@ def loaded(plan: Plan, cache: Cache, progress: Progress, keys: Keys, write_cache
     cached = _fetch(cache, keys.load)
     if cached is not None:
         return cached[0], cached[1]
+    spans = plan.model.spans
     with progress.stage(f"load {plan.model.source}"):
-        module = load_model(plan.model, plan.path.parent)
-        program = Program.from_module(module, model_input(plan.model, module, plan.path.parent, progress.warn),
-                                      plan.model.output)
+        module = load_model(plan.model, plan.path.parent, plan)
+        with at_value(plan, spans, "input"):
+            image = model_input(plan.model, module, plan.path.parent, progress.warn)
+        with at_value(plan, spans, "output", "source"):
+            program = Program.from_module(module, image, plan.model.output)
         before = _summary(program)
     if write_cache:
         view = program_view(program)
