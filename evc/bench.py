@@ -85,3 +85,18 @@ def bench(bundle: Path, runs: int | None = None, threads=None, serial: str | Non
                       f"{row['throughput_per_s']:.1f}")
     console.print(table)
     return rows
+
+
+def bench_record(bundle: Path, rows: list[dict], serial: str | None = None) -> dict:
+    """What `evc bench --json` prints (docs/json.md): the bundle, and a row per artifact and thread count.
+
+    Rows timed here name their artifact by path with its format, size and parity; a phone's rows are its
+    parsed benchmark_model figures as they are.
+    """
+    manifest = read_manifest(bundle)
+    here = [{"artifact": r["artifact"]["path"], "format": r["artifact"]["format"], "size": r["artifact"]["size"],
+             "parity": r["artifact"].get("parity"), "threads": r["threads"], "median_ms": r["median_ms"],
+             "p90_ms": r["p90_ms"], "throughput_per_s": r["throughput_per_s"]} for r in rows] if serial is None \
+        else rows
+    return {"schema": "evc.bench/1", "bundle": str(bundle), "target": manifest["target"]["name"],
+            "device": manifest["target"]["device"], "on": serial or "here", "rows": here}

@@ -14,7 +14,7 @@ from pathlib import Path
 from evc import budget
 from evc.blocks import BLOCK_KINDS, DATA_PARAMS, EVALUATE_PARAMS, MODEL_PARAMS, TARGET_PARAMS, data_problem
 from evc.errors import Diagnostic, Span, SpecError
-from evc.params import Invalid, ModelRef, Param, check_entries, did_you_mean, named_data
+from evc.params import Invalid, ModelRef, Param, check_entries, closest, did_you_mean, named_data
 from evc.plan import DataPlan, EvaluatePlan, HubWeights, ModelPlan, PassPlan, Plan, TargetPlan
 from evc.registry import DEVICES, FORMATS, PASSES, exclusion, load_plugins
 from evc.spec import ast
@@ -44,6 +44,9 @@ class _Checker:
         self.data_refs: list[tuple[str, Span]] = []
         self.model_refs: list[tuple[str, Span]] = []
         self.budget: PassPlan | None = None
+        # Blocks of an unknown kind by the kind they were likely meant to be (`modle small` → model: small). Each
+        # is reported once, as unknown; what follows from its absence (no model block, undefined data) is not.
+        self.misspelt: dict[str, list[str | None]] = {}
 
     def report(self, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic(message, span, hint))
@@ -55,6 +58,7 @@ class _Checker:
                 by_kind[block.kind].append(block)
             else:
                 self.report(f"unknown block '{block.kind}'", block.span, did_you_mean(block.kind, BLOCK_KINDS))
+                self.misspelt.setdefault(closest(block.kind, BLOCK_KINDS), []).append(block.name)
         model = self.model(by_kind["model"])
         data_blocks = self.named(by_kind["data"], "data")
         data = {d.name: d for b in data_blocks if (d := self.data(b)) is not None}
@@ -62,14 +66,14 @@ class _Checker:
         evaluate = self.evaluate(by_kind["evaluate"])
         teachers = self.teachers(by_kind["model"][1:], model)
         targets = tuple(t for b in self.named(by_kind["target"], "target") if (t := self.target(b)))
-        if not by_kind["target"]:
+        if not by_kind["target"] and "target" not in self.misspelt:
             self.report("the spec has no target block; add one, e.g. `target cpu { device = cpu, format = onnx }`",
                         self.spec.header_span)
         if self.budget is not None and self.budget.params["on"] is not None:
             self.budget_target(self.budget, targets, [b.name for b in by_kind["target"]])
         defined = [b.name for b in data_blocks]  # a block with its own errors is still defined
         for name, span in self.data_refs:
-            if name not in defined:
+            if name not in defined and name not in self.misspelt.get("data", ()):
                 self.report(f"undefined data '{name}'", span, did_you_mean(name, defined) or self._defined(defined))
         if self.diagnostics or model is None:
             return None
@@ -96,7 +100,8 @@ class _Checker:
     def model(self, blocks: list[ast.Block]) -> ModelPlan | None:
         """The first model block: the model compressed. Any others are teachers (see `teachers`)."""
         if not blocks:
-            self.report("the spec has no model block", self.spec.header_span)
+            if "model" not in self.misspelt:
+                self.report("the spec has no model block", self.spec.header_span)
             return None
         block = blocks[0]
         if block.name is None:
@@ -106,7 +111,7 @@ class _Checker:
         if values is None:
             return None
         return ModelPlan(block.name, values["source"], values["input"], self.weights(block, values),
-                         values["output"])
+                         values["output"], _spans(block))
 
     def weights(self, block: ast.Block, values: dict) -> Path | HubWeights | None:
         """A checkpoint file, which must exist, or a Hub repository, fetched (or found in the cache) at build."""
@@ -131,10 +136,10 @@ class _Checker:
             values = self.entries(block, MODEL_PARAMS, where, skip=("input",))
             if values is not None and model is not None:
                 teachers[block.name] = ModelPlan(block.name, values["source"], model.input,
-                                                 self.weights(block, values), values["output"])
+                                                 self.weights(block, values), values["output"], _spans(block))
         used = {name for name, _ in self.model_refs}
         undefined = [(name, span) for name, span in self.model_refs if name not in teachers
-                     and name not in ("original", "none")]
+                     and name not in ("original", "none", *self.misspelt.get("model", ()))]
         for name, span in undefined:
             self.report(f"undefined model '{name}'", span, did_you_mean(name, teachers) or
                         "a teacher is another model block: `model NAME { source = ... }`")
@@ -243,7 +248,7 @@ class _Checker:
         """A latency budget's `on` names a target of the spec (its table: measured here, over adb, or brought
         back from the board by `evc profile --results`)."""
         name, span = plan.params["on"], plan.spans.get("on")
-        if name not in names:
+        if name not in names and name not in self.misspelt.get("target", ()):
             self.report(f"budget: on: undefined target '{name}'", span, did_you_mean(name, names))
 
     def budget_of(self, blocks: list[ast.Block]) -> PassPlan | None:
@@ -299,8 +304,9 @@ class _Checker:
 
     def registered(self, entry: ast.Entry | None, registry: dict, key: str, block: ast.Block, where: str):
         if entry is None:
-            self.report(f"{where} is missing required key '{key}'", block.name_span or block.span,
-                        f"known {key}s: {', '.join(sorted(registry))}")
+            if all(closest(e.key, _all_target_keys()) != key for e in block.entries if e.key != key):
+                self.report(f"{where} is missing required key '{key}'", block.name_span or block.span,
+                            f"known {key}s: {', '.join(sorted(registry))}")
             return None
         value = entry.value
         name = value.name if isinstance(value, ast.Ident) else value.value if isinstance(value, ast.String) else None
@@ -334,3 +340,8 @@ def _all_target_keys() -> set[str]:
     keys = {p.name for p in TARGET_PARAMS} | {p.name for d in DEVICES.values() for p in d.params}
     return keys | {p.name for f in FORMATS.values() for p in f.params}
 
+
+
+def _spans(block: ast.Block) -> dict[str, Span]:
+    """Each entry's value span by key; `name` is the block's name, where an error about the whole block points."""
+    return {"name": block.name_span or block.span, **{e.key: e.value.span for e in block.entries}}

@@ -1,4 +1,4 @@
-"""The command line: `evc build|check|explain|bench|serve|infer`.
+"""The command line: `evc build|check|explain|bench|diff|profile|serve|infer`.
 
 Exit codes: 0 done, 1 the build (or a collaborative run) failed, 2 bad input. Every EvcError becomes
 its rendered text here and nowhere else.
@@ -37,7 +37,14 @@ def cmd_check(args) -> int:
     return 0
 
 
-def _pin(plan, results) -> None:
+def _print_json(document) -> None:
+    """One JSON document on stdout: what --json prints (docs/json.md has each command's shape)."""
+    import json
+
+    print(json.dumps(document, indent=1))
+
+
+def _pin(plan, results, quiet: bool = False) -> str:
     from evc.budget import lock_path, write_lock
     from evc.keys import derive
 
@@ -45,7 +52,9 @@ def _pin(plan, results) -> None:
         raise InputError(f"--pin: {plan.path} has no budget in its compress block: there is no search to pin")
     record = {k: v for k, v in results[0].manifest["budget"].items() if k != "pinned"}
     write_lock(plan.path, derive(plan).budget, record)
-    print(f"pinned: {lock_path(plan.path)}")
+    if not quiet:
+        print(f"pinned: {lock_path(plan.path)}")
+    return str(lock_path(plan.path))
 
 
 def cmd_profile(args) -> int:
@@ -94,9 +103,7 @@ def cmd_profile(args) -> int:
         table = table_for(plan, args.target, program, cache, keys.load, progress, serial,
                           Path(args.binary) if args.binary else None)
     if args.json:
-        import json
-
-        print(json.dumps(table.to_dict(), indent=1))
+        _print_json(table.to_dict())
         return 0
     print(f"{plan.model.name} on target '{table.target}' ({table.runtime}, {table.threads} thread(s)): "
           f"{table.base_ms:.3f} ms without blocks, then per block, ms:")
@@ -124,6 +131,12 @@ def cmd_build(args) -> int:
     progress = Progress(Console(stderr=True, quiet=rank != 0))
     results = build(plan, Path(args.out), force=args.force, only=args.target, progress=progress, main=rank == 0)
     if rank != 0:
+        return 0
+    if args.json:
+        pinned = _pin(plan, results, quiet=True) if args.pin else None
+        _print_json({"schema": "evc.build/1", "spec": str(plan.path), "pinned": pinned,
+                     "bundles": [{"target": r.target, "path": str(r.bundle), "cached": r.cached,
+                                  "manifest": r.manifest} for r in results]})
         return 0
     for result in results:
         state = "up to date" if result.cached else "built"
@@ -162,15 +175,34 @@ def _console():
 def cmd_explain(args) -> int:
     from evc.explain import explain
 
-    explain(_read_plan(args.spec), Path(args.out), _console())
+    explain(_read_plan(args.spec), Path(args.out), _console(), as_json=args.json)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from evc.bench import bench
+    from rich.console import Console
 
-    bench(Path(args.bundle), runs=args.runs, threads=args.threads, serial=args.serial, console=_console())
+    from evc.bench import bench, bench_record
+
+    console = Console(quiet=True) if args.json else _console()
+    rows = bench(Path(args.bundle), runs=args.runs, threads=args.threads, serial=args.serial, console=console)
+    if args.json:
+        _print_json(bench_record(Path(args.bundle), rows, args.serial))
     return 0
+
+
+def cmd_diff(args) -> int:
+    from evc.diff import bundles, compare, text, threshold
+
+    thresholds = [threshold(t) for t in args.fail_on or ()]  # a bad expression stops before anything is read
+    report = compare(bundles(Path(args.old)), bundles(Path(args.new)), thresholds)
+    if not report["targets"]:
+        raise InputError(f"{args.old} and {args.new} have no target in common to compare")
+    if args.json:
+        _print_json(report)
+    else:
+        print(text(report))
+    return 1 if report["failed"] else 0
 
 
 def cmd_serve(args) -> int:
@@ -240,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild everything, ignoring the cache")
     p.add_argument("--pin", action="store_true", help="write what a budget's search chose to SPEC.lock beside the "
                                                       "spec; later builds read it instead of searching")
+    p.add_argument("--json", action="store_true", help="print one JSON document: each bundle and its manifest")
     p.set_defaults(run=cmd_build)
 
     p = sub.add_parser("profile", help="measure a latency table for a target (what a latency budget reads)")
@@ -260,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="show the recognised model, what each pass does, and the targets")
     p.add_argument("spec", help="the .evc spec file")
     p.add_argument("--out", default="build", help="the build folder whose cache may be read (nothing is written)")
+    p.add_argument("--json", action="store_true", help="print one JSON document: the model, passes, blocks, targets")
     p.set_defaults(run=cmd_explain)
 
     p = sub.add_parser("bench", help="benchmark a bundle's artifacts on this machine")
@@ -267,7 +301,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, help="timed runs (default: the target's)")
     p.add_argument("--threads", nargs="+", help="thread counts, or 'all' (default: the target's)")
     p.add_argument("--serial", help="benchmark on this device over adb (Android bundles)")
+    p.add_argument("--json", action="store_true", help="print one JSON document: a row per artifact and thread count")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("diff", help="compare two builds' manifests per target; --fail-on gates a pipeline on them")
+    p.add_argument("old", help="a manifest.json, a bundle folder, or a build folder of bundles (the baseline)")
+    p.add_argument("new", help="the same for the build compared with it")
+    p.add_argument("--fail-on", action="append", metavar="EXPR",
+                   help="exit 1 when a change crosses EXPR: METRIC+N or METRIC-N, N in the metric's unit or with "
+                        "%% relative to OLD, e.g. latency+5%%, top1-0.5, macs+0%%, size+10%% (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON document: each target's figures and "
+                                                       "each threshold's verdict")
+    p.set_defaults(run=cmd_diff)
 
     p = sub.add_parser("serve", help="serve one part of a decomposed bundle over gRPC (blocks; Ctrl-C stops)")
     p.add_argument("bundle", help="a bundle folder with a collab.json")

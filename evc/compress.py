@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from evc.cache import Cache
 from evc.context import PassContext
-from evc.errors import InputError
+from evc.errors import InputError, at_value
 from evc.keys import Keys, canonical, derive
 from evc.plan import Plan
 from evc.progress import Progress
@@ -27,6 +27,8 @@ class Compiled:
     weights: str  # the checkpoint's sha256, or "random"
     key: str
     budget: dict | None = None  # what a budget's search chose and reached (evc.budget.Search.record)
+    loaded: dict | None = None  # program_view of the model as loaded (None from a cache entry older than it)
+    view: dict | None = None  # program_view of `program`
 
 
 def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | None = None,
@@ -38,10 +40,10 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | Non
                       "so its outputs mean nothing (the bundle is still complete and checked)")
     cached = _fetch(cache, keys.program)
     if cached is not None:
-        return Compiled(*cached[:4], keys.weights, keys.program, cached[4])
+        return Compiled(*cached[:4], keys.weights, keys.program, *cached[4:])
 
     program, before = loaded(plan, cache, progress, keys, write_cache)
-    original = program.structure
+    original, as_loaded_view = program.structure, program_view(program)
     if plan.passes:
         program.require_structure(f"pass {plan.passes[0].name}")
     passes, searched = plan.passes, None
@@ -58,9 +60,10 @@ def compile_model(plan: Plan, cache: Cache, progress: Progress, keys: Keys | Non
                 whole, program = program, plugin.run(program, pass_plan.params, ctx)
         found.append(canonical(ctx.found))
     after = _aligned_summary(program, original) if plan.passes else before
+    view = program_view(program)
     if write_cache and plan.passes:
-        _store(cache, keys.program, program, before, after, found, searched)
-    return Compiled(program, before, after, found, keys.weights, keys.program, searched)
+        _store(cache, keys.program, program, before, after, found, searched, as_loaded_view, view)
+    return Compiled(program, before, after, found, keys.weights, keys.program, searched, as_loaded_view, view)
 
 
 def _searched(plan: Plan, program, before: dict, progress: Progress, keys: Keys, cache: Cache | None):
@@ -132,33 +135,63 @@ def loaded(plan: Plan, cache: Cache, progress: Progress, keys: Keys, write_cache
     cached = _fetch(cache, keys.load)
     if cached is not None:
         return cached[0], cached[1]
+    spans = plan.model.spans
     with progress.stage(f"load {plan.model.source}"):
-        module = load_model(plan.model, plan.path.parent)
-        program = Program.from_module(module, model_input(plan.model, module, plan.path.parent, progress.warn),
-                                      plan.model.output)
+        module = load_model(plan.model, plan.path.parent, plan)
+        with at_value(plan, spans, "input"):
+            image = model_input(plan.model, module, plan.path.parent, progress.warn)
+        with at_value(plan, spans, "output", "source"):
+            program = Program.from_module(module, image, plan.model.output)
         before = _summary(program)
     if write_cache:
-        _store(cache, keys.load, program, before, before, [])
+        view = program_view(program)
+        _store(cache, keys.load, program, before, before, [], None, view, view)
     return program, before
 
 
+def cached_summary(cache: Cache, key: str) -> dict | None:
+    """A cached program's summary without loading it (nor torch): before, after, found, budget, and the
+    program_view of the model as loaded and of the program (`loaded`, `view`: None in older entries)."""
+    hit = cache.get("program", key)
+    return None if hit is None else json.loads((hit / "summary.json").read_text())
+
+
 def _fetch(cache: Cache, key: str):
-    """(program, before, after, found) from a cached entry, or None."""
+    """(program, before, after, found, budget, loaded view, view) from a cached entry, or None."""
     from evc.ir.program import Program
 
-    hit = cache.get("program", key)
-    if hit is None:
+    summaries = cached_summary(cache, key)
+    if summaries is None:
         return None
-    summaries = json.loads((hit / "summary.json").read_text())
-    return (Program.load(hit / "program.pt"), summaries["before"], summaries["after"], summaries["found"],
-            summaries.get("budget"))
+    return (Program.load(cache.path("program", key) / "program.pt"), summaries["before"], summaries["after"],
+            summaries["found"], summaries.get("budget"), summaries.get("loaded"), summaries.get("view"))
 
 
-def _store(cache: Cache, key: str, program, before: dict, after: dict, found: list, budget: dict | None = None) -> None:
+def _store(cache: Cache, key: str, program, before: dict, after: dict, found: list, budget: dict | None = None,
+           loaded_view: dict | None = None, view: dict | None = None) -> None:
     with cache.entry("program", key) as folder:
         program.save(folder / "program.pt")
         (folder / "summary.json").write_text(json.dumps({"before": before, "after": after, "found": found,
-                                                         "budget": budget}))
+                                                         "budget": budget, "loaded": loaded_view, "view": view}))
+
+
+def program_view(program) -> dict:
+    """What `evc explain` shows of a program, as JSON, so that a cached one is shown without loading it:
+    its input, its structure (the manifest's record, and in words) or why it was not recognised, and a
+    decomposed model's parts and fusion."""
+    view = {"input": list(program.input.shape), "structure": None, "describe": None,
+            "unrecognised": program.unrecognised}
+    if program.structure is not None:
+        record = program.structure.to_dict()
+        for block in record["blocks"]:
+            block.pop("nodes", None)
+        view.update(structure=canonical(record), describe=program.structure.describe(), unrecognised=None)
+    if program.parts:
+        view["parts"] = [{"name": p.name, "classes": list(p.classes), "width": p.width,
+                          "describe": p.program.structure.describe()} for p in program.parts]
+        linear = program.fusion.linear
+        view["fusion"] = {"in": linear.in_features, "out": linear.out_features, "drop": bool(program.fusion.drop)}
+    return view
 
 
 def aligned(after: dict, original, compressed) -> dict:

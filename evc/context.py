@@ -76,7 +76,7 @@ class Context:
 
         teacher = self._plan.teachers[name]
         with self.progress.stage(f"load teacher {name}"):  # returning the one output it is distilled from
-            return OneOutput(load_model(teacher, self._plan.path.parent), teacher.output, name)
+            return OneOutput(load_model(teacher, self._plan.path.parent, self._plan), teacher.output, name)
 
 
 class PassContext(Context):

@@ -8,6 +8,7 @@ collaborative run that failed at a peer.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -92,3 +93,25 @@ def render_diagnostic(path: str, source: str, d: Diagnostic) -> str:
         f"{line} | {code}\n"
         f"{gutter} | {caret}"
     )
+
+
+@contextmanager
+def at_value(plan, spans: dict, *keys: str):
+    """An InputError raised inside, found in a value the spec gives, as a SpecError at that value.
+
+    `spans` are a block's value spans by key; the first of `keys` the block writes is where the error
+    points (so an error about the model's outputs points at `output` when the spec gives one, else at
+    `source`). Errors found later than checking (once the model is loaded) then read as checking's do:
+
+        with at_value(plan, plan.model.spans, "source"):
+            module = build_module(plan.model.source, spec_dir)   # timm has no model 'vit_tiny_patch16_22'
+    """
+    try:
+        yield
+    except SpecError:
+        raise
+    except InputError as e:
+        span = next((spans[k] for k in keys if spans.get(k) is not None), None)
+        if plan is None or span is None:
+            raise
+        raise plan.error(span, str(e)) from None

@@ -1,51 +1,162 @@
-"""`evc explain SPEC`: the recognised model, what the passes do to it, and the targets. Writes nothing."""
+"""`evc explain SPEC`: the model as loaded, the passes as the spec writes them, each block before → after,
+and the targets. Writes nothing.
+
+    record = explain(plan, Path("build"))       # prints it; the record is what `--json` prints
+
+When the build cache under OUT already holds the compressed program (a build
+ran), everything is read from it without importing torch or running a pass;
+an X5 target's operator check comes from the cached lowering. Otherwise the
+model is loaded and the passes run, and nothing is written.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from evc.cache import Cache
-from evc.compress import compile_model
-from evc.keys import canonical
-from evc.plan import Plan
+from evc.keys import Keys, canonical, derive
+from evc.plan import Plan, TargetPlan
 from evc.progress import Progress
 from evc.registry import DEVICES, FORMATS, PASSES, Placement
 
 
-def explain(plan: Plan, out: Path, console: Console | None = None) -> None:
+def explain(plan: Plan, out: Path, console: Console | None = None, as_json: bool = False) -> dict:
+    """Print what the spec does to its model (one JSON document with `as_json`); return the record."""
     console = console or Console()
-    compiled = compile_model(plan, Cache(out / ".cache"), Progress(), write_cache=False)
-    structure = compiled.program.structure
-    weights = "none (random init)" if plan.model.random_init else plan.model.weights or f"from {plan.model.source}"
-    console.print(f"[bold]model[/] {plan.model.name} = {plan.model.source}, "
-                  f"input {'x'.join(map(str, compiled.program.input.shape))}, weights {weights}")
-    if compiled.program.parts:
-        console.print(_decomposition(compiled.program), markup=False)
-    elif structure is None:
-        console.print(f"not recognised as a ViT, so it lowers but cannot be compressed: "
-                      f"{compiled.program.unrecognised}")
+    record = explain_record(plan, out)
+    if record["cached"]:
+        print("explained from the build cache: the model was not loaded and no pass ran", file=sys.stderr)
+    if as_json:
+        print(json.dumps(record, indent=1))
     else:
-        console.print(structure.describe())
-    if compiled.budget:
-        console.print(budget_text(plan, compiled.budget), highlight=False, markup=False)
-    for p, found in zip(plan.passes, compiled.found):
-        info = PASSES[p.name]
-        params = ", ".join(f"{k} = {'(searched)' if k == 'keep' and v is None and plan.budget else v}"
-                           for k, v in canonical(p.params).items())
-        console.print(f"[bold]pass[/] {p.name} {{ {params} }}: {info.help}")
-        for key, value in found.items():
-            console.print(f"  found: {key} = {_spec_value(value)}", highlight=False)
-    console.print(blocks_table(compiled.before, compiled.after))
+        show(plan, record, console)
+    return record
+
+
+def explain_record(plan: Plan, out: Path) -> dict:
+    """What `evc explain --json` prints (docs/json.md), from the build cache when it holds the program."""
+    from evc.compress import cached_summary
+
+    keys, cache = derive(plan), Cache(out / ".cache")
+    summary = cached_summary(cache, keys.program)
+    placements = {t.name: _cached_placement(cache, keys, t) for t in plan.targets
+                  if isinstance(FORMATS[t.format].plugin, Placement)}
+    cached = summary is not None and summary.get("loaded") is not None and None not in placements.values()
+    if not cached:
+        summary, placements = _compiled(plan, cache, keys, placements)
+    loaded = summary["loaded"]
+    before, after = summary["before"], summary["after"]
+    return {
+        "schema": "evc.explain/1", "spec": str(plan.path), "cached": cached,
+        "model": {"name": plan.model.name, "source": str(plan.model.source), "weights": _weights(plan),
+                  "input": loaded["input"], "structure": loaded["structure"], "unrecognised": loaded["unrecognised"],
+                  "describe": loaded["describe"]},
+        "compressed": summary["view"],
+        "passes": [{"name": p.name, **_as_written(plan, p.params, p.spans, searched=plan.budget is not None),
+                    "found": found} for p, found in zip(plan.passes, summary["found"])],
+        "budget": summary["budget"],
+        "blocks": [{"index": b["index"], **{k: [b[k], a[k]] for k in ("tokens", "heads", "hidden", "params", "macs")}}
+                   for b, a in zip(before["blocks"], after["blocks"])],
+        "before": before, "after": after,
+        "targets": [{"name": t.name, "device": t.device, "format": t.format,
+                     **_as_written(plan, t.params, t.spans, skip=("device", "format")),
+                     "placement": placements.get(t.name)} for t in plan.targets],
+    }
+
+
+def _compiled(plan: Plan, cache: Cache, keys: Keys, placements: dict) -> tuple[dict, dict]:
+    """The summary and placements by loading the model and running the passes (or loading the cached program)."""
+    from evc.compress import compile_model, loaded, program_view
+
+    progress = Progress()
+    compiled = compile_model(plan, cache, progress, keys, write_cache=False)
+    as_loaded = compiled.loaded
+    if as_loaded is None:  # a cache entry written before views were kept
+        as_loaded = program_view(loaded(plan, cache, progress, keys, write_cache=False)[0])
+    summary = {"before": compiled.before, "after": compiled.after, "found": compiled.found,
+               "budget": compiled.budget, "loaded": as_loaded,
+               "view": compiled.view or program_view(compiled.program)}
     for t in plan.targets:
-        params = ", ".join(f"{k} = {v}" for k, v in canonical(t.params).items())
-        console.print(f"[bold]target[/] {t.name}: {DEVICES[t.device].help or t.device}, "
-                      f"{FORMATS[t.format].help} ({params})")
-        fmt = FORMATS[t.format].plugin
-        if isinstance(fmt, Placement):
-            console.print(placement_text(fmt.placement(compiled.program, t)))
+        if t.name in placements and placements[t.name] is None:
+            placements[t.name] = FORMATS[t.format].plugin.placement(compiled.program, t)
+    return summary, placements
+
+
+def _cached_placement(cache: Cache, keys: Keys, target: TargetPlan) -> dict | None:
+    """The operator check a build of this target kept with its cached artifacts, or None."""
+    from evc.lower import CHECKED
+
+    hit = cache.get("lower", keys.lower[target.name])
+    if hit is None:
+        return None
+    checked = json.loads((hit / CHECKED).read_text())
+    return next((a["op_check"] for a in checked["artifacts"] if "op_check" in a), None)
+
+
+def _weights(plan: Plan) -> str:
+    if plan.model.random_init:
+        return "none (random init)"
+    return str(plan.model.weights) if plan.model.weights else f"from {plan.model.source}"
+
+
+def _as_written(plan: Plan, params: dict, spans: dict, skip=(), searched: bool = False) -> dict:
+    """A block's keys as the spec's text writes them, and the defaults of those it leaves out."""
+    written = {k: _source_text(plan.text, spans[k]) for k in params if k in spans and k not in skip}
+    defaults = {k: _spec_value(v) for k, v in canonical(params).items()
+                if k not in spans and k not in skip and v is not None and v != []}
+    if searched and "keep" in params and params["keep"] is None:
+        written["keep"] = "(searched by the budget)"
+    return {"written": written, "defaults": defaults}
+
+
+def _source_text(text: str, span) -> str:
+    """The spec's own text of a span, a value spread over lines joined into one."""
+    lines = text.splitlines()[span.line - 1:span.end_line]
+    if len(lines) == 1:
+        return lines[0][span.col - 1:span.end_col - 1]
+    lines[0], lines[-1] = lines[0][span.col - 1:], lines[-1][:span.end_col - 1]
+    return " ".join(line.strip() for line in lines)
+
+
+def show(plan: Plan, record: dict, console: Console) -> None:
+    """The record for people: as loaded, the passes as written, before → after, the targets."""
+    model = record["model"]
+    console.print(f"[bold]model[/] {model['name']} = {model['source']}, input {'x'.join(map(str, model['input']))}, "
+                  f"weights {model['weights']}", highlight=False)
+    if model["structure"] is None:
+        console.print(f"not recognised as a ViT, so it lowers but cannot be compressed: {model['unrecognised']}",
+                      markup=False, highlight=False)
+    else:
+        console.print("[bold]as loaded:[/]")
+        console.print(model["describe"], markup=False, highlight=False)
+    if record["budget"]:
+        console.print(budget_text(plan, record["budget"]), highlight=False, markup=False)
+    for p in record["passes"]:
+        console.print(f"[bold]pass[/] {p['name']} {{ {_entries(p['written'])} }}: {PASSES[p['name']].help}",
+                      highlight=False)
+        if p["defaults"]:
+            console.print(f"  defaults: {_entries(p['defaults'])}", markup=False, highlight=False)
+        for key, value in p["found"].items():
+            console.print(f"  found: {key} = {_spec_value(value)}", markup=False, highlight=False)
+    if record["compressed"] and record["compressed"].get("parts"):
+        console.print(_decomposition(record["compressed"]), markup=False, highlight=False)
+    console.print(blocks_table(record["before"], record["after"]))
+    for t in record["targets"]:
+        given = ", ".join(filter(None, [_entries(t["written"]), _entries(t["defaults"]) and
+                                        f"defaults: {_entries(t['defaults'])}"]))
+        console.print(f"[bold]target[/] {t['name']}: {DEVICES[t['device']].help or t['device']}, "
+                      f"{FORMATS[t['format']].help} ({given})", highlight=False)
+        if t["placement"] is not None:
+            console.print(placement_text(t["placement"]), markup=False, highlight=False)
+
+
+def _entries(values: dict) -> str:
+    return ", ".join(f"{k} = {v}" for k, v in values.items())
 
 
 def budget_text(plan: Plan, record: dict) -> str:
@@ -112,14 +223,14 @@ def blocks_table(before: dict, after: dict) -> Table:
     return table
 
 
-def _decomposition(program) -> str:
+def _decomposition(view: dict) -> str:
     """A decomposed model: each part, what it was shrunk for and what it sends, then the fusion."""
-    fusion = program.fusion
-    lines = [f"decomposed into {len(program.parts)} parts (DeViT):"]
-    for part in program.parts:
-        lines.append(f"{part.name}: classes {list(part.classes)}, sends {part.width} floats per image")
-        lines += [f"  {line}" for line in part.program.structure.describe().splitlines()]
-    dropped = ", fitted with each part missing in turn too" if fusion.drop else ""
-    lines.append(f"fusion: one Linear, {fusion.linear.in_features} in (the parts' features and a flag each), "
-                 f"{fusion.linear.out_features} out{dropped}")
+    fusion = view["fusion"]
+    lines = [f"decomposed into {len(view['parts'])} parts (DeViT):"]
+    for part in view["parts"]:
+        lines.append(f"{part['name']}: classes {part['classes']}, sends {part['width']} floats per image")
+        lines += [f"  {line}" for line in part["describe"].splitlines()]
+    dropped = ", fitted with each part missing in turn too" if fusion["drop"] else ""
+    lines.append(f"fusion: one Linear, {fusion['in']} in (the parts' features and a flag each), "
+                 f"{fusion['out']} out{dropped}")
     return "\n".join(lines)

@@ -55,12 +55,16 @@ def derive(plan) -> Keys:
     from evc.params import ModelRef, data_refs
     from evc.registry import DEVICES, FORMATS, PASSES
 
-    weights = model_digest(plan.model, plan.path.parent)
+    weights = model_digest(plan.model, plan.path.parent, plan)
     # The input resolved at load follows from the spec's image(...), the source and the weights (a Hub
     # repository's tag picks its own preprocessing), so those key it, not the resolved values.
     hub = plan.model.weights if isinstance(plan.model.weights, HubWeights) else None
-    load = stage_key("load", plan.model.source, plan.model.input, weights, hub, source_code_digest(plan),
-                     plan.model.output, library_versions())
+    from evc.errors import at_value
+
+    with at_value(plan, plan.model.spans, "source"):
+        code = source_code_digest(plan)
+    load = stage_key("load", plan.model.source, plan.model.input, weights, hub, code, plan.model.output,
+                     library_versions())
     passes, key, budget = [], load, None
     if plan.budget is not None:  # what the searched passes' keep follows from
         searched = [p for p in plan.passes if p.params.get("keep") is None]
@@ -70,7 +74,7 @@ def derive(plan) -> Keys:
     for p in plan.passes:
         declared = PASSES[p.name].params
         data = {name: data_identity(plan.data[name]) for name in data_refs(declared, p.params)}
-        teachers = {name: (plan.teachers[name], model_digest(plan.teachers[name], plan.path.parent))
+        teachers = {name: (plan.teachers[name], model_digest(plan.teachers[name], plan.path.parent, plan))
                     for name in data_refs(declared, p.params, ModelRef) if name in plan.teachers}
         key = stage_key("pass", key, p, data, teachers)
         passes.append(key)
@@ -142,15 +146,19 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def model_digest(model, spec_dir: Path) -> str:
+def model_digest(model, spec_dir: Path, plan=None) -> str:
     """A model block's checkpoint sha256 (a Hub checkpoint's as cached; an hf folder's or cached repository
-    snapshot's files), or "random" when it has none."""
+    snapshot's files), or "random" when it has none. With the `plan`, a checkpoint or folder that cannot be
+    found is a spec error at the value naming it."""
+    from evc.errors import at_value
     from evc.hub import checkpoint_file
 
     if model.weights:
-        return file_digest(checkpoint_file(model.weights))
+        with at_value(plan, model.spans, "weights"):
+            return file_digest(checkpoint_file(model.weights))
     if model.source.kind == "hf":
-        return _hf_digest(model.source, spec_dir)
+        with at_value(plan, model.spans, "source"):
+            return _hf_digest(model.source, spec_dir)
     return "random"
 
 

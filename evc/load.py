@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evc.errors import InputError
+from evc.errors import InputError, at_value
 from evc.params import did_you_mean
 from evc.plan import ModelPlan, Source
 
@@ -112,11 +112,15 @@ def _first(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_model(model: ModelPlan, spec_dir: Path) -> nn.Module:
-    """A model block's module with its weights: a file, or a checkpoint from the Hugging Face Hub."""
+def load_model(model: ModelPlan, spec_dir: Path, plan=None) -> nn.Module:
+    """A model block's module with its weights: a file, or a checkpoint from the Hugging Face Hub.
+
+    With the `plan`, an error in the model's source or weights is a spec error at that value."""
     from evc.hub import checkpoint_file
 
-    module = build_module(model.source, spec_dir)
+    with at_value(plan, model.spans, "source"):
+        module = build_module(model.source, spec_dir)
     if model.weights is not None:
-        load_weights(module, checkpoint_file(model.weights), model.name)
+        with at_value(plan, model.spans, "weights"):
+            load_weights(module, checkpoint_file(model.weights), model.name)
     return module

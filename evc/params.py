@@ -25,9 +25,15 @@ class Invalid(Exception):
         self.message, self.span, self.hint = message, span, hint
 
 
-def did_you_mean(word: str, choices) -> str | None:
+def closest(word: str, choices) -> str | None:
+    """The choice `word` is most likely a misspelling of, or None."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else None
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, choices) -> str | None:
+    close = closest(word, choices)
+    return f"did you mean '{close}'?" if close else None
 
 
 def _number(value: ast.Value, what: str) -> float | Fraction:
@@ -411,6 +417,8 @@ def check_entries(entries: tuple[ast.Entry, ...], params: tuple[Param, ...], whe
     by_name = {p.name: p for p in params}
     values: dict[str, Any] = {}
     problems: list[Invalid] = []
+    # A misspelt key is reported once, as unknown: the missing key it was meant to be follows from it.
+    misspelt = {closest(e.key, by_name) for e in entries if e.key not in by_name}
     for entry in entries:
         param = by_name.get(entry.key)
         if param is None:
@@ -429,7 +437,7 @@ def check_entries(entries: tuple[ast.Entry, ...], params: tuple[Param, ...], whe
     for param in params:
         if param.name in values or param.name in skip:
             continue
-        if param.required:
+        if param.required and param.name not in misspelt:
             problems.append(Invalid(f"{where} is missing required key '{param.name}'", at, param.help or None))
         else:
             values[param.name] = param.default

@@ -86,6 +86,8 @@ class ModelPlan:
     input: ImageSpec
     weights: Path | HubWeights | None
     output: str | None = None  # which of several outputs the Program returns (evc.ir.outputs)
+    # Each value's span, by key, so that an error found when loading points at it (evc.errors.at_value).
+    spans: dict[str, Span] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def random_init(self) -> bool:

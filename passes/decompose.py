@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from evc.params import REQUIRED, Choice, DataRef, Flag, Float, Int, Param, Ratio
 from evc.registry import Pass, register_pass
+
+if TYPE_CHECKING:  # numpy is imported where it is used: `evc check` imports every pass, and numpy takes 0.1 s
+    import numpy as np
 
 RIDGE = 1e-6  # of the features' mean square: enough to settle collinear columns, too little to bias the fit
 
@@ -73,6 +75,8 @@ class Decompose(Pass):
     """Split the model into parts, each shrunk for a subset of the classes, joined by a fitted fusion."""
 
     def run(self, program, params, ctx):
+        import numpy as np
+
         from evc.ir.ensemble import Fusion, Part
 
         if program.parts:
@@ -112,6 +116,8 @@ class Decompose(Pass):
 
 def class_split(classes: int, parts: int, seed: int) -> list[tuple[int, ...]]:
     """The classes shuffled with `seed` and cut into `parts` disjoint subsets, as even as they go (DeViT)."""
+    import numpy as np
+
     order = np.random.default_rng(seed).permutation(classes)
     return [tuple(sorted(int(c) for c in chunk)) for chunk in np.array_split(order, parts)]
 
@@ -226,6 +232,7 @@ def fit(fusion, parts, teacher, images: np.ndarray, batch: int = 256):
     """`fusion` fitted by ridge least squares to the teacher's logits on `images`, in float64; with
     `fusion.drop`, on every image with each part missing in turn too. The normal equations are summed
     batch by batch, so the fit holds one batch's features at a time, whatever the number of images."""
+    import numpy as np
     import torch
 
     width = sum(fusion.widths) + len(parts) + 1  # the features, a flag per part, the bias
@@ -245,6 +252,8 @@ def fit(fusion, parts, teacher, images: np.ndarray, batch: int = 256):
 def _rows(fusion, parts, teacher, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The fit's inputs for `images` (the parts' features, 1 per part present, 1 for the bias) and targets
     (the teacher's logits); with `fusion.drop`, the same images again with each part missing in turn."""
+    import numpy as np
+
     tokens = np.concatenate([p.program.run(images).numpy() for p in parts], axis=1).astype(np.float64)
     target = _run(teacher, images).astype(np.float64)
     ones = np.ones((len(images), len(parts) + 1))

@@ -108,7 +108,7 @@ def test_explain_shows_the_structure_of_a_hf_model(write_spec, tmp_path):
     save(tmp_path / "vit")
     done = run_evc("explain", write_spec(spec_text(extra=COMPRESS)), "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
-    assert "block 3: attn 2x16, mlp 128, 17 tokens" in done.stdout
+    assert "block 3: attn 4x16, mlp 256, 17 tokens" in done.stdout  # as loaded; the passes' result below
     assert "4 → 2" in done.stdout and "256 → 128" in done.stdout
 
 
