@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from evc.budget import KNOBS
 from evc.cache import Cache
 from evc.keys import Keys, canonical, derive
 from evc.plan import Plan, TargetPlan
@@ -57,7 +58,8 @@ def explain_record(plan: Plan, out: Path) -> dict:
                   "input": loaded["input"], "structure": loaded["structure"], "unrecognised": loaded["unrecognised"],
                   "describe": loaded["describe"]},
         "compressed": summary["view"],
-        "passes": [{"name": p.name, **_as_written(plan, p.params, p.spans, searched=plan.budget is not None),
+        "passes": [{"name": p.name,
+                    **_as_written(plan, p.params, p.spans, searched=plan.budget is not None, name=p.name),
                     "found": found} for p, found in zip(plan.passes, summary["found"])],
         "budget": summary["budget"],
         "blocks": [{"index": b["index"], **{k: [b[k], a[k]] for k in ("tokens", "heads", "hidden", "params", "macs")}}
@@ -104,13 +106,13 @@ def _weights(plan: Plan) -> str:
     return str(plan.model.weights) if plan.model.weights else f"from {plan.model.source}"
 
 
-def _as_written(plan: Plan, params: dict, spans: dict, skip=(), searched: bool = False) -> dict:
+def _as_written(plan: Plan, params: dict, spans: dict, skip=(), searched: bool = False, name: str = "") -> dict:
     """A block's keys as the spec's text writes them, and the defaults of those it leaves out."""
     written = {k: _source_text(plan.text, spans[k]) for k in params if k in spans and k not in skip}
     defaults = {k: _spec_value(v) for k, v in canonical(params).items()
                 if k not in spans and k not in skip and v is not None and v != []}
-    if searched and "keep" in params and params["keep"] is None:
-        written["keep"] = "(searched by the budget)"
+    if searched and (knob := KNOBS.get(name)) is not None and knob.searched(params):
+        written[knob.keys[0]] = "(searched by the budget)"
     return {"written": written, "defaults": defaults}
 
 
