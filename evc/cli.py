@@ -1,4 +1,4 @@
-"""The command line: `evc build|check|explain|bench|serve|infer`.
+"""The command line: `evc build|check|explain|bench|report|serve|infer`.
 
 Exit codes: 0 done, 1 the build (or a collaborative run) failed, 2 bad input. Every EvcError becomes
 its rendered text here and nowhere else.
@@ -114,6 +114,8 @@ def cmd_build(args) -> int:
         print(f"{state}: {result.bundle}")
         for a in result.manifest["artifacts"]:
             print(f"    {a['path']}: {a['size'] / 1e6:.1f} MB, parity {describe(a['parity'])}")
+    if results:
+        print(f"report: {results[0].bundle.parent / 'report.html'}")
     if args.pin:
         _pin(plan, results)
     evaluated = [r for r in results if "evaluation" in r.manifest]
@@ -154,6 +156,13 @@ def cmd_bench(args) -> int:
     from evc.bench import bench
 
     bench(Path(args.bundle), runs=args.runs, threads=args.threads, serial=args.serial, console=_console())
+    return 0
+
+
+def cmd_report(args) -> int:
+    from evc.report import write_report
+
+    print(f"report: {write_report(Path(args.build))}")
     return 0
 
 
@@ -250,6 +259,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", nargs="+", help="thread counts, or 'all' (default: the target's)")
     p.add_argument("--serial", help="benchmark on this device over adb (Android bundles)")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("report", help="write a build's report.html again, with the benchmarks run since")
+    p.add_argument("build", help="a build folder: OUT/<spec stem>, e.g. build/deit_tiny_x5")
+    p.set_defaults(run=cmd_report)
 
     p = sub.add_parser("serve", help="serve one part of a decomposed bundle over gRPC (blocks; Ctrl-C stops)")
     p.add_argument("bundle", help="a bundle folder with a collab.json")
