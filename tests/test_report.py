@@ -204,3 +204,8 @@ def test_evc_report_on_a_folder_without_bundles_is_bad_input(tmp_path):
     done = run_evc("report", tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "holds no bundle" in done.stderr and str(tmp_path) in done.stderr
+
+
+def test_evc_report_has_help():
+    done = run_evc("report", "--help")
+    assert done.returncode == 0 and "usage: evc report" in done.stdout and "BUILD" in done.stdout.upper()
