@@ -111,7 +111,7 @@ def _target(folder: Path, manifest: dict) -> dict:
             nodes = json.loads(report.read_text())["nodes"] if report.is_file() else check["cpu"]
             placement = {"artifact": artifact["path"], "march": check["march"], "summary": check["summary"],
                          "nodes": nodes, "off": check["cpu"] + check["unsupported"]}
-    return {"name": manifest["target"]["name"], "device": manifest["target"]["device"],
+    return {"name": manifest["target"]["name"], "folder": folder, "device": manifest["target"]["device"],
             "format": manifest["target"]["format"], "artifacts": manifest["artifacts"],
             "latency": latency_rows(folder, manifest), "placement": placement}
 
