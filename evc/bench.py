@@ -1,12 +1,15 @@
 """`evc bench BUNDLE`: time here every artifact of a bundle that has a runtime here.
 
 With `--serial`, the bundle's device benchmarks it instead (an Android phone
-over adb), where its device profile knows how.
+over adb), where its device profile knows how. The figures measured here are
+kept in the bundle as `results/evc_bench.json`, which `evc report` reads.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from evc.atomic import write_text
 from evc.bundle import read_manifest
 from evc.errors import InputError
 from evc.parity import describe
@@ -84,6 +88,7 @@ def bench(bundle: Path, runs: int | None = None, threads=None, serial: str | Non
                       str(row["threads"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
                       f"{row['throughput_per_s']:.1f}")
     console.print(table)
+    save(bundle, rows)
     return rows
 
 
@@ -100,3 +105,18 @@ def bench_record(bundle: Path, rows: list[dict], serial: str | None = None) -> d
         else rows
     return {"schema": "evc.bench/1", "bundle": str(bundle), "target": manifest["target"]["name"],
             "device": manifest["target"]["device"], "on": serial or "here", "rows": here}
+
+
+BENCH_RESULTS = "results/evc_bench.json"
+
+
+def save(bundle: Path, rows: list[dict]) -> None:
+    """The figures measured here, in the bundle (replacing the last run's): one row per artifact and thread
+    count, with the machine they were measured on."""
+    machine = {"processor": platform.processor() or platform.machine(), "system": platform.platform(),
+               "cpus": os.cpu_count()}
+    record = {"machine": machine, "results": [{"artifact": r["artifact"]["path"], "threads": r["threads"],
+                                                "median_ms": r["median_ms"], "p90_ms": r["p90_ms"],
+                                                "throughput_per_s": r["throughput_per_s"]} for r in rows]}
+    (bundle / BENCH_RESULTS).parent.mkdir(exist_ok=True)
+    write_text(bundle / BENCH_RESULTS, json.dumps(record, indent=1) + "\n")

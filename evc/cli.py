@@ -1,4 +1,4 @@
-"""The command line: `evc build|check|explain|bench|diff|profile|serve|infer`.
+"""The command line: `evc build|check|explain|bench|diff|report|profile|serve|infer`.
 
 Exit codes: 0 done, 1 the build (or a collaborative run) failed, 2 bad input. Every EvcError becomes
 its rendered text here and nowhere else.
@@ -143,6 +143,8 @@ def cmd_build(args) -> int:
         print(f"{state}: {result.bundle}")
         for a in result.manifest["artifacts"]:
             print(f"    {a['path']}: {a['size'] / 1e6:.1f} MB, parity {describe(a['parity'])}")
+    if results:
+        print(f"report: {results[0].bundle.parent / 'report.html'}")
     if args.pin:
         _pin(plan, results)
     evaluated = [r for r in results if "evaluation" in r.manifest]
@@ -203,6 +205,13 @@ def cmd_diff(args) -> int:
     else:
         print(text(report))
     return 1 if report["failed"] else 0
+
+
+def cmd_report(args) -> int:
+    from evc.report import write_report
+
+    print(f"report: {write_report(Path(args.build))}")
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -313,6 +322,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document: each target's figures and "
                                                        "each threshold's verdict")
     p.set_defaults(run=cmd_diff)
+
+    p = sub.add_parser("report", help="write a build's report.html again, with the benchmarks run since")
+    p.add_argument("build", help="a build folder: OUT/<spec stem>, e.g. build/deit_tiny_x5")
+    p.set_defaults(run=cmd_report)
 
     p = sub.add_parser("serve", help="serve one part of a decomposed bundle over gRPC (blocks; Ctrl-C stops)")
     p.add_argument("bundle", help="a bundle folder with a collab.json")

@@ -220,7 +220,9 @@ def _aligned_summary(program, original) -> dict:
 
     parts = [aligned(_summary(p.program), original, p.program.structure) for p in program.parts]
     fusion = {"params": params_of(program.graph, ["fusion"]), "macs": program.fusion.linear.weight.numel()}
-    blocks = [{**rows[0], **{k: sum(r[k] for r in rows) for k in ("heads", "hidden", "params", "macs")}}
+    blocks = [{**rows[0], **{k: sum(r[k] for r in rows) for k in ("heads", "hidden", "params", "macs")},
+               "parts": {k: {c: sum(r["parts"][k][c] for r in rows if r.get("parts")) for c in ("params", "macs")}
+                         for k in ("attention", "mlp", "tokens")}}
               for rows in zip(*(p["blocks"] for p in parts))]
     stem, head = ({k: sum(p[part][k] for p in parts) for k in ("params", "macs")} for part in ("stem", "head"))
     head = {k: head[k] + fusion[k] for k in head}

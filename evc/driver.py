@@ -7,6 +7,7 @@
          ─evaluate→ accuracy before and after  evc.evaluate  with an evaluate block
          ─lower, validate→ checked artifacts   evc.lower     per target, cached by keys.lower
          ─bundle→ OUT/<stem>/<target>/         evc.bundle    atomic, stamped with keys.bundle
+         ─report→ OUT/<stem>/report.html       evc.report    every bundle of the build, on one page
 
 A target whose bundle already carries its key is left alone without loading
 torch, so an unchanged spec rebuilds in well under a second and changing one
@@ -67,7 +68,18 @@ def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = N
         manifest = bundles.write(plan, target, compiled, lowered, checked, keys.bundle[target.name], folder,
                                  evaluation)
         results.append(BuildResult(target.name, folder, False, manifest))
+    if main and results:
+        _report(out / plan.stem, progress)
     return results
+
+
+def _report(folder: Path, progress: Progress) -> None:
+    """The build's report.html, unless it is newer than everything it reads (an unchanged rebuild)."""
+    from evc.report import is_current, write_report
+
+    if not is_current(folder):
+        with progress.stage("report"):
+            write_report(folder)
 
 
 def _evaluation(plan: Plan, compiled, keys, cache: Cache, progress: Progress) -> dict:

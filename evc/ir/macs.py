@@ -3,6 +3,7 @@
     summary = summarize(gm, recognise(gm), torch.randn(1, 3, 224, 224))
     summary.macs                 # 1_253_683_200 for deit_tiny_patch16_224
     summary.blocks[0].macs       # one block's share; stem + blocks + head == total
+    summary.blocks[0].parts.mlp  # its MLP's share; attention + mlp + tokens == the block's
 
 MACs come from torch.utils.flop_counter (MACs = FLOPs / 2). Its registry has
 no formula for the CPU kernel of scaled_dot_product_attention, which would
@@ -88,6 +89,16 @@ class Cost:
 
 
 @dataclass(frozen=True)
+class Parts:
+    """A block's cost by part: its attention branch (norm to residual add), its MLP branch, and the rest:
+    what token passes put between them (ToMe's matching, EViT's gathers), conv mixers."""
+
+    attention: Cost
+    mlp: Cost
+    tokens: Cost
+
+
+@dataclass(frozen=True)
 class BlockCost:
     index: int
     heads: int  # 0 where the attention was removed
@@ -95,6 +106,7 @@ class BlockCost:
     tokens: int
     params: int
     macs: int
+    parts: Parts | None = None  # the same cost by part
 
 
 @dataclass(frozen=True)
@@ -121,11 +133,41 @@ def _cost(names: Iterable[str], params: dict[str, int], macs: dict[str, int]) ->
     return Cost(sum(params[n] for n in names), sum(macs[n] for n in names))
 
 
-def _block_cost(block: Block, params: dict[str, int], macs: dict[str, int]) -> BlockCost:
+def _block_cost(gm: fx.GraphModule, block: Block, params: dict[str, int], macs: dict[str, int]) -> BlockCost:
     cost = _cost(block.nodes, params, macs)
     heads = block.attn.num_heads if block.attn else 0
     hidden = block.mlp.hidden if block.mlp else 0
-    return BlockCost(block.index, heads, hidden, block.tokens, cost.params, cost.macs)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    inside = set(block.nodes)
+    attention = _branch(nodes, inside, block.attn.residual, block.attn.score_node) if block.attn else set()
+    mlp = _branch(nodes, inside, block.mlp.residual, block.mlp.act_node) if block.mlp else set()
+    rest = [n for n in block.nodes if n not in attention and n not in mlp]
+    parts = Parts(_cost(attention, params, macs), _cost(mlp, params, macs), _cost(rest, params, macs))
+    return BlockCost(block.index, heads, hidden, block.tokens, cost.params, cost.macs, parts)
+
+
+def _branch(nodes: dict[str, fx.Node], inside: set[str], residual: str, marker: str) -> set[str]:
+    """Node names of the residual branch `x + f(x)` closed by `residual`, the add included: what leads to
+    its argument that `marker` (the softmax, the activation) leads to, less what leads to the skip."""
+    add = nodes[residual]
+    args = add.all_input_nodes
+    branch = next((a for a in args if marker in _upstream(a, inside)), None)
+    if branch is None:
+        return {residual}
+    skip = set().union(*(_upstream(a, inside) for a in args if a is not branch))
+    return (_upstream(branch, inside) - skip) | {residual}
+
+
+def _upstream(node: fx.Node, inside: set[str]) -> set[str]:
+    """`node` and every node of `inside` it depends on through nodes of `inside`."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.name in seen or n.name not in inside:
+            continue
+        seen.add(n.name)
+        stack.extend(n.all_input_nodes)
+    return seen
 
 
 def summarize(gm: fx.GraphModule, structure: Structure | None, example: torch.Tensor) -> Summary:
@@ -141,7 +183,7 @@ def summarize(gm: fx.GraphModule, structure: Structure | None, example: torch.Te
     outside = [(i, name) for i, name in enumerate(names) if name not in in_blocks]
     return Summary(
         stem=_cost((name for i, name in outside if i < first), params, macs),
-        blocks=tuple(_block_cost(b, params, macs) for b in blocks),
+        blocks=tuple(_block_cost(gm, b, params, macs) for b in blocks),
         head=_cost((name for i, name in outside if i > first), params, macs),
         total=_cost(names, params, macs),
     )

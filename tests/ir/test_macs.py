@@ -91,3 +91,14 @@ def test_summary_to_dict_lists_each_block(summary):
     data = summary.to_dict()
     assert len(data["blocks"]) == 12
     assert data["total"]["macs"] == summary.macs
+
+
+def test_each_block_splits_into_attention_and_mlp_as_counted_by_hand(deit_tiny, summary):
+    tokens, dim, hidden = 197, 192, 768
+    attention = tokens * dim * 3 * dim + tokens * dim * dim + 2 * tokens * tokens * dim  # qkv, proj, q@k, p@v
+    block = deit_tiny.blocks[0]
+    for cost in summary.blocks:
+        assert (cost.parts.attention.macs, cost.parts.mlp.macs, cost.parts.tokens.macs) == (
+            attention, 2 * tokens * dim * hidden, 0)
+        assert cost.parts.attention.params == sum(p.numel() for m in (block.norm1, block.attn) for p in m.parameters())
+        assert cost.parts.mlp.params == sum(p.numel() for m in (block.norm2, block.mlp) for p in m.parameters())
