@@ -113,7 +113,7 @@ def cmd_build(args) -> int:
         state = "up to date" if result.cached else "built"
         print(f"{state}: {result.bundle}")
         for a in result.manifest["artifacts"]:
-            print(f"    {a['path']}: {a['size'] / 1e6:.1f} MB, parity {describe(a['parity'])}")
+            print(f"    {a['path']}: {a['size'] / 1e6:.1f} MB, parity {describe(a['parity'], a.get('gate'))}")
     if args.pin:
         _pin(plan, results)
     evaluated = [r for r in results if "evaluation" in r.manifest]

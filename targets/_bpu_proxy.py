@@ -115,6 +115,9 @@ def _output_unquantized(model) -> None:
             node.input[:] = [output.name if name == computed else name for name in node.input]
         model.graph.node.remove(quantize)
         model.graph.node.remove(dequantize)
+        used = {name for node in model.graph.node for name in node.input}
+        for init in [i for i in model.graph.initializer if i.name in quantize.input[1:] and i.name not in used]:
+            model.graph.initializer.remove(init)
 
 
 @contextlib.contextmanager

@@ -6,12 +6,14 @@ The BPU binary is made by `hb_mapper makertbin` on the user's PC, which evc
 cannot run. So this backend writes everything that toolchain reads and checks
 what it can without it:
 
-- `model.onnx` at the device's opset, every Softmax given 4-D input;
+- `model.onnx` at the device's opset, lowered into the forms its operator table runs
+  (_bpu_native.py: q/k/v as three projections, 4-D views, keepdims, ...);
 - `config.yaml` for hb_mapper, every Softmax on the BPU in int16 (`node_info`);
 - `calibration/`, the calibration images as the toolchain reads them;
 - `op_check.json`, each node against the device's operator table (its facts);
-- `model_int8_proxy.onnx`, the same ONNX quantized by ONNX Runtime with the
-  same data: the driver compares it with PyTorch, so an int8 collapse shows here.
+- `model_int8_proxy.onnx`, the same ONNX quantized by ONNX Runtime as config.yaml
+  tells hb_mapper to (_bpu_proxy.py), with the same data: the driver compares it
+  with PyTorch, so an int8 collapse shows here.
 """
 
 from __future__ import annotations

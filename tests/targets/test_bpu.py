@@ -214,7 +214,7 @@ def test_calibration_type_max_sets_the_input_scale_from_the_largest_calibration_
     mean = np.repeat(np.array(MEAN), 32 * 32)
     std = np.repeat(np.array(STD), 32 * 32)
     largest = np.abs((raw / 255 - mean) / std).max()
-    assert float(inits[quantize.input[1]]) == pytest.approx(largest / 127.5, rel=1e-3)
+    assert float(inits[quantize.input[1]]) == pytest.approx(largest / 127, rel=1e-4)  # symmetric: ±127
 
 
 def test_a_calibration_type_the_proxy_cannot_follow_stops_the_build_naming_it():
@@ -223,6 +223,16 @@ def test_a_calibration_type_the_proxy_cannot_follow_stops_the_build_naming_it():
     config = {"calibration_parameters": {"calibration_type": "mix"}, "model_parameters": {}}
     with pytest.raises(BuildError, match="calibration_type 'mix' has no int8 proxy here"):
         proxy_plan(onnx.ModelProto(), config, set())
+
+
+def test_at_random_weights_the_build_summary_says_the_proxy_is_not_judged_and_why(write_spec, tmp_path):
+    done = run_evc("build", write_spec(small_spec(X5, extra=CALIB)), "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    (line,) = [row for row in done.stdout.splitlines() if "model_int8_proxy.onnx" in row]
+    assert "parity not judged: the weights are random" in line and "below int8 resolution" in line
+    assert "cosine" not in line and "top-1" not in line  # no figure that reads as a failure
+    (onnx_line,) = [row for row in done.stdout.splitlines() if "model.onnx" in row]
+    assert "cosine 1.00000" in onnx_line  # the float model's parity is still printed
 
 
 def test_an_int8_collapse_of_a_model_with_weights_fails_the_build_with_exit_1(write_spec, tmp_path):
