@@ -142,7 +142,7 @@ def cmd_build(args) -> int:
         state = "up to date" if result.cached else "built"
         print(f"{state}: {result.bundle}")
         for a in result.manifest["artifacts"]:
-            print(f"    {a['path']}: {a['size'] / 1e6:.1f} MB, parity {describe(a['parity'])}")
+            print(f"    {a['path']}: {a['size'] / 1e6:.1f} MB, parity {describe(a['parity'], a.get('gate'))}")
     if results:
         print(f"report: {results[0].bundle.parent / 'report.html'}")
     if args.pin:

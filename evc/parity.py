@@ -47,9 +47,11 @@ def compare(reference: np.ndarray, outputs: np.ndarray) -> Parity:
     )
 
 
-def describe(parity: dict | None) -> str:
-    """A manifest's parity record in one line."""
+def describe(parity: dict | None, gate: dict | None = None) -> str:
+    """A manifest's parity record in one line; an artifact whose `gate` was not applied says why instead."""
     if not parity:
         return "not checked"
+    if gate and not gate.get("applied", True) and gate.get("summary"):
+        return f"not judged: {gate['summary']} (figures in manifest.json)"
     return (f"max|Δ| {parity['max_abs_diff']:.2g}, cosine {parity['cosine']:.5f}, "
             f"top-1 {parity['top1_agreement']:.0%}")

@@ -6,23 +6,23 @@ The BPU binary is made by `hb_mapper makertbin` on the user's PC, which evc
 cannot run. So this backend writes everything that toolchain reads and checks
 what it can without it:
 
-- `model.onnx` at the device's opset, every Softmax given 4-D input;
+- `model.onnx` at the device's opset, lowered into the forms its operator table runs
+  (_bpu_native.py: q/k/v as three projections, 4-D views, keepdims, ...);
 - `config.yaml` for hb_mapper, every Softmax on the BPU in int16 (`node_info`);
 - `calibration/`, the calibration images as the toolchain reads them;
 - `op_check.json`, each node against the device's operator table (its facts);
-- `model_int8_proxy.onnx`, the same ONNX quantized by ONNX Runtime with the
-  same data: the driver compares it with PyTorch, so an int8 collapse shows here.
+- `model_int8_proxy.onnx`, the same ONNX quantized by ONNX Runtime as config.yaml
+  tells hb_mapper to (_bpu_proxy.py), with the same data: the driver compares it
+  with PyTorch, so an int8 collapse shows here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import tempfile
-import warnings
 from pathlib import Path
 
+from evc.targets._bpu_native import bpu_native
 from evc.targets._bpu_ops import (
     OP_CHECK,
     ShapedGraph,
@@ -32,6 +32,7 @@ from evc.targets._bpu_ops import (
     summary_of,
     uneven_split,
 )
+from evc.targets._bpu_proxy import quantize_proxy
 from evc.targets.onnx import export_onnx, op_counts
 
 from evc.artifact import Artifact
@@ -41,8 +42,6 @@ from evc.registry import DEVICES, Format, Placement, Runtime, register_format
 
 MODEL, PROXY, CONFIG, CALIBRATION = "model.onnx", "model_int8_proxy.onnx", "config.yaml", "calibration"
 WORKING_DIR = "model_output"
-# Per-channel QuantizeLinear needs opset 13; the proxy runs only here, so it may.
-PROXY_OPSET = 13
 
 
 @register_format(
@@ -64,7 +63,7 @@ class Bpu(Format, Runtime, Placement):
             raise InputError(f"target '{target.name}': the {facts['runtime_input']['type']} camera input of "
                              f"{target.device} needs an even height and width, not {image.height}x{image.width}")
         model_path = out_dir / MODEL
-        model, int16 = bpu_onnx(program, facts, model_path)
+        model, int16, rewrites = bpu_onnx(program, facts, model_path)
         report = check_ops(model, facts, set(int16))
         (out_dir / OP_CHECK).write_text(json.dumps(report, indent=1) + "\n")
         require_supported(report, facts)
@@ -75,7 +74,11 @@ class Bpu(Format, Runtime, Placement):
         # A dict of its own per node: YAML would write one shared dict as anchor and aliases.
         settings = {name: dict(facts["node_info"]["setting"]) for name in int16}
         (out_dir / CONFIG).write_text(_yaml(hb_mapper_config(facts, image, prefix, settings)))
-        quantize_proxy(model_path, out_dir / PROXY, images, int16)
+        import yaml
+
+        config = yaml.safe_load((out_dir / CONFIG).read_text())  # the proxy reads what the toolchain will
+        bpu_ops = {n["op"] for n in report["nodes"] if n["on"] == "bpu"}
+        plan = quantize_proxy(model_path, out_dir / PROXY, images, config, bpu_ops)
 
         toolchain = {"march": facts["march"], "config": CONFIG, "calibration": CALIBRATION,
                      "calibration_samples": len(images), "output": f"{WORKING_DIR}/{prefix}.bin"}
@@ -83,11 +86,14 @@ class Bpu(Format, Runtime, Placement):
         return [
             Artifact(Path(MODEL), "onnx", details={
                 "opset": facts["onnx"]["opset"], "ops": op_counts(model_path), "toolchain": toolchain,
-                "node_info": int16, "op_check": summary_of(report)}),
+                "node_info": int16, "op_check": summary_of(report), "bpu_rewrites": rewrites}),
             Artifact(Path(PROXY), "onnx", details={
                 "quantize": target.params["quantize"], "proxy": PROXY_RECIPE,
+                "calibration": {"type": config["calibration_parameters"]["calibration_type"],
+                                "method": plan["calibrate"][0]},
+                "int16_tensors": len(plan["int16"]), "quantized_ops": plan["op_types"],
                 "gate": {"min_cosine": target.params["min_cosine"], "applied": gated,
-                         **({} if gated else {"why_not": RANDOM_WEIGHTS_NOTE})}}),
+                         **({} if gated else {"why_not": RANDOM_WEIGHTS_NOTE, "summary": RANDOM_WEIGHTS_SUMMARY})}}),
         ]
 
     def session(self, path: Path, threads: int | None = None):
@@ -109,15 +115,18 @@ class Bpu(Format, Runtime, Placement):
         """The operator check of `program` for `target`'s device, as the manifest keeps it, writing no bundle."""
         facts = DEVICES[target.device].facts
         with tempfile.TemporaryDirectory() as tmp:
-            model, int16 = bpu_onnx(program, facts, Path(tmp) / MODEL)
+            model, int16, _ = bpu_onnx(program, facts, Path(tmp) / MODEL)
         return summary_of(check_ops(model, facts, set(int16)))
 
 
-PROXY_RECIPE = ("onnxruntime quantize_static, QDQ, MinMax calibration on the calibrate data; int8 symmetric "
-                "activations per tensor, int8 symmetric weights per channel; Softmax input and output int16 "
-                "as node_info asks of the BPU; ops ONNX Runtime does not quantize stay float; run with each "
-                "QuantizeLinear/DequantizeLinear evaluated in float, not fused into int8 kernels, so its figures "
-                "are the same on any x86 host")
+PROXY_RECIPE = ("onnxruntime quantize_static, QDQ, as config.yaml tells hb_mapper: activations calibrated per "
+                "tensor as its calibration_type says (max: the largest magnitude) on the calibrate data, int8 "
+                "symmetric, into and out of every node the op check puts on the BPU; weights int8 symmetric "
+                "per output channel; the inputs and outputs of the nodes node_info names int16; run with each "
+                "QuantizeLinear/DequantizeLinear evaluated in float, not fused into int8 kernels, so its "
+                "figures are the same on any x86 host")
+RANDOM_WEIGHTS_SUMMARY = ("the weights are random, and a random ViT's class token (~1e-6) is below int8 "
+                          "resolution, so the int8 proxy's error says nothing of a trained model's")
 RANDOM_WEIGHTS_NOTE = ("the model is randomly initialised, so its int8 cosine says nothing of the trained "
                        "model's (a random ViT's class token, ~1e-6, is below int8 resolution): reported, not gated")
 
@@ -125,14 +134,22 @@ RANDOM_WEIGHTS_NOTE = ("the model is randomly initialised, so its int8 cosine sa
 # ---- the files Horizon's toolchain reads -------------------------------------------------------
 
 def bpu_onnx(program, facts: dict, path: Path) -> tuple:
-    """Export `program` to `path` at the device's opset, rewritten for its BPU; (the model, the node_info names)."""
+    """Export `program` to `path` at the device's opset, rewritten for its BPU; (the model, the node_info names,
+    how many nodes each rewrite replaced)."""
     import onnx
 
     export_onnx(program, path, facts["onnx"]["opset"])
-    model = onnx.load(str(path))
-    for_the_bpu(model, facts)
+    rewrites = {}
+    model = lowered_for_the_bpu(onnx.load(str(path)), facts, rewrites)
     onnx.save(model, str(path))
-    return model, [n.name for n in model.graph.node if n.op_type in facts["node_info"]["ops"]]
+    return model, [n.name for n in model.graph.node if n.op_type in facts["node_info"]["ops"]], rewrites
+
+
+def lowered_for_the_bpu(model, facts: dict, rewrites: dict | None = None):
+    """The exported `model` in the forms the BPU's operator table runs, value for value (_bpu_native.py);
+    `rewrites` gets how many nodes each rewrite of _bpu_native.py replaced."""
+    for_the_bpu(model, facts)
+    return bpu_native(model, rewrites)
 
 
 def hb_mapper_config(facts: dict, image, prefix: str, node_info: dict) -> dict:
@@ -239,52 +256,3 @@ def _split_as_slices(model, node) -> list:
             model.graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), tensor))
         slices.append(helper.make_node("Slice", [node.input[0], *bounds], [out], name))
     return slices
-
-
-# ---- the int8 proxy -----------------------------------------------------------------------------
-
-def quantize_proxy(model_path: Path, out_path: Path, images, int16_nodes: list[str]) -> None:
-    """`model_path` quantized to QDQ int8 with `images` as calibration, the `int16_nodes` kept at int16."""
-    import onnx
-    from onnx import version_converter
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Images(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(images)
-
-        def get_next(self):
-            x = next(self.batches, None)
-            return None if x is None else {"input": x[None]}
-
-    model = version_converter.convert_version(onnx.load(str(model_path)), PROXY_OPSET)
-    wide = [{"quant_type": QuantType.QInt16}]
-    overrides = {t: wide for n in model.graph.node if n.name in int16_nodes for t in (n.input[0], n.output[0])}
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        upgraded = Path(tmp) / "opset13.onnx"
-        onnx.save(model, str(upgraded))
-        quantize_static(str(upgraded), str(out_path), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "TensorQuantOverrides": overrides, "UseQDQContribOps": True})
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ONNX Runtime's quantizer advises on the root logger, which would configure it to print."""
-    root = logging.getLogger()
-    hush = logging.NullHandler()
-    root.addHandler(hush)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.removeHandler(hush)

@@ -52,3 +52,32 @@ def test_the_spec_halves_the_macs_keeps_accuracy_and_prints_the_table(prepared):
     epochs = finetune["found"]["epochs"]
     assert finetune["name"] == "finetune" and len(epochs) == 2 and epochs[1]["loss"] < epochs[0]["loss"]
     shutil.rmtree(prepared / "build")
+
+
+X5_ONLY = """
+evaluate { data = val, top = [1] }
+
+target x5 {
+    device     = rdk_x5
+    format     = bpu
+    calibrate  = calib
+    validate   = val
+    min_cosine = 0.5    # the gate this test applies is top-1 on val, below
+}
+"""
+
+
+def test_the_x5_int8_proxy_of_the_trained_model_keeps_top1_within_a_point_of_the_float_model(prepared):
+    """The proxy judged where it means something: on a model that has learned, scored on held-out images
+    beside model.onnx (the float model lowered for the BPU). No passes, so the figure is the proxy's alone."""
+    text = (EXAMPLE / "digits.evc").read_text()
+    spec = prepared / "digits_x5.evc"
+    spec.write_text(text[:text.index("compress {")].replace("data val ", "data val ") + X5_ONLY)
+    done = run_evc("build", spec, "--out", prepared / "build_x5")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((prepared / "build_x5" / "digits_x5" / "x5" / "manifest.json").read_text())
+    model, proxy = manifest["artifacts"]
+    assert model["accuracy"]["top1"] > 0.2  # trained: above chance
+    assert abs(proxy["accuracy"]["top1"] - model["accuracy"]["top1"]) <= 0.01
+    assert proxy["gate"]["applied"] is True and "not judged" not in done.stdout
+    shutil.rmtree(prepared / "build_x5")
