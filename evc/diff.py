@@ -7,11 +7,13 @@
 OLD and NEW are each a manifest.json, a bundle folder, or a build folder
 holding bundles (`OUT/<spec stem>/`, or `OUT/` with several specs); bundles
 are matched by target name. Each target's figures come from its manifest
-(and `bench.json` beside it, what `evc bench --json` printed, when present):
+(and `bench.json` beside it, what `evc bench --json` printed, when present,
+else results/evc_bench.json, what the last `evc bench` of the bundle saved):
 
     macs, params     the compressed model's totals (params_macs.after.total)
     size             the artifacts' bytes, summed
-    latency          ms: bench.json's first row, else the evaluate block's ONNX Runtime median
+    latency          ms: bench.json's (or evc_bench.json's) first row, else the evaluate block's
+                     ONNX Runtime median
     top1, top5, ...  the compressed model's accuracy with an evaluate block, in percentage points
     cosine           the worst parity cosine of the artifacts
     max_abs_diff     the largest parity max abs difference of the artifacts
@@ -33,6 +35,7 @@ from evc.errors import InputError
 
 MANIFEST = "manifest.json"
 BENCH = "bench.json"
+BENCH_RESULTS = "results/evc_bench.json"  # what `evc bench` saves in the bundle (evc.bench.BENCH_RESULTS)
 METRICS = ("macs", "params", "size", "latency", "cosine", "max_abs_diff", "agreement")  # and top1, top5, ...
 _THRESHOLD = re.compile(r"^\s*([a-z_0-9]+)\s*([+-])\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
 
@@ -125,6 +128,8 @@ def figures(path: Path) -> dict[str, float]:
             out[key] = 100 * value
     latency = _bench_latency(path.parent / BENCH)
     if latency is None:
+        latency = _saved_latency(path.parent / BENCH_RESULTS)
+    if latency is None:
         latency = compressed.get("latency_ms")
     if latency is not None:
         out["latency"] = latency
@@ -140,6 +145,16 @@ def _bench_latency(path: Path) -> float | None:
         return row["median_ms"] if "median_ms" in row else row["inference_avg_ms"]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise InputError(f"{path}: not what `evc bench --json` prints: {type(e).__name__} {e}") from None
+
+
+def _saved_latency(path: Path) -> float | None:
+    """The first row's median ms that the last `evc bench` here saved in the bundle."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["results"][0]["median_ms"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise InputError(f"{path}: not what `evc bench` saves: {type(e).__name__} {e}") from None
 
 
 def compare(old: dict[str, Path], new: dict[str, Path], thresholds: list[Threshold]) -> dict:

@@ -220,3 +220,19 @@ def test_the_ci_example_runs_evc_commands_that_parse_on_a_spec_that_exists():
             threshold(expression)
     gate = parser().parse_args(commands[-1][1:])
     assert gate.old == "build/base" and gate.new == "build/head" and "macs+0%" in gate.fail_on
+
+
+def test_latency_comes_from_what_evc_bench_saved_in_the_bundle_when_no_bench_json_is_beside_it(tmp_path):
+    """`evc bench BUNDLE` saves results/evc_bench.json in the bundle; diff reads it."""
+    from evc.diff import figures
+
+    bundle = tmp_path / "cpu"
+    (bundle / "results").mkdir(parents=True)
+    manifest = {"target": {"name": "cpu"}, "params_macs": {"after": {"total": {"macs": 10, "params": 2}}},
+                "artifacts": [{"path": "model.onnx", "size": 5, "parity": None}]}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert "latency" not in figures(bundle / "manifest.json")
+    (bundle / "results" / "evc_bench.json").write_text(json.dumps(
+        {"machine": {}, "results": [{"artifact": "model.onnx", "threads": 1, "median_ms": 3.5, "p90_ms": 4.0,
+                                     "throughput_per_s": 285.7}]}))
+    assert figures(bundle / "manifest.json")["latency"] == 3.5
