@@ -21,7 +21,6 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -116,6 +115,8 @@ def canonical(value: Any) -> Any:
 
 
 def library_versions() -> dict[str, str]:
+    from importlib import metadata  # 20-50 ms of imports: not on `evc check`'s path
+
     versions = {}
     for name in _LIBRARIES:
         try:

@@ -22,7 +22,6 @@ import json
 import tempfile
 from pathlib import Path
 
-from evc.targets._bpu_native import bpu_native
 from evc.targets._bpu_ops import (
     OP_CHECK,
     ShapedGraph,
@@ -148,6 +147,8 @@ def bpu_onnx(program, facts: dict, path: Path) -> tuple:
 def lowered_for_the_bpu(model, facts: dict, rewrites: dict | None = None):
     """The exported `model` in the forms the BPU's operator table runs, value for value (_bpu_native.py);
     `rewrites` gets how many nodes each rewrite of _bpu_native.py replaced."""
+    from evc.targets._bpu_native import bpu_native  # numpy and onnx-graphsurgeon: not on `evc check`'s path
+
     for_the_bpu(model, facts)
     return bpu_native(model, rewrites)
 
