@@ -97,7 +97,7 @@ def render(build: Path) -> str:
     page = environment.get_template("report.html.j2")
     specs = _script_json([{"id": c["id"], "spec": c["spec"]} for c in charts])
     return page.render(title=build.name, first=first, targets=targets, charts={c["id"]: c for c in charts},
-                       evaluation=evaluation, budget=budget, script=_vega_script(), specs=specs)
+                       evaluation=evaluation, budget=budget, script=_vega_script(build.parent / ".cache"), specs=specs)
 
 
 # ---- what each target's bundle holds --------------------------------------------------------------
@@ -260,13 +260,23 @@ def _sensitivity(budget: dict):
 
 # ---- the page's scripts ---------------------------------------------------------------------------
 
-def _vega_script() -> str:
-    """vega, vega-lite and vega-embed in one script, for the Vega-Lite version this altair writes."""
+def _vega_script(cache_root: Path) -> str:
+    """vega, vega-lite and vega-embed in one script, for the Vega-Lite version this altair writes; bundled once
+    per version (1.4 s) and kept in the build cache."""
     import vl_convert
     from altair.utils._importers import vl_version_for_vl_convert
 
-    return re.sub("</(script)", r"<\\/\1", vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert()),
-                  flags=re.IGNORECASE)
+    from evc.cache import Cache
+
+    cache, version = Cache(cache_root), vl_version_for_vl_convert()
+    key = f"vl-convert-{vl_convert.__version__}-vega-lite-{version}"
+    hit = cache.get("report", key)
+    if hit is None:
+        script = re.sub("</(script)", r"<\\/\1", vl_convert.javascript_bundle(vl_version=version), flags=re.IGNORECASE)
+        with cache.entry("report", key) as folder:
+            (folder / "vega.js").write_text(script)
+        hit = cache.path("report", key)
+    return (hit / "vega.js").read_text()
 
 
 def _script_json(value) -> str:
