@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import timm
 import torch
+from _passes import Ctx  # benchmarks/, the script's own folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,26 +36,6 @@ FACTS = DEVICES["rdk_x5"].facts
 from evc.targets._bpu_ops import check_ops  # noqa: E402
 from evc.targets.bpu import for_the_bpu, lowered_for_the_bpu  # noqa: E402
 from evc.targets.onnx import export_onnx, session  # noqa: E402
-
-
-class Ctx:
-    """What a pass asks of its context, for passes that need no data."""
-
-    def __init__(self, params):
-        self.params = params
-
-    def per_layer(self, key, depth):
-        value = self.params[key]
-        return tuple(value) if isinstance(value, (list, tuple)) else (value,) * depth
-
-    def images(self, name):
-        return None
-
-    def report(self, key, value):
-        pass
-
-    def error(self, key, message):
-        return ValueError(f"{key}: {message}")
 
 
 def run(program, name, **params):

@@ -24,7 +24,8 @@ import numpy as np
 import onnxruntime as ort
 import timm
 import torch
-from _timing import interleaved  # benchmarks/, the script's own folder
+from _passes import Ctx  # benchmarks/, the script's own folder
+from _timing import interleaved
 from evc.passes.patch_slim import PatchSlim
 from evc.passes.token_merge import TokenMerge
 from evc.targets.onnx import Onnx, export_onnx, op_counts
@@ -43,28 +44,8 @@ SHARE = 0.67
 KEEP = [1, 1, 1, SHARE, 1, 1, SHARE, 1, 1, SHARE, 1, 1]
 
 
-class _Ctx:
-    """What a pass asks of the driver, for calling it directly with fixed params."""
-
-    def __init__(self, params):
-        self.params = params
-
-    def per_layer(self, key, depth):
-        value = self.params[key]
-        return tuple(value) if isinstance(value, (list, tuple)) else (value,) * depth
-
-    def images(self, name):
-        raise LookupError(f"no data {name!r}: this benchmark gives the passes none")
-
-    def report(self, key, value):
-        print(f"pass reports {key} = {value}")
-
-    def error(self, key, message):
-        return ValueError(f"{key}: {message}")
-
-
 def run_pass(compress, program: Program, **params) -> Program:
-    return compress(program, params, _Ctx(params))
+    return compress(program, params, Ctx(params))
 
 
 def programs(unpruned: Program) -> dict[str, Program]:

@@ -17,11 +17,10 @@ What the yaml says, the proxy does:
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
-import warnings
 from pathlib import Path
+
+from evc.targets._quantized import quiet
 
 from evc.errors import BuildError
 
@@ -84,7 +83,7 @@ def quantize_proxy(model_path: Path, out_path: Path, images, config: dict, bpu_o
     plan = proxy_plan(model, config, bpu_ops)
     method, options = plan["calibrate"]
     overrides = {name: [{"quant_type": QuantType.QInt16}] for name in plan["int16"]}
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
+    with tempfile.TemporaryDirectory() as tmp, quiet():
         upgraded = Path(tmp) / "opset13.onnx"
         onnx.save(model, str(upgraded))
         quantize_static(str(upgraded), str(out_path), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -118,17 +117,3 @@ def _output_unquantized(model) -> None:
         used = {name for node in model.graph.node for name in node.input}
         for init in [i for i in model.graph.initializer if i.name in quantize.input[1:] and i.name not in used]:
             model.graph.initializer.remove(init)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ONNX Runtime's quantizer advises on the root logger, which would configure it to print."""
-    root = logging.getLogger()
-    hush = logging.NullHandler()
-    root.addHandler(hush)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.removeHandler(hush)

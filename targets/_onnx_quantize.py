@@ -23,14 +23,12 @@ The recipe, for a ViT on any x86 CPU:
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import onnx
+from evc.targets._quantized import quiet
 from onnx import TensorProto
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -57,7 +55,7 @@ RECIPE = {
 def quantize(fp32: Path, out: Path, mode: str, images=None) -> None:
     """`fp32` quantized by ONNX Runtime into `out`: mode int8 (static, calibrated on `images`, N×C×H×W) or
     dynamic."""
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
+    with tempfile.TemporaryDirectory() as tmp, quiet():
         # Shape inference lets the quantizer see every MatMul's operands; constant folding and ONNX
         # Runtime's basic fusions leave fewer nodes to quantize around.
         prepared = Path(tmp) / "prepared.onnx"
@@ -103,17 +101,3 @@ def int8_report(path: Path) -> dict:
             stored["float"] += count
     return {"int8_ops": dict(sorted(ops.items())),
             "weights_stored": {"int8": stored["int8"], "float": stored["float"]}}
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The quantizer advises on the root logger (which would configure it to print) and warns in Python."""
-    root = logging.getLogger()
-    hush = logging.NullHandler()
-    root.addHandler(hush)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.removeHandler(hush)

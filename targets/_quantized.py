@@ -13,6 +13,10 @@ abs diff within `tolerance` decides.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+
 from evc.params import Float, Param, Ratio
 
 RANDOM_TOP1 = "the weights are random, so the reference's top-1 is noise that any rounding flips"
@@ -54,3 +58,17 @@ def check_quantized(parity, mode: str, limits: dict) -> str | None:
         return (f"quantize = {mode}: top-1 agreement {parity.top1_agreement:.1%} is below "
                 f"{limits['top1_agreement']:.1%}")
     return None
+
+
+@contextlib.contextmanager
+def quiet():
+    """The quantizer advises on the root logger (which would configure it to print) and warns in Python."""
+    root = logging.getLogger()
+    hush = logging.NullHandler()
+    root.addHandler(hush)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeHandler(hush)
