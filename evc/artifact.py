@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evc.keys import file_digest
-
 
 @dataclass
 class Artifact:
@@ -17,6 +15,8 @@ class Artifact:
     details: dict = field(default_factory=dict)  # format-specific facts (opset, ops, ...)
 
     def describe(self, root: Path) -> dict:
+        from evc.keys import file_digest  # hashlib: not on `evc check`'s path, which imports the formats
+
         file = root / self.path
         return {
             "path": str(self.path),

@@ -19,7 +19,6 @@ what it can without it:
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from evc.targets._bpu_ops import (
@@ -112,6 +111,8 @@ class Bpu(Format, Runtime, Placement):
 
     def placement(self, program, target) -> dict:
         """The operator check of `program` for `target`'s device, as the manifest keeps it, writing no bundle."""
+        import tempfile  # here, as plug-ins stay light to import (evc.registry)
+
         facts = DEVICES[target.device].facts
         with tempfile.TemporaryDirectory() as tmp:
             model, int16, _ = bpu_onnx(program, facts, Path(tmp) / MODEL)

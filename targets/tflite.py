@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -220,6 +219,8 @@ def _named(module):
 def quiet():
     """Silence what the converter, quantizer and interpreter print: C++ logs and progress bars on fds 1
     and 2, and Python warnings (the calibrator's own warning that it keeps every tensor, for one)."""
+    import tempfile  # here, as plug-ins stay light to import (evc.registry)
+
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]

@@ -1,5 +1,8 @@
 """Spec text to AST: the lark grammar in `evc.lark`, and one Transformer method per rule.
 
+The parser is `_parser.py`, lark's standalone LALR parser generated from the grammar (evc.spec.generate):
+loading it costs a fraction of importing lark.
+
     >>> spec = parse_spec("evc 1\\nmodel m { source = timm(\\"deit_tiny_patch16_224\\") }", "m.evc")
     >>> spec.blocks[0].kind, spec.blocks[0].entries[0].value.name
     ('model', 'timm')
@@ -9,12 +12,9 @@ from __future__ import annotations
 
 from fractions import Fraction
 from functools import cache
-from pathlib import Path
-
-import lark
 
 from evc.errors import Span, SpecError
-from evc.spec import ast
+from evc.spec import _parser, ast
 
 LANGUAGE_VERSIONS = (1,)
 
@@ -44,22 +44,19 @@ _TERMINALS = {
 
 
 @cache
-def _parser() -> lark.Lark:
-    grammar = (Path(__file__).parent / "evc.lark").read_text()
-    # lark keeps the built LALR tables in a file of its own, keyed by the grammar and its version: a later
-    # process loads them instead of building them again (`evc check` runs in a fraction of the time).
-    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False, cache=True)
+def _lalr() -> _parser.Lark:
+    return _parser.Lark_StandAlone()
 
 
 def parse_spec(text: str, path: str) -> ast.Spec:
     """Parse spec text; a syntax error raises SpecError with its file:line:col."""
     try:
-        tree = _parser().parse(text)
-    except lark.exceptions.UnexpectedInput as e:
+        tree = _lalr().parse(text)
+    except _parser.UnexpectedInput as e:
         raise _syntax_error(e, text, path) from None
     try:
         spec = _ToAst(path, text).transform(tree)
-    except lark.exceptions.VisitError as e:
+    except _parser.VisitError as e:
         if isinstance(e.orig_exc, SpecError):
             raise e.orig_exc from None
         raise
@@ -77,18 +74,18 @@ def _span(item) -> Span:
     return Span(item.line, item.column, item.end_line, item.end_column)
 
 
-class _ToAst(lark.Transformer):
+class _ToAst(_parser.Transformer):
     def __init__(self, path: str, source: str):
         super().__init__()
         self.path, self.source = path, source
 
-    @lark.v_args(meta=True)
+    @_parser.v_args(meta=True)
     def start(self, meta, children):
         version, *blocks = children
         number, number_span, header_span = version
         return ast.Spec(self.path, self.source, number, number_span, header_span, tuple(blocks))
 
-    @lark.v_args(meta=True)
+    @_parser.v_args(meta=True)
     def version(self, meta, children):
         (token,) = children
         return int(token), _span(token), _span(meta)
@@ -116,7 +113,7 @@ class _ToAst(lark.Transformer):
         is_int = token.type in ("INT", "SIGNED_INT")
         return ast.Number(int(text) if is_int else float(text), _span(token))
 
-    @lark.v_args(meta=True)
+    @_parser.v_args(meta=True)
     def fraction(self, meta, children):
         num, den = children
         span = _span(meta)
@@ -124,7 +121,7 @@ class _ToAst(lark.Transformer):
             raise SpecError.at(self.path, self.source, span, "division by zero in a fraction")
         return ast.Fraction(Fraction(int(num), int(den)), span)
 
-    @lark.v_args(meta=True)
+    @_parser.v_args(meta=True)
     def percent(self, meta, children):
         (token,) = children
         return ast.Percent(float(token), _span(meta))
@@ -144,11 +141,11 @@ class _ToAst(lark.Transformer):
         (token,) = children
         return ast.Ident(str(token), _span(token))
 
-    @lark.v_args(meta=True)
+    @_parser.v_args(meta=True)
     def list(self, meta, children):
         return ast.List(tuple(c for c in children if c is not None), _span(meta))
 
-    @lark.v_args(meta=True)
+    @_parser.v_args(meta=True)
     def call(self, meta, children):
         name, *arguments = (c for c in children if c is not None)
         args = tuple(a for a in arguments if not isinstance(a, ast.Keyword))
@@ -160,7 +157,7 @@ class _ToAst(lark.Transformer):
             )
         return ast.Call(str(name), args, kwargs, _span(meta))
 
-    @lark.v_args(meta=True)
+    @_parser.v_args(meta=True)
     def table(self, meta, children):
         (items,) = children
         for item in items:
@@ -177,16 +174,16 @@ class _ToAst(lark.Transformer):
         return ast.Keyword(str(name), value, _span(name))
 
 
-def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, path: str) -> SpecError:
+def _syntax_error(e: _parser.UnexpectedInput, text: str, path: str) -> SpecError:
     line, col = e.line, e.column
-    if isinstance(e, lark.exceptions.UnexpectedCharacters):
+    if isinstance(e, _parser.UnexpectedCharacters):
         char = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
         if char == '"':
             message = "unterminated string"
         else:
             message = f"unexpected character {char!r}"
         return SpecError.at(path, text, Span(line, col, line, col + 1), message)
-    if isinstance(e, lark.exceptions.UnexpectedEOF) or getattr(e, "token", None) is None or e.token.type == "$END":
+    if isinstance(e, _parser.UnexpectedEOF) or getattr(e, "token", None) is None or e.token.type == "$END":
         span = _after_last_line(text)
         return SpecError.at(path, text, span, f"unexpected end of file; expected {_expected(e)}")
     token = e.token
@@ -206,7 +203,7 @@ def _after_last_line(text: str) -> Span:
     return Span(number, end, number, end + 1)
 
 
-def _expected(e: lark.exceptions.UnexpectedInput) -> str:
+def _expected(e: _parser.UnexpectedInput) -> str:
     names = sorted({_TERMINALS.get(t, t) for t in getattr(e, "expected", ()) or ()})
     if not names:
         return "more input"
