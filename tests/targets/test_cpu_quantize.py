@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from evc.targets.onnx import THRESHOLDS, Onnx
 from onnx import TensorProto, numpy_helper
 
 from tests.conftest import run_evc, small_spec
+from tests.emulated import has_vnni, logits_on, needs_qemu
 from tests.targets.test_tflite import build_spec, toy, toy_spec  # noqa: F401 - toy: the trained test ViT fixture
 
 QUANTIZED = {"int8": "model_int8.onnx", "dynamic": "model_dynamic.onnx"}
@@ -195,32 +195,7 @@ def test_int8_calibrated_on_mis_scaled_images_collapses_and_fails_parity(toy):  
 
 # ---- the same integers on every x86 CPU ----------------------------------------------------------
 
-QEMU = shutil.which("qemu-x86_64")
-RUN_ALL = """
-import sys, numpy as np, onnxruntime as ort
-images = np.load(sys.argv[1])
-logits = []
-for path in sys.argv[3:]:
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    logits.append(np.concatenate([session.run(None, {session.get_inputs()[0].name: x[None]})[0] for x in images]))
-np.save(sys.argv[2], np.stack(logits))
-"""
-
-
-def logits_on(cpu: str | None, models, images, tmp_path) -> np.ndarray:
-    """Each model's logits on `images`, run by ONNX Runtime here (cpu None) or on an x86 CPU model that
-    qemu-user emulates (`Haswell`: AVX2 and FMA, no AVX-512, no VNNI), where ONNX Runtime picks the kernels
-    such a CPU gets."""
-    np.save(tmp_path / "images.npy", images)
-    out = tmp_path / f"logits-{cpu or 'here'}.npy"
-    emulate = [QEMU, "-cpu", cpu] if cpu else []
-    done = subprocess.run([*emulate, sys.executable, "-c", RUN_ALL, tmp_path / "images.npy", out, *models],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return np.load(out)
-
-
-@pytest.mark.skipif(QEMU is None, reason="qemu-user (Debian's qemu-user, in the README's test command) runs this")
+@needs_qemu
 def test_int8_computes_the_same_on_avx2_without_vnni_and_8_bit_weights_would_not(random_builds, tmp_path):
     """The 7-bit weights' reason, measured: on an emulated Haswell, whose uint8 × int8 products ONNX Runtime
     sums with VPMADDUBSW (16 bits, saturating), evc's int8 and dynamic models give this machine's logits.
@@ -237,13 +212,12 @@ def test_int8_computes_the_same_on_avx2_without_vnni_and_8_bit_weights_would_not
                     activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
                     op_types_to_quantize=["MatMul", "Gemm", "Conv"])
     models = [str(random_builds[m].bundle / QUANTIZED[m]) for m in ("int8", "dynamic")] + [str(eight_bits)]
-    here, haswell = logits_on(None, models, images, tmp_path), logits_on("Haswell", models, images, tmp_path)
+    here, haswell = (logits_on(cpu, "onnx", models, images, tmp_path) for cpu in (None, "Haswell"))
 
     scale = np.abs(here).max()
     for i, mode in enumerate(("int8", "dynamic")):
         # The integer sums are the same; what float rounding changes between vector widths stays far below
         # what one saturated pair does (a tenth of the logits' range, on this model).
         assert np.abs(here[i] - haswell[i]).max() <= 1e-5 * scale, mode
-    vnni = re.search(r"\b(avx512_vnni|avx_vnni)\b", open("/proc/cpuinfo").read())
-    if vnni:
+    if has_vnni():
         assert np.abs(here[2] - haswell[2]).max() > 1e-3 * scale

@@ -12,7 +12,9 @@ from evc.targets.tflite import THRESHOLDS, Tflite, describe_ops
 from evc.check import parse_and_check
 from evc.driver import build
 from evc.errors import BuildError
+from evc.parity import compare
 from tests.conftest import SMALL_MODEL, run_evc, small_spec
+from tests.emulated import logits_on, needs_qemu
 
 MODES = ("none", "float16", "dynamic", "int8")
 
@@ -218,3 +220,19 @@ def test_int8_calibrated_on_blank_images_collapses_and_fails_the_build(toy):
             "validate = images }"))
     failed = json.loads((toy / "out" / "spec" / "collapsed.failed" / "manifest.json").read_text())
     assert failed["artifacts"][0]["parity"]["top1_agreement"] < THRESHOLDS["int8"][1]
+
+
+@needs_qemu
+def test_each_mode_gives_this_machines_logits_on_avx2_without_vnni(random_builds, tmp_path):
+    """LiteRT's kernels on an emulated Haswell (AVX2, no AVX-512, no VNNI; tests/emulated.py) against this
+    machine's: the parity measured at build time holds on the oldest x86 CPU the thresholds are meant for."""
+    images = np.random.default_rng(0).standard_normal((8, 3, 32, 32), dtype=np.float32)
+    models = [random_builds[mode].bundle / "model.tflite" for mode in MODES]
+    here, haswell = (logits_on(cpu, "tflite", models, images, tmp_path) for cpu in (None, "Haswell"))
+    fp32 = here[0]
+    assert np.abs(haswell[0] - fp32).max() < 1e-4  # fp32's own threshold
+    for mode, ours, theirs in zip(MODES[1:], here[1:], haswell[1:]):
+        # Measured here: float16 and int8 to within float rounding; dynamic's hybrid kernels differ by a
+        # third of its error against fp32, which moves its worst cosine by less than 1e-6.
+        assert compare(fp32, theirs).cosine >= THRESHOLDS[mode][0], mode
+        assert abs(compare(fp32, theirs).cosine - compare(fp32, ours).cosine) < 1e-3, mode
