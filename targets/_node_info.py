@@ -16,6 +16,8 @@ and so is the name hb_mapper gives a node it rewrites before it reads node_info
 
 from __future__ import annotations
 
+from evc.errors import BuildError
+
 
 def node_info_names(model, facts: dict, parts) -> list[str]:
     """The names node_info gives the nodes of `parts` in `model` (whose node names are unique), in graph order,
@@ -42,8 +44,6 @@ def int16_inputs_outputs(model, node_info: dict, renamed: dict) -> set[str]:
     `<Div>_mul` is the Div's dividend times the divisor's reciprocal, so its input 0 is the Div's input 0,
     its input 1 (the reciprocal) is no tensor of `model`, and its output is the Div's.
     """
-    from evc.errors import BuildError
-
     by_name = {}
     for node in model.graph.node:
         by_name[node.name] = (node, list(range(len(node.input))))

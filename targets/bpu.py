@@ -34,7 +34,7 @@ from evc.targets._bpu_ops import (
     uneven_split,
 )
 from evc.targets._bpu_proxy import quantize_proxy
-from evc.targets._node_info import node_info_names, parts_named
+from evc.targets._node_info import PARTS, node_info_names, parts_named
 from evc.targets.onnx import export_onnx, op_counts
 
 from evc.artifact import Artifact
@@ -44,7 +44,6 @@ from evc.registry import DEVICES, Format, Placement, Runtime, register_format
 
 MODEL, PROXY, CONFIG, CALIBRATION = "model.onnx", "model_int8_proxy.onnx", "config.yaml", "calibration"
 WORKING_DIR = "model_output"
-INT16_PARTS = ("softmax", "layernorm")  # targets/_node_info.py finds each in the graph
 
 
 def _check(values: dict, spans: dict, device: str) -> None:
@@ -73,7 +72,7 @@ def _check(values: dict, spans: dict, device: str) -> None:
           "largest max abs diff of model.onnx from PyTorch that passes parity"),
     Param("min_cosine", Float(0, 1), 0.9,
           "worst cosine of the int8 proxy to PyTorch below which the build fails (only for given weights)"),
-    Param("int16", ListOf(Choice(INT16_PARTS), or_single=True), ("softmax",),
+    Param("int16", ListOf(Choice(tuple(PARTS)), or_single=True), ("softmax",),
           "parts hb_mapper runs in int16 on the BPU, named in config.yaml's node_info and so kept in the int8 "
           "proxy: softmax (every Softmax, which runs on the BPU only so named), layernorm (each LayerNorm's "
           "normalising nodes, ReduceMean to Div)"),
