@@ -1,6 +1,7 @@
 """The int8 proxy: model.onnx quantized here as config.yaml tells hb_mapper to quantize it on the PC.
 
-    quantize_proxy(model_path, proxy_path, images, yaml.safe_load(config_text), bpu_ops={"Gemm", ...})
+    quantize_proxy(model_path, proxy_path, images, yaml.safe_load(config_text), bpu_ops={"Gemm", ...},
+                   renamed=facts["node_info"]["renamed"])
 
 What the yaml says, the proxy does:
 - `calibration_parameters.calibration_type` (and `max_percentile`) choose the calibration of the
@@ -9,7 +10,8 @@ What the yaml says, the proxy does:
 - every tensor into or out of a node the op check placed on the BPU is quantized (hb_mapper runs
   every BPU node in int8, the LayerNorm and GELU pieces too), in int8, except
 - the inputs and outputs of each node `model_parameters.node_info` names with `InputType` (or
-  `InputType<i>` for input i) and `OutputType` int16, which are int16;
+  `InputType<i>` for input i) and `OutputType` int16, which are int16; a name hb_mapper gives a node
+  it rewrites (`<Div>_mul`) is that node, with the inputs the two share (_node_info.py);
 - the model's output is left as its last node computes it (the toolchain's last Conv outputs int32).
 
 `proxy_plan` says which tensor gets which width, so a test can hold the written proxy against it.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from evc.targets._node_info import int16_inputs_outputs
 from evc.targets._quantized import quiet
 
 from evc.errors import BuildError
@@ -31,9 +34,10 @@ PROXY_OPSET = 13
 CALIBRATION = {"max": "MinMax", "kl": "Entropy"}
 
 
-def proxy_plan(model, config: dict, bpu_ops: set[str]) -> dict:
+def proxy_plan(model, config: dict, bpu_ops: set[str], renamed: dict | None = None) -> dict:
     """{"calibrate": (method name, extra options), "int16": tensor names,
-    "op_types": op types quantized}, read from `config` (config.yaml as written) and `model` (model.onnx)."""
+    "op_types": op types quantized}, read from `config` (config.yaml as written) and `model` (model.onnx);
+    `renamed` is the device's node_info["renamed"], how hb_mapper names the nodes it rewrites."""
     calibration = config["calibration_parameters"]
     kind = calibration.get("calibration_type", "default")
     if kind not in CALIBRATION:
@@ -44,22 +48,14 @@ def proxy_plan(model, config: dict, bpu_ops: set[str]) -> dict:
     if kind == "max" and percentile < 1:
         method, options = "Percentile", {"CalibPercentile": 100 * percentile}
     node_info = config["model_parameters"].get("node_info") or {}
-    int16 = set()
-    for node in model.graph.node:
-        setting = node_info.get(node.name)
-        if not setting:
-            continue
-        for i, name in enumerate(node.input):
-            if setting.get(f"InputType{i}", setting.get("InputType")) == "int16":
-                int16.add(name)
-        if setting.get("OutputType") == "int16":
-            int16.update(node.output)
+    int16 = int16_inputs_outputs(model, node_info, renamed or {})
     if calibration.get("per_channel"):
         raise BuildError("config.yaml: per_channel calibration of activations has no int8 proxy here")
     return {"calibrate": (method, options), "int16": int16, "op_types": sorted(bpu_ops)}
 
 
-def quantize_proxy(model_path: Path, out_path: Path, images, config: dict, bpu_ops: set[str]) -> dict:
+def quantize_proxy(model_path: Path, out_path: Path, images, config: dict, bpu_ops: set[str],
+                   renamed: dict | None = None) -> dict:
     """`model_path` quantized to QDQ as `config` says, calibrated on `images`; returns the plan it followed."""
     import onnx
     from onnx import version_converter
@@ -80,7 +76,7 @@ def quantize_proxy(model_path: Path, out_path: Path, images, config: dict, bpu_o
             return None if x is None else {"input": x[None]}
 
     model = version_converter.convert_version(onnx.load(str(model_path)), PROXY_OPSET)
-    plan = proxy_plan(model, config, bpu_ops)
+    plan = proxy_plan(model, config, bpu_ops, renamed)
     method, options = plan["calibrate"]
     overrides = {name: [{"quant_type": QuantType.QInt16}] for name in plan["int16"]}
     with tempfile.TemporaryDirectory() as tmp, quiet():

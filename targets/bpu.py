@@ -1,6 +1,7 @@
 """format = bpu: what Horizon's toolchain needs to compile a model for a D-Robotics BPU, checked here.
 
     target x5 { device = rdk_x5, format = bpu, quantize = int8, calibrate = calib }
+    target x5 { device = rdk_x5, format = bpu, calibrate = calib, int16 = [softmax, layernorm] }
 
 The BPU binary is made by `hb_mapper makertbin` on the user's PC, which evc
 cannot run. So this backend writes everything that toolchain reads and checks
@@ -8,7 +9,8 @@ what it can without it:
 
 - `model.onnx` at the device's opset, lowered into the forms its operator table runs
   (_bpu_native.py: q/k/v as three projections, 4-D views, keepdims, ...);
-- `config.yaml` for hb_mapper, every Softmax on the BPU in int16 (`node_info`);
+- `config.yaml` for hb_mapper, every Softmax on the BPU in int16 (`node_info`), and with
+  `int16 = [softmax, layernorm]` each LayerNorm's normalising nodes too (_node_info.py);
 - `calibration/`, the calibration images as the toolchain reads them;
 - `op_check.json`, each node against the device's operator table (its facts);
 - `model_int8_proxy.onnx`, the same ONNX quantized by ONNX Runtime as config.yaml
@@ -31,25 +33,49 @@ from evc.targets._bpu_ops import (
     uneven_split,
 )
 from evc.targets._bpu_proxy import quantize_proxy
+from evc.targets._node_info import PARTS, node_info_names, parts_named
 from evc.targets.onnx import export_onnx, op_counts
 
 from evc.artifact import Artifact
 from evc.errors import InputError
-from evc.params import Choice, DataRef, Float, Param
+from evc.params import Choice, DataRef, Float, Invalid, ListOf, Param
 from evc.registry import DEVICES, Format, Placement, Runtime, register_format
 
 MODEL, PROXY, CONFIG, CALIBRATION = "model.onnx", "model_int8_proxy.onnx", "config.yaml", "calibration"
 WORKING_DIR = "model_output"
 
 
+def _check(values: dict, spans: dict, device: str) -> None:
+    """A part the device's node_info has no data for, or one left out whose nodes run on the BPU only when
+    node_info names them (Softmax on the X5), is a spec error."""
+    facts = DEVICES[device].facts["node_info"]
+    parts = values["int16"]
+    unknown = [p for p in parts if p not in facts["parts"]]
+    if unknown:
+        raise Invalid(f"int16: {device} takes no int16 {unknown[0]} (it takes {', '.join(facts['parts'])})",
+                      spans.get("int16"))
+    table = DEVICES[device].facts["ops"]
+    for part, ops in facts["parts"].items():
+        gated = [op for op in ops if table.get(op, {}).get("on") == "bpu_with_node_info"]
+        if gated and part not in parts:
+            raise Invalid(f"int16: {part} cannot be left out: {device}'s BPU runs {', '.join(gated)} only when "
+                          "node_info names it, in int16", spans.get("int16"),
+                          f"write int16 = [{', '.join((part, *parts))}]")
+
+
 @register_format(
     "bpu",
-    Param("quantize", Choice(("int8",)), "int8", "precision on the BPU: int8 (Softmax in int16)"),
+    Param("quantize", Choice(("int8",)), "int8", "precision on the BPU: int8 (the `int16` parts in int16)"),
     Param("calibrate", DataRef(), help="images to calibrate int8 ranges with, on the board and in the int8 proxy"),
     Param("tolerance", Float(0, open_low=True), 1e-4,
           "largest max abs diff of model.onnx from PyTorch that passes parity"),
     Param("min_cosine", Float(0, 1), 0.9,
           "worst cosine of the int8 proxy to PyTorch below which the build fails (only for given weights)"),
+    Param("int16", ListOf(Choice(tuple(PARTS)), or_single=True), ("softmax",),
+          "parts hb_mapper runs in int16 on the BPU, named in config.yaml's node_info and so kept in the int8 "
+          "proxy: softmax (every Softmax, which runs on the BPU only so named), layernorm (each LayerNorm's "
+          "normalising nodes, ReduceMean to Div)"),
+    check=_check,
 )
 class Bpu(Format, Runtime, Placement):
     """ONNX, config, calibration data and operator check for Horizon's BPU toolchain, with an int8 proxy."""
@@ -61,7 +87,8 @@ class Bpu(Format, Runtime, Placement):
             raise InputError(f"target '{target.name}': the {facts['runtime_input']['type']} camera input of "
                              f"{target.device} needs an even height and width, not {image.height}x{image.width}")
         model_path = out_dir / MODEL
-        model, int16, rewrites = bpu_onnx(program, facts, model_path)
+        parts = target.params["int16"]
+        model, int16, rewrites = bpu_onnx(program, facts, model_path, parts)
         report = check_ops(model, facts, set(int16))
         (out_dir / OP_CHECK).write_text(json.dumps(report, indent=1) + "\n")
         require_supported(report, facts)
@@ -76,7 +103,7 @@ class Bpu(Format, Runtime, Placement):
 
         config = yaml.safe_load((out_dir / CONFIG).read_text())  # the proxy reads what the toolchain will
         bpu_ops = {n["op"] for n in report["nodes"] if n["on"] == "bpu"}
-        plan = quantize_proxy(model_path, out_dir / PROXY, images, config, bpu_ops)
+        plan = quantize_proxy(model_path, out_dir / PROXY, images, config, bpu_ops, facts["node_info"]["renamed"])
 
         toolchain = {"march": facts["march"], "config": CONFIG, "calibration": CALIBRATION,
                      "calibration_samples": len(images), "output": f"{WORKING_DIR}/{prefix}.bin"}
@@ -84,7 +111,8 @@ class Bpu(Format, Runtime, Placement):
         return [
             Artifact(Path(MODEL), "onnx", details={
                 "opset": facts["onnx"]["opset"], "ops": op_counts(model_path), "toolchain": toolchain,
-                "node_info": int16, "op_check": summary_of(report), "bpu_rewrites": rewrites}),
+                "node_info": int16, "int16": parts_named(model, facts, parts), "op_check": summary_of(report),
+                "bpu_rewrites": rewrites}),
             Artifact(Path(PROXY), "onnx", details={
                 "quantize": target.params["quantize"], "proxy": PROXY_RECIPE,
                 "calibration": {"type": config["calibration_parameters"]["calibration_type"],
@@ -115,7 +143,7 @@ class Bpu(Format, Runtime, Placement):
 
         facts = DEVICES[target.device].facts
         with tempfile.TemporaryDirectory() as tmp:
-            model, int16, _ = bpu_onnx(program, facts, Path(tmp) / MODEL)
+            model, int16, _ = bpu_onnx(program, facts, Path(tmp) / MODEL, target.params["int16"])
         return summary_of(check_ops(model, facts, set(int16)))
 
 
@@ -133,16 +161,16 @@ RANDOM_WEIGHTS_NOTE = ("the model is randomly initialised, so its int8 cosine sa
 
 # ---- the files Horizon's toolchain reads -------------------------------------------------------
 
-def bpu_onnx(program, facts: dict, path: Path) -> tuple:
-    """Export `program` to `path` at the device's opset, rewritten for its BPU; (the model, the node_info names,
-    how many nodes each rewrite replaced)."""
+def bpu_onnx(program, facts: dict, path: Path, int16=("softmax",)) -> tuple:
+    """Export `program` to `path` at the device's opset, rewritten for its BPU; (the model, the node_info names
+    of the `int16` parts, how many nodes each rewrite replaced)."""
     import onnx
 
     export_onnx(program, path, facts["onnx"]["opset"])
     rewrites = {}
     model = lowered_for_the_bpu(onnx.load(str(path)), facts, rewrites)
     onnx.save(model, str(path))
-    return model, [n.name for n in model.graph.node if n.op_type in facts["node_info"]["ops"]], rewrites
+    return model, node_info_names(model, facts, int16), rewrites
 
 
 def lowered_for_the_bpu(model, facts: dict, rewrites: dict | None = None):

@@ -1,117 +1,86 @@
 """The BPU-native lowering: every node of the ViTs evc compresses on the X5's BPU, values unchanged.
 
 Reduced-size models with the operator structure of the full ones (2-3 blocks, 32 or 64 px): the rewrites
-match operator patterns, not sizes. tests/targets/test_rdk_x5.py checks the full-size deit_tiny once.
+match operator patterns, not sizes. And the full-size models issue 15 names, at random weights, exported
+and lowered only (no bundle): deit_small, and each compressed variant of specs/ with token_merge (r = 8)
+on deit_small. tests/targets/test_rdk_x5.py builds full-size deit_tiny and efficientvit_m5 whole.
 """
 
 import numpy as np
 import onnx
 import pytest
-import timm
-import torch
-from evc.passes.ffn_prune import FfnPrune
-from evc.passes.head_prune import HeadPrune
-from evc.passes.patch_slim import PatchSlim
-from evc.passes.token_merge import TokenMerge
-from evc.targets.onnx import export_onnx, session
 
-from evc.ir.program import Program
-from evc.plan import ImageInput
-from evc.registry import DEVICES, load_plugins
-from tests.passes.conftest import Ctx
+from evc.registry import load_plugins
 from tests.passes.test_staged import program_of as staged_program
+from tests.targets.bpu_models import FACTS, FULL_SIZE, lowered, max_abs_diff, merged, pruned, slimmed, vit
 
 load_plugins()
-FACTS = DEVICES["rdk_x5"].facts
 from evc.targets._bpu_native import bpu_native  # noqa: E402  (registered by load_plugins)
 from evc.targets._bpu_ops import check_ops  # noqa: E402
-from evc.targets.bpu import bpu_onnx, for_the_bpu, lowered_for_the_bpu  # noqa: E402
-
-
-def images(size, n=2):
-    return np.random.default_rng(0).standard_normal((n, 3, size, size)).astype(np.float32)
+from evc.targets.bpu import bpu_onnx  # noqa: E402
 
 
 def deit(name, size=32, depth=2):
-    torch.manual_seed(0)
-    model = timm.create_model(name, img_size=size, patch_size=8, depth=depth).eval()
-    return Program.from_module(model, ImageInput(size, size))
-
-
-def pruned(program):
-    heads = dict(keep=2 / 3, score="l1", scope="layer", min_heads=1, data=None)
-    program = HeadPrune().run(program, heads, Ctx(heads, images(program.input.height)))
-    hidden = dict(keep=0.7, score="l1", round_to=1, data=None)
-    return FfnPrune().run(program, hidden, Ctx(hidden, images(program.input.height)))
-
-
-def slimmed(program):
-    params = dict(keep=[1, 0.7, 0.7], score="cls_attention", fuse=True, search=None)
-    return PatchSlim().run(program, params, Ctx(params, images(program.input.height)))
-
-
-def merged(program):
-    params = dict(r=2, proportional=True)
-    return TokenMerge().run(program, params, Ctx(params))
+    return vit(name, size, patch_size=8, depth=depth)
 
 
 MODELS = {
     "deit_tiny": lambda: deit("deit_tiny_patch16_224"),
     "deit_small": lambda: deit("deit_small_patch16_224"),
     "deit_small_pruned": lambda: pruned(deit("deit_small_patch16_224")),  # specs/deit_small_android.evc's passes
-    "deit_small_patch_slim": lambda: slimmed(deit("deit_small_patch16_224", 64, 3)),
-    "deit_small_token_merge": lambda: merged(deit("deit_small_patch16_224", 64, 3)),
+    "deit_small_patch_slim": lambda: slimmed(deit("deit_small_patch16_224", 64, 3), [1, 0.7, 0.7]),
+    "deit_small_token_merge": lambda: merged(deit("deit_small_patch16_224", 64, 3), 2),
     **{name: (lambda name=name: pruned(staged_program(name)))
        for name in ("swin", "pvt_v2", "levit", "efficientvit", "efficientformerv2", "fastvit_sa")},
+    # Full size; deit_tiny and efficientvit_m5 are built whole in test_rdk_x5.py.
+    **{f"full_{name}": case.make for name, case in FULL_SIZE.items()
+       if name not in ("deit_tiny", "efficientvit_m5_pruned")},
 }
 # On the raw export (before the rewrite), what the table sent to the CPU: the rewrite is what moves them.
 RAW_CPU = {"deit_tiny": 2, "deit_small": 2, "deit_small_pruned": 2, "deit_small_patch_slim": 17,
            "deit_small_token_merge": 77, "swin": 25, "pvt_v2": 7, "levit": 55, "efficientvit": 1,
-           "efficientformerv2": 1, "fastvit_sa": 4}
+           "efficientformerv2": 1, "fastvit_sa": 4,
+           # 12 blocks: one q/k/v Split each, and the token passes' gathers and merges (320 at r = 8)
+           "full_deit_tiny_pruned": 12, "full_deit_small": 12, "full_deit_small_pruned": 12,
+           "full_deit_small_patch_slim": 75, "full_deit_small_token_merge": 320}
 # Swin's windows are 6-D views and its shift mask a 5-D Add, EfficientViT's windows 5-D or 6-D views:
 # Reshape, Transpose and elementwise ops the BPU takes at up to 10 dims. No 5-D tensor elsewhere.
 ABOVE_4D = {"swin": {"Reshape", "Transpose", "Add"}, "efficientvit": {"Reshape", "Transpose"}}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
-def lowered(request, tmp_path_factory):
+def lowered_model(request, tmp_path_factory):
     """(name, program, path of the lowered ONNX, the lowered model, its op check, the raw export's op check)"""
     program = MODELS[request.param]()
     path = tmp_path_factory.mktemp("native") / "model.onnx"
-    export_onnx(program, path, FACTS["onnx"]["opset"])
-    raw = onnx.load(path)
-    for_the_bpu(raw, FACTS)  # only the Softmax and uneven-Split rewrites there were before
-    softmax = {n.name for n in raw.graph.node if n.op_type == "Softmax"}
-    model = lowered_for_the_bpu(onnx.load(path), FACTS)
-    onnx.save(model, path)
-    softmax_after = {n.name for n in model.graph.node if n.op_type == "Softmax"}
-    assert softmax_after == softmax  # node_info names what it named before
-    return request.param, program, path, model, check_ops(model, FACTS, softmax), check_ops(raw, FACTS, softmax)
+    model, report, raw_report = lowered(program, path)
+    softmax = [n["node"] for n in raw_report["nodes"] if n["op"] == "Softmax"]
+    assert [n.name for n in model.graph.node if n.op_type == "Softmax"] == softmax  # node_info names them still
+    yield request.param, program, path, model, report, raw_report
+    path.unlink()
 
 
-def test_every_node_runs_on_the_bpu(lowered):
-    name, _, _, _, report, _ = lowered
+def test_every_node_runs_on_the_bpu(lowered_model):
+    name, _, _, _, report, _ = lowered_model
     assert report["summary"]["cpu"] == report["summary"]["unsupported"] == 0, [
         (n["node"], n["why"]) for n in report["nodes"] if n["on"] != "bpu"]
 
 
-def test_the_rewritten_onnx_matches_pytorch_within_1e_4(lowered):
-    _, program, path, _, _, _ = lowered
-    x = images(program.input.height, 1)
-    expected = program.run(torch.from_numpy(x)).detach().numpy()
-    assert np.abs(session(path)(x) - expected).max() <= 1e-4
+def test_the_rewritten_onnx_matches_pytorch_within_1e_4(lowered_model):
+    _, program, path, _, _, _ = lowered_model
+    assert max_abs_diff(program, path) <= 1e-4
 
 
-def test_no_tensor_is_above_4d_but_the_window_views_of_swin_and_efficientvit(lowered):
-    name, _, _, model, _, _ = lowered
+def test_no_tensor_is_above_4d_but_the_window_views_of_swin_and_efficientvit(lowered_model):
+    name, _, _, model, _, _ = lowered_model
     inferred = onnx.shape_inference.infer_shapes(model)
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.graph.value_info}
     above = {n.op_type for n in inferred.graph.node for out in n.output if ranks.get(out, 0) > 4}
     assert above <= ABOVE_4D.get(name, set())
 
 
-def test_without_the_rewrite_the_table_sends_these_nodes_to_the_cpu(lowered):
-    name, *_, raw = lowered
+def test_without_the_rewrite_the_table_sends_these_nodes_to_the_cpu(lowered_model):
+    name, *_, raw = lowered_model
     assert raw["summary"]["cpu"] == RAW_CPU[name]
 
 
