@@ -18,11 +18,12 @@ needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-user (Debian's, in th
 # The format's own runner, as `evc build` checks parity with it.
 RUN = """
 import sys, numpy as np
+from pathlib import Path
 from evc.registry import FORMATS, load_plugins
 load_plugins()
 images, out, fmt, *models = sys.argv[1:]
 runner = FORMATS[fmt].plugin
-np.save(out, np.stack([runner.run(model, np.load(images)) for model in models]))
+np.save(out, np.stack([runner.run(Path(model), np.load(images)) for model in models]))
 """
 
 

@@ -17,6 +17,7 @@ from evc.errors import BuildError, SpecError
 from evc.plan import ImageInput
 from evc.registry import DEVICES, FORMATS, load_plugins
 from tests.conftest import SMALL_MODEL, run_evc, small_spec
+from tests.emulated import logits_on, needs_qemu
 
 load_plugins()
 FACTS = DEVICES["rdk_x5"].facts
@@ -157,6 +158,17 @@ def test_the_int8_proxy_runs_its_quantize_dequantize_pairs_in_float_so_any_x86_h
     plain = ort.InferenceSession(str(proxy), options, providers=["CPUExecutionProvider"])
     as_written = np.concatenate([plain.run(None, {"input": x[None]})[0] for x in images])
     assert np.array_equal(FORMATS["bpu"].plugin.run(proxy, images), as_written)
+
+
+@needs_qemu
+def test_the_int8_proxy_gives_this_hosts_numbers_on_avx2_without_vnni(small, tmp_path):
+    """What the test above argues, run: the proxy on an emulated Haswell (AVX2, no AVX-512, no VNNI;
+    tests/emulated.py) gives this host's logits, so its parity figure and gate do not depend on the CPU."""
+    _, bundle, _ = small
+    images = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    models = [bundle / "model.onnx", bundle / "model_int8_proxy.onnx"]
+    here, haswell = (logits_on(cpu, "bpu", models, images, tmp_path) for cpu in (None, "Haswell"))
+    assert np.abs(here - haswell).max() <= 1e-5 * np.abs(here).max()
 
 
 def quantized_tensors(proxy):
