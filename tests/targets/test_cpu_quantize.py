@@ -216,8 +216,9 @@ def test_int8_computes_the_same_on_avx2_without_vnni_and_8_bit_weights_would_not
 
     scale = np.abs(here).max()
     for i, mode in enumerate(("int8", "dynamic")):
-        # The integer sums are the same; what float rounding changes between vector widths stays far below
-        # what one saturated pair does (a tenth of the logits' range, on this model).
-        assert np.abs(here[i] - haswell[i]).max() <= 1e-5 * scale, mode
+        # Measured here: equal (0.0). Another host's float kernels may round an activation across a
+        # quantization step where this one does not, so the bound is 1% of the logits' range: a tenth of
+        # what the saturated pairs of 8-bit weights do (13%, below).
+        assert np.abs(here[i] - haswell[i]).max() <= 0.01 * scale, mode
     if has_vnni():
-        assert np.abs(here[2] - haswell[2]).max() > 1e-3 * scale
+        assert np.abs(here[2] - haswell[2]).max() > 0.05 * scale
