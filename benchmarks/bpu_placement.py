@@ -5,7 +5,7 @@
 For each model (random weights: placement does not depend on them), the ONNX
 export as it was lowered before the rewrites (Softmax and uneven Splits only)
 and after them, each judged by the same operator check the X5 bundle's
-op_check.json comes from (the device's operator table, targets/devices/
+op_check.json comes from (the device's operator table, evc/targets/devices/
 rdk_x5.json), and the rewritten model's largest difference from PyTorch on
 one image. The passes are those of the specs in specs/, and the token passes
 at the strengths the issue measured (token_merge r = 8 on deit_small).

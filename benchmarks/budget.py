@@ -18,7 +18,7 @@ The digits ViT (examples/digits: 6 blocks of 3 heads, width 96, MLP 384,
                     (its ViT recipe: whole heads and channels, the head layer
                     ignored), the ratio bisected to 50% of the MACs
 
-Each is then finetuned the same way, by evc's engine (evc.train.distill:
+Each is then finetuned the same way, by evc's engine (evc.passes.train.distill:
 10 epochs, lr 5e-4, batch 64, KD alpha 0.9 from the model as trained, no
 augmentation), once per seed (`--seeds`, 3), and scored on the 359
 validation images: the mean, and the least and most. MACs are counted by
@@ -48,14 +48,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
 
 from evc.cache import Cache  # noqa: E402
-from evc.check import parse_and_check  # noqa: E402
-from evc.compress import compile_model, loaded  # noqa: E402
-from evc.data import dataset  # noqa: E402
+from evc.spec.check import parse_and_check  # noqa: E402
+from evc.passes.compress import compile_model, loaded  # noqa: E402
+from evc.model.data import dataset  # noqa: E402
 from evc.ir import summarize  # noqa: E402
 from evc.ir.program import Program  # noqa: E402
 from evc.keys import derive  # noqa: E402
 from evc.progress import Progress  # noqa: E402
-from evc.train import Recipe, distill, top1  # noqa: E402
+from evc.passes.train import Recipe, distill, top1  # noqa: E402
 
 TARGET = 0.5
 PASSES = """    head_prune { KEEP_Hscore = taylor, data = train }
@@ -207,7 +207,7 @@ def main() -> None:
 
 
 def chosen_text(record: dict) -> str:
-    from evc.budget import fragment
+    from evc.passes.budget import fragment
 
     return "; ".join(f"{c['pass']} {fragment(c)}" for c in record["chosen"])
 

@@ -64,13 +64,13 @@ import torch
 from _timing import interleaved  # benchmarks/, the script's own folder
 from evc.targets.onnx import export_onnx, session
 
-from evc.collab import collab_pb2 as pb
-from evc.collab import collab_pb2_grpc, wire
-from evc.collab.contract import read
-from evc.collab.coordinator import Coordinator
-from evc.collab.runtime import Fusion
+from evc.runtime.collab import collab_pb2 as pb
+from evc.runtime.collab import collab_pb2_grpc, wire
+from evc.runtime.collab.contract import read
+from evc.runtime.collab.coordinator import Coordinator
+from evc.runtime.collab.runtime import Fusion
 from evc.ir.program import Program
-from evc.plan import ImageInput
+from evc.spec.plan import ImageInput
 
 SIZE, WIDTH, DEPTH, HEADS, CLASSES = 224, 128, 6, 2, 1000
 THREADS = 1

@@ -7,8 +7,8 @@ is captured as a Program and, for each N, decomposed by evc's own decompose
 pass, called directly: `decompose { parts = N, keep = 1/N, score = l1,
 drop = true, epochs = 0 }`, its `data` 64 random images labelled by the
 model's own top-1. The bundle is written as evc's onnx format lowers a
-decomposed Program (`evc.lower._lower_parts`): each part with export_onnx,
-the fusion with export_module, collab.json with evc.collab.contract.write;
+decomposed Program (`evc.targets.lower._lower_parts`): each part with export_onnx,
+the fusion with export_module, collab.json with evc.runtime.collab.contract.write;
 the whole model with export_onnx. Each part's ONNX is checked against its
 Program, and the served answer against the parts and fusion run here (equal,
 before timing) and against the PyTorch ensemble.
@@ -18,7 +18,7 @@ Timed taking turns run by run (`_timing.interleaved`), one image per call, at
 
     whole               the original model in ONNX Runtime, in this process
     part k alone        part k in ONNX Runtime, in this process
-    fusion alone        evc.collab.runtime.Fusion on the parts' features
+    fusion alone        evc.runtime.collab.runtime.Fusion on the parts' features
     parts at once       all N parts in this process, each in its own thread:
                         the served parts' competition for the cores, without gRPC
     over gRPC           Coordinator.infer, each part served by `evc serve
@@ -54,11 +54,11 @@ from evc.passes.decompose import Decompose
 from evc.targets.onnx import export_module, export_onnx, session
 from tokens import macs
 
-from evc.collab import contract
-from evc.collab.runtime import PRESENT, TOKENS
+from evc.runtime.collab import contract
+from evc.runtime.collab.runtime import PRESENT, TOKENS
 from evc.ir.program import Program
-from evc.lower import FUSION
-from evc.plan import ImageInput
+from evc.targets.lower import FUSION
+from evc.spec.plan import ImageInput
 from evc.registry import PASSES
 
 MODEL, SIZE, THREADS, SAMPLES, OPSET = "deit_tiny_patch16_224", 224, 1, 64, 17
@@ -87,7 +87,7 @@ def decomposed(original: Program, parts: int, images: np.ndarray) -> Program:
 
 
 def write_bundle(folder: Path, program: Program) -> Path:
-    """The decomposed Program's parts, fusion and collab.json, as `evc.lower._lower_parts` writes them."""
+    """The decomposed Program's parts, fusion and collab.json, as `evc.targets.lower._lower_parts` writes them."""
     served = []
     for part in program.parts:
         (folder / part.name).mkdir(parents=True)

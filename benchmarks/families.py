@@ -35,7 +35,7 @@ from tokens import macs, run_pass  # the token benchmark's way of calling a pass
 from torch import nn
 
 from evc.ir.program import Program
-from evc.plan import ImageInput
+from evc.spec.plan import ImageInput
 
 SIZE, PATCH, WIDTH, HEADS, DEPTH, CLASSES = 224, 16, 192, 3, 12, 1000  # deit_tiny's shape
 KEEP, THREADS, TOLERANCE, GOAL, STAGED_GOAL = 0.5, 1, 1e-4, 0.9, 0.85  # convs and BatchNorm fold otherwise

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/quantized.py [--runs 30] [--digits examples/digits]
 
 Two models, each lowered as evc's targets lower it (`export_onnx`, then
-`targets/_onnx_quantize.quantize`; litert-torch `convert`, then
+`evc/targets/_onnx_quantize.quantize`; litert-torch `convert`, then
 ai-edge-quantizer `quantize`):
 
     deit_small   timm's deit_small_patch16_224 at random weights, 224×224; calibrated
@@ -45,8 +45,8 @@ from evc.targets.tflite import quantize as litert_quantize
 from safetensors.torch import load_file
 
 from evc.ir.program import Program
-from evc.parity import compare
-from evc.plan import ImageInput
+from evc.runtime.parity import compare
+from evc.spec.plan import ImageInput
 
 DIGITS = Path(__file__).resolve().parent.parent / "examples" / "digits"
 sys.path.insert(0, str(DIGITS))

@@ -36,7 +36,7 @@ from evc.targets.onnx import export_onnx  # noqa: E402
 
 from evc.ir import node_macs, trace  # noqa: E402
 from evc.ir.program import Program  # noqa: E402
-from evc.plan import ImageInput  # noqa: E402
+from evc.spec.plan import ImageInput  # noqa: E402
 
 ffn_prune = FfnPrune().run
 head_prune = HeadPrune().run

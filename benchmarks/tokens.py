@@ -33,7 +33,7 @@ from evc.targets.tflite import Tflite, convert, describe_ops
 
 from evc.ir import summarize
 from evc.ir.program import Program
-from evc.plan import ImageInput
+from evc.spec.plan import ImageInput
 
 patch_slim = PatchSlim().run
 token_merge = TokenMerge().run

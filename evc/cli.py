@@ -17,7 +17,7 @@ from evc.errors import EvcError, InputError
 
 
 def _read_plan(path: str):
-    from evc.check import parse_and_check
+    from evc.spec.check import parse_and_check
 
     spec = Path(path)
     try:
@@ -45,7 +45,7 @@ def _print_json(document) -> None:
 
 
 def _pin(plan, results, quiet: bool = False) -> str:
-    from evc.budget import lock_path, write_lock
+    from evc.passes.budget import lock_path, write_lock
     from evc.keys import derive
 
     if plan.budget is None:
@@ -62,9 +62,9 @@ def cmd_profile(args) -> int:
     from rich.console import Console
 
     from evc.cache import Cache
-    from evc.compress import loaded
+    from evc.passes.compress import loaded
     from evc.keys import derive
-    from evc.profile import table_for
+    from evc.runtime.profile import table_for
     from evc.progress import Progress
 
     plan = _read_plan(args.spec)
@@ -84,7 +84,7 @@ def cmd_profile(args) -> int:
     program, _ = loaded(plan, cache, progress, keys)
     program.require_structure("evc profile")
     if target.device not in ("cpu", "android"):
-        from evc.profile import board_kit, read_results
+        from evc.runtime.profile import board_kit, read_results
 
         folder = Path(args.out) / plan.stem / f"profile-{target.name}"
         if args.results:
@@ -124,7 +124,7 @@ def cmd_build(args) -> int:
                          f"(it has: {', '.join(t.name for t in plan.targets)})")
     from rich.console import Console
 
-    from evc.parity import describe
+    from evc.runtime.parity import describe
     from evc.progress import Progress
 
     rank = _join_torchrun()
@@ -149,7 +149,7 @@ def cmd_build(args) -> int:
         _pin(plan, results)
     evaluated = [r for r in results if "evaluation" in r.manifest]
     if evaluated:
-        from evc.evaluate import table
+        from evc.runtime.evaluate import table
 
         artifacts = [(f"{r.target}: {a['path']}", a["accuracy"]) for r in evaluated for a in r.manifest["artifacts"]
                      if "accuracy" in a]
@@ -161,7 +161,7 @@ def _join_torchrun() -> int:
     """This process's rank when torchrun started several, after joining their group; else 0."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return 0
-    from evc.train import init_distributed
+    from evc.passes.train import init_distributed
 
     return init_distributed()[0]
 
@@ -175,7 +175,7 @@ def _console():
 
 
 def cmd_explain(args) -> int:
-    from evc.explain import explain
+    from evc.tools.explain import explain
 
     explain(_read_plan(args.spec), Path(args.out), _console(), as_json=args.json)
     return 0
@@ -184,7 +184,7 @@ def cmd_explain(args) -> int:
 def cmd_bench(args) -> int:
     from rich.console import Console
 
-    from evc.bench import bench, bench_record
+    from evc.tools.bench import bench, bench_record
 
     console = Console(quiet=True) if args.json else _console()
     rows = bench(Path(args.bundle), runs=args.runs, threads=args.threads, serial=args.serial, console=console)
@@ -194,7 +194,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from evc.diff import bundles, compare, text, threshold
+    from evc.tools.diff import bundles, compare, text, threshold
 
     thresholds = [threshold(t) for t in args.fail_on or ()]  # a bad expression stops before anything is read
     report = compare(bundles(Path(args.old)), bundles(Path(args.new)), thresholds)
@@ -208,7 +208,7 @@ def cmd_diff(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from evc.report import write_report
+    from evc.tools.report import write_report
 
     print(f"report: {write_report(Path(args.build))}")
     return 0
@@ -217,7 +217,7 @@ def cmd_report(args) -> int:
 def cmd_serve(args) -> int:
     import threading
 
-    from evc.collab.server import serve
+    from evc.runtime.collab.server import serve
 
     # Ctrl-C and SIGTERM set a flag that this thread waits on, rather than raising KeyboardInterrupt
     # wherever the main thread happens to be (inside gRPC's own waiting, it could leave a lock held and
@@ -239,9 +239,9 @@ def cmd_infer(args) -> int:
 
     import numpy as np
 
-    from evc.collab.contract import read
-    from evc.collab.coordinator import Coordinator, parse_peers
-    from evc.collab.images import read_batch
+    from evc.runtime.collab.contract import read
+    from evc.runtime.collab.coordinator import Coordinator, parse_peers
+    from evc.runtime.collab.images import read_batch
 
     bundle = Path(args.bundle)
     collab = read(bundle)
@@ -358,7 +358,7 @@ def _terminate(signum, frame):
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """evc's own warnings (an image skipped under skip_bad) read as the build's other warnings do."""
-    from evc.data import SkippedImage
+    from evc.model.data import SkippedImage
 
     if issubclass(category, SkippedImage):
         print(f"warning: {message}", file=sys.stderr)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from evc.errors import SpecError
-from evc.params import Invalid, per_layer
-from evc.plan import ImageInput, PassPlan, Plan
+from evc.spec.params import Invalid, per_layer
+from evc.spec.plan import ImageInput, PassPlan, Plan
 
 
 class Context:
@@ -50,20 +50,20 @@ class Context:
 
     def images(self, data: str) -> np.ndarray:
         """A data block's images, preprocessed as the model expects (N×3×H×W float32)."""
-        from evc.data import load_images
+        from evc.model.data import load_images
 
         return load_images(self._plan.data[data], self.input)
 
     def labelled(self, data: str) -> tuple[np.ndarray, np.ndarray | None]:
         """A data block's images and their class indices (None where it has no class subfolders)."""
-        from evc.data import load_labelled
+        from evc.model.data import load_labelled
 
         return load_labelled(self._plan.data[data], self.input)
 
     def dataset(self, data: str, train: bool = False, smallest: float = 0.08):
         """A data block as a lazy dataset of (image, label); `train` applies timm's training transform, its
         random crops down to `smallest` of the image."""
-        from evc.data import dataset
+        from evc.model.data import dataset
 
         return dataset(self._plan.data[data], self.input, train, smallest)
 
@@ -72,7 +72,7 @@ class Context:
         if name == "original":
             return self._original.graph
         from evc.ir.outputs import OneOutput
-        from evc.load import load_model
+        from evc.model.load import load_model
 
         teacher = self._plan.teachers[name]
         with self.progress.stage(f"load teacher {name}"):  # returning the one output it is distilled from

@@ -3,11 +3,11 @@
     results = build(plan, out=Path("build"))
 
     Plan ─keys→ Keys                          evc.keys      every stage's key, once
-         ─load, passes→ compressed Program     evc.compress  cached by keys.program
-         ─evaluate→ accuracy before and after  evc.evaluate  with an evaluate block
-         ─lower, validate→ checked artifacts   evc.lower     per target, cached by keys.lower
-         ─bundle→ OUT/<stem>/<target>/         evc.bundle    atomic, stamped with keys.bundle
-         ─report→ OUT/<stem>/report.html       evc.report    every bundle of the build, on one page
+         ─load, passes→ compressed Program     evc.passes.compress  cached by keys.program
+         ─evaluate→ accuracy before and after  evc.runtime.evaluate  with an evaluate block
+         ─lower, validate→ checked artifacts   evc.targets.lower     per target, cached by keys.lower
+         ─bundle→ OUT/<stem>/<target>/         evc.bundle.write    atomic, stamped with keys.bundle
+         ─report→ OUT/<stem>/report.html       evc.tools.report    every bundle of the build, on one page
 
 A target whose bundle already carries its key is left alone without loading
 torch, so an unchanged spec rebuilds in well under a second and changing one
@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from evc import bundle as bundles
+from evc.bundle import write as bundles
 from evc.cache import Cache
 from evc.keys import derive
-from evc.plan import Plan
+from evc.spec.plan import Plan
 from evc.progress import Progress
 
 
@@ -55,14 +55,14 @@ def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = N
             results.append(BuildResult(target.name, folder, True, bundles.restamp(manifest, plan, folder)))
             continue
         if compiled is None:
-            from evc.compress import compile_model
+            from evc.passes.compress import compile_model
 
             compiled = compile_model(plan, cache, progress, keys, write_cache=main)
         if not main:
             break
         if plan.evaluate and evaluation is None:
             evaluation = _evaluation(plan, compiled, keys, cache, progress)
-        from evc.lower import lower
+        from evc.targets.lower import lower
 
         lowered, checked = lower(plan, target, compiled, keys.lower[target.name], cache, progress, folder)
         manifest = bundles.write(plan, target, compiled, lowered, checked, keys.bundle[target.name], folder,
@@ -75,7 +75,7 @@ def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = N
 
 def _report(folder: Path, progress: Progress) -> None:
     """The build's report.html, unless it is newer than everything it reads (an unchanged rebuild)."""
-    from evc.report import is_current, write_report
+    from evc.tools.report import is_current, write_report
 
     if not is_current(folder):
         with progress.stage("report"):
@@ -83,8 +83,8 @@ def _report(folder: Path, progress: Progress) -> None:
 
 
 def _evaluation(plan: Plan, compiled, keys, cache: Cache, progress: Progress) -> dict:
-    from evc.compress import loaded
-    from evc.evaluate import evaluate_models
+    from evc.passes.compress import loaded
+    from evc.runtime.evaluate import evaluate_models
 
     with progress.stage(f"evaluate on {plan.evaluate.data}"):
         original, _ = loaded(plan, cache, progress, keys)

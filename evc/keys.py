@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from evc.params import PerLayer
-from evc.plan import HubWeights
+from evc.spec.params import PerLayer
+from evc.spec.plan import HubWeights
 
 # Libraries whose versions change what a stage produces.
 _LIBRARIES = ("evc", "torch", "timm", "transformers", "onnx", "onnxruntime", "onnxslim", "litert-torch",
@@ -50,8 +50,8 @@ class Keys:
 
 def derive(plan) -> Keys:
     """Every stage's key for `plan`, from one record of what each stage reads."""
-    from evc.data import DEFAULT_VALIDATION
-    from evc.params import ModelRef, data_refs
+    from evc.model.data import DEFAULT_VALIDATION
+    from evc.spec.params import ModelRef, data_refs
     from evc.registry import DEVICES, FORMATS, PASSES
 
     weights = model_digest(plan.model, plan.path.parent, plan)
@@ -152,7 +152,7 @@ def model_digest(model, spec_dir: Path, plan=None) -> str:
     snapshot's files), or "random" when it has none. With the `plan`, a checkpoint or folder that cannot be
     found is a spec error at the value naming it."""
     from evc.errors import at_value
-    from evc.hub import checkpoint_file
+    from evc.model.hub import checkpoint_file
 
     if model.weights:
         with at_value(plan, model.spans, "weights"):
@@ -180,7 +180,7 @@ def source_code_digest(plan) -> str | None:
 
 
 def _hf_digest(source, spec_dir: Path) -> str:
-    from evc.hf import hf_files
+    from evc.model.hf import hf_files
 
     return folder_digest(hf_files(source.name, dict(source.kwargs), spec_dir))
 
@@ -197,7 +197,7 @@ def data_identity(data) -> dict:
 
 def templates_digest(device) -> str:
     """A device's script templates and the payload files its bundles carry."""
-    from evc.scripts import bundle_files
+    from evc.bundle.scripts import bundle_files
 
     digest = hashlib.sha256()
     for path in bundle_files(device):

@@ -23,7 +23,7 @@ class Progress:
         self.console.print(f"[green]✓[/] {what}")
 
     def epoch(self, record, epochs: int, seconds_left: float) -> None:
-        """One line per finetuning epoch (an evc.train.Epoch): loss, top-1, throughput, time left."""
+        """One line per finetuning epoch (an evc.passes.train.Epoch): loss, top-1, throughput, time left."""
         top1 = f"  top-1 {record.top1:.2%}" if record.top1 is not None else ""
         minutes, seconds = divmod(round(seconds_left), 60)
         self.console.print(f"  epoch {record.epoch}/{epochs}  loss {record.loss:.4f}{top1}  "

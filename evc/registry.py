@@ -20,7 +20,7 @@ never probed. A registration that breaks the contract fails at import.
 Plug-in modules are imported by `load_plugins()` and must stay light at import
 time (no torch at module level): `evc check` reads their declarations and must
 stay well under a second. Modules whose names start with `_` are their
-helpers, and packages (`targets/payload/`) are files for bundles: neither is
+helpers, and packages (`evc/targets/payload/`) are files for bundles: neither is
 imported as a plug-in.
 """
 
@@ -35,7 +35,7 @@ from functools import cache
 from pathlib import Path
 from typing import Callable
 
-from evc.params import Param, check_rules_declared
+from evc.spec.params import Param, check_rules_declared
 
 # ---- contracts ----------------------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ class Format(ABC):
 
     @abstractmethod
     def check_parity(self, parity, params: dict, artifact) -> str | None:
-        """None if `parity` (an `evc.parity.Parity`) passes for `artifact`, else why not."""
+        """None if `parity` (an `evc.runtime.parity.Parity`) passes for `artifact`, else why not."""
 
 
 class Runtime(ABC):
@@ -139,9 +139,9 @@ class FormatInfo(Info):
 @dataclass(frozen=True)
 class DeviceInfo(Info):
     formats: tuple[str, ...] = ()
-    templates: str = ""  # a folder under targets/templates
+    templates: str = ""  # a folder under evc/targets/templates
     facts: dict = field(default_factory=dict)  # data the formats read: the device's operator table
-    files: tuple[str, ...] = ()  # files of targets/payload/ copied verbatim into the bundle
+    files: tuple[str, ...] = ()  # files of evc/targets/payload/ copied verbatim into the bundle
 
 
 PASSES: dict[str, PassInfo] = {}
@@ -195,6 +195,9 @@ def exclusion(a: str, b: str) -> str | None:
     return None
 
 
+_STAGES = {"budget", "compress", "tokens", "train", "lower", "artifact"}  # stage modules beside the plug-ins
+
+
 @cache
 def load_plugins() -> None:
     """Import every plug-in module of evc.passes and evc.targets so they register."""
@@ -202,5 +205,5 @@ def load_plugins() -> None:
         package = importlib.import_module(package_name)
         # Sorted: the registries' order (README tables, `evc explain`) must not depend on the file system's.
         for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-            if not module.ispkg and not module.name.startswith("_"):
+            if not module.ispkg and not module.name.startswith("_") and module.name not in _STAGES:
                 importlib.import_module(f"{package_name}.{module.name}")

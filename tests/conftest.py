@@ -105,7 +105,7 @@ def hub_cache(tmp_path, monkeypatch):
     Hub cannot be reached from the tests, so they lay out what it would have fetched (`put_checkpoint`)."""
     from huggingface_hub import constants
 
-    from evc.hub import fetch
+    from evc.model.hub import fetch
 
     cache = tmp_path / "hf" / "hub"
     cache.mkdir(parents=True)

@@ -1,7 +1,7 @@
 """Cache keys: canonical forms of checked values."""
 
 from evc.keys import canonical, stage_key
-from evc.params import PerLayer
+from evc.spec.params import PerLayer
 from evc.spec.parse import Span
 
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from evc.collab.runtime import local_infer
+from evc.runtime.collab.runtime import local_infer
 from tests.conftest import ROOT, SMALL_MODEL, run_evc
 
 SPEC = """evc 1

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from evc.check import parse_and_check
+from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.errors import BuildError
 from tests.conftest import ROOT, run_evc, small_spec, write_images

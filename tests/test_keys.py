@@ -1,6 +1,6 @@
 """evc.keys: every stage's key from what that stage reads, so a change re-runs that stage and those below it."""
 
-from evc.check import parse_and_check
+from evc.spec.check import parse_and_check
 from evc.keys import derive
 from tests.conftest import small_spec
 

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from evc.check import parse_and_check
+from evc.spec.check import parse_and_check
 from evc.errors import SpecError
-from evc.params import DataRef, Int, Param, When
+from evc.spec.params import DataRef, Int, Param, When
 from evc.registry import (
     DEVICES,
     FORMATS,
@@ -109,7 +109,7 @@ def test_a_data_key_that_only_applies_to_folders_is_refused_on_synthetic_images(
 
 
 def test_the_readme_tables_state_each_rule_beside_its_key():
-    from evc.reference import reference
+    from evc.tools.reference import reference
 
     text = reference()
     assert "| `data` | the name of a data block | none; needed when score = taylor |" in text

@@ -18,7 +18,7 @@ from torch import fx, nn
 from evc.errors import BuildError, InputError
 from evc.ir import RecognitionError, Structure, recognise, trace
 from evc.ir.trace import propagate_shapes
-from evc.plan import ImageInput
+from evc.spec.plan import ImageInput
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evc.check import parse_and_check
-from evc.collab.coordinator import Coordinator
-from evc.collab.runtime import local_infer
+from evc.spec.check import parse_and_check
+from evc.runtime.collab.coordinator import Coordinator
+from evc.runtime.collab.runtime import local_infer
 from evc.driver import build
 
 HERE = Path(__file__).resolve().parent

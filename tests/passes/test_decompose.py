@@ -7,7 +7,7 @@ from evc.passes.decompose import Decompose, class_split, relation
 from evc.passes.ffn_prune import FfnPrune
 
 from evc.ir.program import Program
-from evc.train import relation_divergences
+from evc.passes.train import relation_divergences
 from tests.passes.conftest import Ctx, images, program_of
 
 
@@ -48,7 +48,7 @@ def digits():
     import timm
     from sklearn.datasets import load_digits
 
-    from evc.plan import ImageInput
+    from evc.spec.plan import ImageInput
 
     data = load_digits()
     pixels = np.kron(data.images / 16, np.ones((4, 4)))[:, None].repeat(3, axis=1).astype(np.float32)

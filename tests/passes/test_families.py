@@ -8,7 +8,7 @@ from evc.passes.head_prune import HeadPrune
 from evc.targets.onnx import export_onnx, session
 
 from evc.ir.program import Program
-from evc.surgery import node_named
+from evc.passes.surgery import node_named
 from tests.passes.conftest import Ctx, images, outputs, program_of
 
 BROUGHT = ["shape_vit", "torchvision_vit", "hf_vit", "hf_vit_sdpa", "hf_deit_distilled", "einops_vit", "beit", "eva02",

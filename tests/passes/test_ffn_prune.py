@@ -57,7 +57,7 @@ def test_params_and_macs_go_down_by_the_units_removed():
 
 def _plain_vit_with(ffn):
     from evc.ir.program import Program
-    from evc.plan import ImageInput
+    from evc.spec.plan import ImageInput
     from tests.passes.conftest import FAMILIES
 
     model = FAMILIES["plain_vit"]()

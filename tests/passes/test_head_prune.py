@@ -77,7 +77,7 @@ def test_the_head_count_the_graph_reshapes_by_is_rewritten():
 def test_a_head_split_evc_cannot_rewrite_names_the_block_and_node():
     from evc.errors import InputError
     from evc.ir.program import Program
-    from evc.plan import ImageInput
+    from evc.spec.plan import ImageInput
     from tests.passes.conftest import FAMILIES
 
     model = FAMILIES["plain_vit"]()

@@ -9,7 +9,7 @@ from evc.passes.patch_slim import PatchSlim, counts, entering, share
 from evc.errors import SpecError
 from evc.ir import summarize
 from evc.ir.program import Program
-from evc.surgery import features
+from evc.passes.surgery import features
 from tests.passes.conftest import Ctx, images, outputs, program_of
 from tests.passes.test_token_merge import TIMM, model_and_program
 from tests.vit_reference import evit_slim, forward

@@ -3,7 +3,7 @@
 
 import onnx
 
-from evc.check import parse_and_check
+from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.registry import PASSES
 from tests.conftest import run_evc, small_spec, write_images

@@ -17,7 +17,7 @@ from evc.targets.onnx import export_onnx, session
 
 from evc.errors import SpecError
 from evc.ir.program import Program, RecognitionError
-from evc.plan import ImageInput
+from evc.spec.plan import ImageInput
 from tests.passes.conftest import Ctx, zero_heads, zero_hidden
 
 SIZE = 64

@@ -9,7 +9,7 @@ from evc.passes.token_merge import TokenMerge
 from evc.errors import SpecError
 from evc.ir import summarize
 from evc.ir.program import Program
-from evc.plan import ImageInput
+from evc.spec.plan import ImageInput
 from tests.passes.conftest import FAMILIES, SIZE, Ctx, images, outputs, program_of
 from tests.vit_reference import bipartite_soft_matching, forward, merge_wavg
 

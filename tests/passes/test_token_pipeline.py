@@ -2,7 +2,7 @@
 
 import onnx
 
-from evc.check import parse_and_check
+from evc.spec.check import parse_and_check
 from evc.driver import build
 from tests.conftest import check_fails, run_evc, small_spec
 

@@ -1,6 +1,6 @@
 """A misspelt block or key is reported once, as the root cause: what follows from its absence is not."""
 
-from evc.check import parse_and_check
+from evc.spec.check import parse_and_check
 from evc.errors import SpecError
 from tests.conftest import small_spec
 

@@ -55,6 +55,6 @@ def test_same_error_as_lark(parsers, text):
 
 
 def test_check_imports_neither_lark_nor_regex():
-    code = "import sys; from evc.check import parse_and_check; print(sorted({'lark', 'regex'} & set(sys.modules)))"
+    code = "import sys; from evc.spec.check import parse_and_check; print(sorted({'lark', 'regex'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

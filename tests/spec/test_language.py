@@ -6,9 +6,9 @@ from fractions import Fraction
 
 import pytest
 
-from evc.check import parse_and_check
+from evc.spec.check import parse_and_check
 from evc.errors import SpecError
-from evc.params import Param, PerLayer, Ratio
+from evc.spec.params import Param, PerLayer, Ratio
 from evc.spec import ast, parse_spec
 from tests.conftest import ROOT, SPECS, run_evc
 
@@ -144,7 +144,7 @@ def test_a_per_layer_list_keeps_its_span_until_the_depth_is_known(registered_pas
 
 
 def test_a_pass_can_reject_a_combination_of_values_at_check_time(registered_pass):
-    from evc.params import Choice, DataRef, Invalid
+    from evc.spec.params import Choice, DataRef, Invalid
 
     def needs_data(params, spans):
         if params["score"] == "taylor" and params["data"] is None:
@@ -242,7 +242,7 @@ def test_a_table_in_a_model_source_call_is_a_dict_argument():
 
 
 def _search_record():
-    from evc.params import DataRef, Int, Record
+    from evc.spec.params import DataRef, Int, Record
 
     return Record((Param("step", Int(1), 8, "tokens per step"), Param("data", DataRef(), help="images")))
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from evc.check import parse_and_check
+from evc.spec.check import parse_and_check
 from evc.errors import SpecError
-from evc.params import DataRef, Float, Int, Param, Record
+from evc.spec.params import DataRef, Float, Int, Param, Record
 
 MALFORMED = sorted((Path(__file__).parent.parent / "specs" / "malformed").glob("*.evc"))
 EXPECT = re.compile(r"# expect (\d+):(\d+): (.+)$")

@@ -20,7 +20,7 @@ import timm
 import torch
 
 from evc.ir.program import Program
-from evc.plan import ImageInput
+from evc.spec.plan import ImageInput
 from evc.registry import DEVICES, PASSES, load_plugins
 from tests.passes.conftest import Ctx
 

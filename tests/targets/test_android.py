@@ -7,11 +7,11 @@ import subprocess
 import pytest
 from evc.targets.android import benchmark_command
 
-from evc.bundle import _script_context
-from evc.check import parse_and_check
+from evc.bundle.write import _script_context
+from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.registry import DEVICES
-from evc.scripts import render_scripts
+from evc.bundle.scripts import render_scripts
 from tests.conftest import ROOT, run_evc, small_spec
 from tests.targets.test_parse_benchmark_model import OUTPUT
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 from evc.targets.payload.parse_trtexec import energy, main, parse_tegrastats, parse_trtexec
 
-from evc.check import parse_and_check
+from evc.spec.check import parse_and_check
 from evc.driver import build
 from tests.conftest import small_spec
 

@@ -9,7 +9,7 @@ from evc.targets.payload.parse_hrt import parse_perf
 
 from tests.conftest import ROOT
 
-PARSER = ROOT / "targets" / "payload" / "parse_hrt.py"
+PARSER = ROOT / "evc" / "targets" / "payload" / "parse_hrt.py"
 
 HEADER = """\
 I0000 00:00:00.000000  2789 vlog_is_on.cc:197] RAW: Set VLOG level for "*" to 3

@@ -1,0 +1,1 @@
+"""The bundle stage: checked artifacts to a deployable folder with manifest, scripts and README."""

@@ -1,0 +1,88 @@
+"""block_skip: remove attention sublayers, MLP sublayers or whole blocks; the residual path stays.
+
+    block_skip { attn = [10, 11], mlp = [], blocks = [] }
+    block_skip { count = 2, part = attn, score = residual, data = calib }
+
+These are the skip configurations of Unified Vision Transformer Compression
+(ICLR 2022). With `count`, the sublayers that add least to the residual
+stream on the data, ‖f(x)‖ / ‖x‖, are removed.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from evc.spec.params import Choice, DataRef, Int, ListOf, Param, When
+from evc.registry import Pass, register_pass
+
+_INDICES = ListOf(Int(0), empty_ok=True)
+
+
+@register_pass(
+    "block_skip",
+    Param("attn", _INDICES, (), "blocks whose attention sublayer is removed"),
+    Param("mlp", _INDICES, (), "blocks whose MLP sublayer is removed"),
+    Param("blocks", _INDICES, (), "blocks removed whole"),
+    Param("count", Int(1), None, "remove this many, chosen by score, instead of naming them",
+          not_with=("attn", "mlp", "blocks")),
+    Param("part", Choice(("attn", "mlp", "block")), "attn", "what `count` removes"),
+    Param("score", Choice(("residual",)), "residual",
+          "how `count` chooses: least ‖f(x)‖ / ‖x‖ on the data"),
+    Param("data", DataRef(), None, "images for `count`",
+          needed_when=(When("count"), When("score", ("residual",)))),
+)
+class BlockSkip(Pass):
+    """Remove attention sublayers, MLP sublayers or whole blocks, keeping the residual path."""
+
+    def run(self, program, params, ctx):
+        from evc.passes.surgery import rewritten, skip_sublayer
+
+        blocks = {b.index: b for b in program.structure.blocks}
+        if params["count"] is not None:
+            residuals = _by_score(program, params, ctx)
+        else:
+            residuals = _named(blocks, params, ctx)
+        return rewritten(program, [partial(skip_sublayer, residual=r) for r in residuals])
+
+
+def _sublayers(block, part: str) -> list:
+    """The sublayers of `block` that `part` names, in graph order; a whole block takes its conv mixers too."""
+    parts = {"attn": [block.attn], "mlp": [block.mlp], "block": [block.attn, block.mlp, *block.local]}[part]
+    return sorted((p for p in parts if p is not None), key=lambda p: block.nodes.index(p.residual))
+
+
+def _named(blocks: dict, params, ctx) -> list[str]:
+    residuals = []
+    for key, part in (("attn", "attn"), ("mlp", "mlp"), ("blocks", "block")):
+        for index in params[key]:
+            if index not in blocks:
+                raise ctx.error(key, f"{key}: block {index} does not exist: the model has depth {len(blocks)} "
+                                     f"(blocks 0 to {len(blocks) - 1})")
+            residuals += [s.residual for s in _sublayers(blocks[index], part)]
+    return list(dict.fromkeys(residuals))
+
+
+def _by_score(program, params, ctx) -> list[str]:
+    from evc.passes._importance import residual_ratios
+
+    part, spans, members = params["part"], {}, {}
+    for block in program.structure.blocks:
+        subs = _sublayers(block, part)
+        if part == "block" and len(subs) < 2 or not subs:
+            continue
+        first = _stream_input(program.graph, subs[0].residual)
+        spans[str(block.index)] = (first, subs[-1].residual)
+        members[str(block.index)] = [s.residual for s in subs]
+    if params["count"] > len(spans):
+        raise ctx.error("count", f"count: the model has only {len(spans)} {part} parts that can be removed")
+    ratios = residual_ratios(program.graph, spans, ctx.images(params["data"]))
+    chosen = sorted(ratios, key=ratios.get)[: params["count"]]
+    return [r for name in chosen for r in members[name]]
+
+
+def _stream_input(graph, residual: str) -> str:
+    """The residual stream entering the sublayer that the add `residual` closes: its earlier operand."""
+    nodes = list(graph.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    add = next(n for n in nodes if n.name == residual)
+    return min((a for a in add.args[:2] if hasattr(a, "name")), key=order.__getitem__).name

@@ -1,0 +1,446 @@
+"""budget: say the budget, not the ratios. The compress block's passes take their per-layer `keep` from a search.
+
+    compress {
+        budget     { macs = 50%, data = calib }     # or macs = 600M, params = 8M, params = 60%
+        head_prune { score = l1 }                   # no keep: the budget chooses it, block by block
+        ffn_prune  { score = l1, round_to = 8 }
+    }
+
+head_prune and ffn_prune written without `keep` are searched; a pass that
+writes its `keep` keeps it, and every other pass runs as written. The search
+(after UVC's budgeted allocation and NViT's per-block sensitivity):
+
+1. **Sensitivity.** Each searched pass is run alone on one block at a few
+   widths (heads 1 at a time; units at 3/4, 1/2, 1/4 and the least), on the
+   model the compress block starts from, its scores (taylor, activation)
+   taken on the budget's `samples` images rather than the pass's whole
+   `data`. Each pruned model's output is compared with the unpruned one's on
+   those images: the KL divergence of its class probabilities. Its MACs and
+   params are counted.
+2. **Allocation.** Starting from every block whole, the step that costs the
+   least divergence per MAC (or param) saved is taken, one head,
+   `round_to` units, an eighth of the patches or one sublayer at a time (divergence interpolated between the measured
+   widths, cost linear in the width), until the budget is met.
+3. **Verification.** The saving needed is what the passes as written (every
+   searched block whole) leave over the budget. The passes then run with the
+   chosen widths and the result is counted; what is still over the budget
+   (interactions between passes, rounding; token counts compound over the
+   blocks) is taken by further steps, scaled by how far the summed estimates
+   were from the count so far, then counted again. What a coarse step took
+   beyond the budget is given back where the divergence falls most, as far
+   as a count confirms.
+
+The choice is deterministic: the same spec, weights and data choose the same
+widths. It is recorded per pass, as the keys (`keep = [...]`, `attn = [...]`)
+a spec can pin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+
+from evc.spec.params import REQUIRED, Amount, DataRef, Int, Invalid, Param, PerLayer, TargetRef, Time
+
+BUDGET = "budget"
+METRICS = ("macs", "params", "latency")
+PARAMS = (
+    Param("macs", Amount(), None, "the compressed model's multiply-accumulates: a share of the model's own "
+                                  "(50%) or a count (600M)", not_with=("params", "latency")),
+    Param("params", Amount(), None, "the compressed model's parameters: a share (60%) or a count (8M)",
+          not_with=("macs", "latency")),
+    Param("latency", Time(), None, "the compressed model's time on the target `on`, as its latency table "
+                                   "(evc profile) predicts it: a time (12ms) or a share (50%)",
+          not_with=("macs", "params")),
+    Param("on", TargetRef(), None, "the target whose latency table a latency budget reads (evc profile)",
+          only_with="latency"),
+    Param("data", DataRef(), REQUIRED, "images each block's sensitivity is measured on"),
+    Param("samples", Int(1), 32, "how many of those images"),
+)
+MAX_ROUNDS = 8  # verification rounds: each takes the steps the last count showed missing
+REFILL_ROUNDS = 3  # counts spent giving back what overshot the budget
+SLACK = 0.005  # of the budget: less left under it is not worth a count
+
+
+def check(values: dict, spans: dict, at) -> None:
+    """A budget names one of its metrics; a latency, the target it is timed on."""
+    given = [m for m in METRICS if values.get(m) is not None]
+    if not given:
+        raise Invalid("a budget needs `macs`, `params` or `latency`, e.g. `budget { macs = 50%, data = calib }`", at)
+    if values.get("latency") is not None and values.get("on") is None:
+        raise Invalid("a latency budget needs `on`, the target it is timed on: `latency = 12ms, on = cpu`",
+                      spans.get("latency", at))
+
+
+@dataclass
+class Group:
+    """One block of one searched pass: the widths it may take, and what each costs."""
+
+    pass_index: int  # in the compress block
+    block: int
+    full: int  # heads or units, as the model has them
+    step: int  # one head, or round_to units
+    least: int
+    measured: dict[int, float] = field(default_factory=dict)  # width -> divergence (full -> 0)
+    saved: float = 0.0  # of the metric, per head or unit removed
+    width: int = 0  # as chosen
+
+    def divergence(self, width: int) -> float:
+        """Measured, or interpolated between the nearest measured widths."""
+        points = sorted(self.measured.items())
+        for (w0, d0), (w1, d1) in zip(points, points[1:]):
+            if w0 <= width <= w1:
+                return d0 + (d1 - d0) * (width - w0) / (w1 - w0)
+        return points[0][1] if width < points[0][0] else points[-1][1]
+
+    def next_width(self) -> int | None:
+        if self.width <= self.least:
+            return None
+        return max(self.least, self.width - self.step)
+
+
+def keep_of(width: int, full: int) -> Fraction:
+    """The share that head_prune, ffn_prune and patch_slim turn back into exactly `width`."""
+    return Fraction(width, full)
+
+
+class Knob:
+    """What a budget chooses in one pass, block by block: its groups, the widths measured, and the keys set."""
+
+    keys: tuple[str, ...] = ("keep",)  # written keys that fix the pass; when none is written, the budget chooses
+    timed = True  # a latency table prices what it chooses
+
+    def searched(self, params: dict) -> bool:
+        return all(params.get(k) is None for k in self.keys)
+
+    def groups(self, program, plan) -> list[tuple[int, int, int, int]]:
+        """(block, full width, step, least) for each block the pass can narrow."""
+        raise NotImplementedError
+
+    def levels(self, full: int, step: int, least: int) -> list[int]:
+        """The widths sensitivity is measured at: each when there are few, else 3/4, 1/2, 1/4 and the least."""
+        if step == 1 and full <= 16:
+            return list(range(least, full))
+        shares = [round(full * s / step) * step for s in (0.75, 0.5, 0.25)]
+        return sorted({max(least, min(full - step, w)) for w in shares} | {least})
+
+    def values(self, plan, widths: dict[int, Fraction], depth: int) -> dict:
+        """The pass's keys for the kept share of each block (1 where not given)."""
+        return {"keep": PerLayer(tuple(float(widths.get(b, 1)) for b in range(depth)), None)}
+
+    def record(self, plan, widths: dict[int, Fraction], depth: int) -> dict:
+        """The keys as a spec writes them: what the manifest and a lock file keep."""
+        return {"keep": [fraction_text(widths.get(b, Fraction(1))) for b in range(depth)]}
+
+    def pinned(self, plan, entry: dict) -> dict:
+        """The pass's keys from a record."""
+        return {"keep": PerLayer(tuple(float(Fraction(k)) for k in entry["keep"]), None)}
+
+
+class Heads(Knob):
+    def groups(self, program, plan):
+        least = plan.params["min_heads"]
+        return [(b.index, b.attn.num_heads, 1, min(least, b.attn.num_heads)) for b in program.structure.blocks
+                if b.attn is not None and b.attn.num_heads > least]
+
+
+class Units(Knob):
+    def groups(self, program, plan):
+        step = plan.params["round_to"]
+        return [(b.index, b.mlp.hidden, step, step) for b in program.structure.blocks
+                if b.mlp is not None and b.mlp.hidden > step]
+
+
+class Patches(Knob):
+    """Eighths of the patches entering each block, from 1 down to a quarter; block 0 keeps every patch."""
+
+    keys = ("keep", "search")
+    timed = False  # the latency table has no token axis yet
+
+    def groups(self, program, plan):
+        blocks = program.structure.blocks
+        return [(b.index, 8, 1, 2) for b in blocks[1:] if blocks[b.index - 1].attn is not None]
+
+    def levels(self, full, step, least):
+        return [6, 4, 2]
+
+
+class Skips(Knob):
+    """One group per block whose `part` can go: width 1 kept, 0 removed."""
+
+    keys = ("attn", "mlp", "blocks", "count")
+    timed = False  # nor a block left half
+    LIST = {"attn": "attn", "mlp": "mlp", "block": "blocks"}
+
+    def groups(self, program, plan):
+        part = plan.params["part"]
+        return [(b.index, 1, 1, 0) for b in program.structure.blocks
+                if (b.attn is not None if part != "mlp" else True) and (b.mlp is not None if part != "attn" else True)]
+
+    def levels(self, full, step, least):
+        return [0]
+
+    def values(self, plan, widths, depth):
+        gone = tuple(b for b in range(depth) if widths.get(b, 1) == 0)
+        return {k: gone if k == self.LIST[plan.params["part"]] else () for k in ("attn", "mlp", "blocks")}
+
+    def record(self, plan, widths, depth):
+        return {self.LIST[plan.params["part"]]: [b for b in range(depth) if widths.get(b, 1) == 0]}
+
+    def pinned(self, plan, entry):
+        return {k: tuple(entry.get(k, ())) for k in ("attn", "mlp", "blocks")}
+
+
+KNOBS = {"head_prune": Heads(), "ffn_prune": Units(), "patch_slim": Patches(), "block_skip": Skips()}
+
+
+def searched(plan) -> bool:
+    """Whether the budget chooses this pass's per-block values: it is a knob and the spec fixed none of them."""
+    return plan.name in KNOBS and KNOBS[plan.name].searched(plan.params)
+
+
+@dataclass
+class Search:
+    """Everything the search needs from the driver: the model, the passes as written, and how to run them."""
+
+    program: object  # the Program the compress block starts from
+    passes: list  # PassPlans as written, keep None where searched
+    metric: str
+    target: float  # in the metric's own units
+    images: object  # np.ndarray, the sensitivity's images
+    run_pass: object  # (program, PassPlan) -> Program
+    count: object  # (program) -> {"macs": ..., "params": ...}
+    probe_pass: object = None  # run_pass for the sensitivity's trials, scoring on fewer images; run_pass if None
+    groups: list[Group] = field(default_factory=list)
+
+    def run(self):
+        """The passes with their searched keep filled in, the compressed Program, and the record."""
+        self.measure()
+        floor = self.floor()
+        if floor > self.target:
+            raise BudgetTooSmall(self.metric, self.target, floor)
+        written = self.count(self.compress(self.filled()))[self.metric]  # every searched block whole
+        need = written - self.target
+        self.allocate(need)
+        rounds = []
+        for _ in range(MAX_ROUNDS):
+            passes = self.filled()
+            compressed = self.compress(passes)
+            total = self.count(compressed)[self.metric]
+            rounds.append(total)
+            if total <= self.target:
+                passes, compressed, total = self.refill(passes, compressed, total, rounds)
+                return passes, compressed, self.record(rounds, total)
+            estimated, actual = self.estimated(), written - total
+            need = estimated + (total - self.target) * (estimated / actual if actual > 0 else 1)  # the estimates'
+            if not self.allocate(need):  # error so far taken to hold for what is still over (token passes compound)
+                break
+        raise BudgetTooSmall(self.metric, self.target, total)
+
+    def measure(self) -> None:
+        """Each searched pass alone on each block, at each measured width: divergence and saving."""
+        import torch
+
+        reference = torch.log_softmax(self.program.run(self.images), -1)
+        full = self.count(self.program)
+        for index, plan in enumerate(self.passes):
+            if not searched(plan):
+                continue
+            knob = KNOBS[plan.name]
+            for block, width, step, least in knob.groups(self.program, plan):
+                group = Group(index, block, width, step, least, {width: 0.0}, width=width)
+                for level in knob.levels(width, step, least):
+                    trial = self.set(plan, {block: keep_of(level, width)})
+                    pruned = (self.probe_pass or self.run_pass)(self.program, trial)
+                    logits = torch.log_softmax(pruned.run(self.images), -1)
+                    group.measured[level] = float(torch.sum(reference.exp() * (reference - logits), -1).mean())
+                    if level == least:
+                        group.saved = (full[self.metric] - self.count(pruned)[self.metric]) / (width - least)
+                self.groups.append(group)
+
+    def floor(self) -> float:
+        """The least the searched passes can reach: every block at its least width, the rest as written."""
+        for group in self.groups:
+            group.width = group.least
+        total = self.count(self.compress(self.filled()))[self.metric]
+        for group in self.groups:
+            group.width = group.full
+        return total
+
+    def allocate(self, need: float) -> bool:
+        """Take the cheapest steps (divergence per unit of the metric saved) until `need` is saved; False
+        when no step is left."""
+        saved = self.estimated()
+        while saved < need:
+            best, price = None, math.inf
+            for group in self.groups:
+                width = group.next_width()
+                if width is None or group.saved <= 0:
+                    continue
+                cost = (group.divergence(width) - group.divergence(group.width)) / ((group.width - width) * group.saved)
+                if cost < price:
+                    best, price = group, cost
+            if best is None:
+                return False
+            new = best.next_width()
+            saved += (best.width - new) * best.saved
+            best.width = new
+        return True
+
+    def refill(self, passes, compressed, total: float, rounds: list):
+        """Give back what the last steps took beyond the budget (a coarse step, such as an eighth of the
+        patches, can overshoot it): widen the blocks whose divergence falls most per unit, as far as the
+        estimates fit the slack, and keep what the count confirms."""
+        slack = self.target - total
+        for _ in range(REFILL_ROUNDS):
+            if slack < SLACK * self.target:
+                break
+            widened = self.widen(slack)
+            if not widened:
+                break
+            trial = self.filled()
+            program = self.compress(trial)
+            count = self.count(program)[self.metric]
+            rounds.append(count)
+            if count <= self.target:
+                passes, compressed, total, slack = trial, program, count, self.target - count
+            else:  # the estimates were short: undo, and try half the slack
+                for group, width in widened:
+                    group.width = width
+                slack /= 2
+        return passes, compressed, total
+
+    def widen(self, slack: float) -> list:
+        """Widen blocks one step at a time, the most divergence removed per unit added first, while the
+        estimated cost fits `slack`; (group, width before) for each step taken."""
+        taken, tried = [], set()
+        while True:
+            best, value = None, -math.inf
+            for group in self.groups:
+                if group.width >= group.full or id(group) in tried or group.saved <= 0:
+                    continue
+                wider = min(group.full, group.width + group.step)
+                gain = (group.divergence(group.width) - group.divergence(wider)) / ((wider - group.width) * group.saved)
+                if gain > value:
+                    best, value = group, gain
+            if best is None:
+                return taken
+            wider = min(best.full, best.width + best.step)
+            cost = (wider - best.width) * best.saved
+            if cost > slack:
+                tried.add(id(best))
+                continue
+            taken.append((best, best.width))
+            best.width, slack = wider, slack - cost
+
+    def estimated(self) -> float:
+        """The saving the chosen widths add up to, each block's measured alone."""
+        return sum((g.full - g.width) * g.saved for g in self.groups)
+
+    def filled(self) -> list:
+        """The passes as written, each searched one's keys filled with the chosen widths."""
+        passes = list(self.passes)
+        for index, shares in self.chosen().items():
+            passes[index] = self.set(passes[index], shares)
+        return passes
+
+    def chosen(self) -> dict[int, dict[int, Fraction]]:
+        """Per searched pass (by index), the kept share of each block it can narrow."""
+        shares = {}
+        for group in self.groups:
+            shares.setdefault(group.pass_index, {})[group.block] = keep_of(group.width, group.full)
+        return shares
+
+    def set(self, plan, shares: dict[int, Fraction]):
+        """`plan` with its searched keys set from per-block shares (1 where not given)."""
+        values = KNOBS[plan.name].values(plan, shares, self.program.structure.depth)
+        return replace(plan, params={**plan.params, **values})
+
+    def compress(self, passes):
+        program = self.program
+        for plan in passes:
+            program = self.run_pass(program, plan)
+        return program
+
+    def record(self, rounds: list[float], total: float) -> dict:
+        """What the manifest keeps: the budget, what was reached, and each searched pass's keep to pin."""
+        depth = self.program.structure.depth
+        chosen = [{"pass": self.passes[index].name, "index": index,
+                   **KNOBS[self.passes[index].name].record(self.passes[index], shares, depth)}
+                  for index, shares in sorted(self.chosen().items())]
+        return {"metric": self.metric, "target": self.target, "reached": total, "counts": rounds,
+                "chosen": chosen,
+                "sensitivity": [{"pass": self.passes[g.pass_index].name, "block": g.block,
+                                 "divergence": {str(w): round(d, 6) for w, d in sorted(g.measured.items())}}
+                                for g in self.groups]}
+
+
+def pinned(passes: list, record: dict) -> list:
+    """The passes with the keys a record (a lock file's, or a manifest's) chose, without searching."""
+    passes = list(passes)
+    for entry in record["chosen"]:
+        plan = passes[entry["index"]]
+        passes[entry["index"]] = replace(plan, params={**plan.params, **KNOBS[plan.name].pinned(plan, entry)})
+    return passes
+
+
+def fragment(entry: dict) -> str:
+    """A record's choice for one pass, as the keys to paste into its block in the spec."""
+    return ", ".join(f"{k} = [{', '.join(map(str, v))}]" for k, v in entry.items() if k not in ("pass", "index"))
+
+
+def lock_path(spec) -> object:
+    """The lock file beside a spec: `deit.evc` -> `deit.evc.lock`."""
+    return spec.with_name(spec.name + ".lock")
+
+
+def write_lock(spec, key: str, record: dict) -> None:
+    """Pin a search's choice beside the spec, as package managers do: a rebuild of the same spec, weights and
+    data reads it instead of searching."""
+    import json
+
+    from evc.atomic import write_text
+
+    write_text(lock_path(spec), json.dumps({"version": 1, "key": key, "budget": record}, indent=1) + "\n")
+
+
+def read_lock(spec, key: str) -> dict | None:
+    """The pinned record when a lock beside the spec was written for this very budget, model and data."""
+    import json
+
+    path = lock_path(spec)
+    try:
+        lock = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        from evc.errors import InputError
+
+        raise InputError(f"{path}: cannot read the lock file ({e}); delete it to search again") from None
+    return lock["budget"] if isinstance(lock, dict) and lock.get("key") == key else None
+
+
+def fraction_text(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def target_of(amount: tuple[str, float], whole: float) -> float:
+    """A budget's amount in the metric's units: a share of the model's own, or a count (or ms) as written."""
+    kind, value = amount
+    return value * whole if kind == "share" else value
+
+
+class BudgetTooSmall(Exception):
+    def __init__(self, metric: str, target: float, floor: float):
+        self.metric, self.target, self.floor = metric, target, floor
+        show = (lambda ms: f"{ms:.3g}ms") if metric == "latency" else human
+        super().__init__(f"{metric} = {show(target)} cannot be met: the searched passes reach "
+                         f"{show(floor)} at the least (every searched block at its least)")
+
+
+def human(count: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.4g}{unit}"
+    return f"{count:g}"

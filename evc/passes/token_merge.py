@@ -1,0 +1,87 @@
+"""token_merge: merge similar tokens inside each block (Token Merging, ToMe, ICLR 2023).
+
+    token_merge { r = 8 }
+    token_merge { r = [0, 0, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0] }
+
+After the attention of each block, Token Merging's bipartite soft matching
+merges `r` tokens into the ones most similar to them (by the block's keys,
+averaged over heads); the MLP and every later block run on the fewer tokens.
+Merged tokens are size-weighted averages, and later attentions add log(size)
+to their logits (proportional attention), as in the paper. The matching is
+written with static shapes: topk and one-hot matmuls, no scatter_reduce or
+argsort, so it lowers to ONNX, TFLite and NPUs. The class token is never
+merged away, nor does the distillation token receive.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from evc.spec.params import Flag, Int, Param
+from evc.registry import Pass, register_pass
+
+
+@register_pass(
+    "token_merge",
+    Param("r", Int(0), help="tokens merged in each block", per_layer=True),
+    Param("proportional", Flag(), True,
+          "proportional attention: later attentions add log(size) to their logits, as ToMe does"),
+    excludes={"patch_slim": "both change the token count; use one of them"},
+)
+class TokenMerge(Pass):
+    """Merge r similar tokens in each block by bipartite soft matching, with static shapes."""
+
+    def run(self, program, params, ctx):
+        from evc.passes.surgery import rewritten
+
+        structure = program.structure
+        prefix = len(structure.prefix_tokens)
+        if prefix > 2:
+            raise ctx.error("r", f"the model has {prefix} prefix tokens; ToMe protects a class and a distillation "
+                                 "token, not more")
+        plan, tokens, asked = [], structure.blocks[0].tokens, ctx.per_layer("r", structure.depth)
+        for block, r in zip(structure.blocks, asked):
+            r = min(r, (tokens - prefix) // 2) if block.attn is not None else 0  # ToMe's cap: half the tokens
+            plan.append((block, r, tokens))
+            tokens -= r
+        merged = [r for _, r, _ in plan]
+        if merged != list(asked):
+            ctx.report("r", merged)  # what each block could merge, where fewer tokens were left than asked
+        if not any(r for _, r, _ in plan):
+            return program
+        if (reason := structure.fixed_token_count()) is not None:
+            raise ctx.error("r", f"cannot merge tokens: {reason}")
+        return rewritten(program, [partial(_merge, plan=plan, cls=prefix >= 1, distill=prefix == 2,
+                                           proportional=params["proportional"])])
+
+
+def _merge(gm, plan, cls: bool, distill: bool, proportional: bool) -> None:
+    """Merge in every block, carrying each token's size from block to block."""
+    from evc.passes.surgery import add_attention_bias, attention_keys, attention_probs, inline, node_named, reroute
+
+    size = None
+    for block, r, count in plan:
+        if size is None and r == 0:
+            continue
+        probs = attention_probs(gm, block.attn)
+        key_t = attention_keys(gm, probs, f"block {block.index}")  # found before a bias joins the logits
+        if size is not None and proportional:
+            add_attention_bias(gm, probs, inline(gm, _log_size, [size], probs.args[0]))
+        if r == 0:
+            continue
+        residual = node_named(gm, block.attn.residual)
+        merger = _merger(count, r, cls, distill, first=size is None)
+        _, size = reroute(gm, residual, merger, [key_t] if size is None else [key_t, size])
+
+
+def _log_size(size):
+    return size.log().transpose(1, 2).unsqueeze(1)  # (B, N, 1) -> (B, 1, 1, N): one bias per key
+
+
+def _merger(count: int, r: int, cls: bool, distill: bool, first: bool):
+    """merge(x, key_t[, size]) for one block; before the first merge every token has size 1."""
+    from evc.passes import tokens
+    if first:
+        return lambda x, key_t: tokens.merge(x, tokens.unit_size(x), tokens.key_metric(key_t),
+                                             count, r, cls, distill)
+    return lambda x, key_t, size: tokens.merge(x, size, tokens.key_metric(key_t), count, r, cls, distill)

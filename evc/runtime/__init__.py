@@ -1,0 +1,1 @@
+"""Running models here: timing, parity, accuracy, latency tables, and the collaborative runtime."""

@@ -1,0 +1,196 @@
+"""The lower stage: compressed Program → artifacts, validated against PyTorch and scored; cached per target.
+
+    folder, checked = lower(plan, target, compiled, keys.lower[target.name], cache, progress, bundle)
+
+The target's format writes its artifacts; each is then run in its runtime here
+on the target's `validate` images and compared with the Program's outputs
+(parity), and, with an `evaluate` block, scored for accuracy. An artifact that
+misses parity fails the build: it is kept beside the bundle as
+`<target>.failed/` for a look, and nothing is cached.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from evc.cache import Cache
+from evc.context import Context
+from evc.errors import BuildError, EvcError, first_line
+from evc.spec.plan import DataPlan, Plan, TargetPlan
+from evc.progress import Progress
+from evc.registry import FORMATS, Runtime
+
+CHECKED = "lowered.json"  # the validation record, kept with the cached artifacts
+
+
+def lower(plan: Plan, target: TargetPlan, compiled, key: str, cache: Cache, progress: Progress,
+          bundle: Path) -> tuple[Path, dict]:
+    """The folder of checked artifacts (in the cache) and the record of their checks."""
+    peers, parts = target.params.get("peers") or (), compiled.program.parts
+    if peers and len(peers) != len(parts):
+        raise plan.error(target.spans.get("peers"), f"target '{target.name}': peers: {len(peers)} given for "
+                                                    f"{len(parts)} parts; list one HOST:PORT per part, in part order"
+                                                    + ("" if parts else " (the model is not decomposed)"))
+    folder = cache.get("lower", key)
+    if folder is None:
+        with cache.entry("lower", key) as out:
+            _lower_and_validate(plan, target, compiled, out, bundle, progress, cache)
+        folder = cache.path("lower", key)
+    return folder, json.loads((folder / CHECKED).read_text())
+
+
+def validation_data(plan: Plan, target: TargetPlan) -> DataPlan:
+    from evc.model.data import DEFAULT_VALIDATION
+
+    name = target.params.get("validate")
+    return plan.data[name] if name else DEFAULT_VALIDATION
+
+
+def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, bundle: Path,
+                        progress: Progress, cache: Cache | None = None) -> None:
+    from evc.bundle.write import keep_failed, write_json
+
+    fmt = FORMATS[target.format].plugin
+    program = compiled.program
+    with progress.stage(f"lower to {target.format} for target '{target.name}'"):
+        try:
+            ctx = Context(plan, progress, image=program.input)
+            if program.parts:
+                artifacts = _lower_parts(fmt, program, target, folder, ctx)
+            else:
+                artifacts = fmt.lower(program, target, folder, ctx)
+        except EvcError:
+            raise
+        except Exception as e:  # the exporter's own message names the op or node at fault
+            raise BuildError(f"target '{target.name}': lowering to {target.format} failed: {first_line(e)}") from e
+    failures, validation = [], None
+    if isinstance(fmt, Runtime):  # a format with no runtime here is checked on the device alone
+        validation = _validate(plan, target, compiled, fmt, folder, artifacts, progress, failures)
+        if plan.evaluate and not program.parts:
+            _score(plan, target, fmt, folder, artifacts, program.input, progress)
+    output = compiled.program.run(compiled.program.example())
+    checked = {"artifacts": [a.describe(folder) for a in artifacts], "output_shape": list(output.shape),
+               "validation": validation}
+    budget = compiled.budget
+    if budget and budget["metric"] == "latency" and budget["on"] == target.name and target.device == "cpu" \
+            and not failures:  # a phone's model is timed on the phone: evc bench --serial
+        checked["latency"] = _timed(plan, target, fmt, folder / artifacts[0].path, program, budget, progress,
+                                    cache)
+    write_json(folder / CHECKED, checked)
+    if failures:
+        failed = keep_failed(plan, target, compiled, folder, checked, failures, bundle)
+        raise BuildError(f"target '{target.name}' failed parity against PyTorch: {'; '.join(failures)}; "
+                         f"the failed artifact is kept in {failed}")
+
+
+def _lower_parts(fmt, program, target: TargetPlan, folder: Path, ctx: Context) -> list:
+    """A decomposed model: every part lowered by the target's format into its own folder, the fusion
+    to ONNX (the coordinator runs it), and collab.json, which `evc serve` and `evc infer` read. A part
+    is served from its format's first artifact: the model itself (for the BPU, the float ONNX that the
+    toolchain compiles; `evc serve` runs it here in ONNX Runtime)."""
+    from evc.runtime.collab import contract
+    from evc.targets.onnx import export_module
+
+    artifacts, served = [], []
+    for part in program.parts:
+        (folder / part.name).mkdir()
+        lowered = fmt.lower(part.program, target, folder / part.name, ctx)
+        for artifact in lowered:
+            artifact.path = Path(part.name) / artifact.path
+            artifact.details["part"] = part.name
+        artifacts += lowered
+        served.append((str(lowered[0].path), part.width))
+    width = sum(p.width for p in program.parts)
+    export_module(program.fusion, (_zeros(1, width), _zeros(1, len(program.parts))), folder / FUSION,
+                  inputs=("tokens", "present"))
+    contract.write(folder, program.input, served, FUSION, bool(program.fusion.drop))
+    return artifacts
+
+
+FUSION = "fusion.onnx"
+
+
+def _zeros(*shape):
+    import torch
+
+    return torch.zeros(shape)
+
+
+def _timed(plan: Plan, target: TargetPlan, fmt: Runtime, path: Path, program, budget: dict, progress: Progress,
+           cache: Cache | None) -> dict:
+    """The artifact a latency budget was searched for, timed as its table was, taking turns with the model as
+    loaded (lowered alike), so that the share of its time is measured in one sitting: predicted against
+    measured, in ms and as a share of the loaded model's."""
+    import tempfile
+
+    import numpy as np
+
+    from evc.passes.compress import loaded
+    from evc.keys import derive
+    from evc.runtime.profile import Table, interleaved, thread_count
+
+    threads = thread_count(target.params["threads"][0])
+    table = Table.from_dict(budget["table"])
+    whole, _ = loaded(plan, cache, progress, derive(plan), write_cache=False)
+    with progress.stage(f"time {path.name} against the latency budget ({threads} thread(s))"), \
+            tempfile.TemporaryDirectory() as folder:
+        reference = Path(folder) / fmt.lower(whole, target, Path(folder), Context(plan, progress, whole))[0].path
+        feed = np.random.default_rng(0).standard_normal(program.input.shape, dtype=np.float32)
+        times = interleaved({"model": fmt.session(path, threads), "loaded": fmt.session(reference, threads)}, feed,
+                            target.params["runs"], target.params["warmups"])
+    predicted = table.predict(program.structure)
+    return {"budget_ms": budget["target"], "predicted_ms": predicted, "measured_ms": times["model"],
+            "loaded_measured_ms": times["loaded"], "predicted_share": predicted / budget["loaded_ms"],
+            "measured_share": times["model"] / times["loaded"], "threads": threads}
+
+
+def _validate(plan: Plan, target: TargetPlan, compiled, fmt: Runtime, folder: Path, artifacts, progress: Progress,
+              failures: list[str]) -> dict:
+    """Each artifact's parity with the Program on the target's validation data; appends to `failures` the
+    artifacts that miss it. A decomposed model's parts are each checked against their own Program, and
+    the whole, fused from the lowered parts, against the PyTorch ensemble."""
+    from evc.model.data import load_images
+    from evc.runtime.parity import compare
+
+    data = validation_data(plan, target)
+    program = compiled.program
+    with progress.stage(f"validate target '{target.name}' on {data.name}"):
+        images = load_images(data, program.input)
+        references = {p.name: p.program.run(images).numpy() for p in program.parts}
+        reference = program.run(images).numpy()
+        for artifact in artifacts:
+            parity = compare(references.get(artifact.details.get("part"), reference),
+                             fmt.run(folder / artifact.path, images))
+            artifact.parity = parity.to_dict()
+            reason = fmt.check_parity(parity, target.params, artifact)
+            if reason:
+                failures.append(f"{artifact.path}: {reason}")
+        record = {"data": data.name, "samples": len(images)}
+        if program.parts:
+            from evc.runtime.collab.runtime import local_infer
+
+            whole = compare(reference, local_infer(folder, images))
+            record["whole"] = whole.to_dict()
+            reason = fmt.check_parity(whole, target.params, artifacts[0])  # the parts' thresholds
+            if reason:
+                failures.append(f"the parts fused ({FUSION} on the lowered parts): {reason}")
+    return record
+
+
+def _score(plan: Plan, target: TargetPlan, fmt: Runtime, folder: Path, artifacts, image,
+           progress: Progress) -> None:
+    """Each artifact's top-k on the evaluate block's data, run in its own runtime here."""
+    from evc.runtime.evaluate import accuracy, labelled
+
+    with progress.stage(f"evaluate target '{target.name}' on {plan.evaluate.data}"):
+        images, labels = labelled(plan, image)
+        for artifact in artifacts:
+            artifact.accuracy = accuracy(fmt.run(folder / artifact.path, images), labels, plan.evaluate.top)
+
+
+def copy_artifacts(lowered: Path, folder: Path) -> None:
+    """The cached artifacts into a bundle being written: copies, not links, so editing a bundle's file in place
+    cannot change the cache."""
+    shutil.copytree(lowered, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CHECKED))

@@ -1,0 +1,1 @@
+"""What users run beside `evc build`: explain, diff, report, bench, and the README's key tables."""
