@@ -48,14 +48,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
 
 from evc.cache import Cache  # noqa: E402
-from evc.spec.check import parse_and_check  # noqa: E402
-from evc.passes.compress import compile_model, loaded  # noqa: E402
-from evc.model.data import dataset  # noqa: E402
+from evc.driver import Stages, compile_model  # noqa: E402
 from evc.ir import summarize  # noqa: E402
 from evc.ir.program import Program  # noqa: E402
-from evc.keys import derive  # noqa: E402
-from evc.progress import Progress  # noqa: E402
+from evc.model.data import dataset  # noqa: E402
 from evc.passes.train import Recipe, distill, top1  # noqa: E402
+from evc.progress import Progress  # noqa: E402
+from evc.spec.check import parse_and_check  # noqa: E402
 
 TARGET = 0.5
 PASSES = """    head_prune { KEEP_Hscore = taylor, data = train }
@@ -157,7 +156,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         plan = parse_and_check((DIGITS / "digits.evc").read_text(), DIGITS / "digits.evc")
-        original, before = loaded(plan, Cache(work / ".cache"), Progress(), derive(plan))
+        original, before = Stages(plan, Cache(work / ".cache"), Progress()).loaded
         whole = before["total"]["macs"]
         train_set = dataset(plan.data["train"], original.input)
         val_set = dataset(plan.data["val"], original.input)

@@ -62,15 +62,15 @@ import onnxruntime as ort
 import timm
 import torch
 from _timing import interleaved  # benchmarks/, the script's own folder
-from evc.targets.onnx import export_onnx, session
 
+from evc.ir.program import Program
 from evc.runtime.collab import collab_pb2 as pb
 from evc.runtime.collab import collab_pb2_grpc, wire
 from evc.runtime.collab.contract import read
 from evc.runtime.collab.coordinator import Coordinator
 from evc.runtime.collab.runtime import Fusion
-from evc.ir.program import Program
 from evc.spec.plan import ImageInput
+from evc.targets.onnx import export_onnx, session
 
 SIZE, WIDTH, DEPTH, HEADS, CLASSES = 224, 128, 6, 2, 1000
 THREADS = 1

@@ -50,16 +50,16 @@ import numpy as np
 import timm
 import torch
 from collab import machine, met, timed  # the gRPC benchmark's rows, served the same way; its machine line
-from evc.passes.decompose import Decompose
-from evc.targets.onnx import export_module, export_onnx, session
 from tokens import macs
 
+from evc.ir.program import Program
+from evc.passes.decompose import Decompose
+from evc.registry import PASSES
 from evc.runtime.collab import contract
 from evc.runtime.collab.runtime import PRESENT, TOKENS
-from evc.ir.program import Program
-from evc.targets.lower import FUSION
 from evc.spec.plan import ImageInput
-from evc.registry import PASSES
+from evc.targets.lower import FUSION
+from evc.targets.onnx import export_module, export_onnx, session
 
 MODEL, SIZE, THREADS, SAMPLES, OPSET = "deit_tiny_patch16_224", 224, 1, 64, 17
 

@@ -28,14 +28,14 @@ import onnxruntime as ort
 import timm
 import torch
 from _timing import interleaved  # benchmarks/, the script's own folder
-from evc.passes.ffn_prune import FfnPrune
-from evc.passes.head_prune import HeadPrune
-from evc.targets.onnx import Onnx, op_counts
 from tokens import macs, run_pass  # the token benchmark's way of calling a pass and counting MACs
 from torch import nn
 
 from evc.ir.program import Program
+from evc.passes.ffn_prune import FfnPrune
+from evc.passes.head_prune import HeadPrune
 from evc.spec.plan import ImageInput
+from evc.targets.onnx import Onnx, op_counts
 
 SIZE, PATCH, WIDTH, HEADS, DEPTH, CLASSES = 224, 16, 192, 3, 12, 1000  # deit_tiny's shape
 KEEP, THREADS, TOLERANCE, GOAL, STAGED_GOAL = 0.5, 1, 1e-4, 0.9, 0.85  # convs and BatchNorm fold otherwise

@@ -38,15 +38,15 @@ import onnxruntime as ort
 import timm
 import torch
 from _timing import interleaved  # benchmarks/, the script's own folder
-from evc.targets._onnx_quantize import quantize as ort_quantize
-from evc.targets.onnx import Onnx, export_onnx
-from evc.targets.tflite import Tflite, convert
-from evc.targets.tflite import quantize as litert_quantize
 from safetensors.torch import load_file
 
 from evc.ir.program import Program
 from evc.runtime.parity import compare
 from evc.spec.plan import ImageInput
+from evc.targets._onnx_quantize import quantize as ort_quantize
+from evc.targets.onnx import Onnx, export_onnx
+from evc.targets.tflite import Tflite, convert
+from evc.targets.tflite import quantize as litert_quantize
 
 DIGITS = Path(__file__).resolve().parent.parent / "examples" / "digits"
 sys.path.insert(0, str(DIGITS))

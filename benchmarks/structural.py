@@ -29,14 +29,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import interleaved  # noqa: E402
-from evc.passes._importance import head_norms, hidden_norms, top  # noqa: E402
-from evc.passes.ffn_prune import FfnPrune, width  # noqa: E402
-from evc.passes.head_prune import HeadPrune  # noqa: E402
-from evc.targets.onnx import export_onnx  # noqa: E402
 
 from evc.ir import node_macs, trace  # noqa: E402
 from evc.ir.program import Program  # noqa: E402
+from evc.passes._importance import head_norms, hidden_norms, top  # noqa: E402
+from evc.passes.ffn_prune import FfnPrune, width  # noqa: E402
+from evc.passes.head_prune import HeadPrune  # noqa: E402
 from evc.spec.plan import ImageInput  # noqa: E402
+from evc.targets.onnx import export_onnx  # noqa: E402
 
 ffn_prune = FfnPrune().run
 head_prune = HeadPrune().run

@@ -26,14 +26,14 @@ import timm
 import torch
 from _passes import Ctx  # benchmarks/, the script's own folder
 from _timing import interleaved
+
+from evc.ir.macs import summarize
+from evc.ir.program import Program
 from evc.passes.patch_slim import PatchSlim
 from evc.passes.token_merge import TokenMerge
+from evc.spec.plan import ImageInput
 from evc.targets.onnx import Onnx, export_onnx, op_counts
 from evc.targets.tflite import Tflite, convert, describe_ops
-
-from evc.ir import summarize
-from evc.ir.program import Program
-from evc.spec.plan import ImageInput
 
 patch_slim = PatchSlim().run
 token_merge = TokenMerge().run

@@ -45,8 +45,8 @@ def _print_json(document) -> None:
 
 
 def _pin(plan, results, quiet: bool = False) -> str:
-    from evc.passes.budget import lock_path, write_lock
     from evc.keys import derive
+    from evc.passes.budget import lock_path, write_lock
 
     if plan.budget is None:
         raise InputError(f"--pin: {plan.path} has no budget in its compress block: there is no search to pin")
@@ -62,44 +62,43 @@ def cmd_profile(args) -> int:
     from rich.console import Console
 
     from evc.cache import Cache
-    from evc.passes.compress import loaded
-    from evc.keys import derive
-    from evc.runtime.profile import table_for
+    from evc.driver import Stages
     from evc.progress import Progress
+    from evc.registry import DEVICES, BoardTimed, RemoteTimed
+    from evc.runtime.profile import table_for
 
     plan = _read_plan(args.spec)
     names = [t.name for t in plan.targets]
     if args.target not in names:
         raise InputError(f"--target {args.target}: {args.spec} has no such target (it has: {', '.join(names)})")
     target = next(t for t in plan.targets if t.name == args.target)
-    if args.results and target.device in ("cpu", "android"):
+    device = DEVICES[target.device].plugin
+    if args.results and not isinstance(device, BoardTimed):
         raise InputError(f"--results: target {args.target} is timed by evc itself; --results reads back what a "
                          "board kit's scripts logged (rdk_x5 and jetson targets)")
-    if target.device == "android" and not (args.serial or target.params.get("serial")):
+    if isinstance(device, RemoteTimed) and not (args.serial or target.params.get("serial")):
         raise InputError(f"--target {args.target} is a phone: give --serial SERIAL (adb devices lists them) and "
                          "--binary, a benchmark_model built for its ABI")
     progress = Progress(Console(stderr=True))
-    keys = derive(plan)
     cache = Cache(Path(args.out) / ".cache")
-    program, _ = loaded(plan, cache, progress, keys)
+    stages = Stages(plan, cache, progress)
+    keys, program = stages.keys, stages.original
     program.require_structure("evc profile")
-    if target.device not in ("cpu", "android"):
-        from evc.runtime.profile import board_kit, read_results
+    if isinstance(device, BoardTimed):
+        from evc.bundle.kit import board_kit, read_results
 
         folder = Path(args.out) / plan.stem / f"profile-{target.name}"
         if args.results:
             table = read_results(plan, target, program, Path(args.results), keys.load, cache)
         else:
             names = board_kit(plan, target, program, folder, keys, progress)
-            from evc.registry import DEVICES
-
             steps = " then ".join(f"`./profile.sh {where}` on the {where.replace('pc', 'PC')}"
-                                  for where, _ in DEVICES[target.device].plugin.steps)
+                                  for where, _ in device.steps)
             print(f"{folder}: {len(names)} models to time on the {target.device}: {steps}; then bring the folder "
                   f"back and run `evc profile {args.spec} --target {target.name} --results {folder}`")
             return 0
     else:
-        serial = args.serial or (target.params.get("serial") if target.device == "android" else None)
+        serial = args.serial or (target.params.get("serial") if isinstance(device, RemoteTimed) else None)
         table = table_for(plan, args.target, program, cache, keys.load, progress, serial,
                           Path(args.binary) if args.binary else None)
     if args.json:
@@ -124,8 +123,8 @@ def cmd_build(args) -> int:
                          f"(it has: {', '.join(t.name for t in plan.targets)})")
     from rich.console import Console
 
-    from evc.runtime.parity import describe
     from evc.progress import Progress
+    from evc.runtime.parity import describe
 
     rank = _join_torchrun()
     progress = Progress(Console(stderr=True, quiet=rank != 0))

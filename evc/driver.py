@@ -2,12 +2,13 @@
 
     results = build(plan, out=Path("build"))
 
-    Plan ─keys→ Keys                          evc.keys      every stage's key, once
-         ─load, passes→ compressed Program     evc.passes.compress  cached by keys.program
-         ─evaluate→ accuracy before and after  evc.runtime.evaluate  with an evaluate block
-         ─lower, validate→ checked artifacts   evc.targets.lower     per target, cached by keys.lower
-         ─bundle→ OUT/<stem>/<target>/         evc.bundle.write    atomic, stamped with keys.bundle
-         ─report→ OUT/<stem>/report.html       evc.tools.report    every bundle of the build, on one page
+    Plan ─keys→ Keys                          evc.keys            every stage's key, once
+         ─load→ Program as loaded             evc.ir.capture      cached by keys.load
+         ─passes→ compressed Program          evc.passes.compress cached by keys.program
+         ─evaluate→ accuracy before and after evc.runtime.evaluate with an evaluate block
+         ─lower, validate→ checked artifacts  evc.targets.lower   per target, cached by keys.lower
+         ─bundle→ OUT/<stem>/<target>/        evc.bundle.write    atomic, stamped with keys.bundle
+         ─report→ OUT/<stem>/report.html      evc.tools.report    every bundle of the build, on one page
 
 A target whose bundle already carries its key is left alone without loading
 torch, so an unchanged spec rebuilds in well under a second and changing one
@@ -17,13 +18,15 @@ target re-runs only that target.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from evc.bundle import write as bundles
 from evc.cache import Cache
-from evc.keys import derive
-from evc.spec.plan import Plan
+from evc.errors import BuildError
+from evc.keys import Keys, derive
 from evc.progress import Progress
+from evc.spec.plan import Plan
 
 
 @dataclass
@@ -42,35 +45,99 @@ def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = N
     them) and only the `main` one writes: caches, bundles, the evaluation.
     """
     progress = progress or Progress()
-    cache = Cache(out / ".cache", fresh=force)
-    keys = derive(plan)
-    compiled = evaluation = None
+    stages = Stages(plan, Cache(out / ".cache", fresh=force), progress, write_cache=main)
     results = []
     for target in plan.targets:
         if only and target.name not in only:
             continue
         folder = out / plan.stem / target.name
-        manifest = None if force else bundles.current(folder, keys.bundle[target.name])
+        manifest = None if force else bundles.current(folder, stages.keys.bundle[target.name])
         if manifest is not None:
             results.append(BuildResult(target.name, folder, True, bundles.restamp(manifest, plan, folder)))
             continue
-        if compiled is None:
-            from evc.passes.compress import compile_model
-
-            compiled = compile_model(plan, cache, progress, keys, write_cache=main)
+        stages.compiled  # under torchrun, every process runs the passes
         if not main:
             break
-        if plan.evaluate and evaluation is None:
-            evaluation = _evaluation(plan, compiled, keys, cache, progress)
-        from evc.targets.lower import lower
-
-        lowered, checked = lower(plan, target, compiled, keys.lower[target.name], cache, progress, folder)
-        manifest = bundles.write(plan, target, compiled, lowered, checked, keys.bundle[target.name], folder,
-                                 evaluation)
-        results.append(BuildResult(target.name, folder, False, manifest))
+        results.append(BuildResult(target.name, folder, False, stages.bundle(target, folder)))
     if main and results:
         _report(out / plan.stem, progress)
     return results
+
+
+def compile_model(plan: Plan, cache: Cache, progress: Progress, write_cache: bool = True):
+    """The compressed Program of `plan` (evc.passes.compress.Compiled), loading the model when the cache does
+    not hold it."""
+    return Stages(plan, cache, progress, write_cache).compiled
+
+
+class Stages:
+    """Each stage's result for one Plan, computed once when first asked for and handed to the stages after it:
+    the Program as loaded, the compressed one, the evaluation."""
+
+    def __init__(self, plan: Plan, cache: Cache, progress: Progress, write_cache: bool = True,
+                 keys: Keys | None = None):
+        self.plan, self.cache, self.progress, self.write_cache = plan, cache, progress, write_cache
+        self.keys = keys or derive(plan)
+
+    @cached_property
+    def loaded(self) -> tuple:
+        """(the Program as loaded, its summary)."""
+        from evc.ir.capture import capture
+
+        return capture(self.plan, self.cache, self.progress, self.keys, self.write_cache)
+
+    @property
+    def original(self):
+        return self.loaded[0]
+
+    @cached_property
+    def compiled(self):
+        """The compressed Program (evc.passes.compress.Compiled), from the cache when it is there."""
+        from evc.passes.compress import cached, compress
+
+        if self.keys.weights == "random":
+            self.progress.warn(f"model '{self.plan.model.name}' names no weights: it is randomly initialised, "
+                               "so its outputs mean nothing (the bundle is still complete and checked)")
+        hit = cached(self.cache, self.keys)
+        if hit is not None:
+            return hit
+        original, before = self.loaded
+        return compress(self.plan, original, before, self.cache, self.progress, self.keys, self.write_cache,
+                        self.latency_table)
+
+    def latency_table(self, program):
+        """The latency table of the budget's `on` target for `program` (timed here, or read from the cache)."""
+        from evc.runtime.profile import table_for
+
+        return table_for(self.plan, self.plan.budget.params["on"], program,
+                         self.cache if self.write_cache else None, self.keys.load, self.progress)
+
+    @cached_property
+    def evaluation(self) -> dict | None:
+        """Accuracy, MACs and latency as loaded and compressed, with an evaluate block; else None."""
+        if not self.plan.evaluate:
+            return None
+        from evc.runtime.evaluate import evaluate_models
+
+        with self.progress.stage(f"evaluate on {self.plan.evaluate.data}"):
+            return evaluate_models(self.plan, self.compiled, self.original, self.cache, self.keys.evaluate)
+
+    def bundle(self, target, folder: Path) -> dict:
+        """Lower and check `target`, and write its bundle at `folder`; the manifest. Artifacts that miss parity
+        are kept as `<folder>.failed/`."""
+        from evc.targets.lower import ParityFailure, cached_lower
+
+        compiled, evaluation = self.compiled, self.evaluation
+        budget = compiled.budget
+        timed = budget and budget["metric"] == "latency" and budget["on"] == target.name
+        try:
+            lowered, checked = cached_lower(self.plan, target, compiled, self.keys.lower[target.name], self.cache,
+                                            self.progress, self.original if timed else None)
+        except ParityFailure as failure:
+            kept = bundles.keep_failed(self.plan, target, compiled, failure, folder)
+            raise BuildError(f"{failure}; the failed artifact is kept in {kept}") from None
+        return bundles.write(self.plan, target, compiled, lowered, checked, self.keys.bundle[target.name], folder,
+                             evaluation)
 
 
 def _report(folder: Path, progress: Progress) -> None:
@@ -80,12 +147,3 @@ def _report(folder: Path, progress: Progress) -> None:
     if not is_current(folder):
         with progress.stage("report"):
             write_report(folder)
-
-
-def _evaluation(plan: Plan, compiled, keys, cache: Cache, progress: Progress) -> dict:
-    from evc.passes.compress import loaded
-    from evc.runtime.evaluate import evaluate_models
-
-    with progress.stage(f"evaluate on {plan.evaluate.data}"):
-        original, _ = loaded(plan, cache, progress, keys)
-        return evaluate_models(plan, compiled, original, cache, keys.evaluate)

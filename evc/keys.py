@@ -51,8 +51,8 @@ class Keys:
 def derive(plan) -> Keys:
     """Every stage's key for `plan`, from one record of what each stage reads."""
     from evc.model.data import DEFAULT_VALIDATION
-    from evc.spec.params import ModelRef, data_refs
     from evc.registry import DEVICES, FORMATS, PASSES
+    from evc.spec.params import ModelRef, data_refs
 
     weights = model_digest(plan.model, plan.path.parent, plan)
     # The input resolved at load follows from the spec's image(...), the source and the weights (a Hub

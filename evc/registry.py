@@ -14,8 +14,9 @@ parameters, on a class that implements its contract.
 
 The first line of the class's docstring is its help in `evc explain` and the
 README. What a plug-in can do beyond its contract is declared by the
-capabilities it inherits (`Runtime`, `Placement`, `Export`, `RemoteBench`),
-never probed. A registration that breaks the contract fails at import.
+capabilities it inherits (`Gridded`, `Splitting`, `Runtime`, `Placement`,
+`Export`, `RemoteBench`, `RemoteTimed`, `BoardTimed`), never probed; how a
+budget searches a pass is its `knob`. A registration that breaks the contract fails at import.
 
 Plug-in modules are imported by `load_plugins()` and must stay light at import
 time (no torch at module level): `evc check` reads their declarations and must
@@ -46,6 +47,28 @@ class Pass(ABC):
     @abstractmethod
     def run(self, program, params: dict, ctx):
         """The compressed Program; `ctx` is an `evc.context.PassContext`."""
+
+
+class Gridded(ABC):
+    """Capability of a pass: a latency grid (`evc profile`) builds its points with it, every block alike.
+
+    `axis` names what it varies: "heads", "units", or "depth" (blocks kept).
+    """
+
+    axis: str
+
+    @abstractmethod
+    def at(self, program, share: float):
+        """The Program with every block at `share` of the axis (at "depth", the first blocks kept)."""
+
+
+class Splitting(ABC):
+    """Capability of a pass: it splits the model into parts (a decomposed Program); a pass written after it
+    runs on every part through `each_part`."""
+
+    @abstractmethod
+    def each_part(self, program, plugin, params: dict, ctx, whole):
+        """`plugin` run with `params` on every part of `program`; `whole` is the model this pass split."""
 
 
 class Format(ABC):
@@ -89,6 +112,10 @@ class Export(ABC):
     @abstractmethod
     def export(self, program, path: Path) -> None: ...
 
+    @abstractmethod
+    def export_module(self, module, args: tuple, path: Path, inputs: tuple[str, ...]) -> None:
+        """A plain nn.Module (a decomposed model's fusion) run on `args`, its inputs named `inputs`."""
+
 
 class Device(ABC):
     """A device profile; its scripts are templates, its facts data. Subclasses may add capabilities."""
@@ -99,6 +126,18 @@ class RemoteBench(ABC):
 
     @abstractmethod
     def bench(self, bundle: Path, manifest: dict, serial: str, runs: int | None, console) -> list[dict]: ...
+
+
+class RemoteTimed(ABC):
+    """Capability of a device: `evc profile --serial S --binary B` times a latency grid's models on it from here."""
+
+    @abstractmethod
+    def connect(self, serial: str, binary: Path):
+        """The device, checked before any model is made for it (InputError when it is not there)."""
+
+    @abstractmethod
+    def time(self, device, binary: Path, models: dict, params: dict, threads: int) -> dict:
+        """Each model's ms on `device`, one after another: {key: ms} for {key: artifact path}."""
 
 
 class BoardTimed(ABC):
@@ -129,6 +168,21 @@ class Info:
 class PassInfo(Info):
     check: Callable | None = None  # (params: dict, spans: dict) -> None, raises Invalid
     excludes: dict[str, str] = field(default_factory=dict)  # pass name -> why the two cannot share a compress block
+    knob: object | None = None  # an evc.passes.knob.Knob: what a budget chooses in this pass; None: not searched
+
+    @property
+    def grid(self) -> str | None:
+        """The axis a latency grid varies with this pass (Gridded), or None."""
+        return self.plugin.axis if isinstance(self.plugin, Gridded) else None
+
+    @property
+    def splits(self) -> bool:
+        """Whether the pass splits the model into parts (Splitting)."""
+        return isinstance(self.plugin, Splitting)
+
+    def searched(self, params: dict) -> bool:
+        """Whether a budget chooses this pass's per-block values: it has a knob and the spec fixed none of them."""
+        return self.knob is not None and all(params.get(k) is None for k in self.knob.keys)
 
 
 @dataclass(frozen=True)
@@ -169,11 +223,13 @@ def _register(registry: dict, info_type: type, contract: type, name: str, params
     return decorate
 
 
-def register_pass(name: str, *params: Param, check: Callable | None = None, excludes: dict[str, str] | None = None):
+def register_pass(name: str, *params: Param, check: Callable | None = None, excludes: dict[str, str] | None = None,
+                  knob=None):
     """`excludes` names the passes this one cannot share a compress block with, each with the reason:
-    `excludes={"token_merge": "both change the token count"}`. It holds both ways round.
+    `excludes={"token_merge": "both change the token count"}`. It holds both ways round. `knob` (an
+    evc.passes.knob.Knob) says how a budget searches the pass: its keys, its groups and widths.
     """
-    return _register(PASSES, PassInfo, Pass, name, params, check=check, excludes=dict(excludes or {}))
+    return _register(PASSES, PassInfo, Pass, name, params, check=check, excludes=dict(excludes or {}), knob=knob)
 
 
 def register_format(name: str, *params: Param, check: Callable | None = None):
@@ -195,7 +251,7 @@ def exclusion(a: str, b: str) -> str | None:
     return None
 
 
-_STAGES = {"budget", "compress", "tokens", "train", "lower", "artifact"}  # stage modules beside the plug-ins
+_STAGES = {"budget", "compress", "tokens", "train", "lower", "artifact", "grid", "knob"}  # stage modules beside the plug-ins
 
 
 @cache

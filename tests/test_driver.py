@@ -11,9 +11,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.errors import BuildError
+from evc.spec.check import parse_and_check
 from tests.conftest import ROOT, run_evc, small_spec, write_images
 
 TWO_TARGETS = ("target a { device = cpu, format = onnx, runs = 3 }\n"

@@ -1,7 +1,7 @@
 """evc.keys: every stage's key from what that stage reads, so a change re-runs that stage and those below it."""
 
-from evc.spec.check import parse_and_check
 from evc.keys import derive
+from evc.spec.check import parse_and_check
 from tests.conftest import small_spec
 
 CPU = "target cpu { device = cpu, format = onnx }"

@@ -5,9 +5,7 @@ import sys
 
 import pytest
 
-from evc.spec.check import parse_and_check
 from evc.errors import SpecError
-from evc.spec.params import DataRef, Int, Param, When
 from evc.registry import (
     DEVICES,
     FORMATS,
@@ -22,6 +20,8 @@ from evc.registry import (
     register_format,
     register_pass,
 )
+from evc.spec.check import parse_and_check
+from evc.spec.params import DataRef, Int, Param, When
 from tests.conftest import small_spec
 
 load_plugins()

@@ -11,25 +11,22 @@ of one, and an interrupted or failed build never destroys the last good one.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import evc
 from evc.atomic import recover, replace_dir, staged, temp_dir
+from evc.bundle.layout import MANIFEST, read_manifest, write_json
 from evc.keys import canonical, library_versions, text_digest
 from evc.spec.plan import HubWeights, Plan, TargetPlan
-
-MANIFEST = "manifest.json"
 
 
 def write(plan: Plan, target: TargetPlan, compiled, lowered: Path, checked: dict, key: str, bundle: Path,
           evaluation: dict | None = None) -> dict:
     """Write the target's bundle from the lowered artifacts; its manifest carries `key`."""
-    from evc.targets.lower import copy_artifacts
-    from evc.registry import DEVICES
     from evc.bundle.scripts import render_scripts
+    from evc.registry import DEVICES
 
     with staged(bundle) as folder:
         copy_artifacts(lowered, folder)
@@ -64,26 +61,26 @@ def restamp(manifest: dict, plan: Plan, bundle: Path) -> dict:
     return manifest
 
 
-def keep_failed(plan: Plan, target: TargetPlan, compiled, folder: Path, checked: dict, failures: list[str],
-                bundle: Path) -> Path:
-    """A copy of artifacts that failed their checks, as `<bundle>.failed/` with a manifest saying why."""
+def keep_failed(plan: Plan, target: TargetPlan, compiled, failure, bundle: Path) -> Path:
+    """The artifacts of a ParityFailure as `<bundle>.failed/`, with a manifest saying why; its copy is removed."""
     failed = bundle.with_name(f"{bundle.name}.failed")
     keep = temp_dir(failed)
-    shutil.copytree(folder, keep, dirs_exist_ok=True)
-    write_json(keep / MANIFEST, {**_manifest(plan, target, compiled, checked, None), "failed": failures})
-    replace_dir(keep, failed)
+    try:
+        shutil.copytree(failure.artifacts, keep, dirs_exist_ok=True)
+        write_json(keep / MANIFEST, {**_manifest(plan, target, compiled, failure.checked, None),
+                                     "failed": failure.failures})
+        replace_dir(keep, failed)
+    finally:
+        shutil.rmtree(failure.artifacts, ignore_errors=True)
     return failed
 
 
-def read_manifest(bundle: Path) -> dict | None:
-    try:
-        return json.loads((bundle / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+def copy_artifacts(lowered: Path, folder: Path) -> None:
+    """The cached artifacts into a bundle being written: copies, not links, so editing a bundle's file in place
+    cannot change the cache."""
+    from evc.targets.lower import CHECKED
 
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    shutil.copytree(lowered, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CHECKED))
 
 
 # ---- the manifest's schema ------------------------------------------------------------------------
@@ -165,12 +162,11 @@ def _decomposition_record(compiled, target: TargetPlan, artifacts: list[dict]) -
 
 def _structure_record(program) -> dict:
     """The recognised structure, less the per-block node lists that only passes need."""
+    from evc.ir.summary import structure_record
+
     if program.structure is None:
         return {"recognised": False, "reason": program.unrecognised}
-    record = {"recognised": True, **program.structure.to_dict()}
-    for block in record["blocks"]:
-        block.pop("nodes", None)
-    return record
+    return {"recognised": True, **structure_record(program.structure)}
 
 
 def _script_context(plan: Plan, target: TargetPlan, manifest: dict, bundle: Path) -> dict:

@@ -16,8 +16,9 @@ import torch
 from torch import fx, nn
 
 from evc.errors import BuildError, InputError
-from evc.ir import RecognitionError, Structure, recognise, trace
-from evc.ir.trace import propagate_shapes
+from evc.ir.recognise import RecognitionError, recognise
+from evc.ir.structure import Structure
+from evc.ir.trace import propagate_shapes, trace
 from evc.spec.plan import ImageInput
 
 

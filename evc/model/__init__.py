@@ -1,1 +1,1 @@
-"""The model as the spec names it: loaded from timm, Hugging Face or the user's code, with its checkpoint, input and data."""
+"""The model as the spec names it: from timm, Hugging Face or the user's code, its checkpoint, input, data."""

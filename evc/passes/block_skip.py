@@ -12,10 +12,37 @@ from __future__ import annotations
 
 from functools import partial
 
+from evc.passes.knob import Knob
+from evc.registry import Gridded, Pass, register_pass
 from evc.spec.params import Choice, DataRef, Int, ListOf, Param, When
-from evc.registry import Pass, register_pass
 
 _INDICES = ListOf(Int(0), empty_ok=True)
+
+
+class Skips(Knob):
+    """One group per block whose `part` can go: width 1 kept, 0 removed."""
+
+    keys = ("attn", "mlp", "blocks", "count")
+    timed = False  # nor a block left half
+    LIST = {"attn": "attn", "mlp": "mlp", "block": "blocks"}
+
+    def groups(self, program, plan):
+        part = plan.params["part"]
+        return [(b.index, 1, 1, 0) for b in program.structure.blocks
+                if (b.attn is not None if part != "mlp" else True) and (b.mlp is not None if part != "attn" else True)]
+
+    def levels(self, full, step, least):
+        return [0]
+
+    def values(self, plan, widths, depth):
+        gone = tuple(b for b in range(depth) if widths.get(b, 1) == 0)
+        return {k: gone if k == self.LIST[plan.params["part"]] else () for k in ("attn", "mlp", "blocks")}
+
+    def record(self, plan, widths, depth):
+        return {self.LIST[plan.params["part"]]: [b for b in range(depth) if widths.get(b, 1) == 0]}
+
+    def pinned(self, plan, entry):
+        return {k: tuple(entry.get(k, ())) for k in ("attn", "mlp", "blocks")}
 
 
 @register_pass(
@@ -30,9 +57,20 @@ _INDICES = ListOf(Int(0), empty_ok=True)
           "how `count` chooses: least ‖f(x)‖ / ‖x‖ on the data"),
     Param("data", DataRef(), None, "images for `count`",
           needed_when=(When("count"), When("score", ("residual",)))),
+    knob=Skips(),
 )
-class BlockSkip(Pass):
+class BlockSkip(Pass, Gridded):
     """Remove attention sublayers, MLP sublayers or whole blocks, keeping the residual path."""
+
+    axis = "depth"
+
+    def at(self, program, share):
+        from evc.passes.grid import Uniform
+
+        depth = len(program.structure.blocks)
+        kept = max(1, round(share * depth))
+        return self.run(program, dict(attn=(), mlp=(), blocks=tuple(range(kept, depth)), count=None, part="block",
+                                      score="residual", data=None), Uniform(1.0))
 
     def run(self, program, params, ctx):
         from evc.passes.surgery import rewritten, skip_sublayer

@@ -41,36 +41,73 @@ import math
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
-from evc.spec.params import REQUIRED, Amount, DataRef, Int, Invalid, Param, PerLayer, TargetRef, Time
+from evc.context import PassContext
+from evc.ir.summary import summary
+from evc.passes.knob import keep_of
+from evc.registry import PASSES
 
-BUDGET = "budget"
-METRICS = ("macs", "params", "latency")
-PARAMS = (
-    Param("macs", Amount(), None, "the compressed model's multiply-accumulates: a share of the model's own "
-                                  "(50%) or a count (600M)", not_with=("params", "latency")),
-    Param("params", Amount(), None, "the compressed model's parameters: a share (60%) or a count (8M)",
-          not_with=("macs", "latency")),
-    Param("latency", Time(), None, "the compressed model's time on the target `on`, as its latency table "
-                                   "(evc profile) predicts it: a time (12ms) or a share (50%)",
-          not_with=("macs", "params")),
-    Param("on", TargetRef(), None, "the target whose latency table a latency budget reads (evc profile)",
-          only_with="latency"),
-    Param("data", DataRef(), REQUIRED, "images each block's sensitivity is measured on"),
-    Param("samples", Int(1), 32, "how many of those images"),
-)
 MAX_ROUNDS = 8  # verification rounds: each takes the steps the last count showed missing
 REFILL_ROUNDS = 3  # counts spent giving back what overshot the budget
 SLACK = 0.005  # of the budget: less left under it is not worth a count
 
 
-def check(values: dict, spans: dict, at) -> None:
-    """A budget names one of its metrics; a latency, the target it is timed on."""
-    given = [m for m in METRICS if values.get(m) is not None]
-    if not given:
-        raise Invalid("a budget needs `macs`, `params` or `latency`, e.g. `budget { macs = 50%, data = calib }`", at)
-    if values.get("latency") is not None and values.get("on") is None:
-        raise Invalid("a latency budget needs `on`, the target it is timed on: `latency = 12ms, on = cpu`",
-                      spans.get("latency", at))
+def search(plan, program, before: dict, progress, budget_key: str, latency_table=None):
+    """The passes with the keep the budget chose filled in, and the search's record; what a lock file beside
+    the spec pinned for this budget, model and data, without searching. `latency_table(program)` gives the
+    latency table of the budget's `on` target (the driver's: it is made by lowering and timing)."""
+    from evc.context import Context
+    from evc.errors import InputError
+
+    record = read_lock(plan.path, budget_key)
+    if record is not None:
+        return tuple(pinned(plan.passes, record)), {**record, "pinned": lock_path(plan.path).name}
+
+    params = plan.budget.params
+    metric = next(m for m in ("macs", "params", "latency") if params[m] is not None)
+    table = None
+    if metric == "latency":
+        try:
+            table = latency_table(program)
+            table.predict(program.structure)
+        except InputError as e:
+            raise plan.error(plan.budget.spans.get("latency"), f"budget: {e}") from None
+    whole = table.predict(program.structure) if table else before["total"][metric]
+    target = target_of(params[metric], whole)
+    images = Context(plan, progress, program).images(params["data"])[:params["samples"]]
+
+    def run_pass(program_, pass_plan):
+        return PASSES[pass_plan.name].plugin.run(program_, pass_plan.params,
+                                                 PassContext(plan, pass_plan, program, "", None, progress))
+
+    def probe_pass(program_, pass_plan):  # scores on the budget's images: a trial needs no more
+        return PASSES[pass_plan.name].plugin.run(program_, pass_plan.params,
+                                                 Probe(plan, pass_plan, program, images, progress))
+
+    def count(program_) -> dict:
+        total = summary(program_)["total"]
+        return {**total, "latency": table.predict(program_.structure)} if table else total
+
+    shown = f"{target:.3g}ms" if table else f"{target / 1e6:.4g}M"
+    with progress.stage(f"budget {metric} = {shown}: sensitivity of each block, then the search"):
+        try:
+            passes, _, record = Search(program, list(plan.passes), metric, target, images, run_pass, count,
+                                       probe_pass).run()
+        except BudgetTooSmall as e:
+            raise plan.error(plan.budget.spans.get(metric), f"budget: {e}") from None
+    if table:
+        record.update(on=params["on"], table=table.to_dict(), loaded_ms=whole)
+    return tuple(passes), record
+
+
+class Probe(PassContext):
+    """A pass's context in a budget's trials: any data block it scores on reads as the budget's images."""
+
+    def __init__(self, plan, pass_plan, original, images, progress):
+        super().__init__(plan, pass_plan, original, "", None, progress)
+        self._probe = images
+
+    def images(self, data: str):
+        return self._probe
 
 
 @dataclass
@@ -98,106 +135,6 @@ class Group:
         if self.width <= self.least:
             return None
         return max(self.least, self.width - self.step)
-
-
-def keep_of(width: int, full: int) -> Fraction:
-    """The share that head_prune, ffn_prune and patch_slim turn back into exactly `width`."""
-    return Fraction(width, full)
-
-
-class Knob:
-    """What a budget chooses in one pass, block by block: its groups, the widths measured, and the keys set."""
-
-    keys: tuple[str, ...] = ("keep",)  # written keys that fix the pass; when none is written, the budget chooses
-    timed = True  # a latency table prices what it chooses
-
-    def searched(self, params: dict) -> bool:
-        return all(params.get(k) is None for k in self.keys)
-
-    def groups(self, program, plan) -> list[tuple[int, int, int, int]]:
-        """(block, full width, step, least) for each block the pass can narrow."""
-        raise NotImplementedError
-
-    def levels(self, full: int, step: int, least: int) -> list[int]:
-        """The widths sensitivity is measured at: each when there are few, else 3/4, 1/2, 1/4 and the least."""
-        if step == 1 and full <= 16:
-            return list(range(least, full))
-        shares = [round(full * s / step) * step for s in (0.75, 0.5, 0.25)]
-        return sorted({max(least, min(full - step, w)) for w in shares} | {least})
-
-    def values(self, plan, widths: dict[int, Fraction], depth: int) -> dict:
-        """The pass's keys for the kept share of each block (1 where not given)."""
-        return {"keep": PerLayer(tuple(float(widths.get(b, 1)) for b in range(depth)), None)}
-
-    def record(self, plan, widths: dict[int, Fraction], depth: int) -> dict:
-        """The keys as a spec writes them: what the manifest and a lock file keep."""
-        return {"keep": [fraction_text(widths.get(b, Fraction(1))) for b in range(depth)]}
-
-    def pinned(self, plan, entry: dict) -> dict:
-        """The pass's keys from a record."""
-        return {"keep": PerLayer(tuple(float(Fraction(k)) for k in entry["keep"]), None)}
-
-
-class Heads(Knob):
-    def groups(self, program, plan):
-        least = plan.params["min_heads"]
-        return [(b.index, b.attn.num_heads, 1, min(least, b.attn.num_heads)) for b in program.structure.blocks
-                if b.attn is not None and b.attn.num_heads > least]
-
-
-class Units(Knob):
-    def groups(self, program, plan):
-        step = plan.params["round_to"]
-        return [(b.index, b.mlp.hidden, step, step) for b in program.structure.blocks
-                if b.mlp is not None and b.mlp.hidden > step]
-
-
-class Patches(Knob):
-    """Eighths of the patches entering each block, from 1 down to a quarter; block 0 keeps every patch."""
-
-    keys = ("keep", "search")
-    timed = False  # the latency table has no token axis yet
-
-    def groups(self, program, plan):
-        blocks = program.structure.blocks
-        return [(b.index, 8, 1, 2) for b in blocks[1:] if blocks[b.index - 1].attn is not None]
-
-    def levels(self, full, step, least):
-        return [6, 4, 2]
-
-
-class Skips(Knob):
-    """One group per block whose `part` can go: width 1 kept, 0 removed."""
-
-    keys = ("attn", "mlp", "blocks", "count")
-    timed = False  # nor a block left half
-    LIST = {"attn": "attn", "mlp": "mlp", "block": "blocks"}
-
-    def groups(self, program, plan):
-        part = plan.params["part"]
-        return [(b.index, 1, 1, 0) for b in program.structure.blocks
-                if (b.attn is not None if part != "mlp" else True) and (b.mlp is not None if part != "attn" else True)]
-
-    def levels(self, full, step, least):
-        return [0]
-
-    def values(self, plan, widths, depth):
-        gone = tuple(b for b in range(depth) if widths.get(b, 1) == 0)
-        return {k: gone if k == self.LIST[plan.params["part"]] else () for k in ("attn", "mlp", "blocks")}
-
-    def record(self, plan, widths, depth):
-        return {self.LIST[plan.params["part"]]: [b for b in range(depth) if widths.get(b, 1) == 0]}
-
-    def pinned(self, plan, entry):
-        return {k: tuple(entry.get(k, ())) for k in ("attn", "mlp", "blocks")}
-
-
-KNOBS = {"head_prune": Heads(), "ffn_prune": Units(), "patch_slim": Patches(), "block_skip": Skips()}
-
-
-def searched(plan) -> bool:
-    """Whether the budget chooses this pass's per-block values: it is a knob and the spec fixed none of them."""
-    return plan.name in KNOBS and KNOBS[plan.name].searched(plan.params)
 
 
 @dataclass
@@ -245,9 +182,9 @@ class Search:
         reference = torch.log_softmax(self.program.run(self.images), -1)
         full = self.count(self.program)
         for index, plan in enumerate(self.passes):
-            if not searched(plan):
+            if not PASSES[plan.name].searched(plan.params):
                 continue
-            knob = KNOBS[plan.name]
+            knob = PASSES[plan.name].knob
             for block, width, step, least in knob.groups(self.program, plan):
                 group = Group(index, block, width, step, least, {width: 0.0}, width=width)
                 for level in knob.levels(width, step, least):
@@ -354,7 +291,7 @@ class Search:
 
     def set(self, plan, shares: dict[int, Fraction]):
         """`plan` with its searched keys set from per-block shares (1 where not given)."""
-        values = KNOBS[plan.name].values(plan, shares, self.program.structure.depth)
+        values = PASSES[plan.name].knob.values(plan, shares, self.program.structure.depth)
         return replace(plan, params={**plan.params, **values})
 
     def compress(self, passes):
@@ -367,7 +304,7 @@ class Search:
         """What the manifest keeps: the budget, what was reached, and each searched pass's keep to pin."""
         depth = self.program.structure.depth
         chosen = [{"pass": self.passes[index].name, "index": index,
-                   **KNOBS[self.passes[index].name].record(self.passes[index], shares, depth)}
+                   **PASSES[self.passes[index].name].knob.record(self.passes[index], shares, depth)}
                   for index, shares in sorted(self.chosen().items())]
         return {"metric": self.metric, "target": self.target, "reached": total, "counts": rounds,
                 "chosen": chosen,
@@ -381,7 +318,7 @@ def pinned(passes: list, record: dict) -> list:
     passes = list(passes)
     for entry in record["chosen"]:
         plan = passes[entry["index"]]
-        passes[entry["index"]] = replace(plan, params={**plan.params, **KNOBS[plan.name].pinned(plan, entry)})
+        passes[entry["index"]] = replace(plan, params={**plan.params, **PASSES[plan.name].knob.pinned(plan, entry)})
     return passes
 
 
@@ -419,10 +356,6 @@ def read_lock(spec, key: str) -> dict | None:
 
         raise InputError(f"{path}: cannot read the lock file ({e}); delete it to search again") from None
     return lock["budget"] if isinstance(lock, dict) and lock.get("key") == key else None
-
-
-def fraction_text(value: Fraction) -> str:
-    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
 
 def target_of(amount: tuple[str, float], whole: float) -> float:

@@ -38,8 +38,8 @@ import copy
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from evc.registry import Pass, Splitting, register_pass
 from evc.spec.params import REQUIRED, Choice, DataRef, Flag, Float, Int, Param, Ratio
-from evc.registry import Pass, register_pass
 
 if TYPE_CHECKING:  # numpy is imported where it is used: `evc check` imports every pass, and numpy takes 0.1 s
     import numpy as np
@@ -71,7 +71,7 @@ RIDGE = 1e-6  # of the features' mean square: enough to settle collinear columns
     Param("lr", Float(0, open_low=True), 5e-4, "peak learning rate of those distillations"),
     Param("batch", Int(1), 64, "images per step of those distillations"),
 )
-class Decompose(Pass):
+class Decompose(Pass, Splitting):
     """Split the model into parts, each shrunk for a subset of the classes, joined by a fitted fusion."""
 
     def run(self, program, params, ctx):

@@ -11,8 +11,18 @@ from __future__ import annotations
 
 from functools import partial
 
+from evc.passes.knob import Knob
+from evc.registry import Gridded, Pass, register_pass
 from evc.spec.params import Choice, DataRef, Int, Param, Ratio, When
-from evc.registry import Pass, register_pass
+
+
+class Units(Knob):
+    """round_to MLP units at a time, down to round_to in every block."""
+
+    def groups(self, program, plan):
+        step = plan.params["round_to"]
+        return [(b.index, b.mlp.hidden, step, step) for b in program.structure.blocks
+                if b.mlp is not None and b.mlp.hidden > step]
 
 
 @register_pass(
@@ -23,13 +33,21 @@ from evc.registry import Pass, register_pass
     Param("round_to", Int(1), 8, "keep the hidden width a multiple of this (kernels are fastest on 8 or 16)"),
     Param("data", DataRef(), None, "images for score = taylor or activation",
           needed_when=(When("score", ("taylor", "activation")),)),
+    knob=Units(),
 )
-class FfnPrune(Pass):
+class FfnPrune(Pass, Gridded):
     """Remove MLP hidden units: fc1 rows and fc2 columns, by one shared score."""
+
+    axis = "units"
+
+    def at(self, program, share):
+        from evc.ir.latency import ROUND_TO
+        from evc.passes.grid import Uniform
+
+        return self.run(program, dict(keep=share, score="l1", round_to=ROUND_TO, data=None), Uniform(share))
 
     def run(self, program, params, ctx):
         from evc.passes._importance import activations, hidden_norms, hidden_taylor, top
-
         from evc.passes.surgery import keep_hidden, rewritten
 
         structure = program.structure

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from evc.spec.params import REQUIRED, AnyOf, Choice, DataRef, Float, Int, Invalid, ModelRef, Param
 from evc.registry import Pass, register_pass
+from evc.spec.params import REQUIRED, AnyOf, Choice, DataRef, Float, Int, Invalid, ModelRef, Param
 
 
 def _check(params, spans):

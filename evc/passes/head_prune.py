@@ -12,14 +12,29 @@ from __future__ import annotations
 
 from functools import partial
 
+from evc.passes.knob import Knob
+from evc.registry import Gridded, Pass, register_pass
 from evc.spec.params import Choice, DataRef, Int, Invalid, Param, PerLayer, Ratio, When
-from evc.registry import Pass, register_pass
 
 
 def _check(params, spans):
     if params["scope"] == "global" and isinstance(params["keep"], PerLayer):
         raise Invalid("scope = global ranks all heads together and takes one keep, not a list",
                       params["keep"].span)
+
+
+class Heads(Knob):
+    """One head at a time, down to min_heads in every block."""
+
+    def conflict(self, params):
+        if params["scope"] == "global":
+            return "scope", "a budget chooses head_prune's keep block by block: scope = global ranks all heads together"
+        return None
+
+    def groups(self, program, plan):
+        least = plan.params["min_heads"]
+        return [(b.index, b.attn.num_heads, 1, min(least, b.attn.num_heads)) for b in program.structure.blocks
+                if b.attn is not None and b.attn.num_heads > least]
 
 
 @register_pass(
@@ -32,13 +47,20 @@ def _check(params, spans):
     Param("min_heads", Int(1), 1, "heads every layer keeps, whatever the scores"),
     Param("data", DataRef(), None, "images for score = taylor", needed_when=(When("score", ("taylor",)),)),
     check=_check,
+    knob=Heads(),
 )
-class HeadPrune(Pass):
+class HeadPrune(Pass, Gridded):
     """Remove whole attention heads, ranked by weight norm or Taylor importance."""
+
+    axis = "heads"
+
+    def at(self, program, share):
+        from evc.passes.grid import Uniform
+
+        return self.run(program, dict(keep=share, score="l1", scope="layer", min_heads=1, data=None), Uniform(share))
 
     def run(self, program, params, ctx):
         from evc.passes._importance import head_norms, head_taylor, top
-
         from evc.passes.surgery import keep_heads, rewritten
 
         structure = program.structure

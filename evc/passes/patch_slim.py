@@ -23,8 +23,9 @@ from __future__ import annotations
 import math
 from functools import partial
 
-from evc.spec.params import REQUIRED, Choice, DataRef, Flag, Float, Int, Invalid, Param, PerLayer, Record
+from evc.passes.knob import Knob
 from evc.registry import Pass, register_pass
+from evc.spec.params import REQUIRED, Choice, DataRef, Flag, Float, Int, Invalid, Param, PerLayer, Record
 
 SEARCH = Record((
     Param("tolerance", Float(0, open_low=True), 0.01, "largest relative error ‖f − f₀‖ / ‖f₀‖ of the final features"),
@@ -39,6 +40,20 @@ def _check(params, spans):
         raise Invalid("keep: block 0 must keep every patch (1): no attention before it ranks them", keep.span)
 
 
+class Patches(Knob):
+    """Eighths of the patches entering each block, from 1 down to a quarter; block 0 keeps every patch."""
+
+    keys = ("keep", "search")
+    timed = False  # the latency table has no token axis yet
+
+    def groups(self, program, plan):
+        blocks = program.structure.blocks
+        return [(b.index, 8, 1, 2) for b in blocks[1:] if blocks[b.index - 1].attn is not None]
+
+    def levels(self, full, step, least):
+        return [6, 4, 2]
+
+
 @register_pass(
     "patch_slim",
     Param("keep", Float(0, 1), 1.0, "share of the patches entering block l-1 that enter block l (block 0 keeps all)",
@@ -49,6 +64,7 @@ def _check(params, spans):
     Param("search", SEARCH, None, "find keep by the paper's top-down search instead"),
     check=_check,
     excludes={"token_merge": "both change the token count; use one of them"},
+    knob=Patches(),
 )
 class PatchSlim(Pass):
     """Drop the patches that matter least before each block, with static token counts."""

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from evc.spec.params import Flag, Int, Param
 from evc.registry import Pass, register_pass
+from evc.spec.params import Flag, Int, Param
 
 
 @register_pass(

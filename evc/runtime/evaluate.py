@@ -79,8 +79,8 @@ def _measure(plan: Plan, compiled, original) -> dict:
 
 def _onnx_latency(program) -> float:
     """Median ONNX Runtime latency at batch 1 and one thread: the same export every cpu target makes."""
-    from evc.tools.bench import measure
     from evc.registry import FORMATS, Export, Runtime
+    from evc.runtime.timing import measure
 
     onnx = FORMATS["onnx"].plugin
     assert isinstance(onnx, Export) and isinstance(onnx, Runtime), "the onnx format exports and runs here"

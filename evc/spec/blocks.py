@@ -9,9 +9,26 @@ import re
 from typing import Any
 
 from evc.errors import Span
-from evc.spec.params import Choice, DataRef, Flag, Float, Int, Invalid, Kind, ListOf, Param, Text, When, did_you_mean
-from evc.spec.plan import HubWeights, ImageSpec, Source
 from evc.spec import ast
+from evc.spec.params import (
+    REQUIRED,
+    Amount,
+    Choice,
+    DataRef,
+    Flag,
+    Float,
+    Int,
+    Invalid,
+    Kind,
+    ListOf,
+    Param,
+    TargetRef,
+    Text,
+    Time,
+    When,
+    did_you_mean,
+)
+from evc.spec.plan import HubWeights, ImageSpec, Source
 
 BLOCK_KINDS = ("model", "data", "compress", "evaluate", "target")
 
@@ -186,3 +203,30 @@ TARGET_PARAMS = (
     Param("format", RegisteredName("format"), help="the artifact format lowered to"),
     Param("validate", DataRef(), None, "data for the parity check (default: 8 synthetic images)"),
 )
+
+
+BUDGET = "budget"  # a compress block's `budget { ... }`: not a pass, the search that chooses their keys
+METRICS = ("macs", "params", "latency")
+BUDGET_PARAMS = (
+    Param("macs", Amount(), None, "the compressed model's multiply-accumulates: a share of the model's own "
+                                  "(50%) or a count (600M)", not_with=("params", "latency")),
+    Param("params", Amount(), None, "the compressed model's parameters: a share (60%) or a count (8M)",
+          not_with=("macs", "latency")),
+    Param("latency", Time(), None, "the compressed model's time on the target `on`, as its latency table "
+                                   "(evc profile) predicts it: a time (12ms) or a share (50%)",
+          not_with=("macs", "params")),
+    Param("on", TargetRef(), None, "the target whose latency table a latency budget reads (evc profile)",
+          only_with="latency"),
+    Param("data", DataRef(), REQUIRED, "images each block's sensitivity is measured on"),
+    Param("samples", Int(1), 32, "how many of those images"),
+)
+
+
+def check_budget(values: dict, spans: dict, at) -> None:
+    """A budget names one of its metrics; a latency, the target it is timed on."""
+    given = [m for m in METRICS if values.get(m) is not None]
+    if not given:
+        raise Invalid("a budget needs `macs`, `params` or `latency`, e.g. `budget { macs = 50%, data = calib }`", at)
+    if values.get("latency") is not None and values.get("on") is None:
+        raise Invalid("a latency budget needs `on`, the target it is timed on: `latency = 12ms, on = cpu`",
+                      spans.get("latency", at))

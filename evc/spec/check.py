@@ -11,13 +11,22 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from evc.passes import budget
-from evc.spec.blocks import BLOCK_KINDS, DATA_PARAMS, EVALUATE_PARAMS, MODEL_PARAMS, TARGET_PARAMS, data_problem
 from evc.errors import Diagnostic, Span, SpecError
-from evc.spec.params import Invalid, ModelRef, Param, check_entries, closest, did_you_mean, named_data
-from evc.spec.plan import DataPlan, EvaluatePlan, HubWeights, ModelPlan, PassPlan, Plan, TargetPlan
 from evc.registry import DEVICES, FORMATS, PASSES, exclusion, load_plugins
 from evc.spec import ast
+from evc.spec.blocks import (
+    BLOCK_KINDS,
+    BUDGET,
+    BUDGET_PARAMS,
+    DATA_PARAMS,
+    EVALUATE_PARAMS,
+    MODEL_PARAMS,
+    TARGET_PARAMS,
+    check_budget,
+    data_problem,
+)
+from evc.spec.params import Invalid, ModelRef, Param, check_entries, closest, did_you_mean, named_data
+from evc.spec.plan import DataPlan, EvaluatePlan, HubWeights, ModelPlan, PassPlan, Plan, TargetPlan
 
 
 def parse_and_check(text: str, path: str | Path) -> Plan:
@@ -199,19 +208,19 @@ class _Checker:
             self.report(f"'{entry.key}' is a setting, but compress holds passes, as in `head_prune {{ keep = 0.5 }}`",
                         entry.span)
         passes = []
-        budgets = [n for n in block.nested if n.kind == budget.BUDGET]
+        budgets = [n for n in block.nested if n.kind == BUDGET]
         self.budget = self.budget_of(budgets)
         for i, nested in enumerate(block.nested):
-            if nested.kind == budget.BUDGET:
+            if nested.kind == BUDGET:
                 continue
             info = PASSES.get(nested.kind)
             if info is None:
                 self.report(f"unknown pass '{nested.kind}'", nested.span,
-                            did_you_mean(nested.kind, [*PASSES, budget.BUDGET]))
+                            did_you_mean(nested.kind, [*PASSES, BUDGET]))
                 continue
             self.exclusions(nested, block.nested[:i])
             params = info.params
-            knob = budget.KNOBS.get(nested.kind) if budgets else None
+            knob = info.knob if budgets else None
             chosen = knob is not None and not any(e.key in knob.keys for e in nested.entries)
             if chosen:  # the budget's search fills these keys in
                 params = tuple(replace(p, default=None, needed_when=()) if p.name in knob.keys else p for p in params)
@@ -231,16 +240,17 @@ class _Checker:
                             "prices heads and MLP units, not tokens or removed sublayers; give them in the spec, "
                             "or budget macs instead", nested.span)
         if budgets and self.budget is not None:
-            if not any(budget.searched(p) for p in passes):
+            if not any(PASSES[p.name].searched(p.params) for p in passes):
                 self.report("the budget has nothing to choose: leave `keep` out of head_prune, ffn_prune or "
                             "patch_slim (or the blocks out of block_skip) for the budget to choose them block by "
                             "block", budgets[0].span)
             for p in passes:
-                if p.name == "head_prune" and p.params.get("keep") is None and p.params["scope"] == "global":
-                    self.report("a budget chooses head_prune's keep block by block: scope = global ranks all "
-                                "heads together", p.spans.get("scope"))
-                if p.name == "decompose":
-                    self.report("a budget cannot be combined with decompose yet: the budget is searched for one "
+                info = PASSES[p.name]
+                clash = info.searched(p.params) and info.knob.conflict(p.params)
+                if clash:
+                    self.report(clash[1], p.spans.get(clash[0]))
+                if info.splits:
+                    self.report(f"a budget cannot be combined with {p.name} yet: the budget is searched for one "
                                 "model", budgets[0].span)
         return tuple(passes)
 
@@ -257,15 +267,15 @@ class _Checker:
             self.report("a compress block has at most one budget; this is a second one", extra.span)
         if not blocks:
             return None
-        values = self.entries(blocks[0], budget.PARAMS, "the budget")
+        values = self.entries(blocks[0], BUDGET_PARAMS, "the budget")
         if values is None:
             return None
         try:
-            budget.check(values, {e.key: e.value.span for e in blocks[0].entries}, blocks[0].span)
+            check_budget(values, {e.key: e.value.span for e in blocks[0].entries}, blocks[0].span)
         except Invalid as e:
             self.report(e.message, e.span, e.hint)
             return None
-        return PassPlan(budget.BUDGET, values, {e.key: e.value.span for e in blocks[0].entries})
+        return PassPlan(BUDGET, values, {e.key: e.value.span for e in blocks[0].entries})
 
     def exclusions(self, later: ast.Block, earlier: tuple[ast.Block, ...]) -> None:
         """Report `later` once for each pass before it that it cannot share the compress block with."""

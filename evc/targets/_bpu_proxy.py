@@ -22,10 +22,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from evc.errors import BuildError
 from evc.targets._node_info import int16_inputs_outputs
 from evc.targets._quantized import quiet
-
-from evc.errors import BuildError
 
 # Per-channel QuantizeLinear needs opset 13; the proxy runs only here, so it may.
 PROXY_OPSET = 13

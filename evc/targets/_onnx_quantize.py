@@ -28,7 +28,6 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
-from evc.targets._quantized import quiet
 from onnx import TensorProto
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -39,6 +38,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from evc.targets._quantized import quiet
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 INT8_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from evc.errors import BuildError, InputError
+from evc.registry import Device, RemoteBench, RemoteTimed, register_device
 from evc.spec.params import Int, ListOf, Param, Text
-from evc.registry import Device, RemoteBench, register_device
 
 DEVICE_DIR = "/data/local/tmp/evc"  # adb shell may write here without root
 BINARY = "benchmark_model"
@@ -102,6 +102,7 @@ def time_on_phone(device, binary: Path, models: dict[object, Path], params: dict
     """Each model's average inference ms on the phone by benchmark_model, one after another (a latency
     table's grid, for evc profile)."""
     import adbutils
+
     from evc.targets.payload.parse_benchmark_model import parse
 
     serial = device.serial
@@ -157,8 +158,14 @@ def _cell(value) -> str:
     templates="android",
     files=("parse_benchmark_model.py",),
 )
-class Android(Device, RemoteBench):
+class Android(Device, RemoteBench, RemoteTimed):
     """an Android phone running TFLite's benchmark_model over adb"""
 
     def bench(self, bundle: Path, manifest: dict, serial: str, runs: int | None, console) -> list[dict]:
         return bench_on_phone(bundle, manifest, serial, runs, console)
+
+    def connect(self, serial: str, binary: Path):
+        return profiling_phone(serial, binary)
+
+    def time(self, device, binary: Path, models: dict, params: dict, threads: int) -> dict:
+        return time_on_phone(device, binary, models, params, threads)

@@ -23,6 +23,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from evc.errors import InputError
+from evc.registry import DEVICES, Format, Placement, Runtime, register_format
+from evc.spec.params import Choice, DataRef, Float, Invalid, ListOf, Param
 from evc.targets._bpu_ops import (
     OP_CHECK,
     ShapedGraph,
@@ -34,12 +37,8 @@ from evc.targets._bpu_ops import (
 )
 from evc.targets._bpu_proxy import quantize_proxy
 from evc.targets._node_info import PARTS, node_info_names, parts_named
-from evc.targets.onnx import export_onnx, op_counts
-
 from evc.targets.artifact import Artifact
-from evc.errors import InputError
-from evc.spec.params import Choice, DataRef, Float, Invalid, ListOf, Param
-from evc.registry import DEVICES, Format, Placement, Runtime, register_format
+from evc.targets.onnx import export_onnx, op_counts
 
 MODEL, PROXY, CONFIG, CALIBRATION = "model.onnx", "model_int8_proxy.onnx", "config.yaml", "calibration"
 WORKING_DIR = "model_output"

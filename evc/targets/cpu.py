@@ -5,8 +5,8 @@
     target cpu { device = cpu, format = tflite, quantize = dynamic }   # bench.py times it in LiteRT
 """
 
-from evc.spec.params import AnyOf, Choice, Int, ListOf, Param, Text
 from evc.registry import Device, register_device
+from evc.spec.params import AnyOf, Choice, Int, ListOf, Param, Text
 
 
 @register_device(

@@ -11,8 +11,8 @@ latency, throughput and energy per inference.
 from pathlib import Path
 
 from evc.errors import InputError
-from evc.spec.params import Choice, Int, Param
 from evc.registry import BoardTimed, Device, register_device
+from evc.spec.params import Choice, Int, Param
 
 
 @register_device(

@@ -1,33 +1,45 @@
-"""The lower stage: compressed Program → artifacts, validated against PyTorch and scored; cached per target.
+"""The lower stage: compressed Program → artifacts, validated against PyTorch and scored.
 
-    folder, checked = lower(plan, target, compiled, keys.lower[target.name], cache, progress, bundle)
+    checked = lower(plan, target, compiled, folder, progress)            # into `folder`; the check record
+    folder, checked = cached_lower(plan, target, compiled, key, cache, progress)
 
 The target's format writes its artifacts; each is then run in its runtime here
 on the target's `validate` images and compared with the Program's outputs
 (parity), and, with an `evaluate` block, scored for accuracy. An artifact that
-misses parity fails the build: it is kept beside the bundle as
-`<target>.failed/` for a look, and nothing is cached.
+misses parity raises ParityFailure, which carries a copy of the artifacts and
+the record for the driver to keep beside the bundle; nothing is cached.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from evc.cache import Cache
 from evc.context import Context
 from evc.errors import BuildError, EvcError, first_line
-from evc.spec.plan import DataPlan, Plan, TargetPlan
 from evc.progress import Progress
 from evc.registry import FORMATS, Runtime
+from evc.spec.plan import DataPlan, Plan, TargetPlan
 
 CHECKED = "lowered.json"  # the validation record, kept with the cached artifacts
 
 
-def lower(plan: Plan, target: TargetPlan, compiled, key: str, cache: Cache, progress: Progress,
-          bundle: Path) -> tuple[Path, dict]:
-    """The folder of checked artifacts (in the cache) and the record of their checks."""
+class ParityFailure(BuildError):
+    """Artifacts that missed parity against PyTorch: `artifacts` is a copy of them (a temporary folder the
+    caller keeps or removes), `checked` their check record, `failures` one line per artifact."""
+
+    def __init__(self, target: str, artifacts: Path, checked: dict, failures: list[str]):
+        super().__init__(f"target '{target}' failed parity against PyTorch: {'; '.join(failures)}")
+        self.artifacts, self.checked, self.failures = artifacts, checked, failures
+
+
+def cached_lower(plan: Plan, target: TargetPlan, compiled, key: str, cache: Cache, progress: Progress,
+                 original=None) -> tuple[Path, dict]:
+    """The folder of checked artifacts (in the cache) and the record of their checks, lowered when the cache
+    does not hold them; `original` is the Program as loaded (a latency budget times against it)."""
     peers, parts = target.params.get("peers") or (), compiled.program.parts
     if peers and len(peers) != len(parts):
         raise plan.error(target.spans.get("peers"), f"target '{target.name}': peers: {len(peers)} given for "
@@ -36,7 +48,7 @@ def lower(plan: Plan, target: TargetPlan, compiled, key: str, cache: Cache, prog
     folder = cache.get("lower", key)
     if folder is None:
         with cache.entry("lower", key) as out:
-            _lower_and_validate(plan, target, compiled, out, bundle, progress, cache)
+            lower(plan, target, compiled, out, progress, original)
         folder = cache.path("lower", key)
     return folder, json.loads((folder / CHECKED).read_text())
 
@@ -48,10 +60,9 @@ def validation_data(plan: Plan, target: TargetPlan) -> DataPlan:
     return plan.data[name] if name else DEFAULT_VALIDATION
 
 
-def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, bundle: Path,
-                        progress: Progress, cache: Cache | None = None) -> None:
-    from evc.bundle.write import keep_failed, write_json
-
+def lower(plan: Plan, target: TargetPlan, compiled, folder: Path, progress: Progress, original=None) -> dict:
+    """Lower `compiled` as `target` says into `folder` and check every artifact; the check record (also kept
+    in the folder as CHECKED). Raises ParityFailure when an artifact misses parity."""
     fmt = FORMATS[target.format].plugin
     program = compiled.program
     with progress.stage(f"lower to {target.format} for target '{target.name}'"):
@@ -77,12 +88,13 @@ def _lower_and_validate(plan: Plan, target: TargetPlan, compiled, folder: Path, 
     if budget and budget["metric"] == "latency" and budget["on"] == target.name and target.device == "cpu" \
             and not failures:  # a phone's model is timed on the phone: evc bench --serial
         checked["latency"] = _timed(plan, target, fmt, folder / artifacts[0].path, program, budget, progress,
-                                    cache)
-    write_json(folder / CHECKED, checked)
+                                    original)
+    (folder / CHECKED).write_text(json.dumps(checked, indent=2) + "\n")
     if failures:
-        failed = keep_failed(plan, target, compiled, folder, checked, failures, bundle)
-        raise BuildError(f"target '{target.name}' failed parity against PyTorch: {'; '.join(failures)}; "
-                         f"the failed artifact is kept in {failed}")
+        kept = Path(tempfile.mkdtemp(prefix="evc-failed-"))
+        shutil.copytree(folder, kept, dirs_exist_ok=True)
+        raise ParityFailure(target.name, kept, checked, failures)
+    return checked
 
 
 def _lower_parts(fmt, program, target: TargetPlan, folder: Path, ctx: Context) -> list:
@@ -91,7 +103,6 @@ def _lower_parts(fmt, program, target: TargetPlan, folder: Path, ctx: Context) -
     is served from its format's first artifact: the model itself (for the BPU, the float ONNX that the
     toolchain compiles; `evc serve` runs it here in ONNX Runtime)."""
     from evc.runtime.collab import contract
-    from evc.targets.onnx import export_module
 
     artifacts, served = [], []
     for part in program.parts:
@@ -103,8 +114,8 @@ def _lower_parts(fmt, program, target: TargetPlan, folder: Path, ctx: Context) -
         artifacts += lowered
         served.append((str(lowered[0].path), part.width))
     width = sum(p.width for p in program.parts)
-    export_module(program.fusion, (_zeros(1, width), _zeros(1, len(program.parts))), folder / FUSION,
-                  inputs=("tokens", "present"))
+    FORMATS["onnx"].plugin.export_module(program.fusion, (_zeros(1, width), _zeros(1, len(program.parts))),
+                                         folder / FUSION, inputs=("tokens", "present"))
     contract.write(folder, program.input, served, FUSION, bool(program.fusion.drop))
     return artifacts
 
@@ -119,21 +130,17 @@ def _zeros(*shape):
 
 
 def _timed(plan: Plan, target: TargetPlan, fmt: Runtime, path: Path, program, budget: dict, progress: Progress,
-           cache: Cache | None) -> dict:
+           whole) -> dict:
     """The artifact a latency budget was searched for, timed as its table was, taking turns with the model as
     loaded (lowered alike), so that the share of its time is measured in one sitting: predicted against
     measured, in ms and as a share of the loaded model's."""
-    import tempfile
-
     import numpy as np
 
-    from evc.passes.compress import loaded
-    from evc.keys import derive
-    from evc.runtime.profile import Table, interleaved, thread_count
+    from evc.ir.latency import Table
+    from evc.runtime.timing import interleaved, thread_count
 
     threads = thread_count(target.params["threads"][0])
     table = Table.from_dict(budget["table"])
-    whole, _ = loaded(plan, cache, progress, derive(plan), write_cache=False)
     with progress.stage(f"time {path.name} against the latency budget ({threads} thread(s))"), \
             tempfile.TemporaryDirectory() as folder:
         reference = Path(folder) / fmt.lower(whole, target, Path(folder), Context(plan, progress, whole))[0].path
@@ -188,9 +195,3 @@ def _score(plan: Plan, target: TargetPlan, fmt: Runtime, folder: Path, artifacts
         images, labels = labelled(plan, image)
         for artifact in artifacts:
             artifact.accuracy = accuracy(fmt.run(folder / artifact.path, images), labels, plan.evaluate.top)
-
-
-def copy_artifacts(lowered: Path, folder: Path) -> None:
-    """The cached artifacts into a bundle being written: copies, not links, so editing a bundle's file in place
-    cannot change the cache."""
-    shutil.copytree(lowered, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CHECKED))

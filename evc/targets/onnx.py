@@ -46,12 +46,11 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from evc.targets._quantized import check_quantized, parity_thresholds, threshold_params
-
-from evc.targets.artifact import Artifact
 from evc.errors import BuildError
-from evc.spec.params import Choice, DataRef, Float, Int, Invalid, Param, When
 from evc.registry import Export, Format, Runtime, register_format
+from evc.spec.params import Choice, DataRef, Float, Int, Invalid, Param, When
+from evc.targets._quantized import check_quantized, parity_thresholds, threshold_params
+from evc.targets.artifact import Artifact
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MODES = ("none", "int8", "dynamic")
@@ -110,6 +109,9 @@ class Onnx(Format, Runtime, Export):
     def export(self, program, path: Path) -> None:
         """The model alone as ONNX, as this format lowers it at its default opset: for timing outside a target."""
         export_onnx(program, path, 17)
+
+    def export_module(self, module, args: tuple, path: Path, inputs: tuple[str, ...]) -> None:
+        export_module(module, args, path, inputs=inputs)
 
     def session(self, path: Path, threads: int | None = None):
         return session(path, threads)

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 from evc.errors import InputError
-from evc.spec.params import Int, ListOf, Param
 from evc.registry import BoardTimed, Device, register_device
+from evc.spec.params import Int, ListOf, Param
 
 
 @register_device(

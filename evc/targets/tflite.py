@@ -53,11 +53,10 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-from evc.targets._quantized import check_quantized, parity_thresholds, threshold_params
-
-from evc.targets.artifact import Artifact
-from evc.spec.params import Choice, DataRef, Float, Param, When
 from evc.registry import Format, Runtime, register_format
+from evc.spec.params import Choice, DataRef, Float, Param, When
+from evc.targets._quantized import check_quantized, parity_thresholds, threshold_params
+from evc.targets.artifact import Artifact
 
 MODES = ("none", "float16", "dynamic", "int8")
 # Per quantized mode: (worst cosine, top-1 agreement); the docstring says why.

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,28 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from evc.atomic import write_text
-from evc.bundle.write import read_manifest
+from evc.bundle.layout import BENCH_RESULTS, read_manifest
 from evc.errors import InputError
-from evc.runtime.parity import describe
 from evc.registry import DEVICES, FORMATS, RemoteBench, Runtime, load_plugins
-
-
-def measure(run, feed: np.ndarray, runs: int, warmups: int) -> dict:
-    for _ in range(warmups):
-        run(feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    median = statistics.median(times)
-    return {"median_ms": median, "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
-            "throughput_per_s": len(feed) * 1e3 / median}
-
-
-def _threads(value) -> int:
-    return len(os.sched_getaffinity(0)) if value == "all" else int(value)
+from evc.runtime.parity import describe
+from evc.runtime.timing import measure, thread_count
 
 
 def bench_here(bundle: Path, manifest: dict, runs: int | None = None, threads=None) -> list[dict]:
@@ -48,7 +29,7 @@ def bench_here(bundle: Path, manifest: dict, runs: int | None = None, threads=No
     # Timing here is what a cpu target's bench script does: its keys fill in those the bundle's device lacks.
     params = {**{p.name: p.default for p in DEVICES["cpu"].params}, **manifest["target"]["params"]}
     runs = runs or params["runs"]
-    counts = [_threads(t) for t in (threads or params["threads"])]
+    counts = [thread_count(t) for t in (threads or params["threads"])]
     feed = np.random.default_rng(0).standard_normal(manifest["input"]["shape"], dtype=np.float32)
     rows = []
     for artifact in manifest["artifacts"]:
@@ -103,11 +84,8 @@ def bench_record(bundle: Path, rows: list[dict], serial: str | None = None) -> d
              "parity": r["artifact"].get("parity"), "threads": r["threads"], "median_ms": r["median_ms"],
              "p90_ms": r["p90_ms"], "throughput_per_s": r["throughput_per_s"]} for r in rows] if serial is None \
         else rows
-    return {"schema": "evc.tools.bench/1", "bundle": str(bundle), "target": manifest["target"]["name"],
+    return {"schema": "evc.bench/1", "bundle": str(bundle), "target": manifest["target"]["name"],
             "device": manifest["target"]["device"], "on": serial or "here", "rows": here}
-
-
-BENCH_RESULTS = "results/evc_bench.json"
 
 
 def save(bundle: Path, rows: list[dict]) -> None:

@@ -31,11 +31,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from evc.bundle.layout import BENCH_RESULTS, MANIFEST
 from evc.errors import InputError
 
-MANIFEST = "manifest.json"
 BENCH = "bench.json"
-BENCH_RESULTS = "results/evc_bench.json"  # what `evc bench` saves in the bundle (evc.tools.bench.BENCH_RESULTS)
 METRICS = ("macs", "params", "size", "latency", "cosine", "max_abs_diff", "agreement")  # and top1, top5, ...
 _THRESHOLD = re.compile(r"^\s*([a-z_0-9]+)\s*([+-])\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
 
@@ -182,7 +181,7 @@ def compare(old: dict[str, Path], new: dict[str, Path], thresholds: list[Thresho
                     for n in old if n not in new]
         targets += [{"target": n, "old": None, "new": str(new[n]), "status": "added", "metrics": {}}
                     for n in new if n not in old]
-    return {"schema": "evc.tools.diff/1", "targets": targets, "thresholds": verdicts,
+    return {"schema": "evc.diff/1", "targets": targets, "thresholds": verdicts,
             "failed": any(v["crossed"] for v in verdicts)}
 
 

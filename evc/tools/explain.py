@@ -18,12 +18,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from evc.passes.budget import KNOBS
 from evc.cache import Cache
 from evc.keys import Keys, canonical, derive
-from evc.spec.plan import Plan, TargetPlan
 from evc.progress import Progress
 from evc.registry import DEVICES, FORMATS, PASSES, Placement
+from evc.spec.plan import Plan, TargetPlan
 
 
 def explain(plan: Plan, out: Path, console: Console | None = None, as_json: bool = False) -> dict:
@@ -41,7 +40,7 @@ def explain(plan: Plan, out: Path, console: Console | None = None, as_json: bool
 
 def explain_record(plan: Plan, out: Path) -> dict:
     """What `evc explain --json` prints (docs/json.md), from the build cache when it holds the program."""
-    from evc.passes.compress import cached_summary
+    from evc.ir.capture import cached_summary
 
     keys, cache = derive(plan), Cache(out / ".cache")
     summary = cached_summary(cache, keys.program)
@@ -53,7 +52,7 @@ def explain_record(plan: Plan, out: Path) -> dict:
     loaded = summary["loaded"]
     before, after = summary["before"], summary["after"]
     return {
-        "schema": "evc.tools.explain/1", "spec": str(plan.path), "cached": cached,
+        "schema": "evc.explain/1", "spec": str(plan.path), "cached": cached,
         "model": {"name": plan.model.name, "source": str(plan.model.source), "weights": _weights(plan),
                   "input": loaded["input"], "structure": loaded["structure"], "unrecognised": loaded["unrecognised"],
                   "describe": loaded["describe"]},
@@ -73,13 +72,14 @@ def explain_record(plan: Plan, out: Path) -> dict:
 
 def _compiled(plan: Plan, cache: Cache, keys: Keys, placements: dict) -> tuple[dict, dict]:
     """The summary and placements by loading the model and running the passes (or loading the cached program)."""
-    from evc.passes.compress import compile_model, loaded, program_view
+    from evc.driver import Stages
+    from evc.ir.summary import program_view
 
-    progress = Progress()
-    compiled = compile_model(plan, cache, progress, keys, write_cache=False)
+    stages = Stages(plan, cache, Progress(), write_cache=False, keys=keys)
+    compiled = stages.compiled
     as_loaded = compiled.loaded
     if as_loaded is None:  # a cache entry written before views were kept
-        as_loaded = program_view(loaded(plan, cache, progress, keys, write_cache=False)[0])
+        as_loaded = program_view(stages.original)
     summary = {"before": compiled.before, "after": compiled.after, "found": compiled.found,
                "budget": compiled.budget, "loaded": as_loaded,
                "view": compiled.view or program_view(compiled.program)}
@@ -111,8 +111,8 @@ def _as_written(plan: Plan, params: dict, spans: dict, skip=(), searched: bool =
     written = {k: _source_text(plan.text, spans[k]) for k in params if k in spans and k not in skip}
     defaults = {k: _spec_value(v) for k, v in canonical(params).items()
                 if k not in spans and k not in skip and v is not None and v != []}
-    if searched and (knob := KNOBS.get(name)) is not None and knob.searched(params):
-        written[knob.keys[0]] = "(searched by the budget)"
+    if searched and PASSES[name].searched(params):
+        written[PASSES[name].knob.keys[0]] = "(searched by the budget)"
     return {"written": written, "defaults": defaults}
 
 

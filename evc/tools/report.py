@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from evc.bundle.write import MANIFEST, read_manifest
+from evc.bundle.layout import BENCH_RESULTS, MANIFEST, read_manifest
 from evc.errors import InputError
 
 REPORT = "report.html"
@@ -117,7 +117,7 @@ def _target(folder: Path, manifest: dict) -> dict:
 
 
 def _result_files(folder: Path) -> list[Path]:
-    return [folder / "results" / "evc_bench.json", folder / "results.json", folder / "results" / "results.json",
+    return [folder / BENCH_RESULTS, folder / "results.json", folder / "results" / "results.json",
             folder / "results" / "results.jsonl"]
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from evc.spec.check import parse_and_check
+from evc.driver import build
 from evc.runtime.collab.coordinator import Coordinator
 from evc.runtime.collab.runtime import local_infer
-from evc.driver import build
+from evc.spec.check import parse_and_check
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from evc.errors import InputError
-from evc.ir import recognise, trace
 from evc.ir.attention import traceable_attention
+from evc.ir.recognise import recognise
+from evc.ir.trace import trace
 from tests.families import torchvision_vit
 
 

@@ -5,8 +5,9 @@ import pytest
 import timm
 import torch
 
-from evc.ir import recognise, trace
 from evc.ir.macs import node_macs, params_of, summarize
+from evc.ir.recognise import recognise
+from evc.ir.trace import trace
 
 EXAMPLE = torch.randn(1, 3, 224, 224)
 

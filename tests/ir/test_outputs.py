@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from evc.errors import InputError
-from evc.ir import trace
+from evc.ir.trace import trace
 
 
 class Named(nn.Module):

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from evc.errors import InputError
-from evc.ir import RecognitionError, recognise, trace
+from evc.ir.recognise import RecognitionError, recognise
+from evc.ir.trace import trace
 
 PLAIN_VIT = Path(__file__).parents[2] / "examples" / "plain_vit" / "vit.py"
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from evc.errors import InputError
+from evc.keys import data_identity
 from evc.model.data import (
     SkippedImage,
     classes,
@@ -16,8 +18,6 @@ from evc.model.data import (
     load_labelled,
     shares,
 )
-from evc.errors import InputError
-from evc.keys import data_identity
 from evc.spec.plan import DataPlan, ImageInput
 from tests.conftest import run_evc, small_spec, write_images
 

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.errors import InputError
 from evc.keys import derive
 from evc.model.load import build_module
+from evc.spec.check import parse_and_check
 from evc.spec.plan import Source
 from tests.conftest import ROOT, run_evc
 from tests.families import hf_config

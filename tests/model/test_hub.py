@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from evc.errors import InputError
-from evc.model.hub import fetch
 from evc.keys import file_digest
+from evc.model.hub import fetch
 from evc.spec.plan import HubWeights
 from tests.conftest import ROOT, SMALL_MODEL, check_fails, put_checkpoint, run_evc
 
@@ -76,8 +76,8 @@ def test_a_new_commit_in_the_cache_changes_the_key_and_rebuilds(hub_cache, tmp_p
 
 
 def test_an_edited_cached_file_changes_the_key(hub_cache, tmp_path):
-    from evc.spec.check import parse_and_check
     from evc.keys import derive
+    from evc.spec.check import parse_and_check
 
     put_checkpoint(hub_cache, REPO, FIRST, "model.safetensors", small_vit(seed=1))
     spec = hub_spec(tmp_path)
@@ -162,7 +162,8 @@ def test_hf_home_places_the_cache_as_huggingface_hub_reads_it(tmp_path, monkeypa
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     put_checkpoint(tmp_path / "home" / "hub", REPO, FIRST, "model.safetensors", small_vit(seed=1))
-    code = f"from evc.model.hub import fetch; from evc.spec.plan import HubWeights; print(fetch(HubWeights({REPO!r})).path)"
+    code = (f"from evc.model.hub import fetch; from evc.spec.plan import HubWeights; "
+            f"print(fetch(HubWeights({REPO!r})).path)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(tmp_path / "home" / "hub" / f"models--{REPO.replace('/', '--')}" /

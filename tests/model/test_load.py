@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.errors import InputError
 from evc.model.load import build_module, checkpoint_state, load_model
+from evc.spec.check import parse_and_check
 from evc.spec.plan import Source
 from tests.conftest import ROOT, run_evc, small_spec
 

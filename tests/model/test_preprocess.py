@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.errors import InputError
-from evc.spec.plan import HubWeights, ImageSpec, ModelPlan, Source
 from evc.model.preprocess import DataConfig, data_config, model_input, preprocessor_config, resolve
+from evc.spec.check import parse_and_check
+from evc.spec.plan import HubWeights, ImageSpec, ModelPlan, Source
 from tests.conftest import ROOT, check_fails, put_checkpoint, run_evc, small_spec
 from tests.model.test_hub import FIRST, REPO, hub_spec, small_vit
 

@@ -11,8 +11,8 @@ import timm
 import torch
 
 from evc.ir.program import Program
-from evc.spec.plan import ImageInput
 from evc.passes.surgery import head_rows, hidden_rows
+from evc.spec.plan import ImageInput
 from tests import families
 from tests.conftest import ROOT
 

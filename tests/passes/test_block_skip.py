@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from evc.passes.block_skip import BlockSkip
 
 from evc.errors import SpecError
+from evc.passes.block_skip import BlockSkip
 from tests.passes.conftest import Ctx, images, outputs, program_of
 
 block_skip = BlockSkip().run

@@ -7,9 +7,9 @@ from fractions import Fraction
 import pytest
 
 from evc.cache import Cache
-from evc.spec.check import parse_and_check
-from evc.passes.compress import compile_model
+from evc.driver import compile_model
 from evc.progress import Progress
+from evc.spec.check import parse_and_check
 from tests.conftest import ROOT, check_fails, run_evc
 
 DEIT = 'timm("deit_tiny_patch16_224", img_size = 32, patch_size = 8)'  # 12 blocks of 3 heads, MLP 768

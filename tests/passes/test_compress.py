@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from evc.cache import Cache
-from evc.spec.check import parse_and_check
-from evc.passes.compress import compile_model
-from evc.driver import build
-from evc.tools.explain import explain
-from evc.spec.params import Float, Int, Param
+from evc.driver import build, compile_model
 from evc.progress import Progress
+from evc.spec.check import parse_and_check
+from evc.spec.params import Float, Int, Param
+from evc.tools.explain import explain
 from tests.conftest import small_spec
 
 CALLS = []

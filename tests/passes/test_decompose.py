@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from evc.passes.decompose import Decompose, class_split, relation
-from evc.passes.ffn_prune import FfnPrune
 
 from evc.ir.program import Program
+from evc.passes.decompose import Decompose, class_split, relation
+from evc.passes.ffn_prune import FfnPrune
 from evc.passes.train import relation_divergences
 from tests.passes.conftest import Ctx, images, program_of
 

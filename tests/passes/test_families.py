@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from evc.passes.ffn_prune import FfnPrune, width
-from evc.passes.head_prune import HeadPrune
-from evc.targets.onnx import export_onnx, session
 
 from evc.ir.program import Program
+from evc.passes.ffn_prune import FfnPrune, width
+from evc.passes.head_prune import HeadPrune
 from evc.passes.surgery import node_named
+from evc.targets.onnx import export_onnx, session
 from tests.passes.conftest import Ctx, images, outputs, program_of
 
 BROUGHT = ["shape_vit", "torchvision_vit", "hf_vit", "hf_vit_sdpa", "hf_deit_distilled", "einops_vit", "beit", "eva02",
@@ -51,6 +51,7 @@ def test_the_pruned_model_exports_to_onnx_with_parity(family, tmp_path):
 @pytest.mark.parametrize("family", BROUGHT)
 def test_the_pruned_model_converts_to_tflite_with_parity(family):
     from ai_edge_litert.interpreter import Interpreter
+
     from evc.targets.tflite import convert
 
     smaller = pruned(program_of(family))

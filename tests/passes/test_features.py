@@ -5,11 +5,11 @@ import json
 
 import timm
 import torch
+
+from evc.ir.program import Program
 from evc.passes.ffn_prune import FfnPrune
 from evc.passes.head_prune import HeadPrune
 from evc.passes.patch_slim import PatchSlim
-
-from evc.ir.program import Program
 from evc.spec.plan import ImageInput
 from tests.conftest import SMALL_MODEL, run_evc, small_spec, write_images
 from tests.passes.conftest import SIZE, Ctx, images, outputs, zero_heads, zero_hidden

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from evc.passes.ffn_prune import FfnPrune, width
 
+from evc.passes.ffn_prune import FfnPrune, width
 from tests.passes.conftest import Ctx, images, outputs, program_of, zero_hidden
 
 ffn_prune = FfnPrune().run
@@ -44,7 +44,7 @@ def test_width_rounds_to_the_nearest_multiple_within_bounds(keep, hidden, round_
 
 
 def test_params_and_macs_go_down_by_the_units_removed():
-    from evc.ir import summarize
+    from evc.ir.macs import summarize
 
     program = program_of("deit_tiny")
     pruned = run(program, keep=0.5)

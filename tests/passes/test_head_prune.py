@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from evc.passes.head_prune import HeadPrune
 
+from evc.passes.head_prune import HeadPrune
 from tests.passes.conftest import Ctx, images, outputs, program_of, zero_heads
 
 head_prune = HeadPrune().run

@@ -12,16 +12,16 @@ import re
 
 import numpy as np
 import pytest
+
+from evc.errors import EvcError, SpecError
 from evc.passes.block_skip import BlockSkip
 from evc.passes.ffn_prune import FfnPrune, width
 from evc.passes.head_prune import HeadPrune
 from evc.passes.patch_slim import PatchSlim
 from evc.passes.token_merge import TokenMerge
+from evc.registry import FORMATS, PASSES, load_plugins
 from evc.targets.onnx import Onnx, export_onnx
 from evc.targets.tflite import Tflite, convert
-
-from evc.errors import EvcError, SpecError
-from evc.registry import FORMATS, PASSES, load_plugins
 from tests.conftest import ROOT
 from tests.passes.conftest import FAMILIES, Ctx, images, outputs, program_of
 from tests.passes.test_families import BROUGHT  # pruned, exported and converted there with the same checks

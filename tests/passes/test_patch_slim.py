@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+
+from evc.errors import SpecError
+from evc.ir.macs import summarize
+from evc.ir.program import Program
 from evc.passes.ffn_prune import FfnPrune
 from evc.passes.head_prune import HeadPrune
 from evc.passes.patch_slim import PatchSlim, counts, entering, share
-
-from evc.errors import SpecError
-from evc.ir import summarize
-from evc.ir.program import Program
 from evc.passes.surgery import features
 from tests.passes.conftest import Ctx, images, outputs, program_of
 from tests.passes.test_token_merge import TIMM, model_and_program

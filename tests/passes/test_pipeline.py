@@ -3,9 +3,9 @@
 
 import onnx
 
-from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.registry import PASSES
+from evc.spec.check import parse_and_check
 from tests.conftest import run_evc, small_spec, write_images
 
 COMPRESS = """compress {

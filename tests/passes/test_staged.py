@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import timm
 import torch
+
+from evc.errors import SpecError
+from evc.ir.program import Program, RecognitionError
 from evc.passes.block_skip import BlockSkip
 from evc.passes.ffn_prune import FfnPrune
 from evc.passes.head_prune import HeadPrune
 from evc.passes.patch_slim import PatchSlim
 from evc.passes.token_merge import TokenMerge
-from evc.targets.onnx import export_onnx, session
-
-from evc.errors import SpecError
-from evc.ir.program import Program, RecognitionError
 from evc.spec.plan import ImageInput
+from evc.targets.onnx import export_onnx, session
 from tests.passes.conftest import Ctx, zero_heads, zero_hidden
 
 SIZE = 64
@@ -264,6 +264,7 @@ def test_the_pruned_model_exports_to_onnx_with_parity(staged, tmp_path):
 
 def test_the_pruned_model_converts_to_tflite_with_parity(staged):
     from ai_edge_litert.interpreter import Interpreter
+
     from evc.targets.tflite import convert
 
     program = pruned(program_of(staged), 0.5, round_to=8)

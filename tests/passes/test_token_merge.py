@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+
+from evc.errors import SpecError
+from evc.ir.macs import summarize
+from evc.ir.program import Program
 from evc.passes.ffn_prune import FfnPrune
 from evc.passes.head_prune import HeadPrune
 from evc.passes.token_merge import TokenMerge
-
-from evc.errors import SpecError
-from evc.ir import summarize
-from evc.ir.program import Program
 from evc.spec.plan import ImageInput
 from tests.passes.conftest import FAMILIES, SIZE, Ctx, images, outputs, program_of
 from tests.vit_reference import bipartite_soft_matching, forward, merge_wavg

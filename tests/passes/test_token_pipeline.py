@@ -2,8 +2,8 @@
 
 import onnx
 
-from evc.spec.check import parse_and_check
 from evc.driver import build
+from evc.spec.check import parse_and_check
 from tests.conftest import check_fails, run_evc, small_spec
 
 CALIB = "data calib { synthetic = 8 }\n"

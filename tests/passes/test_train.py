@@ -13,7 +13,18 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from evc.passes.train import CHECKPOINT, Epoch, Recipe, distill, distillation_loss, logits, print_epoch, schedule, top1, top_k
+from evc.passes.train import (
+    CHECKPOINT,
+    Epoch,
+    Recipe,
+    distill,
+    distillation_loss,
+    logits,
+    print_epoch,
+    schedule,
+    top1,
+    top_k,
+)
 from tests.conftest import ROOT
 
 # Small enough that an epoch is a few milliseconds; large enough that learning shows.

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from evc.targets.onnx import export_onnx, session
 
+from evc.ir.latency import Table
 from evc.ir.program import Program
+from evc.passes.grid import Uniform
+from evc.runtime.profile import measure
 from evc.spec.plan import ImageInput
-from evc.runtime.profile import Table, _Uniform, measure
+from evc.targets.onnx import export_onnx, session
 from tests.conftest import check_fails, run_evc
 
 
@@ -24,7 +26,7 @@ def _shaped(program, heads, units):
     from evc.passes.ffn_prune import FfnPrune
     from evc.passes.head_prune import HeadPrune
 
-    class PerBlock(_Uniform):
+    class PerBlock(Uniform):
         def __init__(self, keep):
             self.keep = keep
 

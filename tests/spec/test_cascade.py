@@ -1,7 +1,7 @@
 """A misspelt block or key is reported once, as the root cause: what follows from its absence is not."""
 
-from evc.spec.check import parse_and_check
 from evc.errors import SpecError
+from evc.spec.check import parse_and_check
 from tests.conftest import small_spec
 
 PASS = "data calib {{ synthetic = 8 }}\ncompress {{\n    head_prune {{ {entries} }}\n}}\n"

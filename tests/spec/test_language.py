@@ -6,10 +6,10 @@ from fractions import Fraction
 
 import pytest
 
-from evc.spec.check import parse_and_check
 from evc.errors import SpecError
-from evc.spec.params import Param, PerLayer, Ratio
 from evc.spec import ast, parse_spec
+from evc.spec.check import parse_and_check
+from evc.spec.params import Param, PerLayer, Ratio
 from tests.conftest import ROOT, SPECS, run_evc
 
 MINIMAL = """evc 1

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from evc.spec.check import parse_and_check
 from evc.errors import SpecError
+from evc.spec.check import parse_and_check
 from evc.spec.params import DataRef, Float, Int, Param, Record
 
 MALFORMED = sorted((Path(__file__).parent.parent / "specs" / "malformed").glob("*.evc"))

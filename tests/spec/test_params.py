@@ -2,8 +2,8 @@
 
 import pytest
 
-from evc.spec.params import DataRef, Float, Int, Invalid, Param, PerLayer, Ratio, Record, data_refs
 from evc.spec import parse_spec
+from evc.spec.params import DataRef, Float, Int, Invalid, Param, PerLayer, Ratio, Record, data_refs
 
 SEARCH = Record((
     Param("tolerance", Float(0, open_low=True), 0.01, "accuracy drop allowed"),

@@ -20,8 +20,8 @@ import timm
 import torch
 
 from evc.ir.program import Program
-from evc.spec.plan import ImageInput
 from evc.registry import DEVICES, PASSES, load_plugins
+from evc.spec.plan import ImageInput
 from tests.passes.conftest import Ctx
 
 load_plugins()

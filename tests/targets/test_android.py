@@ -5,13 +5,13 @@ import os
 import subprocess
 
 import pytest
-from evc.targets.android import benchmark_command
 
+from evc.bundle.scripts import render_scripts
 from evc.bundle.write import _script_context
-from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.registry import DEVICES
-from evc.bundle.scripts import render_scripts
+from evc.spec.check import parse_and_check
+from evc.targets.android import benchmark_command
 from tests.conftest import ROOT, run_evc, small_spec
 from tests.targets.test_parse_benchmark_model import OUTPUT
 

@@ -10,12 +10,12 @@ import torch
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from evc.spec.check import parse_and_check
-from evc.model.data import load_images
 from evc.driver import build
 from evc.errors import BuildError, SpecError
-from evc.spec.plan import ImageInput
+from evc.model.data import load_images
 from evc.registry import DEVICES, FORMATS, load_plugins
+from evc.spec.check import parse_and_check
+from evc.spec.plan import ImageInput
 from tests.conftest import SMALL_MODEL, run_evc, small_spec
 from tests.emulated import logits_on, needs_qemu
 
@@ -309,7 +309,7 @@ def test_every_node_of_the_model_is_placed_and_the_manifest_counts_them(small):
 
 def test_placement_gives_explain_the_check_the_manifest_keeps(small, tmp_path):
     from evc.cache import Cache
-    from evc.passes.compress import compile_model
+    from evc.driver import compile_model
     from evc.progress import Progress
 
     plan, _, manifest = small

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from evc.targets.onnx import THRESHOLDS, Onnx
 from onnx import TensorProto, numpy_helper
 
+from evc.targets.onnx import THRESHOLDS, Onnx
 from tests.conftest import run_evc, small_spec
 from tests.emulated import has_vnni, logits_on, needs_qemu
 from tests.targets.test_tflite import build_spec, toy, toy_spec  # noqa: F401 - toy: the trained test ViT fixture
@@ -201,8 +201,9 @@ def test_int8_computes_the_same_on_avx2_without_vnni_and_8_bit_weights_would_not
     sums with VPMADDUBSW (16 bits, saturating), evc's int8 and dynamic models give this machine's logits.
     The same model quantized with all 8 bits of its weights gives other logits there, when this machine's
     kernels do not saturate (VNNI), which shows that the emulated CPU takes the saturating path."""
-    from evc.targets._onnx_quantize import CalibrationImages
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from evc.targets._onnx_quantize import CalibrationImages
 
     images = np.random.default_rng(0).standard_normal((8, 3, 32, 32), dtype=np.float32)
     fp32 = random_builds["none"].bundle / "model.onnx"

@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from evc.targets.payload.parse_trtexec import energy, main, parse_tegrastats, parse_trtexec
 
-from evc.spec.check import parse_and_check
 from evc.driver import build
+from evc.spec.check import parse_and_check
+from evc.targets.payload.parse_trtexec import energy, main, parse_tegrastats, parse_trtexec
 from tests.conftest import small_spec
 
 # The performance summary of a real trtexec run (TensorRT 8.6 on a Jetson Orin).

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from evc.targets.payload.parse_benchmark_model import main, parse
 
 # The output of a real benchmark_model run on a phone.

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from evc.targets.payload.parse_hrt import parse_perf
 
+from evc.targets.payload.parse_hrt import parse_perf
 from tests.conftest import ROOT
 
 PARSER = ROOT / "evc" / "targets" / "payload" / "parse_hrt.py"

@@ -9,11 +9,11 @@ import onnx
 import pytest
 import yaml
 
+from evc.bundle.scripts import render_scripts, templates_root
 from evc.bundle.write import _script_context
-from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.registry import DEVICES, load_plugins
-from evc.bundle.scripts import render_scripts, templates_root
+from evc.spec.check import parse_and_check
 from tests.conftest import ROOT
 from tests.targets.test_parse_hrt import FOUR_THREADS, ONE_THREAD
 

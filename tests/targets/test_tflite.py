@@ -7,12 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-from evc.targets.tflite import THRESHOLDS, Tflite, describe_ops
 
-from evc.spec.check import parse_and_check
 from evc.driver import build
 from evc.errors import BuildError
 from evc.runtime.parity import compare
+from evc.spec.check import parse_and_check
+from evc.targets.tflite import THRESHOLDS, Tflite, describe_ops
 from tests.conftest import SMALL_MODEL, run_evc, small_spec
 from tests.emulated import logits_on, needs_qemu
 

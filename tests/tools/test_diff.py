@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from evc.tools.diff import threshold
 from evc.errors import InputError
+from evc.tools.diff import threshold
 from tests.conftest import run_evc, small_spec, write_images
 
 TARGETS = ("target cpu { device = cpu, format = onnx, runs = 3, warmups = 1 }\n"
@@ -76,7 +76,7 @@ def test_diff_of_two_build_folders_matches_targets_and_shows_the_macs_cut(builds
     done = diff(base, change, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["schema"] == "evc.tools.diff/1" and report["failed"] is False
+    assert report["schema"] == "evc.diff/1" and report["failed"] is False
     assert [t["target"] for t in report["targets"]] == ["cpu", "cpu2"]
     for target in report["targets"]:
         old = json.loads((base / target["target"] / "manifest.json").read_text())
@@ -125,7 +125,7 @@ def test_size_and_latency_thresholds_read_the_manifest_and_bench_json(builds, tm
     bench = run_evc("bench", base / "cpu", "--json", "--runs", "3", "--threads", "1")
     assert bench.returncode == 0, bench.stderr
     document = json.loads(bench.stdout)
-    assert document["schema"] == "evc.tools.bench/1" and document["target"] == "cpu"
+    assert document["schema"] == "evc.bench/1" and document["target"] == "cpu"
     assert [(r["artifact"], r["threads"]) for r in document["rows"]] == [("model.onnx", 1)]
     assert document["rows"][0]["median_ms"] > 0
     old = tmp_path / "old" / "cpu"

@@ -4,10 +4,10 @@ holds the compressed program; `--json`."""
 import json
 import sys
 
-from evc.spec.check import parse_and_check
 from evc.driver import build
-from evc.tools.explain import explain_record
+from evc.spec.check import parse_and_check
 from evc.spec.params import Int, Param
+from evc.tools.explain import explain_record
 from tests.conftest import run_evc, small_spec
 
 PASSES = "compress {\n    head_prune { keep = 2/3, score = l1 }\n    ffn_prune  { keep = 70% }\n}\n"
@@ -46,7 +46,7 @@ def test_explain_json_is_one_document_with_the_passes_as_written(write_spec, tmp
     done = run_evc("explain", write_spec(small_spec(extra=PASSES)), "--out", tmp_path / "out", "--json")
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
-    assert record["schema"] == "evc.tools.explain/1" and record["cached"] is False
+    assert record["schema"] == "evc.explain/1" and record["cached"] is False
     assert record["model"]["input"] == [1, 3, 32, 32]
     assert [b["attn"]["num_heads"] for b in record["model"]["structure"]["blocks"]] == [3, 3]
     assert [b["attn"]["num_heads"] for b in record["compressed"]["structure"]["blocks"]] == [2, 2]

@@ -22,11 +22,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from evc.errors import InputError, PeerError
 from evc.runtime.collab import collab_pb2 as pb
 from evc.runtime.collab import collab_pb2_grpc, wire
 from evc.runtime.collab.contract import read
 from evc.runtime.collab.runtime import Fusion, checked_images
-from evc.errors import InputError, PeerError
 
 # How long past the deadline a call may take to report it: gRPC ends the call at the deadline itself, and
 # this bounds the wait should it not.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evc.runtime.collab.contract import Collab
 from evc.errors import InputError
+from evc.runtime.collab.contract import Collab
 
 
 def read_batch(path: Path, collab: Collab) -> np.ndarray:

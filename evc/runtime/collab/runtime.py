@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from evc.runtime.collab.contract import Collab, read
 from evc.errors import InputError, first_line
+from evc.runtime.collab.contract import Collab, read
 
 TOKENS, PRESENT = "tokens", "present"
 

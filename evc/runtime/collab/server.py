@@ -18,11 +18,11 @@ from pathlib import Path
 
 import grpc
 
+from evc.errors import InputError, first_line
 from evc.runtime.collab import collab_pb2 as pb
 from evc.runtime.collab import collab_pb2_grpc, wire
 from evc.runtime.collab.contract import IMAGE_DTYPES, Collab, read
 from evc.runtime.collab.runtime import part_model
-from evc.errors import InputError, first_line
 
 
 class PartServicer(collab_pb2_grpc.PartServicer):

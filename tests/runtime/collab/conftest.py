@@ -102,6 +102,7 @@ def _onnx(model, example, path: Path, inputs: list[str]) -> None:
 
 def _tflite(model, example, path: Path, inputs: list[str]) -> None:
     import torch
+
     from evc.targets.tflite import quiet
 
     class Named(torch.nn.Module):
@@ -195,9 +196,9 @@ def fake_part(bundle: Path, k: int, reply=None, delay_s: float = 0.0, index: int
     and answers Features with reply(images) -> collab_pb2.Features, after `delay_s`; yields its address."""
     import grpc
 
+    from evc.keys import file_digest
     from evc.runtime.collab import collab_pb2 as pb
     from evc.runtime.collab import collab_pb2_grpc, wire
-    from evc.keys import file_digest
 
     entry = collab_of(bundle)["parts"][k]
     info = pb.PartInfo(index=k if index is None else index, output_dim=entry["output_dim"], input_shape=SHAPE,

@@ -10,8 +10,8 @@ import pytest
 from evc.runtime.collab.contract import read
 from evc.runtime.collab.images import read_batch
 from evc.runtime.collab.runtime import local_infer
-from tests.runtime.collab.conftest import START_S, Served, collab_of, free_port, images, variant, write_collab
 from tests.conftest import run_evc, write_images
+from tests.runtime.collab.conftest import START_S, Served, collab_of, free_port, images, variant, write_collab
 
 
 def _fails(done, code: int) -> str:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from evc.runtime.collab.contract import read
 from evc.errors import InputError
+from evc.runtime.collab.contract import read
 from tests.runtime.collab.conftest import collab_of, write_collab
 
 # The contract's own example: the models are not read, only named.

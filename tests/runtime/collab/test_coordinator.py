@@ -6,11 +6,11 @@ import time
 import numpy as np
 import pytest
 
+from evc.errors import InputError, PeerError
 from evc.runtime.collab import collab_pb2 as pb
 from evc.runtime.collab import wire
 from evc.runtime.collab.coordinator import Coordinator, parse_peers
 from evc.runtime.collab.runtime import local_infer
-from evc.errors import InputError, PeerError
 from tests.runtime.collab.conftest import fake_part, free_port, images, variant
 
 DEADLINE_S = 0.5

@@ -5,9 +5,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from evc.errors import InputError
 from evc.runtime.collab.contract import read
 from evc.runtime.collab.runtime import Fusion, local_infer, part_model
-from evc.errors import InputError
 from tests.runtime.collab.conftest import collab_of, images, write_collab
 
 
@@ -79,8 +79,8 @@ def test_local_infer_needs_one_part_at_least(bundles):
 def test_a_picture_is_read_as_uint8_pixels_that_normalise_to_the_eval_transform_bit_for_bit(bundles, tmp_path):
     """`evc infer` sends pictures as pixels, a quarter of the bytes; the part's normalising must give exactly
     the images `evc build` validated with."""
-    from evc.runtime.collab.images import read_batch
     from evc.model.data import eval_transform, read_rgb
+    from evc.runtime.collab.images import read_batch
     from tests.conftest import write_images
 
     collab = read(bundles["two"])

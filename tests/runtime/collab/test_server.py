@@ -4,12 +4,12 @@ import grpc
 import numpy as np
 import pytest
 
+from evc.errors import InputError
 from evc.runtime.collab import collab_pb2 as pb
 from evc.runtime.collab import collab_pb2_grpc, wire
 from evc.runtime.collab.contract import read
 from evc.runtime.collab.runtime import part_model
 from evc.runtime.collab.server import serve
-from evc.errors import InputError
 from tests.runtime.collab.conftest import collab_of, images, write_collab
 
 

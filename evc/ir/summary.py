@@ -1,0 +1,86 @@
+"""What a Program costs and shows, as JSON: params and MACs per block, and the view `evc explain` prints.
+
+    summary(program)                    # {"stem", "blocks", "head", "total"}: params and MACs
+    aligned_summary(program, original)  # the same in the original model's block order
+    program_view(program)               # input, structure, parts: what explain shows without loading it
+"""
+
+from __future__ import annotations
+
+from evc.keys import canonical
+
+
+def summary(program) -> dict:
+    """Params and MACs of the stem, each block and the head of `program`, and their totals."""
+    from evc.ir.macs import summarize
+
+    return canonical(summarize(program.graph, program.structure, program.example()).to_dict())
+
+
+def program_view(program) -> dict:
+    """What `evc explain` shows of a program, as JSON, so that a cached one is shown without loading it:
+    its input, its structure (the manifest's record, and in words) or why it was not recognised, and a
+    decomposed model's parts and fusion."""
+    view = {"input": list(program.input.shape), "structure": None, "describe": None,
+            "unrecognised": program.unrecognised}
+    if program.structure is not None:
+        view.update(structure=canonical(structure_record(program.structure)),
+                    describe=program.structure.describe(), unrecognised=None)
+    if program.parts:
+        view["parts"] = [{"name": p.name, "classes": list(p.classes), "width": p.width,
+                          "describe": p.program.structure.describe()} for p in program.parts]
+        linear = program.fusion.linear
+        view["fusion"] = {"in": linear.in_features, "out": linear.out_features, "drop": bool(program.fusion.drop)}
+    return view
+
+
+def structure_record(structure) -> dict:
+    """The recognised structure as the manifest keeps it: without the per-block node lists only passes need."""
+    record = structure.to_dict()
+    for block in record["blocks"]:
+        block.pop("nodes", None)
+    return record
+
+
+def aligned(after: dict, original, compressed) -> dict:
+    """`after`'s block rows in the original model's block order, matched by module names.
+
+    A block that a pass removed whole is a row of zeros, so before and after
+    read side by side, block by block.
+    """
+    owner = {name: b.index for b in original.blocks for name in _module_names(b)}
+    rows = {}
+    for row, block in zip(after["blocks"], compressed.blocks):
+        origin = next((owner[n] for n in _module_names(block) if n in owner), None)
+        if origin is not None:
+            rows.setdefault(origin, {**row, "index": origin})
+    gone = {"heads": 0, "hidden": 0, "params": 0, "macs": 0}
+    blocks = [rows.get(b.index, {"index": b.index, "tokens": b.tokens, **gone}) for b in original.blocks]
+    return {**after, "blocks": blocks}
+
+
+def aligned_summary(program, original) -> dict:
+    """The summary of `program` aligned to the `original` structure's blocks; for a decomposed model, its
+    parts' summed block by block (each part's own in `parts`), with the fusion in the head."""
+    if not program.parts:
+        return aligned(summary(program), original, program.structure)
+    from evc.ir.macs import params_of
+
+    parts = [aligned(summary(p.program), original, p.program.structure) for p in program.parts]
+    fusion = {"params": params_of(program.graph, ["fusion"]), "macs": program.fusion.linear.weight.numel()}
+    blocks = [{**rows[0], **{k: sum(r[k] for r in rows) for k in ("heads", "hidden", "params", "macs")},
+               "parts": {k: {c: sum(r["parts"][k][c] for r in rows if r.get("parts")) for c in ("params", "macs")}
+                         for k in ("attention", "mlp", "tokens")}}
+              for rows in zip(*(p["blocks"] for p in parts))]
+    stem, head = ({k: sum(p[part][k] for p in parts) for k in ("params", "macs")} for part in ("stem", "head"))
+    head = {k: head[k] + fusion[k] for k in head}
+    total = {k: sum(p["total"][k] for p in parts) + fusion[k] for k in ("params", "macs")}
+    return canonical({"stem": stem, "blocks": blocks, "head": head, "total": total,
+                      "parts": [{"name": p.name, "classes": list(p.classes), "width": p.width, **s["total"]}
+                                for p, s in zip(program.parts, parts)],
+                      "fusion": fusion})
+
+
+def _module_names(block) -> list[str]:
+    names = [*block.attn.qkv, block.attn.proj, *block.attn.mixers] if block.attn else []
+    return names + ([block.mlp.fc1, block.mlp.fc2, *filter(None, [block.mlp.gate])] if block.mlp else [])
