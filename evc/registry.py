@@ -18,24 +18,23 @@ capabilities it inherits (`Gridded`, `Splitting`, `Runtime`, `Placement`,
 `Export`, `RemoteBench`, `RemoteTimed`, `BoardTimed`), never probed; how a
 budget searches a pass is its `knob`. A registration that breaks the contract fails at import.
 
-Plug-in modules are imported by `load_plugins()` and must stay light at import
-time (no torch at module level): `evc check` reads their declarations and must
-stay well under a second. Modules whose names start with `_` are their
-helpers, and packages (`evc/targets/payload/`) are files for bundles: neither is
-imported as a plug-in.
+`evc check` reads the declarations from a generated table (evc/plugins.py)
+without importing a plug-in; a plug-in's module is imported when its
+instance, check or knob is first used, and must stay light at import time
+(no torch at module level). Modules whose names start with `_` are their
+helpers, and packages (`evc/targets/payload/`) are files for bundles: neither
+registers anything.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
-import pkgutil
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from functools import cache
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Callable
 
+from evc.declarations import REGISTERED, DeviceInfo, FormatInfo, PassInfo, Registered
 from evc.spec.params import Param, check_rules_declared
 
 # ---- contracts ----------------------------------------------------------------------------------
@@ -152,72 +151,76 @@ class BoardTimed(ABC):
 
 
 # ---- registries ---------------------------------------------------------------------------------
+#
+# Every plug-in of evc.passes and evc.targets is declared in the table evc/plugins.py, generated from their
+# registrations (`python -m evc.registry`); tests/test_registry.py checks that it matches them. A registry is
+# filled from the table, so reading declarations (evc check, evc explain, the README's tables) imports no
+# plug-in; what only a plug-in's module has (its instance, its check, its knob, a device's facts) imports it
+# on first use, and its registration is checked against the table then.
 
 
-@dataclass(frozen=True)
-class Info:
-    """A registered plug-in: its name in specs, its declared parameters, the instance, its help line."""
+class Registry(MutableMapping):
+    """Plug-ins of one kind by name: the table's, then any registered at run time (a test's), in that order."""
 
-    name: str
-    params: tuple[Param, ...]
-    plugin: object
-    help: str = ""
-
-
-@dataclass(frozen=True)
-class PassInfo(Info):
-    check: Callable | None = None  # (params: dict, spans: dict) -> None, raises Invalid
-    excludes: dict[str, str] = field(default_factory=dict)  # pass name -> why the two cannot share a compress block
-    knob: object | None = None  # an evc.passes.knob.Knob: what a budget chooses in this pass; None: not searched
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._infos: dict | None = None
 
     @property
-    def grid(self) -> str | None:
-        """The axis a latency grid varies with this pass (Gridded), or None."""
-        return self.plugin.axis if isinstance(self.plugin, Gridded) else None
+    def infos(self) -> dict:
+        if self._infos is None:
+            from evc import plugins
 
-    @property
-    def splits(self) -> bool:
-        """Whether the pass splits the model into parts (Splitting)."""
-        return isinstance(self.plugin, Splitting)
+            self._infos = {info.name: info for info in getattr(plugins, self.kind)}
+        return self._infos
 
-    def searched(self, params: dict) -> bool:
-        """Whether a budget chooses this pass's per-block values: it has a knob and the spec fixed none of them."""
-        return self.knob is not None and all(params.get(k) is None for k in self.knob.keys)
+    def __getitem__(self, name: str):
+        return self.infos[name]
 
+    def __setitem__(self, name: str, info) -> None:
+        self.infos[name] = info
 
-@dataclass(frozen=True)
-class FormatInfo(Info):
-    check: Callable | None = None  # (params: dict, spans: dict, device: str) -> None, raises Invalid
+    def __delitem__(self, name: str) -> None:
+        info = self.infos.pop(name)
+        REGISTERED.pop((type(info), name), None)
 
+    def __iter__(self):
+        return iter(self.infos)
 
-@dataclass(frozen=True)
-class DeviceInfo(Info):
-    formats: tuple[str, ...] = ()
-    templates: str = ""  # a folder under evc/targets/templates
-    facts: dict = field(default_factory=dict)  # data the formats read: the device's operator table
-    files: tuple[str, ...] = ()  # files of evc/targets/payload/ copied verbatim into the bundle
+    def __len__(self) -> int:
+        return len(self.infos)
 
 
-PASSES: dict[str, PassInfo] = {}
-FORMATS: dict[str, FormatInfo] = {}
-DEVICES: dict[str, DeviceInfo] = {}
+PASSES: Registry = Registry("PASSES")
+FORMATS: Registry = Registry("FORMATS")
+DEVICES: Registry = Registry("DEVICES")
+_GENERATING = False  # python -m evc.registry: registrations are the truth, the table is being written
 
 
-def _register(registry: dict, info_type: type, contract: type, name: str, params: tuple[Param, ...], **declared):
+def _register(registry: Registry, info_type: type, contract: type, name: str, params: tuple[Param, ...],
+              loaded: dict, **declared):
     """The one registration: check `cls` against its contract and its declarations, then record it."""
 
     def decorate(cls: type) -> type:
         where = f"{cls.__module__}.{cls.__qualname__}"
-        if not (inspect.isclass(cls) and issubclass(cls, contract)):
+        if not (isinstance(cls, type) and issubclass(cls, contract)):
             raise TypeError(f"{where}: registered as a {contract.__name__.lower()} but is not a {contract.__name__}")
-        if name in registry:
+        listed = registry.get(name)
+        if (info_type, name) in REGISTERED or (listed is not None and listed.module != cls.__module__):
             raise TypeError(f"{where}: a {contract.__name__.lower()} named '{name}' is already registered")
         names = [p.name for p in params]
         if len(set(names)) != len(names):
             raise TypeError(f"{where}: a parameter is declared twice in {names}")
         check_rules_declared(params, where)
         doc = (cls.__doc__ or "").strip()
-        registry[name] = info_type(name, tuple(params), cls(), doc.splitlines()[0] if doc else "", **declared)
+        info = info_type(name, tuple(params), cls.__module__, doc.splitlines()[0] if doc else "",
+                         has_check=loaded.get("check") is not None, **declared)
+        if listed is not None and listed != info and not _GENERATING:
+            raise TypeError(f"{where}: its registration differs from evc/plugins.py, the table `evc check` reads; "
+                            "write the table again: python -m evc.registry")
+        registered = Registered(cls(), **loaded)  # an abstract method left out fails here, before it is recorded
+        registry[name] = info
+        REGISTERED[(info_type, name)] = registered
         return cls
 
     return decorate
@@ -229,17 +232,24 @@ def register_pass(name: str, *params: Param, check: Callable | None = None, excl
     `excludes={"token_merge": "both change the token count"}`. It holds both ways round. `knob` (an
     evc.passes.knob.Knob) says how a budget searches the pass: its keys, its groups and widths.
     """
-    return _register(PASSES, PassInfo, Pass, name, params, check=check, excludes=dict(excludes or {}), knob=knob)
+    def decorate(cls: type) -> type:
+        return _register(PASSES, PassInfo, Pass, name, params, {"check": check, "knob": knob},
+                         excludes=dict(excludes or {}), knob_keys=tuple(knob.keys) if knob else (),
+                         knob_timed=bool(knob.timed) if knob else True,
+                         grid=cls.axis if isinstance(cls, type) and issubclass(cls, Gridded) else None,
+                         splits=isinstance(cls, type) and issubclass(cls, Splitting))(cls)
+
+    return decorate
 
 
 def register_format(name: str, *params: Param, check: Callable | None = None):
-    return _register(FORMATS, FormatInfo, Format, name, params, check=check)
+    return _register(FORMATS, FormatInfo, Format, name, params, {"check": check})
 
 
 def register_device(name: str, *params: Param, formats: tuple[str, ...], templates: str, facts: dict | None = None,
                     files: tuple[str, ...] = ()):
-    return _register(DEVICES, DeviceInfo, Device, name, params, formats=formats, templates=templates,
-                     facts=facts or {}, files=files)
+    return _register(DEVICES, DeviceInfo, Device, name, params, {"facts": facts or {}}, formats=tuple(formats),
+                     templates=templates, files=tuple(files))
 
 
 def exclusion(a: str, b: str) -> str | None:
@@ -251,15 +261,47 @@ def exclusion(a: str, b: str) -> str | None:
     return None
 
 
-_STAGES = {"budget", "compress", "tokens", "train", "lower", "artifact", "grid", "knob"}  # stage modules beside the plug-ins
-
-
-@cache
 def load_plugins() -> None:
-    """Import every plug-in module of evc.passes and evc.targets so they register."""
-    for package_name in ("evc.passes", "evc.targets"):
-        package = importlib.import_module(package_name)
-        # Sorted: the registries' order (README tables, `evc explain`) must not depend on the file system's.
-        for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-            if not module.ispkg and not module.name.startswith("_") and module.name not in _STAGES:
-                importlib.import_module(f"{package_name}.{module.name}")
+    """Import every plug-in module the table lists, so that each is registered (and checked against it)."""
+    for registry in (PASSES, FORMATS, DEVICES):
+        for info in list(registry.values()):
+            info.loaded
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+PLUGIN_PACKAGES = ("evc.passes", "evc.targets")
+
+
+def registrations() -> dict[str, list]:
+    """Every plug-in registered by the modules of evc.passes and evc.targets, imported one by one (sorted, so
+    the order of the README's tables and `evc explain` does not depend on the file system's)."""
+    import pkgutil
+
+    global _GENERATING
+    _GENERATING = True
+    try:
+        for registry in (PASSES, FORMATS, DEVICES):
+            registry._infos = {}
+        for package_name in PLUGIN_PACKAGES:
+            package = importlib.import_module(package_name)
+            for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+                if not module.ispkg and not module.name.startswith("_"):
+                    importlib.import_module(f"{package_name}.{module.name}")
+    finally:
+        _GENERATING = False
+    return {"PASSES": list(PASSES.values()), "FORMATS": list(FORMATS.values()), "DEVICES": list(DEVICES.values())}
+
+
+def table_source() -> str:
+    """evc/plugins.py's text: each registration's declaration as Python."""
+    from evc.declarations import source
+
+    return source(registrations())
+
+
+if __name__ == "__main__":  # the plug-ins register with evc.registry, not with this __main__: ask that one
+    from evc import registry
+    from evc.atomic import write_text
+
+    write_text(Path(registry.__file__).with_name("plugins.py"), registry.table_source())

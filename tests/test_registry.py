@@ -22,7 +22,7 @@ from evc.registry import (
 )
 from evc.spec.check import parse_and_check
 from evc.spec.params import DataRef, Int, Param, When
-from tests.conftest import small_spec
+from tests.conftest import ROOT, small_spec
 
 load_plugins()
 
@@ -115,3 +115,33 @@ def test_the_readme_tables_state_each_rule_beside_its_key():
     assert "| `data` | the name of a data block | none; needed when score = taylor |" in text
     assert "| `count` | an integer >= 1 | none; not with `attn`, `mlp`, `blocks` |" in text
     assert "| `skip_bad` | true or false | false; only with `images` |" in text
+
+
+def test_the_table_is_what_the_registrations_declare():
+    """evc/plugins.py, which `evc check` reads instead of importing the plug-ins, is what
+    `python -m evc.registry` writes from their registrations now."""
+    code = "from evc.registry import table_source; print(table_source(), end='')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout == (ROOT / "evc" / "plugins.py").read_text(), "run: python -m evc.registry"
+
+
+def test_checking_a_spec_imports_only_the_plug_ins_whose_checks_it_runs(tmp_path):
+    spec = tmp_path / "plain.evc"
+    spec.write_text(small_spec("target phone { device = android, format = tflite }",
+                               extra="compress {\n    token_merge { r = 1 }\n}\n"))
+    code = ("import sys; from evc.cli import main; assert main(['check', sys.argv[1]]) == 0; "
+            "print(sorted(m for m in sys.modules if m.startswith(('evc.passes.', 'evc.targets.'))))")
+    done = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert eval(done.stdout.splitlines()[-1]) == []
+
+
+def test_a_registration_that_differs_from_the_table_is_refused():
+    code = ("from evc.registry import Pass, register_pass\n"
+            "from evc.spec.params import Int, Param\n"
+            "class TokenMerge(Pass):\n"
+            "    def run(self, program, params, ctx): return program\n"
+            "TokenMerge.__module__ = 'evc.passes.token_merge'\n"
+            "register_pass('token_merge', Param('r', Int(), 1))(TokenMerge)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode != 0 and "differs from evc/plugins.py" in done.stderr

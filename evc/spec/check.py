@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from evc.errors import Diagnostic, Span, SpecError
-from evc.registry import DEVICES, FORMATS, PASSES, exclusion, load_plugins
+from evc.registry import DEVICES, FORMATS, PASSES, exclusion
 from evc.spec import ast
 from evc.spec.blocks import (
     BLOCK_KINDS,
@@ -36,7 +36,6 @@ def parse_and_check(text: str, path: str | Path) -> Plan:
 
 
 def check_spec(spec: ast.Spec) -> Plan:
-    load_plugins()
     checker = _Checker(spec)
     plan = checker.run()
     if checker.diagnostics:
@@ -220,10 +219,10 @@ class _Checker:
                 continue
             self.exclusions(nested, block.nested[:i])
             params = info.params
-            knob = info.knob if budgets else None
-            chosen = knob is not None and not any(e.key in knob.keys for e in nested.entries)
+            searched = info.knob_keys if budgets else ()
+            chosen = bool(searched) and not any(e.key in searched for e in nested.entries)
             if chosen:  # the budget's search fills these keys in
-                params = tuple(replace(p, default=None, needed_when=()) if p.name in knob.keys else p for p in params)
+                params = tuple(replace(p, default=None, needed_when=()) if p.name in searched else p for p in params)
             values = self.entries(nested, params, f"pass '{nested.kind}'")
             if values is None:
                 continue
@@ -235,8 +234,8 @@ class _Checker:
                     self.report(e.message, e.span or nested.span, e.hint)
                     continue
             passes.append(PassPlan(nested.kind, values, spans))
-            if chosen and not knob.timed and self.budget is not None and self.budget.params["latency"]:
-                self.report(f"a latency budget cannot choose {nested.kind}'s {knob.keys[0]} yet: the latency table "
+            if chosen and not info.knob_timed and self.budget is not None and self.budget.params["latency"]:
+                self.report(f"a latency budget cannot choose {nested.kind}'s {searched[0]} yet: the latency table "
                             "prices heads and MLP units, not tokens or removed sublayers; give them in the spec, "
                             "or budget macs instead", nested.span)
         if budgets and self.budget is not None:

@@ -19,7 +19,7 @@ from rich.table import Table
 from evc.atomic import write_text
 from evc.bundle.layout import BENCH_RESULTS, read_manifest
 from evc.errors import InputError
-from evc.registry import DEVICES, FORMATS, RemoteBench, Runtime, load_plugins
+from evc.registry import DEVICES, FORMATS, RemoteBench, Runtime
 from evc.runtime.parity import describe
 from evc.runtime.timing import measure, thread_count
 
@@ -45,7 +45,6 @@ def bench_here(bundle: Path, manifest: dict, runs: int | None = None, threads=No
 
 def bench(bundle: Path, runs: int | None = None, threads=None, serial: str | None = None,
           console: Console | None = None):
-    load_plugins()
     console = console or Console()
     manifest = read_manifest(bundle)
     if manifest is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from evc.registry import DEVICES, FORMATS, PASSES, load_plugins
+from evc.registry import DEVICES, FORMATS, PASSES
 from evc.spec.blocks import BUDGET_PARAMS, DATA_PARAMS, EVALUATE_PARAMS, MODEL_PARAMS, TARGET_PARAMS
 from evc.spec.params import Param, Record
 
@@ -55,7 +55,6 @@ def _excludes(excludes: dict[str, str]) -> list[str]:
 
 
 def reference() -> str:
-    load_plugins()
     lines = ["### `model NAME { ... }` (the first is the model compressed; any later one is a teacher "
                  "a pass names, and takes no `input`)", *_table(MODEL_PARAMS), *_arguments(MODEL_PARAMS),
              "", "### `data NAME { ... }` (any number)", *_table(DATA_PARAMS),

@@ -22,11 +22,10 @@ TOKENS, PRESENT = "tokens", "present"
 
 def part_model(collab: Collab, k: int, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """features(images) for part k, in its format's runtime here; checked once on a blank image."""
-    from evc.registry import FORMATS, load_plugins
+    from evc.registry import FORMATS
 
     entry = collab.parts[k]
     path = collab.model_path(entry.model, f"parts[{k}].model")
-    load_plugins()
     try:
         run = FORMATS[entry.format].plugin.session(path, threads)
     except Exception as e:  # each runtime raises its own type for a file it cannot load
