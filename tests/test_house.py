@@ -21,17 +21,22 @@ STAGES = ("spec", "model", "ir", "passes", "runtime", "targets", "bundle", "tool
 GENERATED = {"evc.spec._parser"}
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {module_name(p): p for p in EVC.rglob("*.py") if "templates" not in p.parts}
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    """evc's modules under `root` by name (passes/ and targets/ linked into evc/ count as evc's)."""
+    return {module_name(p, root): p for p in (root / "evc").rglob("*.py") if "templates" not in p.parts}
 
 
-def imports(name: str) -> list[tuple[str, str | None]]:
+MODULES = modules()
+
+
+def imports(name: str, known: dict[str, Path] = MODULES) -> list[tuple[str, str | None]]:
     """(module, imported name or None) for every import statement of module `name`, resolved to evc's modules."""
-    path = MODULES[name]
+    path = known[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
@@ -46,11 +51,36 @@ def imports(name: str) -> list[tuple[str, str | None]]:
                 continue
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
-                found.append((sub, None) if sub in MODULES else (base, alias.name))
-    return [(m, n) for m, n in found if m in MODULES]
+                found.append((sub, None) if sub in known else (base, alias.name))
+    return [(m, n) for m, n in found if m in known]
 
 
-GRAPH = {name: set() if name in GENERATED else {m for m, _ in imports(name)} - {name} for name in MODULES}
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Each module of evc under `root`: the modules it imports."""
+    known = modules(root)
+    return {name: set() if name in GENERATED else {m for m, _ in imports(name, known)} - {name} for name in known}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles, each as the path that closes it (every back edge of a depth-first walk)."""
+    found, state = [], {}  # name -> "open" while on the path, "done" once every import below it is known
+
+    def visit(name, path):
+        state[name] = "open"
+        for other in sorted(graph[name]):
+            if state.get(other) == "open":
+                found.append(path[path.index(other):] + [other])
+            elif other not in state:
+                visit(other, path + [other])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    return found
+
+
+GRAPH = import_graph()
 
 
 def stage(name: str) -> str:
@@ -68,22 +98,8 @@ def plugin_modules() -> set[str]:
 
 
 def test_the_import_graph_has_no_cycle():
-    cycles = []
-    state = {}  # name -> "open" while on the path, "done" once every import below it is known
-
-    def visit(name, path):
-        state[name] = "open"
-        for other in sorted(GRAPH[name]):
-            if state.get(other) == "open":
-                cycles.append(path[path.index(other):] + [other])
-            elif other not in state:
-                visit(other, path + [other])
-        state[name] = "done"
-
-    for name in sorted(GRAPH):
-        if name not in state:
-            visit(name, [name])
-    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    found = cycles(GRAPH)
+    assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
 def test_no_stage_imports_a_later_one():
