@@ -8,6 +8,7 @@ import pytest
 from tests.conftest import ROOT, run_evc, small_spec
 
 
+@pytest.mark.slow
 def test_the_readme_spec_builds_its_cpu_and_x5_targets(tmp_path):
     """specs/deit_tiny_x5.evc: the contract spec, compressed, for a CPU and for the RDK X5's BPU."""
     done = run_evc("build", ROOT / "specs" / "deit_tiny_x5.evc", "--out", tmp_path)
@@ -42,6 +43,7 @@ def test_build_of_an_unknown_target_name_exits_2(write_spec, tmp_path):
     assert done.returncode == 2 and "has no such target (it has: cpu)" in done.stderr
 
 
+@pytest.mark.slow
 def test_explain_shows_structure_blocks_and_targets_and_writes_nothing(write_spec, tmp_path):
     spec = write_spec(small_spec())
     out = tmp_path / "out"
@@ -55,6 +57,7 @@ def test_explain_shows_structure_blocks_and_targets_and_writes_nothing(write_spe
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bench_runs_the_generated_script_and_prints_latency(write_spec, tmp_path):
     spec = write_spec(small_spec())
     assert run_evc("build", spec, "--out", tmp_path / "out").returncode == 0
@@ -68,6 +71,7 @@ def test_bench_runs_the_generated_script_and_prints_latency(write_spec, tmp_path
     assert all(float(r[5]) > 0 for r in rows) and rows[0][3].startswith("max|Δ|")
 
 
+@pytest.mark.slow
 def test_the_bench_script_runs_alone_in_a_copied_bundle(write_spec, tmp_path):
     """A bundle is self-contained: its script needs neither evc nor the build folder."""
     import subprocess

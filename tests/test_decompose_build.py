@@ -48,6 +48,7 @@ def bundle(tmp_path_factory):
     return folder / "out" / "tiny"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, suffix", [("cpu", "onnx"), ("phone", "tflite")])
 def test_every_part_and_the_fused_whole_match_pytorch(bundle, target, suffix):
     manifest = json.loads((bundle / target / "manifest.json").read_text())
@@ -60,6 +61,7 @@ def test_every_part_and_the_fused_whole_match_pytorch(bundle, target, suffix):
     assert collab["fusion"] == {"model": "fusion.onnx", "degraded_ok": True}
 
 
+@pytest.mark.slow
 def test_the_manifest_records_each_parts_classes_costs_and_traffic(bundle):
     manifest = json.loads((bundle / "cpu" / "manifest.json").read_text())
     parts = manifest["decomposition"]["parts"]
@@ -75,6 +77,7 @@ def test_the_manifest_records_each_parts_classes_costs_and_traffic(bundle):
     assert after["total"]["macs"] == sum(p["macs"] for p in parts) + manifest["decomposition"]["fusion"]["macs"]
 
 
+@pytest.mark.slow
 def test_parts_served_where_the_spec_placed_them_answer_as_the_bundle_does_in_process(bundle, tmp_path):
     images = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
@@ -107,6 +110,7 @@ def test_parts_served_where_the_spec_placed_them_answer_as_the_bundle_does_in_pr
             server.wait(10)
 
 
+@pytest.mark.slow
 def test_explain_shows_each_part_and_the_fusion(bundle):
     done = run_evc("explain", bundle.parent.parent / "tiny.evc")
     assert done.returncode == 0, done.stderr
@@ -115,6 +119,7 @@ def test_explain_shows_each_part_and_the_fusion(bundle):
     assert "fusion: one Linear, 386 in (the parts' features and a flag each), 10 out" in done.stdout
 
 
+@pytest.mark.slow
 def test_peers_that_do_not_match_the_parts_are_a_spec_error_at_the_key(bundle):
     spec = bundle.parent.parent / "wrong_peers.evc"
     text = (bundle.parent.parent / "tiny.evc").read_text()
@@ -126,6 +131,7 @@ def test_peers_that_do_not_match_the_parts_are_a_spec_error_at_the_key(bundle):
     assert not (bundle.parent.parent / "out" / "wrong_peers" / "phone").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["cpu", "phone"])
 def test_the_bundles_readme_says_how_to_run_the_parts_together(bundle, target):
     readme = (bundle / target / "README.md").read_text()
@@ -163,6 +169,7 @@ def boards(tmp_path_factory):
     return folder / "out" / "tiny"
 
 
+@pytest.mark.slow
 def test_every_part_is_lowered_for_the_bpu_toolchain_and_checked(boards):
     bundle = boards / "x5"
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -183,6 +190,7 @@ def test_every_part_is_lowered_for_the_bpu_toolchain_and_checked(boards):
     assert manifest["decomposition"]["same_shapes"]
 
 
+@pytest.mark.slow
 def test_build_sh_compiles_every_part_in_its_own_folder(boards, tmp_path):
     bundle = boards / "x5"
     assert subprocess.run(["shellcheck", bundle / "build.sh", bundle / "bench.sh"]).returncode == 0
@@ -201,6 +209,7 @@ def test_build_sh_compiles_every_part_in_its_own_folder(boards, tmp_path):
     assert "`part0/config.yaml`" in readme and "compiles every part" in readme
 
 
+@pytest.mark.slow
 def test_a_jetson_target_lowers_every_part_to_onnx(boards):
     manifest = json.loads((boards / "orin" / "manifest.json").read_text())
     assert [a["path"] for a in manifest["artifacts"]] == ["part0/model.onnx", "part1/model.onnx"]

@@ -85,6 +85,7 @@ def test_an_unchanged_spec_rebuilds_from_cache_without_importing_torch(write_spe
     assert onnx_file.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_a_comment_edit_rebuilds_nothing_but_restamps_the_spec_hash(write_spec, tmp_path):
     spec = write_spec(small_spec())
     build(plan_of(spec), tmp_path / "out")
@@ -118,6 +119,7 @@ def test_changing_the_format_settings_relowers_but_reuses_the_program(write_spec
     assert len(list((out / ".cache" / "program").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_changing_the_model_misses_every_cache(write_spec, tmp_path):
     spec = write_spec(small_spec(TWO_TARGETS))
     out = tmp_path / "out"
@@ -129,6 +131,7 @@ def test_changing_the_model_misses_every_cache(write_spec, tmp_path):
     assert len(list((out / ".cache" / "program").iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_force_rebuilds_every_stage_of_an_up_to_date_bundle(write_spec, tmp_path):
     spec = write_spec(small_spec())
     out = tmp_path / "out"
@@ -160,6 +163,7 @@ def test_parity_beyond_tolerance_fails_and_keeps_the_artifact_beside_the_bundle(
     assert len(list((out / ".cache" / "lower").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_cli_parity_failure_exits_1_without_a_traceback(write_spec, tmp_path):
     spec = write_spec(small_spec("target cpu { device = cpu, format = onnx, tolerance = 1e-12 }"))
     done = run_evc("build", spec, "--out", tmp_path / "out")
@@ -176,6 +180,7 @@ def _wait_for(predicate, timeout=120):
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["terminated", "killed"])
 def test_an_interrupted_build_leaves_the_previous_bundle_intact(write_spec, tmp_path, how):
     out = tmp_path / "out"

@@ -28,12 +28,14 @@ def prepared(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_the_data_is_an_imagefolder_split_of_all_1797_digits(prepared):
     counts = {part: len(list((prepared / "data" / part).glob("*/*.png"))) for part in ("train", "val")}
     assert counts["train"] + counts["val"] == 1797
     assert sorted(p.name for p in (prepared / "data" / "val").iterdir()) == [str(d) for d in range(10)]
 
 
+@pytest.mark.slow
 def test_the_spec_halves_the_macs_keeps_accuracy_and_prints_the_table(prepared):
     spec = prepared / "digits.evc"
     text = (EXAMPLE / "digits.evc").read_text().replace("epochs = 10", "epochs = 2")
@@ -89,6 +91,7 @@ def x5_built(prepared):
     shutil.rmtree(prepared / "build_x5")
 
 
+@pytest.mark.slow
 def test_the_x5_int8_proxy_of_the_trained_model_keeps_top1_within_a_point_of_the_float_model(x5_built):
     """The proxy judged where it means something: on a model that has learned, scored on held-out images
     beside model.onnx (the float model lowered for the BPU)."""
@@ -99,6 +102,7 @@ def test_the_x5_int8_proxy_of_the_trained_model_keeps_top1_within_a_point_of_the
     assert proxy["gate"] == {"min_cosine": 0.9, "applied": True} and "not judged" not in done.stdout
 
 
+@pytest.mark.slow
 def test_layer_norm_in_int16_brings_the_proxy_closer_to_pytorch_than_int8(x5_built):
     _, manifests = x5_built
     wide, narrow = (manifests[name]["artifacts"][1] for name in ("x5", "x5_softmax_int16"))

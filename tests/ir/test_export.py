@@ -16,6 +16,7 @@ def captured():
     return model, trace(model, torch.zeros(1, 3, 32, 32))
 
 
+@pytest.mark.slow
 def test_a_hf_vit_runs_any_batch_with_the_outputs_of_the_model(captured):
     model, gm = captured
     x = torch.randn(3, 3, 32, 32)
@@ -23,6 +24,7 @@ def test_a_hf_vit_runs_any_batch_with_the_outputs_of_the_model(captured):
         torch.testing.assert_close(gm(x), model(x).logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_its_layers_are_modules_under_the_models_own_names(captured):
     _, gm = captured
     modules = dict(gm.named_modules())
@@ -31,6 +33,7 @@ def test_its_layers_are_modules_under_the_models_own_names(captured):
     assert isinstance(modules["vit.layernorm"], nn.LayerNorm)
 
 
+@pytest.mark.slow
 def test_no_aten_op_and_no_empty_attention_mask_is_left(captured):
     _, gm = captured
     assert "torch.ops.aten" not in gm.code

@@ -266,6 +266,7 @@ def validated_on(folder: str, data: str = "") -> str:
                       extra=f'data val {{ images = "{folder}"{data} }}\n')
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_stops_the_build_with_exit_2_naming_it(write_spec, tmp_path):
     (write_images(tmp_path / "val", 2) / "notes.png").write_text("not an image")
     done = run_evc("build", write_spec(validated_on("val")), "--out", tmp_path / "out")
@@ -274,6 +275,7 @@ def test_an_unreadable_image_stops_the_build_with_exit_2_naming_it(write_spec, t
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_skip_bad_builds_and_the_warning_names_the_skipped_image(write_spec, tmp_path):
     (write_images(tmp_path / "val", 2) / "notes.png").write_text("not an image")
     done = run_evc("build", write_spec(validated_on("val", ", skip_bad = true")), "--out", tmp_path / "out")

@@ -58,6 +58,7 @@ def spec_text(source='hf("vit")', model_extra="", extra=""):
     return f"evc 1\nmodel vit {{\n    source = {source}\n    input = image(32, 32)\n{model_extra}}}\n{extra}{TARGET}"
 
 
+@pytest.mark.slow
 def test_a_saved_vit_is_pruned_and_exported_with_parity(write_spec, tmp_path):
     save(tmp_path / "vit")
     spec = write_spec(spec_text(extra=COMPRESS))
@@ -68,6 +69,7 @@ def test_a_saved_vit_is_pruned_and_exported_with_parity(write_spec, tmp_path):
     assert result.manifest["artifacts"][0]["parity"]["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_the_folders_weights_are_the_models_weights_not_a_random_init(write_spec, tmp_path):
     from evc.keys import folder_digest
 
@@ -87,6 +89,7 @@ def test_the_class_config_json_names_is_built_with_the_keywords_given(tmp_path):
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.slow
 def test_a_feature_model_compresses_the_output_the_spec_names(write_spec, tmp_path):
     save(tmp_path / "vit", model="ViTModel")
     spec = write_spec(spec_text(model_extra='    output = "pooler_output"\n'))
@@ -94,6 +97,7 @@ def test_a_feature_model_compresses_the_output_the_spec_names(write_spec, tmp_pa
     assert result.manifest["structure"]["head"] == ["pooler.dense"]
 
 
+@pytest.mark.slow
 def test_an_output_the_model_does_not_return_is_exit_2_naming_the_key_and_the_outputs(write_spec, tmp_path):
     save(tmp_path / "vit")
     spec = write_spec(spec_text(model_extra='    output = "probs"\n'))
@@ -104,6 +108,7 @@ def test_an_output_the_model_does_not_return_is_exit_2_naming_the_key_and_the_ou
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_explain_shows_the_structure_of_a_hf_model(write_spec, tmp_path):
     save(tmp_path / "vit")
     done = run_evc("explain", write_spec(spec_text(extra=COMPRESS)), "--out", tmp_path / "out")
@@ -136,6 +141,7 @@ def test_changing_the_folders_config_or_weights_changes_the_load_key(write_spec,
     assert derive(parse_and_check(spec.read_text(), spec)).load != before
 
 
+@pytest.mark.slow
 def test_a_cached_repository_builds_and_the_manifest_pins_repository_commit_and_digest(hub_cache, write_spec,
                                                                                       tmp_path):
     from evc.keys import folder_digest
@@ -154,6 +160,7 @@ def test_an_unchanged_cache_derives_the_same_keys(hub_cache, write_spec):
     assert derive(parse_and_check(spec.read_text(), spec)) == derive(parse_and_check(spec.read_text(), spec))
 
 
+@pytest.mark.slow
 def test_a_new_revision_in_the_cache_changes_the_key_and_the_manifests_revision(hub_cache, write_spec, tmp_path):
     cache(hub_cache, FIRST, seed=1)
     spec = write_spec(spec_text(f'hf("{REPO}")'))

@@ -44,6 +44,7 @@ def built(spec, out) -> tuple[str, dict]:
     return done.stdout, json.loads((out / "hub" / "cpu" / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_hub_weights_build_a_model_whose_outputs_are_the_checkpoints(hub_cache, tmp_path):
     checkpoint = small_vit(seed=1)
     put_checkpoint(hub_cache, REPO, FIRST, "model.safetensors", checkpoint)
@@ -56,6 +57,7 @@ def test_hub_weights_build_a_model_whose_outputs_are_the_checkpoints(hub_cache, 
     assert np.abs(expected - random_init.numpy()).max() > 1e-2  # the weights made the difference
 
 
+@pytest.mark.slow
 def test_the_manifest_pins_repository_commit_file_and_sha256(hub_cache, tmp_path):
     put_checkpoint(hub_cache, REPO, FIRST, "model.safetensors", small_vit(seed=1))
     _, manifest = built(hub_spec(tmp_path), tmp_path / "out")
@@ -64,6 +66,7 @@ def test_the_manifest_pins_repository_commit_file_and_sha256(hub_cache, tmp_path
                                             "sha256": file_digest(blob)}
 
 
+@pytest.mark.slow
 def test_a_new_commit_in_the_cache_changes_the_key_and_rebuilds(hub_cache, tmp_path):
     put_checkpoint(hub_cache, REPO, FIRST, "model.safetensors", small_vit(seed=1))
     spec, out = hub_spec(tmp_path), tmp_path / "out"
@@ -119,6 +122,7 @@ def test_a_repository_missing_offline_exits_2_naming_it_and_how_to_fetch_it(hub_
     assert not (tmp_path / "out" / "hub").exists()
 
 
+@pytest.mark.slow
 def test_a_hub_checkpoint_that_does_not_fit_exits_2_naming_the_mismatch(hub_cache, tmp_path):
     import timm
 

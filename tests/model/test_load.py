@@ -95,6 +95,7 @@ def test_checkpoint_state_unwraps_nested_state_dicts_and_strips_dataparallel_pre
         checkpoint_state({"epoch": 3})
 
 
+@pytest.mark.slow
 def test_an_unknown_timm_model_suggests_the_closest_name(write_spec, tmp_path):
     spec = write_spec(small_spec().replace("vit_tiny_patch16_224", "deit_tiny_patch16_22"))
     done = run_evc("build", spec, "--out", tmp_path / "out")
@@ -118,6 +119,7 @@ def test_a_plain_pytorch_vit_from_the_users_code_builds_with_parity(write_spec, 
     assert result.manifest["artifacts"][0]["parity"]["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory, message", [
     ("nosuchmodule:f", "cannot import 'nosuchmodule'"),
     ("vit:nosuchfactory", "module vit has no factory 'nosuchfactory'"),
@@ -150,6 +152,7 @@ def test_a_model_evc_cannot_recognise_still_lowers_when_no_pass_needs_its_struct
     assert result.manifest["artifacts"][0]["parity"]["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_a_pass_on_a_model_evc_cannot_recognise_exits_2_naming_the_graph_node(write_spec, tmp_path):
     spec = _cnn_spec(write_spec, tmp_path, "compress {\n    head_prune { keep = 0.5 }\n}\n")
     done = run_evc("build", spec, "--out", tmp_path / "out")
@@ -159,6 +162,7 @@ def test_a_pass_on_a_model_evc_cannot_recognise_exits_2_naming_the_graph_node(wr
     assert not (tmp_path / "out" / "cnn").exists()
 
 
+@pytest.mark.slow
 def test_editing_the_users_model_code_misses_the_cache(write_spec, tmp_path):
     _copy_plain_vit(tmp_path)
     spec = write_spec('evc 1\nmodel plain {\n    source = python("vit:plain_vit_tiny", depth = 1)\n'

@@ -52,6 +52,7 @@ def test_a_model_that_declares_no_size_needs_one_in_the_spec():
         resolve(ImageSpec(), DataConfig.of({"mean": (0.5,) * 3}, "default (ImageNet)"), "cnn")
 
 
+@pytest.mark.slow
 def test_a_plain_module_without_a_size_exits_2_with_no_traceback(write_spec, tmp_path):
     (tmp_path / "cnn.py").write_text("from torch import nn\ndef small_cnn():\n"
                                      "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())\n")
@@ -94,6 +95,7 @@ def test_spec_values_that_differ_from_hub_weights_config_warn_and_a_file_of_ones
     assert warnings == []
 
 
+@pytest.mark.slow
 def test_the_build_prints_the_warning_and_records_the_spec_as_the_source(hub_cache, tmp_path):
     put_checkpoint(hub_cache, REPO, FIRST, "model.safetensors", small_vit(seed=1))
     done = run_evc("build", hub_spec(tmp_path, image="image(interpolation = bilinear)"), "--out", tmp_path / "out")

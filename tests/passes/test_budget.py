@@ -42,6 +42,7 @@ def compiled(path):
     return plan, compile_model(plan, Cache(path.parent / ".cache"), Progress())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [DEIT, PLAIN], ids=["deit_tiny", "plain_vit"])
 def test_a_macs_budget_is_met_within_2_percent(tmp_path, model):
     plan, result = compiled(write(tmp_path, model=model))
@@ -57,6 +58,7 @@ def test_a_macs_budget_is_met_within_2_percent(tmp_path, model):
     assert heads == [Fraction(k) * 3 for k in record["chosen"][0]["keep"]]
 
 
+@pytest.mark.slow
 def test_a_params_budget_takes_a_count(tmp_path):
     plan, result = compiled(write(tmp_path, budget="params = 1.2M", model=PLAIN))
     assert result.before["total"]["params"] > 1.7e6
@@ -64,6 +66,7 @@ def test_a_params_budget_takes_a_count(tmp_path):
     assert result.budget["metric"] == "params"
 
 
+@pytest.mark.slow
 def test_a_key_the_spec_fixes_stays_fixed(tmp_path):
     passes = "    head_prune { keep = 2/3 }\n    ffn_prune { score = l1 }"
     plan, result = compiled(write(tmp_path, passes=passes, model=PLAIN))
@@ -73,6 +76,7 @@ def test_a_key_the_spec_fixes_stays_fixed(tmp_path):
     assert 0.98 * before / 2 <= result.after["total"]["macs"] <= before / 2
 
 
+@pytest.mark.slow
 def test_the_chosen_fragment_pasted_in_the_spec_rebuilds_the_same_model_without_searching(tmp_path):
     path = write(tmp_path, model=PLAIN)
     done = run_evc("explain", path, "--out", tmp_path / "out")
@@ -91,6 +95,7 @@ def test_the_chosen_fragment_pasted_in_the_spec_rebuilds_the_same_model_without_
     assert written.after == searched.after
 
 
+@pytest.mark.slow
 def test_a_lock_file_repeats_the_choice_without_searching(tmp_path):
     path = write(tmp_path, model=PLAIN)
     done = run_evc("build", path, "--out", tmp_path / "out", "--pin")
@@ -110,6 +115,7 @@ def test_a_lock_file_repeats_the_choice_without_searching(tmp_path):
     assert "pinned" not in result.budget and result.budget["target"] < lock["budget"]["target"]
 
 
+@pytest.mark.slow
 def test_a_budget_chooses_which_sublayers_block_skip_removes(tmp_path):
     passes = "    block_skip { part = attn }\n    ffn_prune { score = l1, round_to = 8 }"
     path = write(tmp_path, budget="macs = 60%", passes=passes, model=PLAIN)
@@ -130,6 +136,7 @@ def test_a_budget_chooses_which_sublayers_block_skip_removes(tmp_path):
     assert written.budget is None and written.after == result.after
 
 
+@pytest.mark.slow
 def test_a_budget_chooses_the_patches_patch_slim_keeps(tmp_path):
     passes = "    patch_slim { }\n    ffn_prune { score = l1, round_to = 8 }"
     model = 'timm("deit_tiny_patch16_224", img_size = 64, patch_size = 8, depth = 6)'  # 64 patches
@@ -158,6 +165,7 @@ def test_a_latency_budget_does_not_choose_what_its_table_cannot_price(tmp_path):
     assert "a latency budget cannot choose patch_slim's keep yet" in stderr and "m.evc:9:5" in stderr
 
 
+@pytest.mark.slow
 def test_an_impossible_budget_is_bad_input_naming_the_floor(tmp_path):
     path = write(tmp_path, budget="macs = 5%", model=PLAIN)
     done = run_evc("build", path, "--out", tmp_path / "out")

@@ -86,6 +86,7 @@ def test_one_part_keeping_everything_reproduces_the_model():
     assert (decomposed.run(x) - program.run(x)).abs().max() < 1e-4  # the fusion fitted to the identity
 
 
+@pytest.mark.slow
 def test_each_part_is_shrunk_and_sends_its_features():
     program = program_of("vit_small")  # 6 heads, 10 classes
     decomposed, ctx = decompose(program, parts=2, keep=0.5)
@@ -106,6 +107,7 @@ def test_explicit_widths_give_every_part_that_many_heads_and_units():
         assert {(b.attn.num_heads, b.mlp.hidden) for b in part.program.structure.blocks} == {(2, 104)}
 
 
+@pytest.mark.slow
 def test_a_decomposed_program_saves_and_loads_as_it_was(tmp_path):
     decomposed, _ = decompose(program_of("deit_tiny"))
     decomposed.save(tmp_path / "program.pt")
@@ -114,6 +116,7 @@ def test_a_decomposed_program_saves_and_loads_as_it_was(tmp_path):
     assert torch.equal(loaded.run(images(4)), decomposed.run(images(4)))
 
 
+@pytest.mark.slow
 def test_the_fusion_fitted_batch_by_batch_is_the_fusion_fitted_at_once():
     import copy
 
@@ -128,6 +131,7 @@ def test_the_fusion_fitted_batch_by_batch_is_the_fusion_fitted_at_once():
     torch.testing.assert_close(batched.bias, at_once.bias, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_pass_after_decompose_runs_on_every_part_and_the_fusion_is_fitted_again_to_the_model_it_split():
     import copy
 
@@ -151,6 +155,7 @@ def test_a_pass_after_decompose_runs_on_every_part_and_the_fusion_is_fitted_agai
     assert not torch.equal(after.fusion.linear.weight, decomposed.fusion.linear.weight)
 
 
+@pytest.mark.slow
 def test_on_a_trained_model_a_fusion_fitted_with_parts_dropped_answers_without_one(digits):
     program, train, (x, y) = digits
 
@@ -175,6 +180,7 @@ def test_on_a_trained_model_a_fusion_fitted_with_parts_dropped_answers_without_o
     assert min(without(dropped, k) for k in (0, 1)) > max(without(plain, k) for k in (0, 1)) + 0.05
 
 
+@pytest.mark.slow
 def test_parts_distilled_on_their_classes_then_jointly_come_closer_to_the_model(digits):
     program, train, _ = digits
     x = train[0][:256]
@@ -203,6 +209,7 @@ def test_parts_distilled_on_their_classes_then_jointly_come_closer_to_the_model(
     assert not any(m._forward_hooks for p in distilled.parts for m in p.program.graph.modules())
 
 
+@pytest.mark.slow
 def test_relation_terms_read_the_middle_blocks_q_k_v_and_vanish_for_the_model_itself(digits):
     program, train, _ = digits
     spec = relation(program, program, 2.0)

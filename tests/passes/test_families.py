@@ -39,6 +39,7 @@ def test_the_pruned_model_saves_and_loads_with_the_same_outputs(family, tmp_path
     assert torch.equal(Program.load(tmp_path / "program.pt").run(images(4)), outputs(smaller))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", BROUGHT)
 def test_the_pruned_model_exports_to_onnx_with_parity(family, tmp_path):
     smaller = pruned(program_of(family))
@@ -48,6 +49,7 @@ def test_the_pruned_model_exports_to_onnx_with_parity(family, tmp_path):
                                atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", BROUGHT)
 def test_the_pruned_model_converts_to_tflite_with_parity(family):
     from ai_edge_litert.interpreter import Interpreter

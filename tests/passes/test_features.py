@@ -3,6 +3,7 @@ its features; evaluate, which needs class logits, refuses it by name."""
 
 import json
 
+import pytest
 import timm
 import torch
 
@@ -50,6 +51,7 @@ def test_patch_slims_search_measures_a_feature_extractors_own_output():
     assert ctx.found["keep"][0] == 1 and len(ctx.found["keep"]) == 2
 
 
+@pytest.mark.slow
 def test_a_feature_extractor_builds_to_onnx_with_parity_on_its_features(write_spec, tmp_path):
     compress = "compress {\n    head_prune { keep = 2/3 }\n    ffn_prune { keep = 0.5 }\n}\n"
     spec = write_spec(small_spec().replace(SMALL_MODEL, FEATURES).replace("target", compress + "target", 1))
@@ -61,6 +63,7 @@ def test_a_feature_extractor_builds_to_onnx_with_parity_on_its_features(write_sp
     assert parity["max_abs_diff"] < 1e-4 and parity["cosine"] > 0.9999
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_feature_extractor_naming_the_model(write_spec, tmp_path):
     (tmp_path / "val").mkdir()
     write_images(tmp_path / "val" / "a", 2)

@@ -34,6 +34,7 @@ def manifest(out):
     return json.loads((out / "small" / "cpu" / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_finetuning_a_pruned_model_learns_the_task_and_records_its_epochs(write_spec, tmp_path, digits):
     spec = write_spec(spec_text(digits))
     done = run_evc("build", spec, "--out", tmp_path / "out")
@@ -48,6 +49,7 @@ def test_finetuning_a_pruned_model_learns_the_task_and_records_its_epochs(write_
     assert max(e["top1"] for e in found["epochs"]) == pytest.approx(evaluation["compressed"]["top1"])
 
 
+@pytest.mark.slow
 def test_an_interrupted_finetune_resumes_from_its_checkpoint_in_the_cache(write_spec, tmp_path, digits):
     spec = write_spec(spec_text(digits))
     out = tmp_path / "out"
@@ -65,6 +67,7 @@ def test_an_interrupted_finetune_resumes_from_its_checkpoint_in_the_cache(write_
     assert manifest(out)["artifacts"][0]["sha256"] == first
 
 
+@pytest.mark.slow
 def test_unlabelled_images_with_cross_entropy_exit_2_naming_the_data(write_spec, tmp_path):
     write_images(tmp_path / "flat", 4)
     text = small_spec(extra='data train { images = "flat" }\ncompress {\n    '
@@ -84,6 +87,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_the_same_build_under_torchrun_trains_on_two_processes_and_writes_one_bundle(write_spec, tmp_path, digits):
     spec = write_spec(spec_text(digits))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -99,6 +103,7 @@ def test_the_same_build_under_torchrun_trains_on_two_processes_and_writes_one_bu
         [e["loss"] for e in one["passes"][1]["found"]["epochs"]], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_another_model_block_can_teach_and_changing_it_retrains(write_spec, tmp_path, digits):
     teacher = 'model teacher {{ source = timm("vit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = {d}, ' \
               'num_classes = 10) }}\n'
@@ -113,6 +118,7 @@ def test_another_model_block_can_teach_and_changing_it_retrains(write_spec, tmp_
     assert again.returncode == 0 and "built: " in again.stdout and "epoch 2/2" in again.stderr
 
 
+@pytest.mark.slow
 def test_prune_finetune_prune_finetune_each_finetune_trains_what_came_before(write_spec, tmp_path, digits):
     one = FINETUNE.format(extra="teacher = none, alpha = 0, augment = none").replace("epochs = 2", "epochs = 1")
     text = spec_text(digits).replace("compress {\n", "compress {\n    ffn_prune { keep = 0.5 }\n    " + one + "\n", 1)
@@ -124,6 +130,7 @@ def test_prune_finetune_prune_finetune_each_finetune_trains_what_came_before(wri
     assert done.stderr.count("epoch 1/1") == 1 and done.stderr.count("epoch 2/2") == 1
 
 
+@pytest.mark.slow
 def test_by_default_the_learning_rate_and_augmentation_fit_the_model_and_images(write_spec, tmp_path, digits):
     text = spec_text(digits).replace("lr = 1e-3, ", "").replace(", augment = none", "")
     assert "lr" not in text.split("finetune")[1] and "augment" not in text

@@ -148,6 +148,7 @@ def test_each_pass_cell_says_what_the_pass_does_to_the_family(family, column):
         assert said.removeprefix("refused: ") in str(refusal.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("column", list(FORMATS_MEASURED))
 @pytest.mark.parametrize("family", [family for family in FAMILIES if family not in BROUGHT])
 def test_each_format_cell_says_whether_the_compressed_family_lowers_with_parity(family, column, tmp_path):

@@ -127,6 +127,7 @@ def features_error(program: Program, slim: Program, data) -> float:
 
 
 # Random-weight models: a mean over tokens (vit_gap) feels every dropped patch, so it needs a looser tolerance.
+@pytest.mark.slow
 @pytest.mark.parametrize("family, tolerance", [("deit_tiny", 0.05), ("vit_gap", 0.4)])
 def test_search_finds_a_shrinking_schedule_within_tolerance_that_pastes_back_as_keep(family, tolerance):
     program, data = program_of(family), images(8)
@@ -141,6 +142,7 @@ def test_search_finds_a_shrinking_schedule_within_tolerance_that_pastes_back_as_
     assert torch.equal(outputs(pasted), outputs(after))
 
 
+@pytest.mark.slow
 def test_a_looser_tolerance_keeps_fewer_patches_and_a_tiny_one_keeps_all():
     program, data = program_of("deit_tiny"), images(8)
 

@@ -2,6 +2,7 @@
 
 
 import onnx
+import pytest
 
 from evc.driver import build
 from evc.registry import PASSES
@@ -17,6 +18,7 @@ COMPRESS = """compress {
 CALIB = "data calib { synthetic = 8 }\n"
 
 
+@pytest.mark.slow
 def test_compressed_model_exports_smaller_with_parity(write_spec, tmp_path):
     plain = write_spec(small_spec(), "plain.evc")
     compressed = write_spec(small_spec(extra=CALIB + COMPRESS), "small.evc")
@@ -53,6 +55,7 @@ def test_the_pruned_model_is_reloaded_from_the_cache_without_rerunning_passes(wr
     assert results[1].manifest["artifacts"][0]["parity"]["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_explain_shows_heads_hidden_and_skipped_parts_before_and_after(write_spec, tmp_path):
     spec = write_spec(small_spec(extra=CALIB + "compress {\n    head_prune { keep = 2/3 }\n"
                                  "    ffn_prune { keep = 0.5 }\n    block_skip { mlp = [1] }\n}\n"))
@@ -66,6 +69,7 @@ def test_explain_shows_heads_hidden_and_skipped_parts_before_and_after(write_spe
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_per_layer_list_of_the_wrong_length_names_the_depth(write_spec, tmp_path):
     spec = write_spec(small_spec(extra="compress {\n    head_prune { keep = [1, 0.5, 0.5] }\n}\n"))
     done = run_evc("build", spec, "--out", tmp_path / "out")
@@ -75,6 +79,7 @@ def test_a_per_layer_list_of_the_wrong_length_names_the_depth(write_spec, tmp_pa
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_block_to_skip_beyond_the_depth_points_at_its_key(write_spec, tmp_path):
     spec = write_spec(small_spec(extra="compress {\n    block_skip { attn = [0, 5] }\n}\n"))
     done = run_evc("build", spec, "--out", tmp_path / "out")
@@ -82,6 +87,7 @@ def test_a_block_to_skip_beyond_the_depth_points_at_its_key(write_spec, tmp_path
     assert ":7:25: error: block_skip: attn: block 5 does not exist: the model has depth 2" in done.stderr
 
 
+@pytest.mark.slow
 def test_changing_the_images_a_pass_scores_on_reruns_the_passes(write_spec, tmp_path):
     folder = write_images(tmp_path / "calib", 4)
     spec = write_spec(small_spec(extra='data calib { images = "calib" }\n'

@@ -104,6 +104,7 @@ def hidden(program, keep, round_to=1, score="l1"):
     return FfnPrune().run(program, params, Ctx(params, images()))
 
 
+@pytest.mark.slow
 def test_every_stage_is_recognised_with_its_width_and_blocks(staged):
     structure = program_of(staged).structure
     stages, of_block = STAGES[staged]
@@ -120,6 +121,7 @@ def pruned(program, keep, round_to=1):
     return hidden(program, keep, round_to)
 
 
+@pytest.mark.slow
 def test_keep_1_leaves_the_outputs_bit_identical(staged):
     program = program_of(staged)
     assert torch.equal(outputs(pruned(program, 1.0)), outputs(program))
@@ -255,6 +257,7 @@ def test_skipping_a_block_inside_a_stage_keeps_every_downsampling(staged):
     assert outputs(skipped).shape == (4, 10)
 
 
+@pytest.mark.slow
 def test_the_pruned_model_exports_to_onnx_with_parity(staged, tmp_path):
     program = pruned(program_of(staged), 0.5, round_to=8)
     export_onnx(program, tmp_path / "model.onnx", opset=17)
@@ -262,6 +265,7 @@ def test_the_pruned_model_exports_to_onnx_with_parity(staged, tmp_path):
     np.testing.assert_allclose(session(tmp_path / "model.onnx")(x), program.run(x), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_pruned_model_converts_to_tflite_with_parity(staged):
     from ai_edge_litert.interpreter import Interpreter
 

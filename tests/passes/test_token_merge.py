@@ -59,6 +59,7 @@ def test_the_merged_model_equals_tome_within_1e_5(family, proportional):
     assert (outputs(merged(program, 3, proportional), x) - expected).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_each_block_runs_on_r_fewer_tokens_and_the_macs_go_down(family):
     program = program_of(family)
     if (reason := program.structure.fixed_token_count()) is not None:
@@ -89,6 +90,7 @@ def test_a_per_layer_r_merges_only_where_asked():
     assert [b.tokens for b in after.structure.blocks] == [17, 17, 17, 13, 13, 13]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["deit_tiny", "plain_vit"])
 def test_it_combines_with_head_and_ffn_pruning_in_either_order(family):
     program = program_of(family)
@@ -105,6 +107,7 @@ def test_it_combines_with_head_and_ffn_pruning_in_either_order(family):
     assert (outputs(first) - outputs(last)).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_a_merged_program_reloads_with_its_structure_and_outputs(tmp_path):
     after = merged(program_of("deit_tiny_distilled"), 2)
     after.save(tmp_path / "program.pt")

@@ -1,6 +1,7 @@
 """The token passes inside a build: ONNX and TFLite with parity, the BPU op check, search, explain, errors."""
 
 import onnx
+import pytest
 
 from evc.driver import build
 from evc.spec.check import parse_and_check
@@ -19,6 +20,7 @@ def built(write_spec, tmp_path, compress, targets=TARGETS):
     return {r.target: r for r in build(parse_and_check(spec.read_text(), spec), tmp_path / "out")}
 
 
+@pytest.mark.slow
 def test_token_merge_with_head_prune_builds_onnx_tflite_and_x5_with_parity(write_spec, tmp_path):
     results = built(write_spec, tmp_path, "compress {\n    token_merge { r = 4 }\n    head_prune { keep = 2/3 }\n}\n")
     for name in ("cpu", "phone"):
@@ -33,6 +35,7 @@ def test_token_merge_with_head_prune_builds_onnx_tflite_and_x5_with_parity(write
     assert results["x5"].manifest["artifacts"][0]["ops"]["TopK"] >= 1
 
 
+@pytest.mark.slow
 def test_searched_patch_slim_builds_and_reports_its_schedule_in_manifest_and_explain(write_spec, tmp_path):
     compress = ("compress {\n    patch_slim { fuse = true, search = { tolerance = 0.5, step = 4, data = calib } }\n"
                 "    ffn_prune { keep = 0.5 }\n}\n")
@@ -62,6 +65,7 @@ def test_a_keep_list_that_drops_patches_before_block_0_points_at_the_list(write_
     assert "small.evc:7:25" in stderr and "block 0" in stderr
 
 
+@pytest.mark.slow
 def test_cls_attention_on_a_model_without_a_class_token_exits_2_naming_the_key(write_spec, tmp_path):
     gap = 'num_classes = 10, class_token = false, global_pool = "avg")'
     spec = write_spec(small_spec(extra="compress {\n    patch_slim { keep = 0.5, score = cls_attention }\n}\n")

@@ -313,6 +313,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_with_their_global_batch(tmp_path):
     script = tmp_path / "train_two.py"
     script.write_text(DISTRIBUTED)

@@ -22,6 +22,7 @@ def labelled_folder(root, classes=10, per_class=2):
     return root
 
 
+@pytest.mark.slow
 def test_a_build_records_and_prints_accuracy_before_after_and_per_artifact(write_spec, tmp_path):
     labelled_folder(tmp_path / "val")
     spec = write_spec(small_spec(extra='data val { images = "val" }\ncompress {\n    head_prune { keep = 2/3 }\n}\n'
@@ -41,6 +42,7 @@ def test_a_build_records_and_prints_accuracy_before_after_and_per_artifact(write
     assert "up to date" in again.stdout and "accuracy on data 'val'" in again.stdout
 
 
+@pytest.mark.slow
 def test_evaluating_on_unlabelled_images_exits_2_naming_the_data(write_spec, tmp_path):
     spec = write_spec(small_spec(extra="data val { synthetic = 4 }\nevaluate { data = val }\n"))
     done = run_evc("build", spec, "--out", tmp_path / "out")
@@ -53,6 +55,7 @@ def test_evaluate_naming_undefined_data_is_a_spec_error(write_spec):
     assert "undefined data 'vla'" in stderr and "did you mean 'val'" in stderr
 
 
+@pytest.mark.slow
 def test_every_artifact_with_a_runtime_here_is_scored_int8_proxy_and_tflite_included(write_spec, tmp_path):
     labelled_folder(tmp_path / "val", per_class=1)
     targets = ("target phone { device = android, format = tflite }\n"

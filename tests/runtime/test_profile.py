@@ -39,6 +39,7 @@ def _shaped(program, heads, units):
                           PerBlock(tuple(u / 768 for u in units)))
 
 
+@pytest.mark.slow
 def test_the_table_predicts_held_back_configurations_within_15_percent():
     """Three models of uneven blocks, timed in the same turns as the table's own, against its prediction."""
     torch.manual_seed(0)
@@ -79,6 +80,7 @@ target phone {{ device = android, format = tflite }}
 """
 
 
+@pytest.mark.slow
 def test_a_latency_budget_is_searched_on_the_targets_table_and_timed_after_the_build(tmp_path):
     spec = tmp_path / "m.evc"
     spec.write_text(SPEC.format(budget="latency = 70%, on = cpu, data = calib, samples = 8"))
@@ -116,6 +118,7 @@ def test_profile_names_a_target_it_cannot_time(tmp_path):
     assert done.returncode == 2 and "--target phone is a phone: give --serial SERIAL" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_phones_table_is_measured_over_adb_and_a_build_without_it_says_how(tmp_path):
     spec = tmp_path / "m.evc"
     spec.write_text(SPEC.format(budget="latency = 12ms, on = phone, data = calib"))
@@ -153,6 +156,7 @@ def _trtexec_log(median_ms: float) -> str:
     return TRTEXEC.replace("median = 1.91895 ms", f"median = {median_ms:.5f} ms")
 
 
+@pytest.mark.slow
 def test_a_boards_table_comes_from_a_kit_its_scripts_ran_on_the_board(tmp_path):
     """For a Jetson: the grid's bundles and profile.sh, then the logs read back into the table a budget reads."""
     import shutil

@@ -28,6 +28,7 @@ def bundle(tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 def test_the_bundle_carries_the_model_the_script_the_parser_and_the_readme(bundle):
     names = sorted(p.name for p in bundle.bundle.iterdir())
     assert names == ["README.md", "bench.sh", "manifest.json", "model.tflite", "parse_benchmark_model.py"]
@@ -36,6 +37,7 @@ def test_the_bundle_carries_the_model_the_script_the_parser_and_the_readme(bundl
     assert "no Flex delegate is needed" in readme
 
 
+@pytest.mark.slow
 def test_the_bench_script_passes_shellcheck(bundle):
     done = subprocess.run(["shellcheck", str(bundle.bundle / "bench.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
@@ -57,6 +59,7 @@ def test_a_value_that_is_no_mask_serial_or_count_is_a_spec_error(write_spec, ent
     assert entry.split(" =")[0] in done.stderr
 
 
+@pytest.mark.slow
 def test_spec_strings_rendered_into_the_script_cannot_run_shell(bundle, tmp_path):
     """Even past the checker, every value reaches bench.sh quoted: running it runs none of them."""
     marker = tmp_path / "injected"
@@ -70,6 +73,7 @@ def test_spec_strings_rendered_into_the_script_cannot_run_shell(bundle, tmp_path
     assert done.returncode == 2 and not marker.exists()
 
 
+@pytest.mark.slow
 def test_the_bench_script_says_plainly_what_is_missing(bundle, tmp_path):
     script = str(bundle.bundle / "bench.sh")
     (tmp_path / "bin").mkdir()
@@ -96,6 +100,7 @@ esac
 """
 
 
+@pytest.mark.slow
 def test_the_bench_script_pushes_runs_each_thread_count_and_parses(bundle, tmp_path):
     work = tmp_path / "bundle"
     subprocess.run(["cp", "-r", str(bundle.bundle), str(work)], check=True)
@@ -126,6 +131,7 @@ def adb_port(monkeypatch):
     subprocess.run(["adb", "kill-server"], capture_output=True)
 
 
+@pytest.mark.slow
 def test_bench_on_a_serial_no_adb_server_knows_exits_2(bundle, adb_port):
     subprocess.run(["adb", "start-server"], check=True, capture_output=True)
     done = run_evc("bench", bundle.bundle, "--serial", "R58M0000000")
@@ -134,6 +140,7 @@ def test_bench_on_a_serial_no_adb_server_knows_exits_2(bundle, adb_port):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_bench_on_a_serial_with_no_adb_server_and_no_adb_to_start_one_exits_2(bundle, adb_port, monkeypatch):
     subprocess.run(["adb", "kill-server"], capture_output=True)
     monkeypatch.setenv("ADBUTILS_ADB_PATH", "/nonexistent/adb")
@@ -143,12 +150,14 @@ def test_bench_on_a_serial_with_no_adb_server_and_no_adb_to_start_one_exits_2(bu
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_bench_without_a_serial_times_the_model_here_in_litert(bundle):
     done = run_evc("bench", bundle.bundle, "--runs", "3")
     assert done.returncode == 0, done.stderr
     assert [line.split("│")[5].strip() for line in done.stdout.splitlines() if "model.tflite" in line] == ["1", "4"]
 
 
+@pytest.mark.slow
 def test_the_android_spec_builds_on_a_fresh_machine(tmp_path):
     spec = ROOT / "specs" / "deit_small_android.evc"
     done = run_evc("build", spec, "--out", tmp_path)

@@ -62,6 +62,7 @@ def weighted_spec(tmp_path, class_token_std=None, extra=""):
 
 # ---- the bundle ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_bundle_holds_model_config_calibration_check_proxy_and_scripts(small):
     _, bundle, manifest = small
     assert sorted(p.name for p in bundle.iterdir()) == [
@@ -160,6 +161,7 @@ def test_the_int8_proxy_runs_its_quantize_dequantize_pairs_in_float_so_any_x86_h
     assert np.array_equal(FORMATS["bpu"].plugin.run(proxy, images), as_written)
 
 
+@pytest.mark.slow
 @needs_qemu
 def test_the_int8_proxy_gives_this_hosts_numbers_on_avx2_without_vnni(small, tmp_path):
     """What the test above argues, run: the proxy on an emulated Haswell (AVX2, no AVX-512, no VNNI;
@@ -239,6 +241,7 @@ def test_a_calibration_type_the_proxy_cannot_follow_stops_the_build_naming_it():
         proxy_plan(onnx.ModelProto(), config, set())
 
 
+@pytest.mark.slow
 def test_at_random_weights_the_build_summary_says_the_proxy_is_not_judged_and_why(write_spec, tmp_path):
     done = run_evc("build", write_spec(small_spec(X5, extra=CALIB)), "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
@@ -249,6 +252,7 @@ def test_at_random_weights_the_build_summary_says_the_proxy_is_not_judged_and_wh
     assert "cosine 1.00000" in onnx_line  # the float model's parity is still printed
 
 
+@pytest.mark.slow
 def test_an_int8_collapse_of_a_model_with_weights_fails_the_build_with_exit_1(write_spec, tmp_path):
     # A checkpoint of the random init: its class token (~1e-6) is below int8 resolution.
     spec = write_spec(weighted_spec(tmp_path))
@@ -260,6 +264,7 @@ def test_an_int8_collapse_of_a_model_with_weights_fails_the_build_with_exit_1(wr
     assert failed["artifacts"][1]["parity"]["cosine"] < 0.9
 
 
+@pytest.mark.slow
 def test_a_model_with_weights_whose_int8_proxy_holds_passes_the_gate(tmp_path):
     _, result = build_spec(tmp_path / "small.evc", weighted_spec(tmp_path, class_token_std=1.0))
     proxy = result.manifest["artifacts"][1]
@@ -284,6 +289,7 @@ def test_calibrate_is_required():
     assert caught.value.diagnostics[0].message == "target 'x5' is missing required key 'calibrate'"
 
 
+@pytest.mark.slow
 def test_an_odd_input_size_cannot_be_an_nv12_camera_input(write_spec, tmp_path):
     tiny = 'timm("vit_tiny_patch16_224", img_size = 7, patch_size = 7, depth = 1, num_classes = 10)'
     spec = write_spec(small_spec(X5, extra=CALIB).replace(SMALL_MODEL, tiny).replace("image(32, 32)", "image(7, 7)"))

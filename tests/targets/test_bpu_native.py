@@ -60,17 +60,20 @@ def lowered_model(request, tmp_path_factory):
     path.unlink()
 
 
+@pytest.mark.slow
 def test_every_node_runs_on_the_bpu(lowered_model):
     name, _, _, _, report, _ = lowered_model
     assert report["summary"]["cpu"] == report["summary"]["unsupported"] == 0, [
         (n["node"], n["why"]) for n in report["nodes"] if n["on"] != "bpu"]
 
 
+@pytest.mark.slow
 def test_the_rewritten_onnx_matches_pytorch_within_1e_4(lowered_model):
     _, program, path, _, _, _ = lowered_model
     assert max_abs_diff(program, path) <= 1e-4
 
 
+@pytest.mark.slow
 def test_no_tensor_is_above_4d_but_the_window_views_of_swin_and_efficientvit(lowered_model):
     name, _, _, model, _, _ = lowered_model
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -79,6 +82,7 @@ def test_no_tensor_is_above_4d_but_the_window_views_of_swin_and_efficientvit(low
     assert above <= ABOVE_4D.get(name, set())
 
 
+@pytest.mark.slow
 def test_without_the_rewrite_the_table_sends_these_nodes_to_the_cpu(lowered_model):
     name, *_, raw = lowered_model
     assert raw["summary"]["cpu"] == RAW_CPU[name]

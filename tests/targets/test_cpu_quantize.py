@@ -38,6 +38,7 @@ def optimized_ops(path, tmp_path) -> set[str]:
     return {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "dynamic"])
 def test_a_quantized_artifact_is_written_in_place_of_the_fp32_one_and_passes_its_cosine_threshold(random_builds, mode):
     bundle = random_builds[mode].bundle
@@ -50,12 +51,14 @@ def test_a_quantized_artifact_is_written_in_place_of_the_fp32_one_and_passes_its
     assert "random" in artifact["parity_thresholds"]["top1_not_judged"]
 
 
+@pytest.mark.slow
 def test_fp32_onnx_is_still_judged_on_max_abs_diff(random_builds):
     (artifact,) = random_builds["none"].manifest["artifacts"]
     assert artifact["path"] == "model.onnx" and artifact["quantize"] == "none"
     assert artifact["parity_thresholds"] == {"max_abs_diff": 1e-4} and artifact["parity"]["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "dynamic"])
 def test_a_quantized_artifact_runs_in_onnx_runtime_with_float_input_and_output(random_builds, mode):
     images = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
@@ -63,6 +66,7 @@ def test_a_quantized_artifact_runs_in_onnx_runtime_with_float_input_and_output(r
     assert logits.shape == (3, 10) and logits.dtype == np.float32 and np.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_int8_is_qdq_with_its_weights_stored_in_8_bits(random_builds):
     artifact = random_builds["int8"].manifest["artifacts"][0]
     model = onnx.load(str(random_builds["int8"].bundle / QUANTIZED["int8"]))
@@ -76,6 +80,7 @@ def test_int8_is_qdq_with_its_weights_stored_in_8_bits(random_builds):
     assert activations == {TensorProto.UINT8}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "dynamic"])
 def test_weights_use_7_bits_so_avx2_pair_sums_cannot_saturate(random_builds, mode):
     model = onnx.load(str(random_builds[mode].bundle / QUANTIZED[mode]))
@@ -84,6 +89,7 @@ def test_weights_use_7_bits_so_avx2_pair_sums_cannot_saturate(random_builds, mod
     assert weights and max(int(np.abs(w).max()) for w in weights) <= 64
 
 
+@pytest.mark.slow
 def test_onnx_runtime_runs_the_quantized_models_in_its_int8_kernels(random_builds, tmp_path):
     int8 = optimized_ops(random_builds["int8"].bundle / QUANTIZED["int8"], tmp_path)
     assert {"QGemm", "QLinearMatMul", "QLinearConv"} <= int8
@@ -92,12 +98,14 @@ def test_onnx_runtime_runs_the_quantized_models_in_its_int8_kernels(random_build
     assert "Gemm" not in int8 and "Gemm" not in dynamic  # no Linear left in float
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, share", [("int8", 0.3), ("dynamic", 0.3)])
 def test_a_quantized_model_is_under_a_third_of_the_fp32_size(random_builds, mode, share):
     fp32 = random_builds["none"].manifest["artifacts"][0]["size"]
     assert random_builds[mode].manifest["artifacts"][0]["size"] < share * fp32
 
 
+@pytest.mark.slow
 def test_the_bench_script_times_the_quantized_model_and_names_the_int8_instructions(random_builds, tmp_path):
     bundle = random_builds["int8"].bundle
     readme = (bundle / "README.md").read_text()
@@ -110,6 +118,7 @@ def test_the_bench_script_times_the_quantized_model_and_names_the_int8_instructi
     assert result["results"][0]["median_ms"] > 0 and isinstance(result["int8_instructions"], list)
 
 
+@pytest.mark.slow
 def test_evc_bench_times_a_quantized_artifact_here(random_builds):
     done = run_evc("bench", random_builds["dynamic"].bundle, "--runs", "2", "--threads", "1")
     assert done.returncode == 0, done.stderr
@@ -152,6 +161,7 @@ def test_quantize_below_opset_13_is_a_spec_error_at_opset(write_spec):
 
 # ---- on a trained model -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_on_a_trained_model_int8_and_dynamic_pass_with_top1_judged(toy):  # noqa: F811 - the imported fixture
     results = build_spec(toy, toy_spec(
         "target int8 { device = cpu, format = onnx, quantize = int8, calibrate = images, validate = images }\n"
@@ -163,6 +173,7 @@ def test_on_a_trained_model_int8_and_dynamic_pass_with_top1_judged(toy):  # noqa
         assert artifact["parity"]["cosine"] >= THRESHOLDS[mode][0]
 
 
+@pytest.mark.slow
 def test_blank_calibration_fails_the_build_with_exit_1_naming_the_artifact(toy):  # noqa: F811
     (toy / "blank.evc").write_text(toy_spec(
         "target collapsed { device = cpu, format = onnx, quantize = int8, calibrate = blank, validate = images }"))
@@ -173,6 +184,7 @@ def test_blank_calibration_fails_the_build_with_exit_1_naming_the_artifact(toy):
     assert "Traceback" not in done.stderr and not (toy / "out" / "blank" / "collapsed").exists()
 
 
+@pytest.mark.slow
 def test_int8_calibrated_on_mis_scaled_images_collapses_and_fails_parity(toy):  # noqa: F811
     """Dim noise (pixels 0 to 8 of 255) is not flat, but sets ranges that clip real images: the parity check catches
     what the flat-image check cannot."""
@@ -195,6 +207,7 @@ def test_int8_calibrated_on_mis_scaled_images_collapses_and_fails_parity(toy):  
 
 # ---- the same integers on every x86 CPU ----------------------------------------------------------
 
+@pytest.mark.slow
 @needs_qemu
 def test_int8_computes_the_same_on_avx2_without_vnni_and_8_bit_weights_would_not(random_builds, tmp_path):
     """The 7-bit weights' reason, measured: on an emulated Haswell, whose uint8 × int8 products ONNX Runtime

@@ -114,6 +114,7 @@ def test_the_bundle_readme_says_what_node_info_names_and_what_the_proxy_does_for
     assert "divides in float by the divisor" in readme
 
 
+@pytest.mark.slow
 def test_by_default_node_info_names_no_layer_norm_node(tmp_path):
     _, result = build_spec(tmp_path / "small.evc", affine_spec(tmp_path, int16="[softmax]"))
     model = onnx.load(result.bundle / "model.onnx")

@@ -86,12 +86,14 @@ def test_the_table_puts_softmax_on_the_bpu_only_through_node_info_and_layer_norm
 
 # ---- deit_tiny, no compress block ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_deit_tiny_puts_all_12_softmax_nodes_of_its_model_onnx_in_node_info(deit):
     names = softmax_names(deit.bundle)
     assert len(names) == 12
     assert list(node_info(deit.bundle)) == names
 
 
+@pytest.mark.slow
 def test_deit_tiny_layer_norm_and_gelu_export_at_opset_11_as_elementary_ops_on_the_bpu(deit):
     artifact = deit.manifest["artifacts"][0]
     assert artifact["opset"] == 11
@@ -101,6 +103,7 @@ def test_deit_tiny_layer_norm_and_gelu_export_at_opset_11_as_elementary_ops_on_t
         "bpu"}
 
 
+@pytest.mark.slow
 def test_deit_tiny_runs_every_node_on_the_bpu_with_no_tensor_above_4d(deit):
     """Exported as timm writes it, 12 q/k/v Splits along axis 0 of a 5-D tensor went to the CPU, one per block;
     lowered as three projections per block, none does (test_bpu_native.py checks each rewrite)."""
@@ -111,6 +114,7 @@ def test_deit_tiny_runs_every_node_on_the_bpu_with_no_tensor_above_4d(deit):
     assert not {"Split", "Squeeze"} & {n.op_type for n in model.graph.node}
 
 
+@pytest.mark.slow
 def test_deit_tiny_float_parity_holds_and_its_int8_proxy_is_reported(deit):
     onnx_artifact, proxy = deit.manifest["artifacts"]
     assert onnx_artifact["parity"]["max_abs_diff"] < 1e-4
@@ -120,6 +124,7 @@ def test_deit_tiny_float_parity_holds_and_its_int8_proxy_is_reported(deit):
 
 # ---- efficientvit_m5, the model zoo's -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_efficientvit_m5_puts_one_softmax_per_remaining_head_of_its_cascaded_group_attention_in_node_info(
         efficientvit):
     blocks = efficientvit.manifest["structure"]["blocks"]
@@ -130,6 +135,7 @@ def test_efficientvit_m5_puts_one_softmax_per_remaining_head_of_its_cascaded_gro
     assert list(node_info(efficientvit.bundle)) == names
 
 
+@pytest.mark.slow
 def test_efficientvit_m5_softmax_inputs_are_4d_and_all_its_ops_run_on_the_bpu(efficientvit):
     model = onnx.shape_inference.infer_shapes(onnx.load(efficientvit.bundle / "model.onnx"))
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.value_info}
@@ -139,6 +145,7 @@ def test_efficientvit_m5_softmax_inputs_are_4d_and_all_its_ops_run_on_the_bpu(ef
     assert check["cpu"] == []  # the head's BatchNormalization on (1, C) runs on (1, C, 1, 1)
 
 
+@pytest.mark.slow
 def test_efficientvit_m5_int8_proxy_stays_close_to_pytorch(efficientvit):
     onnx_artifact, proxy = efficientvit.manifest["artifacts"]
     assert onnx_artifact["parity"]["cosine"] > 0.99999
@@ -146,6 +153,7 @@ def test_efficientvit_m5_int8_proxy_stays_close_to_pytorch(efficientvit):
     assert onnx_artifact["toolchain"]["calibration_samples"] == 64
 
 
+@pytest.mark.slow
 def test_pruning_efficientvit_m5_puts_no_more_nodes_on_the_cpu(efficientvit, tmp_path):
     text = (ROOT / "specs" / "efficientvit_m5_x5.evc").read_text()
     compress = text[text.index("compress {"):text.index("target x5")]
@@ -159,6 +167,7 @@ def test_pruning_efficientvit_m5_puts_no_more_nodes_on_the_cpu(efficientvit, tmp
 
 # ---- the scripts --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_generated_scripts_pass_shellcheck(deit, efficientvit):
     for bundle in (deit.bundle, efficientvit.bundle):
         done = subprocess.run(["shellcheck", "build.sh", "bench.sh"], cwd=bundle, capture_output=True, text=True)
@@ -199,6 +208,7 @@ def hostile(deit, tmp_path):
     return bundle, bin_dir, evil
 
 
+@pytest.mark.slow
 def test_build_sh_runs_the_checker_then_makertbin_passing_spec_values_as_plain_words(hostile):
     bundle, bin_dir, evil = hostile
     fake(bin_dir, "hb_mapper", 'printf "%s\\n" "$PWD" "$@" "--" >> "$CALLS"\n')
@@ -213,6 +223,7 @@ def test_build_sh_runs_the_checker_then_makertbin_passing_spec_values_as_plain_w
     assert not list(bundle.parent.rglob("PWNED"))
 
 
+@pytest.mark.slow
 def test_bench_sh_runs_hrt_model_exec_at_each_thread_count_and_prints_its_results(hostile):
     bundle, bin_dir, evil = hostile
     fake(bin_dir, "hrt_model_exec", f"""printf "%s\\n" "$@" "--" >> "$CALLS"
@@ -234,6 +245,7 @@ fi
     assert not list(bundle.parent.rglob("PWNED"))
 
 
+@pytest.mark.slow
 def test_bench_sh_without_the_compiled_model_says_how_to_make_it(deit):
     done = subprocess.run(["bash", deit.bundle / "bench.sh"], capture_output=True, text=True)
     assert done.returncode == 1

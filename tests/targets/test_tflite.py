@@ -35,6 +35,7 @@ def random_builds(tmp_path_factory):
     return build_spec(tmp_path_factory.mktemp("tflite"), small_spec(targets, extra="data calib { synthetic = 8 }\n"))
 
 
+@pytest.mark.slow
 def test_fp32_tflite_matches_pytorch_within_1e_4(random_builds):
     (artifact,) = random_builds["none"].manifest["artifacts"]
     assert artifact["path"] == "model.tflite" and artifact["format"] == "tflite" and artifact["quantize"] == "none"
@@ -42,6 +43,7 @@ def test_fp32_tflite_matches_pytorch_within_1e_4(random_builds):
     assert artifact["io"] == {"input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
 
 
+@pytest.mark.slow
 def test_the_signature_reads_input_to_logits_as_the_onnx_artifact_does(random_builds):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -49,6 +51,7 @@ def test_the_signature_reads_input_to_logits_as_the_onnx_artifact_does(random_bu
     assert interpreter.get_signature_list() == {"serving_default": {"inputs": ["input"], "outputs": ["logits"]}}
 
 
+@pytest.mark.slow
 def test_every_op_of_the_default_build_is_a_builtin_and_none_needs_flex(random_builds):
     for result in random_builds.values():
         artifact = result.manifest["artifacts"][0]
@@ -60,6 +63,7 @@ def test_every_op_of_the_default_build_is_a_builtin_and_none_needs_flex(random_b
     assert ops["SOFTMAX"]["count"] == 2 and ops["GELU"]["count"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, share", [("float16", 0.5), ("dynamic", 0.25), ("int8", 0.25)])
 def test_a_quantized_mode_shrinks_the_model_and_passes_its_cosine_threshold(random_builds, mode, share):
     fp32 = random_builds["none"].manifest["artifacts"][0]["size"]
@@ -70,6 +74,7 @@ def test_a_quantized_mode_shrinks_the_model_and_passes_its_cosine_threshold(rand
     assert artifact["parity"]["cosine"] >= THRESHOLDS[mode][0]
 
 
+@pytest.mark.slow
 def test_at_random_weights_top1_is_not_judged_and_the_manifest_says_why(random_builds):
     limits = random_builds["dynamic"].manifest["artifacts"][0]["parity_thresholds"]
     assert limits["top1_agreement"] is None and "random" in limits["top1_not_judged"]
@@ -77,6 +82,7 @@ def test_at_random_weights_top1_is_not_judged_and_the_manifest_says_why(random_b
     assert "top-1 agreement was not judged: the weights are random" in readme
 
 
+@pytest.mark.slow
 def test_an_int8_model_takes_int8_input_and_the_manifest_gives_its_scale(random_builds):
     io = random_builds["int8"].manifest["artifacts"][0]["io"]
     assert io["input"]["dtype"] == "int8" and io["input"]["scale"] > 0
@@ -84,12 +90,14 @@ def test_an_int8_model_takes_int8_input_and_the_manifest_gives_its_scale(random_
     assert "then quantize" in (random_builds["int8"].bundle / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_running_an_artifact_gives_one_row_of_logits_per_image(random_builds):
     images = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
     for mode in MODES:
         assert Tflite().run(random_builds[mode].bundle / "model.tflite", images).shape == (3, 10)
 
 
+@pytest.mark.slow
 def test_an_op_kept_for_tensorflow_is_reported_as_needing_the_flex_delegate(random_builds, tmp_path):
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
@@ -129,6 +137,7 @@ def test_a_model_litert_torch_cannot_lower_fails_naming_the_op(tmp_path):
         build_spec(tmp_path, text)
 
 
+@pytest.mark.slow
 def test_evc_bench_times_a_tflite_artifact_here_with_litert(random_builds):
     done = run_evc("bench", random_builds["dynamic"].bundle, "--runs", "3", "--threads", "1")
     assert done.returncode == 0, done.stderr
@@ -136,6 +145,7 @@ def test_evc_bench_times_a_tflite_artifact_here_with_litert(random_builds):
     assert "tflite" in row and "cosine" in row
 
 
+@pytest.mark.slow
 def test_the_cpu_bench_script_times_the_tflite_with_litert_alone(random_builds, tmp_path):
     bundle = random_builds["none"].bundle
     assert "ai_edge_litert" in (bundle / "README.md").read_text()
@@ -202,6 +212,7 @@ def toy_spec(targets):
             'data images { images = "images" }\ndata blank { images = "blank" }\n' + targets + "\n")
 
 
+@pytest.mark.slow
 def test_on_a_trained_model_correct_quantizations_pass_with_top1_judged(toy):
     results = build_spec(toy, toy_spec(
         "target dynamic { device = android, format = tflite, quantize = dynamic, validate = images }\n"
@@ -213,6 +224,7 @@ def test_on_a_trained_model_correct_quantizations_pass_with_top1_judged(toy):
         assert artifact["parity"]["cosine"] >= THRESHOLDS[mode][0]
 
 
+@pytest.mark.slow
 def test_int8_calibrated_on_blank_images_collapses_and_fails_the_build(toy):
     with pytest.raises(BuildError, match="quantize = int8: worst cosine .* is below 0.6"):
         build_spec(toy, toy_spec(
@@ -222,6 +234,7 @@ def test_int8_calibrated_on_blank_images_collapses_and_fails_the_build(toy):
     assert failed["artifacts"][0]["parity"]["top1_agreement"] < THRESHOLDS["int8"][1]
 
 
+@pytest.mark.slow
 @needs_qemu
 def test_each_mode_gives_this_machines_logits_on_avx2_without_vnni(random_builds, tmp_path):
     """LiteRT's kernels on an emulated Haswell (AVX2, no AVX-512, no VNNI; tests/emulated.py) against this

@@ -55,6 +55,7 @@ def edited(bundle, tmp_path, edit, name="edited"):
     return copy
 
 
+@pytest.mark.slow
 def test_build_json_is_one_document_with_each_bundle_and_its_manifest(builds):
     base, _, document = builds
     assert document["schema"] == "evc.build/1" and document["spec"].endswith("base.evc")
@@ -64,6 +65,7 @@ def test_build_json_is_one_document_with_each_bundle_and_its_manifest(builds):
         assert bundle["manifest"] == json.loads((base / bundle["target"] / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_second_build_json_says_up_to_date(builds):
     base, _, _ = builds
     done = run_evc("build", base.parent.parent / "base.evc", "--out", base.parent, "--json")
@@ -71,6 +73,7 @@ def test_a_second_build_json_says_up_to_date(builds):
     assert [b["cached"] for b in json.loads(done.stdout)["bundles"]] == [True, True]
 
 
+@pytest.mark.slow
 def test_diff_of_two_build_folders_matches_targets_and_shows_the_macs_cut(builds):
     base, change, _ = builds
     done = diff(base, change, "--json")
@@ -90,6 +93,7 @@ def test_diff_of_two_build_folders_matches_targets_and_shows_the_macs_cut(builds
         assert target["status"] == "changed"
 
 
+@pytest.mark.slow
 def test_diff_of_a_build_with_itself_has_no_change_and_passes_every_threshold(builds):
     base, _, _ = builds
     done = diff(base, base, "--fail-on", "macs+0%", "--fail-on", "top1-0", "--fail-on", "latency+0")
@@ -97,6 +101,7 @@ def test_diff_of_a_build_with_itself_has_no_change_and_passes_every_threshold(bu
     assert done.stdout.count("no change") == 2 and "CROSSED" not in done.stdout
 
 
+@pytest.mark.slow
 def test_more_macs_than_the_baseline_crosses_macs_plus_0(builds):
     base, change, _ = builds
     assert diff(base, change, "--fail-on", "macs+0%").returncode == 0  # fewer MACs: fine
@@ -105,6 +110,7 @@ def test_more_macs_than_the_baseline_crosses_macs_plus_0(builds):
     assert "CROSSED: macs+0% on target cpu" in done.stdout and "CROSSED: macs+0% on target cpu2" in done.stdout
 
 
+@pytest.mark.slow
 def test_an_accuracy_drop_beyond_the_threshold_exits_1(builds, tmp_path):
     base, _, _ = builds
     old = json.loads((base / "cpu" / "manifest.json").read_text())["evaluation"]["compressed"]["top1"]
@@ -120,6 +126,7 @@ def test_an_accuracy_drop_beyond_the_threshold_exits_1(builds, tmp_path):
     assert diff(base / "cpu", worse, "--fail-on", "top1-2.5").returncode == 0
 
 
+@pytest.mark.slow
 def test_size_and_latency_thresholds_read_the_manifest_and_bench_json(builds, tmp_path):
     base, _, _ = builds
     bench = run_evc("bench", base / "cpu", "--json", "--runs", "3", "--threads", "1")
@@ -145,6 +152,7 @@ def test_size_and_latency_thresholds_read_the_manifest_and_bench_json(builds, tm
     assert diff(old, new, "--fail-on", "size+25%").returncode == 0
 
 
+@pytest.mark.slow
 def test_a_target_only_in_one_build_is_reported_added_or_removed(builds, tmp_path):
     base, _, _ = builds
     one = tmp_path / "one"
@@ -153,6 +161,7 @@ def test_a_target_only_in_one_build_is_reported_added_or_removed(builds, tmp_pat
     assert [(t["target"], t["status"]) for t in report["targets"]] == [("cpu", "same"), ("cpu2", "added")]
 
 
+@pytest.mark.slow
 def test_a_bad_threshold_expression_exits_2_naming_it(builds):
     base, _, _ = builds
     for expression, says in (("latency+five", "expected METRIC+N"), ("speed+5%", "unknown metric 'speed'")):
@@ -161,6 +170,7 @@ def test_a_bad_threshold_expression_exits_2_naming_it(builds):
         assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_threshold_on_a_figure_the_build_lacks_exits_2_naming_the_key(builds, tmp_path):
     base, _, _ = builds
     plain = edited(base / "cpu", tmp_path, lambda m: m.pop("evaluation"))
@@ -168,6 +178,7 @@ def test_a_threshold_on_a_figure_the_build_lacks_exits_2_naming_the_key(builds, 
     assert done.returncode == 2 and "evaluation.compressed.top1" in done.stderr and str(plain) in done.stderr
 
 
+@pytest.mark.slow
 def test_an_unreadable_manifest_exits_2_naming_the_file_or_key(builds, tmp_path):
     base, _, _ = builds
     broken = tmp_path / "broken" / "cpu"

@@ -4,6 +4,8 @@ holds the compressed program; `--json`."""
 import json
 import sys
 
+import pytest
+
 from evc.driver import build
 from evc.spec.check import parse_and_check
 from evc.spec.params import Int, Param
@@ -26,6 +28,7 @@ def explain_without_torch(*args):
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_explain_shows_the_model_as_loaded_then_the_passes_as_written_then_before_and_after(write_spec, tmp_path):
     done = run_evc("explain", write_spec(small_spec(extra=PASSES)), "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
@@ -42,6 +45,7 @@ def test_explain_shows_the_model_as_loaded_then_the_passes_as_written_then_befor
     assert "from the build cache" not in done.stderr
 
 
+@pytest.mark.slow
 def test_explain_json_is_one_document_with_the_passes_as_written(write_spec, tmp_path):
     done = run_evc("explain", write_spec(small_spec(extra=PASSES)), "--out", tmp_path / "out", "--json")
     assert done.returncode == 0, done.stderr
@@ -79,6 +83,7 @@ def test_explain_after_a_build_reads_the_cache_and_runs_no_pass(registered_pass,
     assert record["passes"] == [{"name": "counted", "written": {"n": "7"}, "defaults": {}, "found": {}}]
 
 
+@pytest.mark.slow
 def test_explain_from_the_cache_never_imports_torch_and_shows_the_same(write_spec, tmp_path):
     spec = write_spec(small_spec(extra=PASSES))
     out = tmp_path / "out"
@@ -92,6 +97,7 @@ def test_explain_from_the_cache_never_imports_torch_and_shows_the_same(write_spe
     assert {**json.loads(fresh.stdout), "cached": True} == cached
 
 
+@pytest.mark.slow
 def test_an_x5_targets_operator_check_comes_from_the_cached_lowering(write_spec, tmp_path):
     spec = write_spec(small_spec(targets=X5, extra=PASSES))
     out = tmp_path / "out"

@@ -99,6 +99,7 @@ def placement_bars(build):
     return len({(n["op"], n["on"]) for n in nodes})
 
 
+@pytest.mark.slow
 def test_the_report_of_a_build_draws_every_chart_with_no_network_and_no_console_message(built):
     page, _ = draw(built / "report.html")
     assert page.body.get("data-charts") == "drawn"
@@ -106,6 +107,7 @@ def test_the_report_of_a_build_draws_every_chart_with_no_network_and_no_console_
     assert not [c["attrs"]["data-error"] for c in page.charts.values() if "data-error" in c["attrs"]]
 
 
+@pytest.mark.slow
 def test_each_chart_has_one_mark_per_datum(built):
     page, console = draw(built / "report.html")
     assert console == []
@@ -130,6 +132,7 @@ def test_each_chart_has_one_mark_per_datum(built):
     assert "chart-latency-cpu" not in marks  # nothing measured yet
 
 
+@pytest.mark.slow
 def test_the_manifest_counts_each_block_by_part_and_the_parts_add_up(built):
     summary = manifest(built, "cpu")["params_macs"]
     for when in ("before", "after"):
@@ -143,6 +146,7 @@ def test_the_manifest_counts_each_block_by_part_and_the_parts_add_up(built):
     assert all(b["parts"]["tokens"]["params"] == 0 for b in summary["after"]["blocks"])
 
 
+@pytest.mark.slow
 def test_evc_report_folds_in_benchmarks_here_and_on_the_board(built, tmp_path):
     bench = run_evc("bench", built / "cpu", "--runs", "3", "--threads", "1", "2")
     assert bench.returncode == 0, bench.stderr
@@ -180,6 +184,7 @@ fi
     assert "<td>8.57 ms</td>" in text and "<td>16.09 ms</td>" in text and "hrt_model_exec perf" in text
 
 
+@pytest.mark.slow
 def test_an_unchanged_rebuild_leaves_the_report_and_a_new_bench_makes_it_stale(built):
     from evc.tools.report import is_current
 
@@ -194,6 +199,7 @@ def test_an_unchanged_rebuild_leaves_the_report_and_a_new_bench_makes_it_stale(b
     assert not list(built.glob(".report.html*"))  # written beside, renamed into place
 
 
+@pytest.mark.slow
 def test_the_page_needs_nothing_from_outside_it(built):
     text = (built / "report.html").read_text()
     assert "<script src" not in text and "<link" not in text and "@import" not in text

@@ -20,6 +20,7 @@ def _fails(done, code: int) -> str:
     return done.stderr
 
 
+@pytest.mark.slow
 def test_infer_prints_the_class_of_every_image_from_the_served_parts(bundles, serve, tmp_path):
     bundle = bundles["three"]
     x = images(3)
@@ -69,6 +70,7 @@ def test_infer_refuses_bad_arguments_with_exit_2(bundles, tmp_path, args, messag
     assert message in _fails(run_evc("infer", bundles["two"], tmp_path / "batch.npy", *args), 2)
 
 
+@pytest.mark.slow
 def test_infer_refuses_bad_input_files_with_exit_2(bundles, tmp_path):
     peers = ("--peers", "127.0.0.1:1,127.0.0.1:2")
     assert "no such bundle folder" in _fails(run_evc("infer", tmp_path / "absent", "x.npy", *peers), 2)
