@@ -90,8 +90,9 @@ def checkout(revision: str, scratch: Path) -> dict:
     tree = scratch / "against"
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), revision], check=True, capture_output=True,
                    cwd=ROOT)
-    for package in ("passes", "targets"):
-        (tree / "evc" / package).symlink_to(tree / package)
+    for package in ("passes", "targets"):  # before evc/passes and evc/targets, they sat beside evc/
+        if (tree / package).is_dir() and not (tree / "evc" / package).exists():
+            (tree / "evc" / package).symlink_to(tree / package)
     return {**os.environ, "PYTHONPATH": str(tree)}
 
 
@@ -106,6 +107,9 @@ def one_round(scratch: Path, against: dict | None) -> dict[str, float]:
         earlier = Path(tempfile.mkdtemp(dir=scratch))
         times["evc build (earlier revision)"] = timed([*evc, "build", str(spec), "--out", str(earlier)],
                                                       against)
+        old_check, old_env = [*evc, "check", str(spec)], {**BYTECODE, "PYTHONPATH": against["PYTHONPATH"]}
+        subprocess.run(old_check, check=True, capture_output=True, cwd=ROOT, env=old_env)  # compiles its bytecode
+        times["evc check (earlier revision)"] = timed(old_check, old_env)
     times |= {
         "evc build": timed([*evc, "build", str(spec), "--out", str(out)]),
         "by hand": timed([sys.executable, "-c", BY_HAND, str(out / "by_hand.onnx")]),
@@ -125,6 +129,7 @@ def one_round(scratch: Path, against: dict | None) -> dict[str, float]:
     times["ratio"] = times["evc build"] / times["by hand"]
     if against is not None:
         times["against"] = times["evc build"] / times["evc build (earlier revision)"]
+        times["check ratio (earlier revision)"] = times["evc check (earlier revision)"] / times["bare start"]
     return times
 
 
@@ -152,7 +157,7 @@ def main() -> None:
         ("evc check", f"{median['evc check']:.2f} s", _goal(median["evc check"] <= 0.5, "≤ 0.5 s")),
         ("python -c pass (a bare start)", f"{median['bare start']:.2f} s", ""),
         ("ratio evc check / bare start (median of the rounds' ratios)", f"{median['check ratio']:.2f}",
-         _goal(median["check ratio"] <= 3, "≤ 3")),
+         _goal(median["check ratio"] <= 2.5, "≤ 2.5")),
         ("evc explain, deit_tiny with head_prune and ffn_prune, empty cache",
          f"{median['evc explain (empty cache)']:.2f} s", ""),
         ("evc explain, the same after evc build (from cache)", f"{median['evc explain (from cache)']:.2f} s",
@@ -163,6 +168,9 @@ def main() -> None:
             (f"evc build as of {args.against}, empty cache", f"{median['evc build (earlier revision)']:.2f} s", ""),
             (f"ratio evc build now / as of {args.against} (median of the rounds' ratios)", f"{median['against']:.2f}",
              _goal(median["against"] <= 1.1, "≤ 1.10")),
+            (f"evc check as of {args.against}", f"{median['evc check (earlier revision)']:.2f} s", ""),
+            (f"ratio evc check as of {args.against} / bare start", f"{median['check ratio (earlier revision)']:.2f}",
+             ""),
         ]
     print(f"machine: {platform.machine()}, {_cpu()}, {_cores()} cores, Python {platform.python_version()}; "
           f"median of {args.rounds} rounds")
