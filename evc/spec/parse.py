@@ -10,6 +10,9 @@ loading it costs a fraction of importing lark.
 
 from __future__ import annotations
 
+import math
+import re
+import warnings
 from fractions import Fraction
 from functools import cache
 
@@ -111,7 +114,7 @@ class _ToAst(_parser.Transformer):
         (token,) = children
         text = str(token)
         is_int = token.type in ("INT", "SIGNED_INT")
-        return ast.Number(int(text) if is_int else float(text), _span(token))
+        return ast.Number(self.finite(int(text) if is_int else float(text), _span(token)), _span(token))
 
     @_parser.v_args(meta=True)
     def fraction(self, meta, children):
@@ -119,23 +122,46 @@ class _ToAst(_parser.Transformer):
         span = _span(meta)
         if int(den) == 0:
             raise SpecError.at(self.path, self.source, span, "division by zero in a fraction")
-        return ast.Fraction(Fraction(int(num), int(den)), span)
+        return ast.Fraction(self.finite(Fraction(int(num), int(den)), span), span)
 
     @_parser.v_args(meta=True)
     def percent(self, meta, children):
         (token,) = children
-        return ast.Percent(float(token), _span(meta))
+        return ast.Percent(self.finite(float(token), _span(meta)), _span(meta))
 
     def quantity(self, children):
         (token,) = children
         text = str(token)
         unit = text.lstrip("0123456789.")
-        return ast.Quantity(float(text[:len(text) - len(unit)]), unit, _span(token))
+        number = text[:len(text) - len(unit)]
+        return ast.Quantity(self.finite(float(number), _span(token)), unit, _span(token))
+
+    def finite(self, value, span):
+        """`value`, when a double holds it: `1e999` and a 400-digit integer are errors at their place, not an
+        infinity or an overflow for the keys that read them."""
+        try:
+            as_float = float(value)
+        except OverflowError:
+            as_float = math.inf
+        if not math.isfinite(as_float):
+            raise SpecError.at(self.path, self.source, span, "this number is too large: a spec's numbers must fit "
+                               "a 64-bit float (about 1.8e308 at most)")
+        return value
 
     def string(self, children):
         (token,) = children
         raw = str(token)[1:-1]
-        return ast.String(raw.encode().decode("unicode_escape") if "\\" in raw else raw, _span(token))
+        if "\\" not in raw:
+            return ast.String(raw, _span(token))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", DeprecationWarning)  # Python's word for an unknown escape
+                return ast.String(raw.encode("latin-1", "backslashreplace").decode("unicode_escape"), _span(token))
+        except (UnicodeDecodeError, DeprecationWarning) as e:
+            found = re.search(r"invalid escape sequence '[^']*'", str(e))
+            reason = e.reason if isinstance(e, UnicodeDecodeError) else found.group(0) if found else str(e)
+            raise SpecError.at(self.path, self.source, _span(token),
+                               f"a bad escape in a string: {reason} (write a backslash as two)") from None
 
     def ident(self, children):
         (token,) = children
