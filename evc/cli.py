@@ -80,7 +80,7 @@ def cmd_profile(args) -> int:
         raise InputError(f"--target {args.target} is a phone: give --serial SERIAL (adb devices lists them) and "
                          "--binary, a benchmark_model built for its ABI")
     progress = Progress(Console(stderr=True))
-    cache = Cache(Path(args.out) / ".cache")
+    cache = Cache(Path(args.out) / ".cache", warn=progress.warn)
     stages = Stages(plan, cache, progress)
     keys, program = stages.keys, stages.original
     program.require_structure("evc profile")
@@ -111,6 +111,23 @@ def cmd_profile(args) -> int:
         print(f"{heads:>17} " + " ".join(f"{ms:7.3f}" for ms in row))
     print(f"the model as loaded: {table.predict(program.structure):.3f} ms predicted")
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Each bundle against its manifest: exit 1 when a file it lists is missing or differs."""
+    from evc.bundle.verify import verify
+
+    failed = False
+    for bundle in map(Path, args.bundles):
+        problems = verify(bundle)
+        if problems:
+            failed = True
+            print(f"{bundle}: does not match its manifest:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+        else:
+            print(f"{bundle}: ok, every file matches manifest.json")
+    return 1 if failed else 0
 
 
 def cmd_build(args) -> int:
@@ -293,6 +310,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build", help="where the cache is (default: build)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON document")
     p.set_defaults(run=cmd_profile)
+
+    p = sub.add_parser("verify", help="check bundles on disk against their manifests (every file's sha256)")
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="a bundle folder, e.g. build/deit_tiny_x5/x5")
+    p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("check", help="check a spec without loading the model")
     p.add_argument("spec", help="the .evc spec file")

@@ -45,7 +45,7 @@ def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = N
     them) and only the `main` one writes: caches, bundles, the evaluation.
     """
     progress = progress or Progress()
-    stages = Stages(plan, Cache(out / ".cache", fresh=force), progress, write_cache=main)
+    stages = Stages(plan, Cache(out / ".cache", fresh=force, warn=progress.warn), progress, write_cache=main)
     results = []
     for target in plan.targets:
         if only and target.name not in only:

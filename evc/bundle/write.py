@@ -18,6 +18,7 @@ from pathlib import Path
 import evc
 from evc.atomic import recover, replace_dir, staged, temp_dir
 from evc.bundle.layout import MANIFEST, read_manifest, write_json
+from evc.errors import BuildError
 from evc.keys import canonical, library_versions, text_digest
 from evc.spec.plan import HubWeights, Plan, TargetPlan
 
@@ -26,6 +27,8 @@ def write(plan: Plan, target: TargetPlan, compiled, lowered: Path, checked: dict
           evaluation: dict | None = None) -> dict:
     """Write the target's bundle from the lowered artifacts; its manifest carries `key`."""
     from evc.bundle.scripts import render_scripts
+    from evc.bundle.verify import verify
+    from evc.cache import digests
     from evc.registry import DEVICES
 
     with staged(bundle) as folder:
@@ -39,7 +42,12 @@ def write(plan: Plan, target: TargetPlan, compiled, lowered: Path, checked: dict
             manifest["evaluation"] = evaluation
         manifest["scripts"] = render_scripts(DEVICES[target.device], _script_context(plan, target, manifest, bundle),
                                              folder)
+        manifest["files"] = digests(folder)
         write_json(folder / MANIFEST, manifest)
+        problems = verify(folder)  # the artifacts as copied against the digests taken when they were lowered
+        if problems:
+            raise BuildError(f"target '{target.name}': the bundle's files do not match its manifest, so it was not "
+                             f"written: {'; '.join(problems)}")
     return manifest
 
 
