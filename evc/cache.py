@@ -55,7 +55,7 @@ class Cache:
     def entry(self, stage: str, key: str):
         """A context manager yielding the folder to write the entry in; it becomes the entry, with its files'
         digests, if the block ends normally, and is removed if it fails."""
-        with staged(self.path(stage, key)) as folder:
+        with staged(self.path(stage, key), f"write the cache entry {stage}/{key}") as folder:
             yield folder
             (folder / DIGESTS).write_text(json.dumps({"files": digests(folder)}, indent=1) + "\n")
 

@@ -53,6 +53,11 @@ class BuildError(EvcError):
     exit_code = 1
 
 
+class ResourceError(BuildError):
+    """The machine refused a write: no space, no permission, a read-only or vanished folder. The message names
+    the path, what evc was writing and, for space, the bytes it needed and those free."""
+
+
 class PeerError(EvcError):
     """A collaborative run failed at a peer (down, slower than the deadline, a malformed reply) and no
     answer was possible without it; the message names the peer's address and its part."""

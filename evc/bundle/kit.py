@@ -36,7 +36,7 @@ def board_kit(plan, target, program, folder: Path, keys, progress) -> list[str]:
     device = DEVICES[target.device].plugin
     models = grid_models(program)
     names = {key: "one" if key == "one" else f"heads{key[0]}_units{key[1]}" for key in models}
-    with staged(folder) as out:
+    with staged(folder, f"write the board kit of target '{target.name}'") as out:
         for key, model in models.items():
             summary = summarize(model)
             compiled = Compiled(model, summary, summary, [], keys.weights, "profile")

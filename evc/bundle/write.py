@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import evc
-from evc.atomic import recover, replace_dir, staged, temp_dir
+from evc.atomic import recover, replace_dir, require_space, staged, temp_dir
 from evc.bundle.layout import MANIFEST, read_manifest, write_json
 from evc.errors import BuildError
 from evc.keys import canonical, library_versions, text_digest
@@ -31,7 +31,9 @@ def write(plan: Plan, target: TargetPlan, compiled, lowered: Path, checked: dict
     from evc.cache import digests
     from evc.registry import DEVICES
 
-    with staged(bundle) as folder:
+    what = f"write the bundle of target '{target.name}'"
+    require_space(bundle, sum(f.stat().st_size for f in lowered.rglob("*") if f.is_file()), what)
+    with staged(bundle, what) as folder:
         copy_artifacts(lowered, folder)
         if target.params.get("peers"):  # the placement is the target's, not the artifacts': not in the lower cache
             from evc.runtime.collab.contract import place

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from evc.atomic import refused_write
 from evc.cache import Cache
 from evc.context import Context
 from evc.errors import BuildError, EvcError, first_line
@@ -75,6 +76,8 @@ def lower(plan: Plan, target: TargetPlan, compiled, folder: Path, progress: Prog
         except EvcError:
             raise
         except Exception as e:  # the exporter's own message names the op or node at fault
+            if refused_write(e, folder):  # the machine's refusal, said where the folder is written (evc.atomic)
+                raise
             raise BuildError(f"target '{target.name}': lowering to {target.format} failed: {first_line(e)}") from e
     failures, validation = [], None
     if isinstance(fmt, Runtime):  # a format with no runtime here is checked on the device alone

@@ -96,4 +96,4 @@ def save(bundle: Path, rows: list[dict]) -> None:
                                                 "median_ms": r["median_ms"], "p90_ms": r["p90_ms"],
                                                 "throughput_per_s": r["throughput_per_s"]} for r in rows]}
     (bundle / BENCH_RESULTS).parent.mkdir(exist_ok=True)
-    write_text(bundle / BENCH_RESULTS, json.dumps(record, indent=1) + "\n")
+    write_text(bundle / BENCH_RESULTS, json.dumps(record, indent=1) + "\n", "save the figures in the bundle")

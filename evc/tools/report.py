@@ -32,7 +32,7 @@ def write_report(build: Path) -> Path:
     from evc.atomic import write_text
 
     path = build / REPORT
-    write_text(path, render(build))
+    write_text(path, render(build), "write the build's report")
     return path
 
 
