@@ -5,9 +5,13 @@ free; the previous bundle stays whole and nothing half-written is left.
 """
 
 import errno
+import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +127,23 @@ def test_a_folder_taken_away_while_it_is_written_is_named(tmp_path, code, said):
             (folder / "model.onnx").write_bytes(b"x")
             shutil.rmtree(tmp_path / "out")  # the folder the bundle goes in, gone (an unmounted disk)
     assert str(final.parent) in str(caught.value)
+
+
+def test_an_output_folder_the_user_may_not_write_exits_1_naming_it(tmp_path):
+    """As a user without root (root may write anywhere): the build is run as `nobody`."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to run the build as another user")
+    shared = tempfile.mkdtemp()  # pytest's own folders are private to root
+    try:
+        os.chmod(shared, 0o755)
+        spec = spec_in(Path(shared))
+        out = Path(shared) / "out"
+        out.mkdir(mode=0o755)
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                               "evc", "build", str(spec), "--out", str(out)], capture_output=True, text=True,
+                              cwd=shared, env={**os.environ, "HOME": shared})
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"{out} is not writable (permission denied)" in done.stderr
+        assert list(out.iterdir()) == []
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
