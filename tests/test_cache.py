@@ -90,6 +90,7 @@ def test_a_rotten_cached_onnx_is_rebuilt_and_the_bundle_matches_its_manifest(tmp
     assert hashlib.sha256((bundle / artifact["path"]).read_bytes()).hexdigest() == artifact["sha256"]
     verified = run_evc("verify", bundle)
     assert verified.returncode == 0 and "ok" in verified.stdout
+    assert not (bundle / DIGESTS).exists()  # the cache's record stays in the cache
 
 
 def test_evc_verify_names_each_file_that_differs_from_the_manifest_and_exits_1(tmp_path):

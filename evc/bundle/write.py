@@ -88,9 +88,10 @@ def keep_failed(plan: Plan, target: TargetPlan, compiled, failure, bundle: Path)
 def copy_artifacts(lowered: Path, folder: Path) -> None:
     """The cached artifacts into a bundle being written: copies, not links, so editing a bundle's file in place
     cannot change the cache."""
+    from evc.cache import DIGESTS
     from evc.targets.lower import CHECKED
 
-    shutil.copytree(lowered, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CHECKED))
+    shutil.copytree(lowered, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CHECKED, DIGESTS))
 
 
 # ---- the manifest's schema ------------------------------------------------------------------------
