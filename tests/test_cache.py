@@ -72,6 +72,7 @@ def flip(path, at: int, count: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_rotten_cached_onnx_is_rebuilt_and_the_bundle_matches_its_manifest(tmp_path):
     """The fault a user met: 64 bytes of a cached .onnx flipped, the bundle deleted, the spec rebuilt."""
     spec = tmp_path / "small.evc"
@@ -93,6 +94,7 @@ def test_a_rotten_cached_onnx_is_rebuilt_and_the_bundle_matches_its_manifest(tmp
     assert not (bundle / DIGESTS).exists()  # the cache's record stays in the cache
 
 
+@pytest.mark.slow
 def test_evc_verify_names_each_file_that_differs_from_the_manifest_and_exits_1(tmp_path):
     spec = tmp_path / "small.evc"
     spec.write_text(small_spec())
@@ -112,6 +114,7 @@ def test_evc_verify_of_a_folder_that_is_no_bundle_exits_2(tmp_path):
     assert done.returncode == 2 and "not a bundle" in done.stderr
 
 
+@pytest.mark.slow
 def test_two_builds_of_one_spec_at_once_each_leave_a_whole_bundle(tmp_path):
     spec = tmp_path / "small.evc"
     spec.write_text(small_spec())

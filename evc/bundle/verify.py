@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evc.bundle.layout import read_manifest
 from evc.errors import InputError
+from evc.layout import read_manifest
 
 
 def verify(bundle: Path) -> list[str]:

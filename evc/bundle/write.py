@@ -17,9 +17,9 @@ from pathlib import Path
 
 import evc
 from evc.atomic import recover, replace_dir, require_space, staged, temp_dir
-from evc.bundle.layout import MANIFEST, read_manifest, write_json
 from evc.errors import BuildError
 from evc.keys import canonical, library_versions, text_digest
+from evc.layout import MANIFEST, read_manifest, write_json
 from evc.spec.plan import HubWeights, Plan, TargetPlan
 
 

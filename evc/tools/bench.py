@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from evc.atomic import write_text
-from evc.bundle.layout import BENCH_RESULTS, read_manifest
 from evc.errors import InputError
+from evc.layout import BENCH_RESULTS, read_manifest
 from evc.registry import DEVICES, FORMATS, RemoteBench, Runtime
 from evc.runtime.parity import describe
 from evc.runtime.timing import measure, thread_count

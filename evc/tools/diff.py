@@ -31,8 +31,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from evc.bundle.layout import BENCH_RESULTS, MANIFEST
 from evc.errors import InputError
+from evc.layout import BENCH_RESULTS, MANIFEST
 
 BENCH = "bench.json"
 METRICS = ("macs", "params", "size", "latency", "cosine", "max_abs_diff", "agreement")  # and top1, top5, ...

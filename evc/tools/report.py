@@ -18,8 +18,8 @@ import json
 import re
 from pathlib import Path
 
-from evc.bundle.layout import BENCH_RESULTS, MANIFEST, read_manifest
 from evc.errors import InputError
+from evc.layout import BENCH_RESULTS, MANIFEST, read_manifest
 
 REPORT = "report.html"
 PARTS = ("attention", "mlp", "tokens")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65vc/runtime/collab/collab.proto\x12\nevc.collab\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\",\n\x06Images\x12\"\n\x06images\x18\x01 \x01(\x0b\x32\x12.evc.collab.Tensor\"D\n\x08\x46\x65\x61tures\x12$\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x12.evc.collab.Tensor\x12\x12\n\ncompute_us\x18\x02 \x01(\x03\"\x07\n\x05\x45mpty\"a\n\x08PartInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\noutput_dim\x18\x02 \x01(\x05\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t2q\n\x04Part\x12\x34\n\x08\x46\x65\x61tures\x12\x12.evc.collab.Images\x1a\x14.evc.collab.Features\x12\x33\n\x08\x44\x65scribe\x12\x11.evc.collab.Empty\x1a\x14.evc.collab.PartInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65vc/runtime/collab/collab.proto\x12\nevc.collab\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\",\n\x06Images\x12\"\n\x06images\x18\x01 \x01(\x0b\x32\x12.evc.collab.Tensor\"D\n\x08\x46\x65\x61tures\x12$\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x12.evc.collab.Tensor\x12\x12\n\ncompute_us\x18\x02 \x01(\x03\"\x07\n\x05\x45mpty\"q\n\x08PartInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\noutput_dim\x18\x02 \x01(\x05\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0e\n\x06\x62undle\x18\x06 \x01(\t\"9\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x03\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.evc.collab.Tensor\"\\\n\x05Reply\x12\n\n\x02id\x18\x01 \x01(\x03\x12$\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x12.evc.collab.Tensor\x12\x12\n\ncompute_us\x18\x03 \x01(\x03\x12\r\n\x05\x65rror\x18\x04 \x01(\t2\xa7\x01\n\x04Part\x12\x34\n\x08\x46\x65\x61tures\x12\x12.evc.collab.Images\x1a\x14.evc.collab.Features\x12\x33\n\x08\x44\x65scribe\x12\x11.evc.collab.Empty\x1a\x14.evc.collab.PartInfo\x12\x34\n\x06Stream\x12\x13.evc.collab.Request\x1a\x11.evc.collab.Reply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,7 +40,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMPTY']._serialized_start=217
   _globals['_EMPTY']._serialized_end=224
   _globals['_PARTINFO']._serialized_start=226
-  _globals['_PARTINFO']._serialized_end=323
-  _globals['_PART']._serialized_start=325
-  _globals['_PART']._serialized_end=438
+  _globals['_PARTINFO']._serialized_end=339
+  _globals['_REQUEST']._serialized_start=341
+  _globals['_REQUEST']._serialized_end=398
+  _globals['_REPLY']._serialized_start=400
+  _globals['_REPLY']._serialized_end=492
+  _globals['_PART']._serialized_start=495
+  _globals['_PART']._serialized_end=662
 # @@protoc_insertion_point(module_scope)

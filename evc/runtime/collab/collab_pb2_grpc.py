@@ -28,6 +28,10 @@ if _version_not_supported:
 class PartStub:
     """One part of a decomposed model, served by `evc serve`. The reply type is written fully qualified:
     inside the service, `Features` names the method itself.
+
+    Stream is what a coordinator uses: one long-lived stream per part, opened with the coordinator's bundle identity
+    in the metadata key "evc-bundle" (a part serving another build refuses it with FAILED_PRECONDITION), requests
+    answered in order. Features answers one batch on its own call.
     """
 
     def __init__(self, channel):
@@ -46,11 +50,20 @@ class PartStub:
                 request_serializer=evc_dot_runtime_dot_collab_dot_collab__pb2.Empty.SerializeToString,
                 response_deserializer=evc_dot_runtime_dot_collab_dot_collab__pb2.PartInfo.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/evc.collab.Part/Stream',
+                request_serializer=evc_dot_runtime_dot_collab_dot_collab__pb2.Request.SerializeToString,
+                response_deserializer=evc_dot_runtime_dot_collab_dot_collab__pb2.Reply.FromString,
+                _registered_method=True)
 
 
 class PartServicer:
     """One part of a decomposed model, served by `evc serve`. The reply type is written fully qualified:
     inside the service, `Features` names the method itself.
+
+    Stream is what a coordinator uses: one long-lived stream per part, opened with the coordinator's bundle identity
+    in the metadata key "evc-bundle" (a part serving another build refuses it with FAILED_PRECONDITION), requests
+    answered in order. Features answers one batch on its own call.
     """
 
     def Features(self, request, context):
@@ -60,6 +73,12 @@ class PartServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Describe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stream(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +97,11 @@ def add_PartServicer_to_server(servicer, server):
                     request_deserializer=evc_dot_runtime_dot_collab_dot_collab__pb2.Empty.FromString,
                     response_serializer=evc_dot_runtime_dot_collab_dot_collab__pb2.PartInfo.SerializeToString,
             ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=evc_dot_runtime_dot_collab_dot_collab__pb2.Request.FromString,
+                    response_serializer=evc_dot_runtime_dot_collab_dot_collab__pb2.Reply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'evc.collab.Part', rpc_method_handlers)
@@ -89,6 +113,10 @@ def add_PartServicer_to_server(servicer, server):
 class Part:
     """One part of a decomposed model, served by `evc serve`. The reply type is written fully qualified:
     inside the service, `Features` names the method itself.
+
+    Stream is what a coordinator uses: one long-lived stream per part, opened with the coordinator's bundle identity
+    in the metadata key "evc-bundle" (a part serving another build refuses it with FAILED_PRECONDITION), requests
+    answered in order. Features answers one batch on its own call.
     """
 
     @staticmethod
@@ -135,6 +163,33 @@ class Part:
             '/evc.collab.Part/Describe',
             evc_dot_runtime_dot_collab_dot_collab__pb2.Empty.SerializeToString,
             evc_dot_runtime_dot_collab_dot_collab__pb2.PartInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/evc.collab.Part/Stream',
+            evc_dot_runtime_dot_collab_dot_collab__pb2.Request.SerializeToString,
+            evc_dot_runtime_dot_collab_dot_collab__pb2.Reply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -150,6 +150,16 @@ def write(folder: Path, image: ImageInput, parts: list[tuple[str, int]], fusion:
     (folder / FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def bundle_identity(folder: Path) -> str:
+    """What says two copies of a bundle are one build: the sha256 of its manifest.json (which records every file's),
+    or of its collab.json for a folder without one."""
+    from evc.keys import file_digest
+    from evc.layout import MANIFEST
+
+    manifest = folder / MANIFEST
+    return file_digest(manifest if manifest.is_file() else folder / FILE)
+
+
 def place(folder: Path, peers: list[str]) -> None:
     """Record in `folder`'s collab.json where each part is served: `evc infer`'s default --peers."""
     record = json.loads((folder / FILE).read_text())

@@ -22,6 +22,8 @@ CHANNEL_OPTIONS = MESSAGE_OPTIONS + [("grpc.initial_reconnect_backoff_ms", 200),
                                      ("grpc.max_reconnect_backoff_ms", 1000)]
 # gRPC binds with SO_REUSEPORT by default: a second server on a busy port would then share it, silently.
 SERVER_OPTIONS = MESSAGE_OPTIONS + [("grpc.so_reuseport", 0)]
+MAX_STREAMS = 64  # coordinators one served part answers at once, each on its stream
+BUNDLE_KEY = "evc-bundle"  # a stream's metadata: the coordinator's bundle identity
 
 
 def tensor(array: np.ndarray) -> pb.Tensor:
