@@ -4,9 +4,13 @@
         answer = coordinator.infer(images)   # answer.logits, answer.degraded, answer.missing
 
 Peers are listed in part order. At start each is asked what it serves
-(Describe) and must serve the part, output width and input shape the bundle
-says. Then every call sends the images to all parts in parallel and waits for
-them within one deadline, never longer. A part that is down, slower than the
+(Describe) and must serve the part, output width, input shape and build of
+the bundle this coordinator has. Each part then gets one long-lived stream:
+every call sends its images down each part's stream at once, with an id the
+reply carries back, and waits for the replies within the call's deadline,
+never longer; a reply that comes later is dropped. A stream that breaks (the
+part killed, the network gone) fails the calls waiting on it at once, and
+the next call opens a new one. Coordinators may be called from many threads. A part that is down, slower than the
 deadline or answers with a malformed reply is missing: when the fusion was
 trained to do without parts (`degraded_ok`) and one part at least answered,
 the answer is fused without it and marked degraded; otherwise PeerError names
@@ -15,7 +19,12 @@ the peer, its part and what went wrong.
 
 from __future__ import annotations
 
+import itertools
+import queue
+import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +34,7 @@ import numpy as np
 from evc.errors import InputError, PeerError
 from evc.runtime.collab import collab_pb2 as pb
 from evc.runtime.collab import collab_pb2_grpc, wire
-from evc.runtime.collab.contract import read
+from evc.runtime.collab.contract import bundle_identity, read
 from evc.runtime.collab.runtime import Fusion, checked_images
 
 # How long past the deadline a call may take to report it: gRPC ends the call at the deadline itself, and
@@ -64,6 +73,9 @@ class Coordinator:
         self.fusion = Fusion(self.collab, threads)
         self.channels = [grpc.insecure_channel(peer, options=wire.CHANNEL_OPTIONS) for peer in peers]
         self.stubs = [collab_pb2_grpc.PartStub(channel) for channel in self.channels]
+        self.bundle = bundle_identity(self.collab.folder)
+        self.links = [_Link(stub, self.bundle) for stub in self.stubs]
+        self.ids = itertools.count()
         self.checked = [False] * parts  # whose Describe matched; one down at start is asked again at each call
         try:
             self._check_at_start()
@@ -75,20 +87,20 @@ class Coordinator:
         """Logits for images (B, C, H, W) float32, from every part that answers within the deadline."""
         images = checked_images(self.collab, images)
         start = time.monotonic()
-        request = pb.Images(images=wire.tensor(images))
+        message, request_id = wire.tensor(images), next(self.ids)
         describes = {k: self.stubs[k].Describe.future(pb.Empty(), timeout=self.deadline_s)
                      for k, checked in enumerate(self.checked) if not checked}
-        calls = [stub.Features.future(request, timeout=self.deadline_s) for stub in self.stubs]
+        calls = [link.send(request_id, message) for link in self.links]
         features, compute_ms, reasons = [], [], {}
         for k, call in enumerate(calls):
             try:
                 if k in describes:
                     self._check(k, self._reply(k, describes[k], start))
-                reply = self._reply(k, call, start)
+                reply = self._streamed(k, call, request_id, start)
                 features.append(self._features(k, reply, len(images)))
                 compute_ms.append(reply.compute_us / 1e3)
             except _Missing as e:
-                call.cancel()
+                self.links[k].forget(request_id)
                 features.append(None)
                 compute_ms.append(None)
                 reasons[k] = str(e)
@@ -100,6 +112,8 @@ class Coordinator:
                       ms=(time.monotonic() - start) * 1e3)
 
     def close(self) -> None:
+        for link in self.links:
+            link.close()
         for channel in self.channels:
             channel.close()
 
@@ -132,6 +146,19 @@ class Coordinator:
         except grpc.RpcError as e:
             raise _Missing(self._name(k, self._why(e))) from None
 
+    def _streamed(self, k: int, call: Future, request_id: int, start: float) -> pb.Reply:
+        """Part k's reply to the request, waited for until the deadline (from `start`) at most."""
+        left = self.deadline_s - (time.monotonic() - start)
+        try:
+            reply = call.result(timeout=max(left, 0))
+        except FutureTimeout:
+            raise _Missing(self._name(k, self._late())) from None
+        except grpc.RpcError as e:
+            raise _Missing(self._name(k, self._why(e))) from None
+        if reply.error:
+            raise _Missing(self._name(k, f"refused the images: {reply.error}"))
+        return reply
+
     def _features(self, k: int, reply: pb.Features, batch: int) -> np.ndarray:
         try:
             features = wire.array(reply.features)
@@ -152,6 +179,9 @@ class Coordinator:
                                            f"input {tuple(info.input_shape)}), but part {k} of {self.collab.file} "
                                            f"is {entry.model}, output_dim {entry.output_dim}, input "
                                            f"{self.collab.input_shape}; --peers lists the peers in part order"))
+        if info.bundle and info.bundle != self.bundle:
+            raise InputError(self._name(k, f"serves another build of the bundle (identity {info.bundle[:12]}, this "
+                                           f"one's {self.bundle[:12]}): copy this bundle to the peer"))
         if entry.sha256 and info.sha256 != entry.sha256:
             raise InputError(self._name(k, f"serves {info.model} with sha256 {info.sha256}, but {self.collab.file} "
                                            f"pins {entry.sha256}: the peer holds another build of the bundle"))
@@ -172,6 +202,10 @@ class Coordinator:
             return f"unreachable ({details.rsplit(': ', 1)[-1]})"
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return f"does not serve evc's Part service ({details})"
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            return details
+        if code == grpc.StatusCode.CANCELLED:
+            return "the part ended its stream"
         return f"{code.name.lower()}: {details}"
 
     def _no_answer(self, reasons: dict[int, str]) -> str:
@@ -180,6 +214,81 @@ class Coordinator:
             return f"no part answered: {text}"
         return (f"{text}; the fusion of {self.collab.folder} cannot answer without "
                 f"{'it' if len(reasons) == 1 else 'them'} (collab.json's fusion.degraded_ok is false)")
+
+
+class _Link:
+    """One part's stream: requests go down it in order, each reply is matched to its request by id. A stream that
+    ends fails the requests still waiting on it; the next request opens a new one."""
+
+    def __init__(self, stub, bundle: str):
+        self.stub, self.metadata = stub, ((wire.BUNDLE_KEY, bundle),)
+        self.lock = threading.Lock()
+        self.stream: _Stream | None = None
+
+    def send(self, request_id: int, images: pb.Tensor) -> Future:
+        future = Future()
+        with self.lock:
+            if self.stream is None or self.stream.ended:
+                self.stream = _Stream(self.stub, self.metadata)
+            self.stream.send(request_id, images, future)
+        return future
+
+    def forget(self, request_id: int) -> None:
+        """A request given up on: its reply, if it comes, is dropped."""
+        with self.lock:
+            if self.stream is not None:
+                self.stream.forget(request_id)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.stream is not None:
+                self.stream.close()
+
+
+class _Stream:
+    """An open Stream call, the thread reading its replies, and the requests waiting for one."""
+
+    def __init__(self, stub, metadata):
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending: dict[int, Future] = {}
+        self.lock = threading.Lock()
+        self.ended = False
+        self.call = stub.Stream(iter(self.outbox.get, None), metadata=metadata)
+        threading.Thread(target=self._receive, daemon=True, name="evc-collab-stream").start()
+
+    def send(self, request_id: int, images: pb.Tensor, future: Future) -> None:
+        with self.lock:
+            if self.ended:
+                future.set_exception(self.error)
+                return
+            self.pending[request_id] = future
+        self.outbox.put(pb.Request(id=request_id, images=images))
+
+    def forget(self, request_id: int) -> None:
+        with self.lock:
+            self.pending.pop(request_id, None)
+
+    def close(self) -> None:
+        self.outbox.put(None)  # the requests end: the part ends its side of the stream
+        self.call.cancel()
+
+    def _receive(self) -> None:
+        try:
+            for reply in self.call:
+                with self.lock:
+                    future = self.pending.pop(reply.id, None)
+                if future is not None:
+                    future.set_result(reply)
+            error = grpc.RpcError()  # the part ended the stream without an error
+            error.code, error.details = (lambda: grpc.StatusCode.CANCELLED), (lambda: "")
+        except grpc.RpcError as e:
+            error = e
+        with self.lock:
+            self.ended, self.error = True, error
+            waiting, self.pending = list(self.pending.values()), {}
+        self.outbox.put(None)
+        for future in waiting:
+            future.set_exception(error)
 
 
 def parse_peers(text: str) -> list[str]:

@@ -193,7 +193,8 @@ def serve(tmp_path):
 @contextmanager
 def fake_part(bundle: Path, k: int, reply=None, delay_s: float = 0.0, index: int | None = None, port: int = 0):
     """A real gRPC server on `port` (0: a free one) that says it serves part k of `bundle` (or part `index`)
-    and answers Features with reply(images) -> collab_pb2.Features, after `delay_s`; yields its address."""
+    and answers Features (and each request of a Stream) with reply(images) -> collab_pb2.Features, after `delay_s`;
+    yields its address."""
     import grpc
 
     from evc.keys import file_digest
@@ -211,6 +212,11 @@ def fake_part(bundle: Path, k: int, reply=None, delay_s: float = 0.0, index: int
             images = wire.array(request.images)
             return reply(images) if reply else pb.Features(features=wire.tensor(np.zeros((len(images), entry[
                 "output_dim"]), np.float32)))
+
+        def Stream(self, requests, context):
+            for request in requests:
+                answer = self.Features(request, context)
+                yield pb.Reply(id=request.id, features=answer.features, compute_us=answer.compute_us)
 
         def Describe(self, request, context):
             return info
