@@ -1,6 +1,6 @@
 """decompose's runtime: what serving the parts over gRPC costs on top of running them.
 
-    .venv/bin/python benchmarks/collab.py [--parts 2 4] [--runs 50]
+    .venv/bin/python benchmarks/collab.py [--parts 2 4] [--runs 50] [--no-faults]
 
 For N = 2 and 4, a decomposed bundle of N small ViTs (timm's VisionTransformer
 at 224×224, patch 16, width 128, depth 6, 2 heads, each answering its class
@@ -32,6 +32,14 @@ Each served part also says how long its model took for the call (the reply's
 part's, the serving's own cost, free of a part running slower in its own
 process than here.
 
+Then, in the same run, the runtime before its streams (one unary call per
+part and image, `Unary`) beside the coordinator's streams: each one's cost
+over the slowest part at one client, and, with 8 clients at once (each its own
+coordinator, for 6 s), the median ms per call less the slowest part's served
+compute, and the calls per second; then 4 clients for 24 s while one part in
+turn is killed every 6 s and restarted on its port: the calls per second and
+the share of answers that were full, degraded (marked so) and failed.
+
 The goal: `over gRPC` at most 1 ms plus the transfer above the slowest part
 alone. That holds the parts' competition for the cores as well, which on a
 machine with fewer free cores than parts is no cost of serving: the table
@@ -55,6 +63,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -63,6 +72,7 @@ import timm
 import torch
 from _timing import interleaved  # benchmarks/, the script's own folder
 
+from evc.errors import PeerError
 from evc.ir.program import Program
 from evc.runtime.collab import collab_pb2 as pb
 from evc.runtime.collab import collab_pb2_grpc, wire
@@ -205,6 +215,8 @@ def timed(bundle: Path, feed: np.ndarray, runs: int, logs: Path, alongside: dict
             np.testing.assert_array_equal(coordinator.infer(pixels).logits, fusion([m(normalised) for m in models]))
             runs_ = {**(alongside or {}), **{f"part {k} alone": m for k, m in enumerate(models)}}
             runs_["parts at once"] = lambda x: list(pool.map(lambda m: m(x), models))
+            unary = Unary(peers, fusion)
+            runs_["over unary gRPC"] = lambda x: unary(feed)
             runs_["fusion alone"] = lambda x: fusion(features)
             served = {"": [], ", pixels": []}  # per call over gRPC: its ms less the slowest part's served compute
             for suffix, images, size in (("", feed, request), (", pixels", pixels, pixel_request)):
@@ -219,6 +231,8 @@ def timed(bundle: Path, feed: np.ndarray, runs: int, logs: Path, alongside: dict
             times = interleaved(runs_, feed, runs)
             for suffix, log in served.items():
                 times["over gRPC − served compute" + suffix] = statistics.median(log[-runs:])
+            load = {"streamed": under_load(bundle, peers, feed, lambda: Coordinator(bundle, peers, threads=THREADS)),
+                    "unary": under_load(bundle, peers, feed, lambda: Unary(peers, Fusion(collab, THREADS)))}
     finally:
         channel.close()
         stop(processes)
@@ -226,7 +240,106 @@ def timed(bundle: Path, feed: np.ndarray, runs: int, logs: Path, alongside: dict
         for echo in (e for group in echoes.values() for e in group):
             echo.close()
     return {"times": times, "request": request, "pixel request": pixel_request, "replies": replies,
-            "features": features, "logits": answer.logits}
+            "features": features, "logits": answer.logits, "load": load}
+
+
+class Unary:
+    """The runtime before its streams, for the table's `before` rows: one unary Features call per part and
+    image batch, all parts at once, then the fusion; called like a Coordinator (`infer`, or the object itself)."""
+
+    def __init__(self, peers: list[str], fusion):
+        self.channels = [grpc.insecure_channel(p, options=wire.CHANNEL_OPTIONS) for p in peers]
+        self.stubs = [collab_pb2_grpc.PartStub(c) for c in self.channels]
+        self.fusion = fusion
+
+    def __call__(self, images):
+        request = pb.Images(images=wire.tensor(images))
+        calls = [stub.Features.future(request, timeout=5) for stub in self.stubs]
+        replies = [call.result() for call in calls]
+        logits = self.fusion([wire.array(r.features) for r in replies])
+        return SimpleNamespace(logits=logits, compute_ms=[r.compute_us / 1e3 for r in replies], degraded=False)
+
+    infer = __call__
+
+    def close(self):
+        for channel in self.channels:
+            channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+LOAD_CLIENTS, LOAD_S = 8, 6.0
+
+
+def under_load(bundle: Path, peers: list[str], feed: np.ndarray, open_client) -> dict:
+    """LOAD_CLIENTS clients at once, each its own coordinator calling for LOAD_S seconds: per call, its ms less
+    the slowest part's served compute (the serving's cost under load), and the calls per second in all."""
+    overheads, count, stop_at = [], [0], time.monotonic() + LOAD_S
+
+    def client():
+        with open_client() as coordinator:
+            while time.monotonic() < stop_at:
+                start = time.perf_counter()
+                answer = coordinator.infer(feed)
+                overheads.append((time.perf_counter() - start) * 1e3 - max(answer.compute_ms))
+                count[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(LOAD_CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"overhead_ms": statistics.median(overheads), "per_s": count[0] / LOAD_S}
+
+
+def faults(parts: int, work: Path, seconds: float = 24.0, every_s: float = 6.0, clients: int = 4) -> dict:
+    """Clients calling for `seconds` while one part (in turn) is killed every `every_s` and started again on its
+    port: the calls per second, and the share of answers full, degraded and failed."""
+    (work / f"faults{parts}").mkdir()
+    bundle = write_bundle(work / f"faults{parts}", parts)
+    feed = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE), dtype=np.float32)
+    processes, peers = serve_all(bundle, parts, work)
+    outcomes = {"full": 0, "degraded": 0, "failed": 0}
+    lock, stop_at = threading.Lock(), time.monotonic() + seconds
+
+    def client():
+        with Coordinator(bundle, peers, deadline_s=1.0, threads=THREADS) as coordinator:
+            while time.monotonic() < stop_at:
+                try:
+                    kind = "degraded" if coordinator.infer(feed).degraded else "full"
+                except PeerError:
+                    kind = "failed"
+                with lock:
+                    outcomes[kind] += 1
+
+    def killer():
+        k = 0
+        while time.monotonic() + every_s < stop_at:
+            time.sleep(every_s)
+            port = peers[k].rsplit(":", 1)[1]
+            processes[k].kill()
+            processes[k].wait(10)
+            with open(work / f"restart{k}.err", "w") as err:
+                processes[k] = subprocess.Popen(
+                    [sys.executable, "-m", "evc", "serve", str(bundle), "--part", str(k), "--port", port,
+                     "--threads", str(THREADS)], stdout=subprocess.PIPE, stderr=err, text=True)
+            processes[k].stdout.readline()
+            k = (k + 1) % parts
+
+    threads = [threading.Thread(target=client) for _ in range(clients)] + [threading.Thread(target=killer)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        stop(processes)
+    total = sum(outcomes.values())
+    return {"per_s": total / seconds, **{k: v / total for k, v in outcomes.items()}}
 
 
 def met(ms: float, goal: float) -> str:
@@ -253,6 +366,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--faults", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time clients while a part is killed and restarted (24 s)")
     args = parser.parse_args()
     print(machine())
     print(f"parts: ViT {SIZE}×{SIZE}, patch 16, width {WIDTH}, depth {DEPTH}, {HEADS} heads; {THREADS} thread each; "
@@ -283,6 +398,25 @@ def main() -> None:
                   f"{t['one call' + suffix] - t['part 0 alone']:.2f} ({t['transfer, one part' + suffix]:.2f}) | "
                   f"{size:,} / {result['replies'][0]:,} |")
     print("\nms, median of the interleaved runs")
+    print("\n### Before (one unary call per part and image) and after (one stream per part), in the same run\n")
+    print(f"| N | slowest part alone | transfer | unary: over gRPC − slowest part | streamed: over gRPC − slowest part "
+          f"(goal ≤ 1 + transfer) | {LOAD_CLIENTS} clients, unary: ms per call − slowest served compute, calls/s "
+          f"| {LOAD_CLIENTS} clients, streamed: the same |")
+    print("|---|---|---|---|---|---|---|")
+    for parts, result in rows:
+        t, load = result["times"], result["load"]
+        slowest = max(t[f"part {k} alone"] for k in range(parts))
+        print(f"| {parts} | {slowest:.2f} | {t['transfer']:.2f} | {t['over unary gRPC'] - slowest:.2f} | "
+              f"{met(t['over gRPC'] - slowest, 1 + t['transfer'])} | {load['unary']['overhead_ms']:.2f}, "
+              f"{load['unary']['per_s']:.1f} | {load['streamed']['overhead_ms']:.2f}, "
+              f"{load['streamed']['per_s']:.1f} |")
+    if args.faults:
+        with tempfile.TemporaryDirectory() as folder:
+            killed = faults(args.parts[0], Path(folder))
+        print(f"\n### A part killed every 6 s and restarted, {args.parts[0]} parts, 4 clients, 24 s, deadline 1 s\n")
+        print("| calls/s | full | degraded (marked) | failed |")
+        print("|---|---|---|---|")
+        print(f"| {killed['per_s']:.1f} | {killed['full']:.1%} | {killed['degraded']:.1%} | {killed['failed']:.1%} |")
 
 
 if __name__ == "__main__":
