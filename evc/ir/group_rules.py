@@ -26,7 +26,8 @@ def _tensor(arg) -> bool:
 
 
 def _name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0]  # aten's overloads: linalg_vector_norm.default
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -42,7 +43,7 @@ def _dims(node: fx.Node, index: int, rank: int, name: str = "dim") -> list[int] 
     return [d % rank for d in ((dims,) if isinstance(dims, _INT) else dims)]
 
 
-def _sizes(node: fx.Node) -> list:
+def size_args(node: fx.Node) -> list:
     """The sizes a reshape or view is given: `x.view(B, N, 3, -1)` or `x.reshape((B, N, 3, -1))`."""
     sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
     return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
@@ -95,7 +96,7 @@ def reshape(flow, node: fx.Node) -> list[int]:
             out[j] = part
     out = [s if s is not None else flow.spaces.new(n) for s, n in zip(out, dst)]
     if _name(node) in ("view", "reshape"):
-        sizes = _sizes(node)
+        sizes = size_args(node)
         for j, size in enumerate(sizes if len(sizes) == len(dst) else ()):
             if isinstance(size, fx.Node) and not isinstance(size.meta.get("value"), _INT):
                 flow.freeze([out[j]], f"node '{node.name}' reshapes by a size computed from data")
@@ -113,7 +114,7 @@ def _prod(shape, axes) -> int:
 
 def permute(flow, node: fx.Node) -> list[int]:
     axes = flow.axes[node.args[0]]
-    dims = _sizes(node) if node.op == "call_method" else list(_arg(node, 1, "dims"))
+    dims = size_args(node) if node.op == "call_method" else list(_arg(node, 1, "dims"))
     return [axes[d % len(axes)] for d in dims]
 
 
@@ -176,6 +177,18 @@ def split(flow, node: fx.Node) -> tuple:
     return tuple(axes[:dim] + [part] + axes[dim + 1:] for part in parts)
 
 
+def stack(flow, node: fx.Node) -> list[int]:
+    tensors = _arg(node, 0, "tensors")
+    dim = _arg(node, 1, "dim", 0) % len(node_shape(node))
+    first = flow.axes[tensors[0]]
+    for t in tensors[1:]:
+        for a, b in zip(first, flow.axes[t]):
+            flow.union(a, b)
+    stacked = flow.spaces.new(len(tensors))
+    flow.freeze([stacked], f"node '{node.name}' stacks {len(tensors)} tensors along it")  # their count is fixed
+    return first[:dim] + [stacked] + first[dim:]
+
+
 def getitem(flow, node: fx.Node):
     x, index = node.args
     axes = flow.axes[x]
@@ -193,8 +206,9 @@ def getitem(flow, node: fx.Node):
             continue
         if item != slice(None):
             flow.freeze([axes[i]], f"node '{node.name}' indexes it")
-            if isinstance(item, slice):
-                out.append(None)
+            if isinstance(item, slice):  # what a slice's bounds pick cannot narrow either
+                out.append(flow.spaces.new(node_shape(node)[len(out)]))
+                flow.freeze(out[-1:], f"node '{node.name}' slices it")
         else:
             out.append(axes[i])
         i += 1
@@ -259,12 +273,13 @@ def normalised(flow, node: fx.Node) -> list[int]:
 def reduce(flow, node: fx.Node) -> list[int]:
     """sum drops its axes; mean, max and the like depend on how many entries there are: they freeze them."""
     axes = flow.axes[node.args[0]]
-    dims = _dims(node, 1, len(axes)) or list(range(len(axes)))
+    at = 2 if _name(node) == "linalg_vector_norm" else 1  # aten's norm: (x, ord, dim, keepdim)
+    dims = _dims(node, at, len(axes)) or list(range(len(axes)))
     if _name(node) != "sum":
         flow.freeze([axes[d] for d in dims], f"node '{node.name}' reduces over it")
-    keep = _arg(node, 2, "keepdim", False)
+    keep = _arg(node, at + 1, "keepdim", False)
     out = [flow.spaces.new(1) if i in dims else s for i, s in enumerate(axes) if keep or i not in dims]
-    return tuple([out, list(out)]) if isinstance(node.meta["tensor_meta"], (tuple, list)) else out
+    return out if hasattr(node.meta["tensor_meta"], "shape") else (out, list(out))  # max(x, dim): values, indices
 
 
 def spatial(flow, node: fx.Node) -> list[int]:
@@ -312,18 +327,19 @@ def norm_function(flow, node: fx.Node) -> list[int]:
 _POINTWISE = ("add sub mul truediv div iadd isub imul itruediv add_ sub_ mul_ div_ rsub pow maximum minimum "
               "where masked_fill gelu relu relu_ silu sigmoid sigmoid_ tanh hardswish hardsigmoid mish "
               "leaky_relu softplus dropout contiguous clone neg exp abs float half to type_as erf sqrt rsqrt "
-              "detach sin cos log reciprocal square clamp clip floordiv mod mul_ gelu_ elu")
+              "detach sin cos log reciprocal square clamp clamp_min clamp_max clip floordiv mod gelu_ elu")
 RULES = {
     **{name: pointwise for name in _POINTWISE.split()},
     **{name: reshape for name in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze")},
     **{name: expand for name in ("expand", "expand_as", "repeat")},
     **{name: split for name in ("split", "chunk", "unbind")},
     **{name: normalised for name in ("softmax", "log_softmax", "normalize")},
-    **{name: reduce for name in ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp")},
+    **{name: reduce for name in ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp",
+                                 "linalg_vector_norm")},
     **{name: spatial for name in ("adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d",
                                   "interpolate", "upsample")},
     "permute": permute, "transpose": transpose, "swapaxes": transpose, "t": transpose,
-    "cat": cat, "concat": cat, "concatenate": cat, "getitem": getitem,
+    "stack": stack, "cat": cat, "concat": cat, "concatenate": cat, "getitem": getitem,
     "matmul": matmul, "bmm": matmul, "scaled_dot_product_attention": attention,
     "pad": pad, "roll": roll, "linear": linear_function,
     "layer_norm": norm_function, "group_norm": norm_function, "batch_norm": norm_function,
@@ -362,7 +378,7 @@ def layer_norm(flow, node: fx.Node) -> list[int]:
     """LayerNorm over its trailing axes, or over axis 1 for the channels-first kind (timm's LayerNorm2d)."""
     layer = flow.gm.get_submodule(node.target)
     x, shape, k = flow.axes[node.args[0]], node_shape(node.args[0]), len(layer.normalized_shape)
-    first = tuple(shape[-k:]) != tuple(layer.normalized_shape) or type(layer).__name__.endswith("2d")
+    first = tuple(shape[-k:]) != tuple(layer.normalized_shape) or "2d" in type(layer).__name__.lower()
     axes = [x[1]] if first and k == 1 else x[-k:]
     for dim, axis in enumerate(axes):
         flow.module_params(layer, node.target, {"weight": dim, "bias": dim}, axis)

@@ -22,15 +22,18 @@ rewriting its constants, leaves the rest of the model computing the same.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import fx, nn
 
 from evc.ir.channels import Spaces
-from evc.ir.group_rules import RULES, module_rule
-from evc.ir.view import node_shape
+from evc.ir.group_rules import RULES, module_rule, size_args
+from evc.ir.trace import _ShapeProp
+from evc.ir.view import node_shape, size_value
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ class _Flow:
         rule = self._rule(node)
         try:
             axes = rule(self, node) if rule else None
-        except (IndexError, TypeError, ValueError, KeyError):
+        except Exception:  # a rule that cannot read the node leaves it to the rule for unknown ops
             axes = None
         if axes is None or not self._fits(axes, shapes):
             axes = self._unknown(node, shapes)
@@ -152,6 +155,8 @@ class _Flow:
         if node.op == "call_module":
             return module_rule(self.gm.get_submodule(node.target))
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        if name.split(".")[0] not in RULES and inspect.isfunction(node.target):
+            return _inlined
         return RULES.get(name.split(".")[0])
 
     def _fits(self, axes, shapes) -> bool:
@@ -163,11 +168,16 @@ class _Flow:
         what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
         if node.op == "call_module":
             what = type(self.gm.get_submodule(node.target)).__name__
+        reason = f"node '{node.name}' ({what}) has no rule for its channels"
         for arg in node.all_input_nodes:
-            self.freeze(arg, f"node '{node.name}' ({what}) has no rule for its channels")
+            self.freeze(arg, reason)
+        # Its output too: nothing says how to make it narrower (torch.arange's length is a literal).
         if isinstance(shapes, tuple) and shapes and isinstance(shapes[0], tuple):
-            return tuple(self.fresh(s) for s in shapes)
-        return self.fresh(shapes)
+            out = tuple(self.fresh(s) for s in shapes)
+        else:
+            out = self.fresh(shapes)
+        self.freeze(out, reason)
+        return out
 
     # -- the groups
     def groups(self) -> list[Group]:
@@ -215,6 +225,41 @@ class _Flow:
     def _split_last(self, leaf: int, above) -> bool:
         return any(self.spaces.parts(p)[0] == "product" and self.spaces.parts(p)[1][-1] == leaf
                    for p in above.get(self.spaces.find(leaf), ()))
+
+
+def _inlined(flow: _Flow, node: fx.Node):
+    """A Python function tracing kept whole (timm's window_reverse), traced on its own with its sizes fixed
+    and read node by node. A literal size inside it counts what it reshapes, and nothing outside can
+    rewrite it: those channels freeze."""
+    names = list(inspect.signature(node.target).parameters)
+    given = {**dict(zip(names, node.args)), **node.kwargs}
+    tensors = [name for name, a in given.items() if isinstance(a, fx.Node) and node_shape(a) is not None]
+    fixed = {name: fx.node.map_arg(a, size_value) for name, a in given.items() if name not in tensors}
+    sub = fx.symbolic_trace(node.target, concrete_args=fixed)
+    for n in reversed(sub.graph.nodes):  # the checks on fixed arguments, and their placeholders
+        if n.target is torch._assert or (n.op in ("placeholder", "call_function") and not n.users and
+                                         n.target not in tensors and n.op != "output"):
+            sub.graph.erase_node(n)
+    sub.recompile()
+    with torch.no_grad():
+        _ShapeProp(sub).propagate(*(torch.zeros(node_shape(given[t])) for t in tensors))
+    before = len(flow.sizes)
+    for n in sub.graph.nodes:
+        n.name = f"{node.name}.{n.name}"
+        if n.op == "placeholder":
+            flow.axes[n] = flow.axes[given[n.target]]
+            flow.live.update([n] if given[n.target] in flow.live else [])
+        elif n.op == "output":
+            out = n.args[0][0] if isinstance(n.args[0], (tuple, list)) else n.args[0]
+        else:
+            flow.read(n)
+    for name, arg, space in flow.sizes[before:]:
+        inner = next(n for n in sub.graph.nodes if n.name == name)
+        if isinstance(arg, int) and isinstance(size_args(inner)[arg], int):
+            flow.freeze([space], f"node '{name}' inside node '{node.name}' reshapes by a literal size")
+    del flow.sizes[before:]
+    flow.spaces.where = node.name
+    return flow.axes[out]
 
 
 def _input(flow: _Flow, node: fx.Node) -> list[int]:

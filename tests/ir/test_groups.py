@@ -1,30 +1,59 @@
+import copy
 import functools
 
 import pytest
 import timm
 import torch
+from timm.models.metaformer import MetaFormer
 from torch import fx
 
 from evc.ir.groups import channel_groups
 from evc.ir.trace import trace
 
 SIZE = 32
-FAMILIES = {
-    "vit": lambda: timm.create_model("vit_tiny_patch16_224", img_size=SIZE, patch_size=8, depth=2, num_classes=10),
+FAMILIES = {  # (model, image size)
+    "vit": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=SIZE, patch_size=8, depth=2,
+                                      num_classes=10), SIZE),
+    # windows of 2 x 2, shifted in every other block; a relative position bias per head; patch merging
+    "swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=64, patch_size=4, window_size=2,
+                                       depths=(2, 2), embed_dim=16, num_heads=(2, 4), num_classes=10), 64),
+    # two attentions and two MLPs side by side in each block, their outputs stacked and summed
+    "parallel": (lambda: timm.create_model("vit_small_patch16_18x2_224", img_size=SIZE, patch_size=8, depth=2,
+                                           embed_dim=64, num_heads=4, num_classes=10), SIZE),
+    # cross-covariance attention (heads over channels, a temperature per head), class-attention blocks
+    "xcit": (lambda: timm.create_model("xcit_nano_12_p16_224", img_size=SIZE, depth=2, num_classes=10), SIZE),
+    # conv encoders, then split depthwise convs and cross-covariance attention on maps
+    "edgenext": (lambda: timm.create_model("edgenext_xx_small", depths=(1, 1, 1, 1), dims=(16, 32, 48, 64),
+                                           num_classes=10), 64),
+    # MetaFormer with pooling as its token mixer (PoolFormer v2): 1 x 1 conv MLPs, scales per channel
+    "metaformer": (lambda: MetaFormer(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), num_classes=10), 64),
+}
+EXPECTED = {  # stream widths, (heads, head_dim) of each attention, hidden width of each MLP
+    "vit": ([192], [(3, 64)] * 2, [768] * 2),
+    "swin": ([16, 32], [(2, 8), (2, 8), (4, 8), (4, 8)], [64, 64, 128, 128]),
+    "parallel": ([64], [(4, 16)] * 4, [256] * 4),
+    "xcit": ([128], [(4, 32)] * 4, [512] * 4),
+    # a block splitting its channels into equal chunks makes the stream one chunk wide: all chunks lose the same
+    "edgenext": ([16] * 4, [(4, 8), (4, 12), (4, 16)], [64, 128, 192, 256]),
+    "metaformer": ([16, 32, 48, 64, 256], [], [64, 128, 192, 256]),
 }
 
 
 @functools.cache
 def _captured(family: str) -> fx.GraphModule:
     torch.manual_seed(0)
-    return trace(FAMILIES[family]().eval(), torch.randn(1, 3, SIZE, SIZE))
+    build, size = FAMILIES[family]
+    return trace(build().eval(), torch.randn(1, 3, size, size))
 
 
 def captured(family: str) -> fx.GraphModule:
     """A fresh copy: tests change weights and constants in place."""
-    import copy
-
     return copy.deepcopy(_captured(family))
+
+
+@functools.cache
+def groups_of(family: str) -> tuple:
+    return tuple(channel_groups(_captured(family)))
 
 
 def of_kind(groups, kind):
@@ -67,20 +96,36 @@ def pruned_outputs(gm: fx.GraphModule, group, keep, images):
         return zeroed, gm(images)
 
 
-def assert_closed(family: str, group_index: int, images) -> None:
-    """Removing half of the group's channels from every member changes nothing once they are zeroed."""
-    gm = captured(family)
-    group = channel_groups(gm)[group_index]
+def assert_closed(family: str, index: int) -> None:
+    """Removing half of a group's channels from every member changes nothing once they are zeroed."""
+    gm, group = captured(family), groups_of(family)[index]
     keep = list(range(0, group.width, 2))
-    zeroed, pruned = pruned_outputs(gm, group, keep, images)
-    torch.testing.assert_close(pruned, zeroed, atol=1e-5, rtol=0)
+    size = FAMILIES[family][1]
+    zeroed, pruned = pruned_outputs(gm, group, keep, torch.randn(2, 3, size, size))
+    torch.testing.assert_close(pruned, zeroed, atol=1e-5, rtol=0, msg=lambda m: f"{group}: {m}")
 
 
 def prunable(family: str) -> list[int]:
-    return [i for i, g in enumerate(channel_groups(_captured(family))) if g.kind in ("heads", "units", "head_dim")]
+    return [i for i, g in enumerate(groups_of(family)) if g.kind in ("heads", "units", "head_dim")]
 
 
-IMAGES = torch.randn(2, 3, SIZE, SIZE)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_groups_are_the_streams_one_heads_group_per_attention_and_one_units_group_per_mlp(family):
+    groups = groups_of(family)
+    streams, heads, hidden = EXPECTED[family]
+    assert [g.width for g in of_kind(groups, "stream")] == streams
+    assert [(g.heads, g.head_dim) for g in of_kind(groups, "heads")] == heads
+    mlps = [g for g in of_kind(groups, "units") if any(m.name.endswith("mlp.fc1.weight") for m in g.members)]
+    assert [g.width for g in mlps] == hidden
+
+
+SLOW = {"xcit"}  # 13 groups, each pruned on a fresh copy: over 10 s on 2 cores
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in FAMILIES])
+def test_every_prunable_group_is_closed(family):
+    for index in prunable(family):
+        assert_closed(family, index)
 
 
 def test_vit_has_one_stream_a_heads_group_per_attention_and_a_units_group_per_mlp():
@@ -111,6 +156,3 @@ def test_vit_heads_group_rewrites_the_head_count_and_the_merged_width():
     assert {(c.arg, c.value(2)) for c in heads.constants} == {(3, 2), (2, 128)}
 
 
-@pytest.mark.parametrize("index", prunable("vit"))
-def test_vit_groups_are_closed(index):
-    assert_closed("vit", index, IMAGES)
