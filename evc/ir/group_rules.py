@@ -14,11 +14,11 @@ channels are frozen, naming it.
 
 from __future__ import annotations
 
+import math
+
 from torch import fx, nn
 
 from evc.ir.view import node_shape
-
-_INT = int
 
 
 def _tensor(arg) -> bool:
@@ -40,7 +40,7 @@ def _dims(node: fx.Node, index: int, rank: int, name: str = "dim") -> list[int] 
     dims = _arg(node, index, name)
     if dims is None:
         return None
-    return [d % rank for d in ((dims,) if isinstance(dims, _INT) else dims)]
+    return [d % rank for d in ((dims,) if isinstance(dims, int) else dims)]
 
 
 def size_args(node: fx.Node) -> list:
@@ -98,7 +98,7 @@ def reshape(flow, node: fx.Node) -> list[int]:
     if _name(node) in ("view", "reshape"):
         sizes = size_args(node)
         for j, size in enumerate(sizes if len(sizes) == len(dst) else ()):
-            if isinstance(size, fx.Node) and not isinstance(size.meta.get("value"), _INT):
+            if isinstance(size, fx.Node) and not isinstance(size.meta.get("value"), int):
                 flow.freeze([out[j]], f"node '{node.name}' reshapes by a size computed from data")
             elif size != -1:
                 flow.sizes.append((node.name, j, out[j]))
@@ -106,10 +106,7 @@ def reshape(flow, node: fx.Node) -> list[int]:
 
 
 def _prod(shape, axes) -> int:
-    result = 1
-    for i in axes:
-        result *= shape[i]
-    return result
+    return math.prod(shape[i] for i in axes)
 
 
 def permute(flow, node: fx.Node) -> list[int]:

@@ -156,3 +156,22 @@ def test_vit_heads_group_rewrites_the_head_count_and_the_merged_width():
     assert {(c.arg, c.value(2)) for c in heads.constants} == {(3, 2), (2, 128)}
 
 
+
+
+class CumsumMlp(torch.nn.Module):
+    """An MLP whose hidden units pass an op with no rule (a cumulative sum mixes them in order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return x + self.fc2(torch.cumsum(self.fc1(x), dim=-1))
+
+
+def test_an_op_with_no_rule_freezes_its_channels_and_names_its_node():
+    gm = trace(CumsumMlp(), torch.randn(1, 4, 8))
+    hidden = [g for g in channel_groups(gm) if g.width == 32]  # what enters it, and what leaves it
+    assert {(g.kind, g.reason) for g in hidden} == {("frozen", "node 'cumsum' (cumsum) has no rule for its channels")}
+    members = {(m.name, m.dim) for g in hidden for m in g.members}
+    assert members == {("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1)}
