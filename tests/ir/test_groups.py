@@ -109,7 +109,8 @@ def prunable(family: str) -> list[int]:
     return [i for i, g in enumerate(groups_of(family)) if g.kind in ("heads", "units", "head_dim")]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in ("xcit", "edgenext") else f
+                                    for f in FAMILIES])
 def test_groups_are_the_streams_one_heads_group_per_attention_and_one_units_group_per_mlp(family):
     groups = groups_of(family)
     streams, heads, hidden = EXPECTED[family]
@@ -119,7 +120,7 @@ def test_groups_are_the_streams_one_heads_group_per_attention_and_one_units_grou
     assert [g.width for g in mlps] == hidden
 
 
-SLOW = {"xcit"}  # 13 groups, each pruned on a fresh copy: over 10 s on 2 cores
+SLOW = {"xcit", "swin", "parallel"}  # over 4 s each on 2 cores: the full run checks them
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in FAMILIES])
