@@ -7,6 +7,7 @@ from what one run happens to import.
 """
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,13 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
     """evc's modules under `root` by name (passes/ and targets/ linked into evc/ count as evc's)."""
-    return {module_name(p, root): p for p in (root / "evc").rglob("*.py") if "templates" not in p.parts}
+    found = {}
+    for folder, _, files in os.walk(root / "evc", followlinks=True):
+        for name in files:
+            path = Path(folder) / name
+            if name.endswith(".py") and "templates" not in path.parts:
+                found[module_name(path, root)] = path
+    return found
 
 
 MODULES = modules()
