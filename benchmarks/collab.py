@@ -62,6 +62,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -229,6 +230,7 @@ def timed(bundle: Path, feed: np.ndarray, runs: int, logs: Path, alongside: dict
                     pool.map(lambda echo: echo.round_trip(b), e))
                 runs_["transfer, one part" + suffix] = lambda x, e=echoes[size][0], b=payload: e.round_trip(b)
             times = interleaved(runs_, feed, runs)
+            unary.close()
             for suffix, log in served.items():
                 times["over gRPC − served compute" + suffix] = statistics.median(log[-runs:])
             load = {"streamed": under_load(bundle, peers, feed, lambda: Coordinator(bundle, peers, threads=THREADS)),
@@ -265,12 +267,6 @@ class Unary:
         for channel in self.channels:
             channel.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 LOAD_CLIENTS, LOAD_S = 8, 6.0
 
@@ -281,7 +277,7 @@ def under_load(bundle: Path, peers: list[str], feed: np.ndarray, open_client) ->
     overheads, count, stop_at = [], [0], time.monotonic() + LOAD_S
 
     def client():
-        with open_client() as coordinator:
+        with closing(open_client()) as coordinator:
             while time.monotonic() < stop_at:
                 start = time.perf_counter()
                 answer = coordinator.infer(feed)

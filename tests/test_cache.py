@@ -66,6 +66,15 @@ def test_a_corrupt_entry_is_a_miss_removed_and_said_in_one_line(tmp_path, fault,
     assert line.startswith("cache entry lower/k was corrupt") and said in line
 
 
+def built(tmp_path):
+    """The small spec built into tmp_path/out: (spec, out)."""
+    spec = tmp_path / "small.evc"
+    spec.write_text(small_spec())
+    out = tmp_path / "out"
+    assert run_evc("build", spec, "--out", out).returncode == 0
+    return spec, out
+
+
 def flip(path, at: int, count: int = 64) -> None:
     data = bytearray(path.read_bytes())
     data[at:at + count] = bytes(b ^ 0xFF for b in data[at:at + count])
@@ -75,10 +84,7 @@ def flip(path, at: int, count: int = 64) -> None:
 @pytest.mark.slow
 def test_a_rotten_cached_onnx_is_rebuilt_and_the_bundle_matches_its_manifest(tmp_path):
     """The fault a user met: 64 bytes of a cached .onnx flipped, the bundle deleted, the spec rebuilt."""
-    spec = tmp_path / "small.evc"
-    spec.write_text(small_spec())
-    out = tmp_path / "out"
-    assert run_evc("build", spec, "--out", out).returncode == 0
+    spec, out = built(tmp_path)
     (cached,) = (out / ".cache" / "lower").glob("*/model.onnx")
     flip(cached, cached.stat().st_size // 2)
     bundle = out / "small" / "cpu"
@@ -96,10 +102,7 @@ def test_a_rotten_cached_onnx_is_rebuilt_and_the_bundle_matches_its_manifest(tmp
 
 @pytest.mark.slow
 def test_evc_verify_names_each_file_that_differs_from_the_manifest_and_exits_1(tmp_path):
-    spec = tmp_path / "small.evc"
-    spec.write_text(small_spec())
-    out = tmp_path / "out"
-    assert run_evc("build", spec, "--out", out).returncode == 0
+    _, out = built(tmp_path)
     bundle = out / "small" / "cpu"
     flip(bundle / "model.onnx", 100, 8)
     (bundle / "bench.py").unlink()
