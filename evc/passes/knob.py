@@ -31,9 +31,6 @@ class Knob:
     keys: tuple[str, ...] = ("keep",)  # written keys that fix the pass; when none is written, the budget chooses
     timed = True  # a latency table prices what it chooses
 
-    def searched(self, params: dict) -> bool:
-        return all(params.get(k) is None for k in self.keys)
-
     def conflict(self, params: dict) -> tuple[str, str] | None:
         """(key, why) when the pass's other keys, as written, keep a budget from choosing its own; else None."""
         return None
