@@ -53,6 +53,19 @@ class BuildError(EvcError):
     exit_code = 1
 
 
+class PassFailure(BuildError):
+    """A pass made a model that does not compute what it should: evc's own fault, not the user's. The message
+    names the group or node; `reproducer` holds what reproduces it (the captured graph, the group, the input),
+    which the driver writes into the build folder."""
+
+    def __init__(self, message: str, reproducer: dict | None = None):
+        super().__init__(message)
+        self.reproducer = reproducer
+
+    def render(self) -> str:
+        return f"internal error: {self}"
+
+
 class ResourceError(BuildError):
     """The machine refused a write: no space, no permission, a read-only or vanished folder. The message names
     the path, what evc was writing and, for space, the bytes it needed and those free."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from evc.errors import BuildError, InputError
+from evc.errors import InputError, PassFailure
 from evc.ir.recognise import RecognitionError, recognise
 from evc.ir.structure import Structure
 from evc.ir.trace import propagate_shapes, trace
@@ -68,8 +68,13 @@ class Program:
         try:
             propagate_shapes(graph, self.example(), "rewritten")
         except InputError as e:
-            raise BuildError(f"a pass left a model that does not run: {e}") from e
-        return replace(self, graph=graph, structure=recognise(graph))
+            raise PassFailure(f"a pass left a model that does not run: {e}", {"graph": graph}) from e
+        if self.structure is None:  # a model compressed by its pruning groups alone (evc.passes.grouped)
+            return replace(self, graph=graph)
+        try:
+            return replace(self, graph=graph, structure=recognise(graph))
+        except RecognitionError as e:
+            return replace(self, graph=graph, structure=None, unrecognised=str(e))
 
     def run(self, images) -> torch.Tensor:
         with torch.inference_mode():

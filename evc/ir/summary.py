@@ -48,6 +48,8 @@ def aligned(after: dict, original, compressed) -> dict:
     A block that a pass removed whole is a row of zeros, so before and after
     read side by side, block by block.
     """
+    if original is None or compressed is None:  # a model compressed by its pruning groups: no blocks to align
+        return after
     owner = {name: b.index for b in original.blocks for name in _module_names(b)}
     rows = {}
     for row, block in zip(after["blocks"], compressed.blocks):

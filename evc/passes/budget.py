@@ -58,6 +58,7 @@ def search(plan, program, before: dict, progress, budget_key: str, latency_table
     from evc.context import Context
     from evc.errors import InputError
 
+    program.require_structure("a budget")
     record = read_lock(plan.path, budget_key)
     if record is not None:
         return tuple(pinned(plan.passes, record)), {**record, "pinned": lock_path(plan.path).name}

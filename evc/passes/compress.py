@@ -46,8 +46,6 @@ def compress(plan: Plan, original, before: dict, cache: Cache, progress: Progres
     """Run the spec's passes on `original`, the Program as loaded (`before`: its summary); a budget's search
     first, which reads `latency_table(program)` for a latency budget."""
     program, as_loaded_view = original, program_view(original)
-    if plan.passes:
-        program.require_structure(f"pass {plan.passes[0].name}")
     passes, searched = plan.passes, None
     if plan.budget is not None:
         from evc.passes.budget import search

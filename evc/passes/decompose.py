@@ -75,6 +75,7 @@ class Decompose(Pass, Splitting):
     """Split the model into parts, each shrunk for a subset of the classes, joined by a fitted fusion."""
 
     def run(self, program, params, ctx):
+        program.require_structure("pass decompose")
         import numpy as np
 
         from evc.ir.ensemble import Fusion, Part

@@ -70,6 +70,7 @@ class PatchSlim(Pass):
     """Drop the patches that matter least before each block, with static token counts."""
 
     def run(self, program, params, ctx):
+        program.require_structure("pass patch_slim")
         structure = program.structure
         prefix = len(structure.prefix_tokens)
         if params["score"] == "cls_attention" and not structure.prefix_tokens:

@@ -32,6 +32,7 @@ class TokenMerge(Pass):
     """Merge r similar tokens in each block by bipartite soft matching, with static shapes."""
 
     def run(self, program, params, ctx):
+        program.require_structure("pass token_merge")
         from evc.passes.surgery import rewritten
 
         structure = program.structure
