@@ -48,6 +48,11 @@ def test_build_writes_a_bundle_with_artifact_manifest_readme_and_script(write_sp
     assert len(before["blocks"]) == 2 and before["total"]["macs"] > 0
     assert before["total"]["params"] == sum(b["params"] for b in before["blocks"]) + before["stem"]["params"] \
         + before["head"]["params"]
+    groups = manifest["groups"]  # the pruning groups of the model as loaded
+    assert groups["heads"] == {"groups": 2, "heads": 6} and groups["units"] == {"groups": 2, "units": 1536}
+    assert groups["streams"] == [192]
+    assert {"width": 10, "members": ["head.weight", "head.bias"],
+            "reason": "it reaches the model's output at node 'head'"} in groups["frozen"]
     assert (bundle / "bench.py").stat().st_mode & 0o111
     assert "randomly initialised" in (bundle / "README.md").read_text()
 

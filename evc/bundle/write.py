@@ -109,6 +109,7 @@ def _manifest(plan: Plan, target: TargetPlan, compiled, checked: dict, key: str 
                                     "interpolation": image.interpolation, "source": dict(image.origin)}},
         "output": {"name": "logits", "shape": checked["output_shape"]},
         "structure": _structure_record(compiled.program),
+        "groups": (compiled.loaded or {}).get("groups"),  # the model as loaded: what the passes could cut
         **({"decomposition": _decomposition_record(compiled, target, checked["artifacts"])}
            if compiled.program.parts else {}),
         "passes": [{"name": p.name, "params": canonical(p.params), **({"found": found} if found else {})}

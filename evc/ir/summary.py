@@ -2,10 +2,14 @@
 
     summary(program)                    # {"stem", "blocks", "head", "total"}: params and MACs
     aligned_summary(program, original)  # the same in the original model's block order
-    program_view(program)               # input, structure, parts: what explain shows without loading it
+    program_view(program)               # input, structure, parts, groups: what explain shows without loading it
+    groups_text(view)                   # its pruning groups in words, without torch
+    frozen_by_reason(view["groups"])    # its frozen groups, one row per reason
 """
 
 from __future__ import annotations
+
+import re
 
 from evc.keys import canonical
 
@@ -19,10 +23,10 @@ def summary(program) -> dict:
 
 def program_view(program) -> dict:
     """What `evc explain` shows of a program, as JSON, so that a cached one is shown without loading it:
-    its input, its structure (the manifest's record, and in words) or why it was not recognised, and a
-    decomposed model's parts and fusion."""
+    its input, its structure (the manifest's record, and in words) or why it was not recognised, its pruning
+    groups (`groups_record`), and a decomposed model's parts and fusion."""
     view = {"input": list(program.input.shape), "structure": None, "describe": None,
-            "unrecognised": program.unrecognised}
+            "unrecognised": program.unrecognised, "groups": _groups(program)}
     if program.structure is not None:
         view.update(structure=canonical(structure_record(program.structure)),
                     describe=program.structure.describe(), unrecognised=None)
@@ -32,6 +36,72 @@ def program_view(program) -> dict:
         linear = program.fusion.linear
         view["fusion"] = {"in": linear.in_features, "out": linear.out_features, "drop": bool(program.fusion.drop)}
     return view
+
+
+def _groups(program) -> dict | None:
+    """The program's pruning groups as `groups_record` keeps them, or None where the analysis fails: they
+    only inform, so they never break a build or explain. None for a decomposed program too: its parts were
+    cut as the one model they split from, whose view has them."""
+    if program.parts:
+        return None
+    try:
+        from evc.ir.groups import channel_groups
+
+        return groups_record(channel_groups(program.graph))
+    except Exception:
+        return None
+
+
+def groups_record(groups) -> dict:
+    """Pruning groups (evc.ir.groups.Group) as JSON: how many of each kind and their channels, the streams'
+    widths, and each frozen group with a few of its parameters and what froze it."""
+    def of_kind(kind: str, unit: str) -> dict:
+        widths = [g.width for g in groups if g.kind == kind]
+        return {"groups": len(widths), unit: sum(widths)}
+
+    return {"heads": of_kind("heads", "heads"), "units": of_kind("units", "units"),
+            "head_dim": of_kind("head_dim", "channels"), "streams": [g.width for g in groups if g.kind == "stream"],
+            "frozen": [{"width": g.width, "members": list(dict.fromkeys(m.name for m in g.members))[:3],
+                        "reason": g.reason} for g in groups if g.kind == "frozen"]}
+
+
+def frozen_by_reason(record: dict) -> list[dict]:
+    """The frozen groups of a `groups_record`, one row per reason, in order of first appearance: a reason that
+    repeats per block (node 'unbind', 'unbind_1', ...) is one row, with its first node, members and `count`."""
+    rows: dict[str, dict] = {}
+    for group in record["frozen"]:
+        key = re.sub(r"'([^']*?)_\d+'", r"'\1'", group["reason"])  # a block's copy of a node: name_<n>
+        row = rows.setdefault(key, {"reason": group["reason"], "members": group["members"], "widths": [],
+                                    "count": 0})
+        row["count"] += 1
+        row["widths"] += [] if group["width"] in row["widths"] else [group["width"]]
+    return list(rows.values())
+
+
+def groups_text(view: dict) -> list[str]:
+    """A view's pruning groups in words: what can be pruned, the streams left alone, then each reason
+    something is frozen, naming its node. No lines where the view has none (an older cache entry)."""
+    record = view.get("groups")
+    if record is None:
+        return []
+    frozen = frozen_by_reason(record)
+    lines = [f"Pruning groups: {groups_counts(record)}"] + (["Frozen (not pruned):"] if frozen else [])
+    for row in frozen:
+        times = f" ×{row['count']}" if row["count"] > 1 else ""
+        lines.append(f"  {row['reason']}{times}: {'/'.join(map(str, row['widths']))} channels of "
+                     f"{', '.join(row['members'])}")
+    return lines
+
+
+def groups_counts(record: dict) -> str:
+    """How many groups of each kind a `groups_record` holds, in words: "12 heads groups (36 heads), ..."."""
+    heads, units, head_dim, streams = record["heads"], record["units"], record["head_dim"], record["streams"]
+    counts = [f"{n} {kind} group{'s' * (n != 1)} ({what})" for n, kind, what in (
+        (heads["groups"], "heads", f"{heads['heads']} heads"), (units["groups"], "units", f"{units['units']} units"),
+        (head_dim["groups"], "head_dim", f"{head_dim['channels']} channels")) if n]
+    if streams:
+        counts.append(f"{len(streams)} stream{'s' * (len(streams) != 1)} ({', '.join(map(str, streams))}, left alone)")
+    return ", ".join(counts) or "none"
 
 
 def structure_record(structure) -> dict:

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evc.cache import Cache
+from evc.ir.summary import groups_text
 from evc.keys import Keys, canonical, derive
 from evc.progress import Progress
 from evc.registry import DEVICES, FORMATS, PASSES, Placement
@@ -55,7 +56,7 @@ def explain_record(plan: Plan, out: Path) -> dict:
         "schema": "evc.explain/1", "spec": str(plan.path), "cached": cached,
         "model": {"name": plan.model.name, "source": str(plan.model.source), "weights": _weights(plan),
                   "input": loaded["input"], "structure": loaded["structure"], "unrecognised": loaded["unrecognised"],
-                  "describe": loaded["describe"]},
+                  "describe": loaded["describe"], "groups": loaded.get("groups")},
         "compressed": summary["view"],
         "passes": [{"name": p.name,
                     **_as_written(plan, p.params, p.spans, searched=plan.budget is not None, name=p.name),
@@ -136,6 +137,8 @@ def show(plan: Plan, record: dict, console: Console) -> None:
     else:
         console.print("[bold]as loaded:[/]")
         console.print(model["describe"], markup=False, highlight=False)
+    for line in groups_text(model):
+        console.print(line, markup=False, highlight=False)
     if record["budget"]:
         console.print(budget_text(plan, record["budget"]), highlight=False, markup=False)
     for p in record["passes"]:

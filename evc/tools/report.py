@@ -4,10 +4,11 @@
     text = render(Path("build/deit_tiny_x5"))
 
 It reads what the build and the benchmarks left: each bundle's manifest.json
-(per-block MACs and params before and after, by part; the structure; parity;
-accuracy; the budget's search), an X5 bundle's op_check.json, and the figures
-benchmarks wrote into bundles (`evc bench`'s results/evc_bench.json, an X5's
-results.json, a phone's results/results.jsonl, a Jetson's results/results.json).
+(per-block MACs and params before and after, by part; the structure; the
+pruning groups, frozen ones with why; parity; accuracy; the budget's search),
+an X5 bundle's op_check.json, and the figures benchmarks wrote into bundles
+(`evc bench`'s results/evc_bench.json, an X5's results.json, a phone's
+results/results.jsonl, a Jetson's results/results.json).
 Charts are Vega-Lite specs made with altair, drawn by vega-embed, whose
 JavaScript vl-convert bundles and the page carries inline.
 """
@@ -19,6 +20,7 @@ import re
 from pathlib import Path
 
 from evc.errors import InputError
+from evc.ir.summary import frozen_by_reason, groups_counts
 from evc.layout import BENCH_RESULTS, MANIFEST, read_manifest
 
 REPORT = "report.html"
@@ -96,8 +98,10 @@ def render(build: Path) -> str:
     environment.globals["zip"] = zip
     page = environment.get_template("report.html.j2")
     specs = _script_json([{"id": c["id"], "spec": c["spec"]} for c in charts])
+    groups = first.get("groups")  # None in a manifest written before evc kept them, or where the analysis failed
     return page.render(title=build.name, first=first, targets=targets, charts={c["id"]: c for c in charts},
-                       evaluation=evaluation, budget=budget, script=_vega_script(build.parent / ".cache"), specs=specs)
+                       evaluation=evaluation, budget=budget, script=_vega_script(build.parent / ".cache"), specs=specs,
+                       groups=groups and {"counts": groups_counts(groups), "frozen": frozen_by_reason(groups)})
 
 
 # ---- what each target's bundle holds --------------------------------------------------------------

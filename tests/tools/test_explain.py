@@ -1,15 +1,20 @@
 """`evc explain`: the model as loaded, the passes as written, before → after; from the build cache when it
 holds the compressed program; `--json`."""
 
+import io
 import json
 import sys
 
 import pytest
+from rich.console import Console
 
-from evc.driver import build
+from evc.cache import Cache
+from evc.driver import build, compile_model
+from evc.ir.capture import fetch, store
+from evc.progress import Progress
 from evc.spec.check import parse_and_check
 from evc.spec.params import Int, Param
-from evc.tools.explain import explain_record
+from evc.tools.explain import explain, explain_record
 from tests.conftest import run_evc, small_spec
 
 PASSES = "compress {\n    head_prune { keep = 2/3, score = l1 }\n    ffn_prune  { keep = 70% }\n}\n"
@@ -19,6 +24,49 @@ X5 = ("data calib { synthetic = 8 }\n"
 # `evc explain` in a process where importing torch fails: it succeeds only if nothing loads a model.
 WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; from evc.cli import main; "
                  "sys.exit(main(sys.argv[1:]))")
+
+
+# Two blocks whose MLPs pass torch.cumsum, an op with no rule for its channels: their hidden units are frozen.
+CUMSUM_NET = """\
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return x + self.fc2(torch.cumsum(self.fc1(self.norm(x)), dim=-1))
+
+
+class CumsumNet(nn.Module):
+    def __init__(self, dim=16, depth=2, classes=10):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, stride=8)
+        self.blocks = nn.Sequential(*(Block(dim) for _ in range(depth)))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+"""
+
+
+def cumsum_spec(write_spec):
+    """A spec naming CumsumNet, in a Python file beside it."""
+    spec = write_spec('evc 1\nmodel net {\n    source = python("cumsum_net:CumsumNet")\n    input = image(32, 32)\n}\n'
+                      "target cpu { device = cpu, format = onnx, runs = 3, warmups = 1 }\n", "net.evc")
+    (spec.parent / "cumsum_net.py").write_text(CUMSUM_NET)
+    return spec
+
+
+def explained(spec, out):
+    """`evc explain` run in this process: its record, and its text."""
+    console = Console(file=io.StringIO(), width=200)
+    record = explain(parse_and_check(spec.read_text(), spec), out, console)
+    return record, console.file.getvalue()
 
 
 def explain_without_torch(*args):
@@ -109,3 +157,47 @@ def test_an_x5_targets_operator_check_comes_from_the_cached_lowering(write_spec,
     assert placement == manifest["artifacts"][0]["op_check"] and placement["summary"]
     text = explain_without_torch(spec, "--out", out).stdout
     assert "operator check" in text
+
+
+def test_explain_counts_the_pruning_groups_and_folds_a_frozen_group_repeated_per_block(write_spec, tmp_path):
+    record, text = explained(write_spec(small_spec()), tmp_path / "out")
+    groups = record["model"]["groups"]
+    assert groups["heads"] == {"groups": 2, "heads": 6} and groups["units"] == {"groups": 2, "units": 1536}
+    assert groups["streams"] == [192] and groups["head_dim"]["groups"] == 0
+    assert "Pruning groups: 2 heads groups (6 heads), 2 units groups (1536 units), 1 stream (192, left alone)" in text
+    assert text.index("as loaded:") < text.index("Pruning groups:") < text.index("Frozen (not pruned):")
+    # each block's head_dim, frozen by its own sdpa node: one line, the first block's node, ×2
+    sdpa = [g for g in groups["frozen"] if "'scaled_dot_product_attention" in g["reason"]]
+    assert [(g["width"], g["members"][0]) for g in sdpa] == [(64, "blocks.0.attn.qkv.weight"),
+                                                             (64, "blocks.1.attn.qkv.weight")]
+    (line,) = [line for line in text.splitlines() if "scaled_dot_product_attention" in line]
+    assert "node 'scaled_dot_product_attention' " in line and "×2: 64 channels of blocks.0.attn.qkv.weight" in line
+    assert "it reaches the model's output at node 'head': 10 channels of head.weight, head.bias" in text
+
+
+def test_explain_lists_the_units_an_op_without_a_rule_freezes_naming_its_node(write_spec, tmp_path):
+    record, text = explained(cumsum_spec(write_spec), tmp_path / "out")
+    groups = record["model"]["groups"]
+    assert groups["units"]["groups"] == 0 and groups["streams"] == [16]
+    # what enters each cumsum and what leaves it: two groups of 64 per block
+    cumsum = [g for g in groups["frozen"] if "cumsum" in g["reason"]]
+    assert [(g["reason"], g["width"]) for g in cumsum] == [
+        ("node 'cumsum' (cumsum) has no rule for its channels", 64)] * 2 + [
+        ("node 'cumsum_1' (cumsum) has no rule for its channels", 64)] * 2
+    assert cumsum[0]["members"] == ["blocks.0.fc1.weight", "blocks.0.fc1.bias"]
+    assert "Pruning groups: 1 stream (16, left alone)\nFrozen (not pruned):\n" in text
+    assert "  node 'cumsum' (cumsum) has no rule for its channels ×4: 64 channels of blocks.0.fc1.weight" in text
+    assert "cumsum_1" not in text
+
+
+def test_explain_reads_a_cached_program_stored_before_groups_were_kept(write_spec, tmp_path):
+    spec, out = write_spec(small_spec(extra=PASSES)), tmp_path / "out"
+    cache = Cache(out / ".cache")
+    compile_model(parse_and_check(spec.read_text(), spec), cache, Progress())
+    for entry in list((out / ".cache" / "program").iterdir()):  # the model as loaded, and as the passes left it
+        stored = fetch(cache, entry.name)
+        del stored.loaded["groups"], stored.view["groups"]
+        store(cache, entry.name, stored)
+    record, text = explained(spec, out)
+    assert record["cached"] is True and record["model"]["groups"] is None
+    assert "block 0: attn 3x64" in text and "Pruning groups" not in text

@@ -5,15 +5,20 @@ X5 target) serves every test. The page is opened from disk with every host name 
 charts are counted in the DOM Chromium leaves once they have drawn.
 """
 
+import html
 import json
 import os
+import re
 import subprocess
 from html.parser import HTMLParser
 
 import pytest
 
+from evc.driver import build
+from evc.spec.check import parse_and_check
 from tests.conftest import run_evc, small_spec, write_images
 from tests.targets.test_parse_hrt import FOUR_THREADS, ONE_THREAD
+from tests.tools.test_explain import cumsum_spec
 
 SPEC = small_spec(
     targets="target cpu { device = cpu, format = onnx, runs = 3, warmups = 1 }\n"
@@ -204,6 +209,30 @@ def test_the_page_needs_nothing_from_outside_it(built):
     text = (built / "report.html").read_text()
     assert "<script src" not in text and "<link" not in text and "@import" not in text
     assert "window.vegaEmbed" in text  # the bundle is inlined
+
+
+def groups_section(page) -> str:
+    """The text of the report's "Pruning groups" section, tags dropped."""
+    section = page.read_text().split("<h2>Pruning groups</h2>")[1].split("<h2>")[0]
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", section)))
+
+
+@pytest.mark.slow
+def test_the_report_counts_the_pruning_groups_of_the_model_as_loaded(built):
+    assert manifest(built, "cpu")["groups"]["heads"] == {"groups": 2, "heads": 6}  # head_prune cut some after
+    text = groups_section(built / "report.html")
+    assert "2 heads groups (6 heads), 2 units groups (1536 units), 1 stream (192, left alone)" in text
+    assert "node 'scaled_dot_product_attention' scales by 1/sqrt(head_dim) 2 64 blocks.0.attn.qkv.weight" in text
+
+
+def test_the_report_lists_each_frozen_group_by_reason_naming_its_node(write_spec, tmp_path):
+    spec = cumsum_spec(write_spec)
+    build(parse_and_check(spec.read_text(), spec), tmp_path / "out")
+    text = groups_section(tmp_path / "out" / "net" / "report.html")
+    assert "model as loaded: 1 stream (16, left alone)." in text
+    # both blocks' cumsum nodes, two groups each, in one row named by the first block's
+    assert "node 'cumsum' (cumsum) has no rule for its channels 4 64 blocks.0.fc1.weight , blocks.0.fc1.bias" in text
+    assert "it reaches the model's output at node 'head' 1 10 head.weight , head.bias" in text
 
 
 def test_evc_report_on_a_folder_without_bundles_is_bad_input(tmp_path):
