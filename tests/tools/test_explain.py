@@ -190,6 +190,16 @@ def test_explain_lists_the_units_an_op_without_a_rule_freezes_naming_its_node(wr
     assert "cumsum_1" not in text
 
 
+def test_an_analysis_of_the_groups_that_fails_leaves_explain_whole(write_spec, tmp_path, monkeypatch):
+    def fails(gm):
+        raise RuntimeError("no rule")
+
+    monkeypatch.setattr("evc.ir.groups.channel_groups", fails)
+    record, text = explained(write_spec(small_spec()), tmp_path / "out")
+    assert record["model"]["groups"] is None and record["model"]["structure"] is not None
+    assert "block 0: attn 3x64" in text and "Pruning groups" not in text
+
+
 def test_explain_reads_a_cached_program_stored_before_groups_were_kept(write_spec, tmp_path):
     spec, out = write_spec(small_spec(extra=PASSES)), tmp_path / "out"
     cache = Cache(out / ".cache")
