@@ -111,6 +111,11 @@ class PassContext(Context):
         """Record a value the pass chose (a schedule it searched for), ready to paste as `key`."""
         self.found[key] = value
 
+    def warn(self, message: str) -> None:
+        """Tell the user something the pass did instead of what they may expect (it left the model as is)."""
+        if self.progress is not None:
+            self.progress.warn(f"{self._pass.name}: {message}")
+
     def error(self, key: str, message: str) -> SpecError:
         """A spec error at this pass's `key` (or the pass itself), found once the model is known."""
         return self._plan.error(self._pass.spans.get(key), f"{self._pass.name}: {message}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from evc.bundle import write as bundles
 from evc.cache import Cache
-from evc.errors import BuildError
+from evc.errors import BuildError, PassFailure
 from evc.keys import Keys, derive
 from evc.progress import Progress
 from evc.spec.plan import Plan
@@ -46,6 +46,19 @@ def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = N
     """
     progress = progress or Progress()
     stages = Stages(plan, Cache(out / ".cache", fresh=force, warn=progress.warn), progress, write_cache=main)
+    try:
+        results = _targets(plan, out, force, only, stages, main)
+    except PassFailure as failure:
+        if not (main and failure.reproducer):
+            raise
+        kept = _reproducer(out / plan.stem / "reproducer", failure)
+        raise PassFailure(f"{failure}; a reproducer is in {kept}") from None
+    if main and results:
+        _report(out / plan.stem, progress)
+    return results
+
+
+def _targets(plan: Plan, out: Path, force: bool, only, stages, main: bool) -> list[BuildResult]:
     results = []
     for target in plan.targets:
         if only and target.name not in only:
@@ -59,9 +72,33 @@ def build(plan: Plan, out: Path, force: bool = False, only: list[str] | None = N
         if not main:
             break
         results.append(BuildResult(target.name, folder, False, stages.bundle(target, folder)))
-    if main and results:
-        _report(out / plan.stem, progress)
     return results
+
+
+REPRODUCE = """\
+evc made a model that does not compute what it should: this is evc's bug, not yours.
+{message}
+
+reproducer.pt holds the captured model before the pass ("graph", a torch.fx GraphModule), the pruning group
+cut ("group": its members, channels and sizes as plain data), the channels kept ("keep") and the input the
+check ran ("input"). Please attach this folder to a bug report. To look at it:
+
+    import torch
+    r = torch.load("reproducer.pt", weights_only=False)
+    print(r["graph"].code, r["group"], r["keep"])
+"""
+
+
+def _reproducer(folder: Path, failure: PassFailure) -> Path:
+    """Write what reproduces an internal pass failure into `folder`, whole or not at all."""
+    import torch
+
+    from evc.atomic import staged
+
+    with staged(folder, "write the reproducer") as tmp:
+        torch.save(failure.reproducer, tmp / "reproducer.pt")
+        (tmp / "README.txt").write_text(REPRODUCE.format(message=failure))
+    return folder
 
 
 def compile_model(plan: Plan, cache: Cache, progress: Progress, write_cache: bool = True):

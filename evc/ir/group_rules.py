@@ -102,6 +102,11 @@ def reshape(flow, node: fx.Node) -> list[int]:
                 flow.freeze([out[j]], f"node '{node.name}' reshapes by a size computed from data")
             elif size != -1:
                 flow.sizes.append((node.name, j, out[j]))
+    elif _name(node) == "unflatten":  # x.unflatten(dim, (heads, -1)): its sizes name axes dim, dim + 1, ...
+        dim = _arg(node, 1, "dim") % len(src)
+        for k, size in enumerate(_arg(node, 2, "sizes")):
+            if isinstance(size, int) and size != -1:
+                flow.sizes.append((node.name, k, out[dim + k]))
     return out
 
 

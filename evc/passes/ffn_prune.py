@@ -47,24 +47,44 @@ class FfnPrune(Pass, Gridded):
         return self.run(program, dict(keep=share, score="l1", round_to=ROUND_TO, data=None), Uniform(share))
 
     def run(self, program, params, ctx):
-        from evc.passes._importance import activations, hidden_norms, hidden_taylor, top
-        from evc.passes.surgery import keep_hidden, rewritten
+        from evc.passes.grouped import structure_first
 
-        structure = program.structure
-        keep = ctx.per_layer("keep", structure.depth)
-        blocks = [b for b in structure.blocks if b.mlp is not None]
-        if not blocks:
-            raise ctx.error("keep", "the model has no MLP left to remove hidden units from")
-        score = params["score"]
-        if score == "taylor":
-            scores = hidden_taylor(program.graph, blocks, ctx.images(params["data"]))
-        elif score == "activation":
-            scores = activations(program.graph, blocks, ctx.images(params["data"]))
-        else:
-            scores = [hidden_norms(program.graph, b.mlp, 1 if score == "l1" else 2) for b in blocks]
-        widths = [width(keep[b.index], b.mlp.hidden, params["round_to"]) for b in blocks]
-        return rewritten(program, [partial(keep_hidden, mlp=b.mlp, keep=top(s, w), where=f"block {b.index}")
-                                   for b, s, w in zip(blocks, scores, widths) if w < b.mlp.hidden])
+        return structure_first(program, params, ctx, _by_structure, _by_groups)
+
+
+def _by_structure(program, params, ctx):
+    from evc.passes._importance import activations, hidden_norms, hidden_taylor, top
+    from evc.passes.surgery import keep_hidden, rewritten
+
+    structure = program.structure
+    keep = ctx.per_layer("keep", structure.depth)
+    blocks = [b for b in structure.blocks if b.mlp is not None]
+    if not blocks:
+        raise ctx.error("keep", "the model has no MLP left to remove hidden units from")
+    score = params["score"]
+    if score == "taylor":
+        scores = hidden_taylor(program.graph, blocks, ctx.images(params["data"]))
+    elif score == "activation":
+        scores = activations(program.graph, blocks, ctx.images(params["data"]))
+    else:
+        scores = [hidden_norms(program.graph, b.mlp, 1 if score == "l1" else 2) for b in blocks]
+    widths = [width(keep[b.index], b.mlp.hidden, params["round_to"]) for b in blocks]
+    return rewritten(program, [partial(keep_hidden, mlp=b.mlp, keep=top(s, w), where=f"block {b.index}")
+                               for b, s, w in zip(blocks, scores, widths) if w < b.mlp.hidden])
+
+
+def _by_groups(program, params, ctx):
+    """FFN units found from the graph's pruning groups: a model evc does not recognise."""
+    from evc.passes._importance import top
+    from evc.passes.grouped import candidates, group_scores, pruned
+
+    groups = candidates(program, "units", ctx)
+    if not groups:
+        return program
+    keep = ctx.per_layer("keep", len(groups))
+    scores = group_scores(program, groups, params["score"], ctx, params["data"])
+    return pruned(program, [(g, top(s, width(k, g.width, params["round_to"])))
+                            for g, s, k in zip(groups, scores, keep)])
 
 
 def width(keep: float, hidden: int, round_to: int) -> int:

@@ -60,27 +60,50 @@ class HeadPrune(Pass, Gridded):
         return self.run(program, dict(keep=share, score="l1", scope="layer", min_heads=1, data=None), Uniform(share))
 
     def run(self, program, params, ctx):
-        from evc.passes._importance import head_norms, head_taylor, top
-        from evc.passes.surgery import keep_heads, rewritten
+        from evc.passes.grouped import structure_first
 
-        structure = program.structure
-        keep = ctx.per_layer("keep", structure.depth)
-        blocks = [b for b in structure.blocks if b.attn is not None]
-        if not blocks:
-            raise ctx.error("keep", "the model has no attention heads to remove: its blocks mix tokens by "
-                                    "convolution or pooling alone (FastViT's RepMixer, PoolFormer)")
-        if params["score"] == "taylor":
-            scores = head_taylor(program.graph, blocks, ctx.images(params["data"]))
-        else:
-            p = 1 if params["score"] == "l1" else 2
-            scores = [head_norms(program.graph, b.attn, p, f"block {b.index}") for b in blocks]
-        counts = [b.attn.num_heads for b in blocks]
-        if params["scope"] == "global":
-            kept = _global_choice(scores, keep[0], params["min_heads"])
-        else:
-            kept = [top(s, _count(keep[b.index], n, params["min_heads"])) for b, s, n in zip(blocks, scores, counts)]
-        return rewritten(program, [partial(keep_heads, attn=b.attn, keep=heads, where=f"block {b.index}")
-                                   for b, heads in zip(blocks, kept) if len(heads) < b.attn.num_heads])
+        return structure_first(program, params, ctx, _by_structure, _by_groups)
+
+
+def _by_structure(program, params, ctx):
+    from evc.passes._importance import head_norms, head_taylor, top
+    from evc.passes.surgery import keep_heads, rewritten
+
+    structure = program.structure
+    keep = ctx.per_layer("keep", structure.depth)
+    blocks = [b for b in structure.blocks if b.attn is not None]
+    if not blocks:
+        raise ctx.error("keep", "the model has no attention heads to remove: its blocks mix tokens by "
+                                "convolution or pooling alone (FastViT's RepMixer, PoolFormer)")
+    if params["score"] == "taylor":
+        scores = head_taylor(program.graph, blocks, ctx.images(params["data"]))
+    else:
+        p = 1 if params["score"] == "l1" else 2
+        scores = [head_norms(program.graph, b.attn, p, f"block {b.index}") for b in blocks]
+    counts = [b.attn.num_heads for b in blocks]
+    if params["scope"] == "global":
+        kept = _global_choice(scores, keep[0], params["min_heads"])
+    else:
+        kept = [top(s, _count(keep[b.index], n, params["min_heads"])) for b, s, n in zip(blocks, scores, counts)]
+    return rewritten(program, [partial(keep_heads, attn=b.attn, keep=heads, where=f"block {b.index}")
+                               for b, heads in zip(blocks, kept) if len(heads) < b.attn.num_heads])
+
+
+def _by_groups(program, params, ctx):
+    """Heads found from the graph's pruning groups: a model evc does not recognise."""
+    from evc.passes._importance import top
+    from evc.passes.grouped import candidates, group_scores, pruned
+
+    groups = candidates(program, "heads", ctx)
+    if not groups:
+        return program
+    keep = ctx.per_layer("keep", len(groups))
+    scores = group_scores(program, groups, params["score"], ctx, params["data"])
+    if params["scope"] == "global":
+        kept = _global_choice(scores, keep[0], params["min_heads"])
+    else:
+        kept = [top(s, _count(k, g.heads, params["min_heads"])) for g, s, k in zip(groups, scores, keep)]
+    return pruned(program, list(zip(groups, kept)))
 
 
 def _count(keep: float, heads: int, min_heads: int) -> int:

@@ -153,12 +153,12 @@ def test_a_model_evc_cannot_recognise_still_lowers_when_no_pass_needs_its_struct
 
 
 @pytest.mark.slow
-def test_a_pass_on_a_model_evc_cannot_recognise_exits_2_naming_the_graph_node(write_spec, tmp_path):
+def test_a_pass_on_a_model_with_nothing_to_prune_exits_2_at_its_keep_naming_a_graph_node(write_spec, tmp_path):
     spec = _cnn_spec(write_spec, tmp_path, "compress {\n    head_prune { keep = 0.5 }\n}\n")
     done = run_evc("build", spec, "--out", tmp_path / "out")
     assert done.returncode == 2, done.stderr
-    assert "pass head_prune needs a ViT evc recognises" in done.stderr
-    assert "node '_0'" in done.stderr and "Traceback" not in done.stderr
+    assert "cnn.evc:7:25" in done.stderr and "nothing in this model can be pruned" in done.stderr
+    assert "node '" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out" / "cnn").exists()
 
 

@@ -82,7 +82,7 @@ class Ctx:
 
     def __init__(self, params, images=None):
         self.params, self._images = params, images
-        self.found = {}
+        self.found, self.warnings = {}, []
 
     def per_layer(self, key, depth):
         value = self.params[key]
@@ -93,6 +93,9 @@ class Ctx:
 
     def report(self, key, value):
         self.found[key] = value
+
+    def warn(self, message):
+        self.warnings.append(message)
 
     def error(self, key, message):
         from evc.errors import SpecError

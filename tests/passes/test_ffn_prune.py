@@ -81,8 +81,9 @@ def test_a_norm_over_the_hidden_units_keeps_the_weights_of_the_kept_units():
 
 
 class _ConvMlp(torch.nn.Module):
-    """An MLP with a dense 3 x 3 convolution over its hidden units, on the patch grid: every unit
-    mixes into every other, so none can go alone (PVT-v2's depthwise one can, and does)."""
+    """An MLP with a dense 3 x 3 convolution over its hidden units, on the patch grid: every unit mixes into
+    every other, which the recognised MLP's surgery cannot cut. The class token skipping the conv ties each
+    unit's conv input and output to one channel, so the graph's groups can."""
 
     def __init__(self, fc1, act, fc2):
         super().__init__()
@@ -107,13 +108,26 @@ def test_a_per_unit_scale_in_the_mlp_is_sliced_with_its_units():
     assert outputs(pruned).shape == outputs(program).shape
 
 
-def test_a_module_with_other_weights_over_the_hidden_units_names_the_block_and_node():
-    from evc.errors import InputError
-
+def test_a_conv_over_the_hidden_units_is_cut_by_the_graphs_groups_naming_the_block_and_node():
     program = _plain_vit_with(_ConvMlp)
-    with pytest.raises(InputError, match="block 0: node 'layers_0_ffn_dwconv' has weights over the MLP's hidden "
-                                         "units; ffn_prune cannot remove units under it"):
-        run(program, keep=0.5)
+    mlp = program.structure.blocks[0].mlp
+    zeroed = list(range(0, mlp.hidden, 2))
+    with torch.no_grad():  # each zeroed unit: its fc1 row, the conv's filters from and to it, its fc2 column
+        for block in program.structure.blocks:
+            ffn = block.mlp.fc1.rpartition(".")[0]
+            fc1, conv, fc2 = (program.graph.get_submodule(f"{ffn}.{n}") for n in ("fc1", "dwconv", "fc2"))
+            fc1.weight[zeroed], fc1.bias[zeroed] = 0, 0
+            conv.weight[zeroed], conv.weight[:, zeroed], conv.bias[zeroed] = 0, 0, 0
+            fc2.weight[:, zeroed] = 0
+    reference = outputs(program)
+    params = {"score": "l1", "round_to": 8, "data": None, "keep": 0.5}
+    ctx = Ctx(params, images())
+    pruned = ffn_prune(program, params, ctx)
+    assert ctx.warnings == [
+        "the recognised structure's surgery failed (block 0: node 'layers_0_ffn_dwconv' has weights over the "
+        "MLP's hidden units; ffn_prune cannot remove units under it); cutting the graph's pruning groups instead"]
+    assert pruned.graph.get_submodule("layers.0.ffn.dwconv").weight.shape[:2] == (mlp.hidden // 2,) * 2
+    assert (outputs(pruned) - reference).abs().max() < 1e-5
 
 
 def test_a_swiglu_mlp_prunes_value_and_gate_rows_together_and_zeroed_units_go_exactly():

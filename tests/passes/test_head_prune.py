@@ -74,8 +74,7 @@ def test_the_head_count_the_graph_reshapes_by_is_rewritten():
     assert tuple(split.meta["tensor_meta"].shape)[2:] == (3, 2, 64)
 
 
-def test_a_head_split_evc_cannot_rewrite_names_the_block_and_node():
-    from evc.errors import InputError
+def test_a_head_split_the_structures_surgery_cannot_rewrite_is_cut_by_the_graphs_groups_saying_so():
     from evc.ir.program import Program
     from evc.spec.plan import ImageInput
     from tests.passes.conftest import FAMILIES
@@ -85,6 +84,13 @@ def test_a_head_split_evc_cannot_rewrite_names_the_block_and_node():
         attn = layer.attn
         attn.split_heads = lambda t, heads=attn.heads: t.unflatten(-1, (heads, -1)).transpose(1, 2)
     program = Program.from_module(model.eval(), ImageInput(32, 32))
-    with pytest.raises(InputError) as caught:
-        run(program, keep=2 / 3)
-    assert "block 0: node 'unflatten" in str(caught.value) and "cannot rewrite" in str(caught.value)
+    heads = program.structure.blocks[0].attn.num_heads
+    zero_heads(program, {b.index: [0] for b in program.structure.blocks})
+    reference = outputs(program)
+    params = {**LAYER, "keep": (heads - 1) / heads}
+    ctx = Ctx(params, images())
+    pruned = head_prune(program, params, ctx)
+    (warning,) = ctx.warnings
+    assert "block 0: node 'unflatten" in warning and "cutting the graph's pruning groups instead" in warning
+    assert [b.attn.num_heads for b in pruned.structure.blocks] == [heads - 1] * program.structure.depth
+    assert (outputs(pruned) - reference).abs().max() < 1e-5
