@@ -132,7 +132,8 @@ def show(plan: Plan, record: dict, console: Console) -> None:
     console.print(f"[bold]model[/] {model['name']} = {model['source']}, input {'x'.join(map(str, model['input']))}, "
                   f"weights {model['weights']}", highlight=False)
     if model["structure"] is None:
-        console.print(f"not recognised as a ViT, so it lowers but cannot be compressed: {model['unrecognised']}",
+        console.print("not recognised as a ViT: head_prune, ffn_prune and block_skip cut what its graph's pruning "
+                      f"groups allow, token passes, decompose and budgets refuse it: {model['unrecognised']}",
                       markup=False, highlight=False)
     else:
         console.print("[bold]as loaded:[/]")
