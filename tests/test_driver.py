@@ -217,3 +217,43 @@ def test_validation_runs_on_the_named_data_folder(write_spec, tmp_path):
     (result,) = build(plan_of(spec), tmp_path / "out")
     assert result.manifest["validation"] == {"data": "val", "samples": 5}
     assert result.manifest["artifacts"][0]["parity"]["samples"] == 5
+
+
+PARALLEL = ('evc 1\nmodel par {\n    source = timm("vit_small_patch16_18x2_224", img_size = 32, patch_size = 8, '
+            'depth = 1, embed_dim = 32, num_heads = 4, num_classes = 10)\n    input = image(32, 32)\n}\n'
+            'compress {\n    head_prune { keep = 0.5 }\n}\ntarget cpu { device = cpu, format = onnx, runs = 1 }\n')
+
+
+def test_a_model_evc_does_not_recognise_is_compressed_by_its_groups_end_to_end(write_spec, tmp_path):
+    spec = write_spec(PARALLEL, "par.evc")
+    (result,) = build(parse_and_check(spec.read_text(), spec), tmp_path / "out")
+    assert result.manifest["structure"]["recognised"] is False
+    before, after = (result.manifest["params_macs"][k]["total"]["macs"] for k in ("before", "after"))
+    assert after < 0.9 * before  # half the heads: their q/k/v rows, projection columns and attention
+    assert result.manifest["artifacts"][0]["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_a_cut_that_breaks_the_model_writes_a_reproducer_and_no_bundle(write_spec, tmp_path, monkeypatch):
+    import torch
+
+    from evc.errors import PassFailure
+    from evc.passes import grouped
+
+    def wrong(gm, cuts):  # a surgery bug: the cut also scales a weight it should have left alone
+        grouped_keep(gm, cuts)
+        gm.get_submodule("head").weight.data *= 2
+
+    grouped_keep = grouped.keep_groups
+    monkeypatch.setattr(grouped, "keep_groups", wrong)
+    spec = write_spec(PARALLEL, "par.evc")
+    with pytest.raises(PassFailure, match="cutting pruning group blocks.0.attns.0.attn.qkv: 4 heads of 8 to 2 of 4 "
+                                          "changed the model's outputs by max") as e:
+        build(parse_and_check(spec.read_text(), spec), tmp_path / "out")
+    folder = tmp_path / "out" / "par" / "reproducer"
+    assert str(folder) in str(e.value)
+    saved = torch.load(folder / "reproducer.pt", weights_only=False)
+    assert len(saved["keep"]) == 2
+    assert saved["graph"](saved["input"]).shape == (2, 10)
+    assert ("blocks.0.attns.0.attn.qkv.weight", 0, 96) in saved["group"]["members"]
+    assert "this is evc's bug" in (folder / "README.txt").read_text()
+    assert sorted(p.name for p in (tmp_path / "out" / "par").iterdir()) == ["reproducer"]
