@@ -6,6 +6,11 @@
 These are the skip configurations of Unified Vision Transformer Compression
 (ICLR 2022). With `count`, the sublayers that add least to the residual
 stream on the data, ‖f(x)‖ / ‖x‖, are removed.
+
+On a model evc does not recognise, there are no blocks to name: `count`
+removes that many of the residual branches its graph holds
+(`evc.ir.residuals`), attention or token mixers with `part = attn`, MLPs
+with `part = mlp`, each add then passing its skip on alone.
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ class BlockSkip(Pass, Gridded):
     def run(self, program, params, ctx):
         from evc.passes.surgery import rewritten, skip_sublayer
 
+        if program.structure is None:
+            return _on_graph(program, params, ctx)
         blocks = {b.index: b for b in program.structure.blocks}
         if params["count"] is not None:
             residuals = _by_score(program, params, ctx)
@@ -124,3 +131,45 @@ def _stream_input(graph, residual: str) -> str:
     order = {n: i for i, n in enumerate(nodes)}
     add = next(n for n in nodes if n.name == residual)
     return min((a for a in add.args[:2] if hasattr(a, "name")), key=order.__getitem__).name
+
+
+def _on_graph(program, params, ctx):
+    """block_skip on a model evc does not recognise: `count` of the residual branches of its graph go,
+    those that add least to their stream."""
+    from evc.ir.residuals import residual_branches
+    from evc.passes._importance import residual_ratios
+    from evc.passes.surgery import rewritten
+
+    why = f"evc does not recognise this model's blocks ({program.unrecognised})"
+    instead = "name none: `count = N` with `part = attn` or `part = mlp` removes the N residual branches that add least"
+    named = next((key for key in ("attn", "mlp", "blocks") if params[key]), None)
+    if named is not None:
+        raise ctx.error(named, f"{named}: {why}; {instead}")
+    if params["count"] is None:
+        return program
+    part = params["part"]
+    if part == "block":
+        raise ctx.error("part", f"part = block: {why}; {instead}")
+    branches = {b.add: b for b in residual_branches(program.graph) if b.kind == part}
+    if params["count"] > len(branches):
+        found = f"only {len(branches)}" if branches else "no"
+        raise ctx.error("count", f"count: the model has {found} residual branches {_KINDS[part]} to remove")
+    ratios = residual_ratios(program.graph, {add: (b.skip, add) for add, b in branches.items()},
+                             ctx.images(params["data"]))
+    chosen = set(sorted(ratios, key=ratios.get)[: params["count"]])
+    # in graph order: a branch inside another chosen one goes first, and the outer one's add is still there
+    return rewritten(program, [partial(_skip_branch, add=add, skip=b.skip) for add, b in branches.items()
+                               if add in chosen])
+
+
+_KINDS = {"attn": "that mix tokens (attention, pooling, a convolution wider than 1 x 1)",
+          "mlp": "that act on each token alone (MLPs)"}
+
+
+def _skip_branch(gm, add: str, skip: str) -> None:
+    """The add `add` replaced by its operand `skip`; the branch's own nodes go as dead code."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes[add].replace_all_uses_with(nodes[skip])
+    gm.graph.erase_node(nodes[add])
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
