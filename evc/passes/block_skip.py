@@ -138,7 +138,7 @@ def _on_graph(program, params, ctx):
     those that add least to their stream."""
     from evc.ir.residuals import residual_branches
     from evc.passes._importance import residual_ratios
-    from evc.passes.surgery import rewritten
+    from evc.passes.surgery import rewritten, skip_sublayer
 
     why = f"evc does not recognise this model's blocks ({program.unrecognised})"
     instead = "name none: `count = N` with `part = attn` or `part = mlp` removes the N residual branches that add least"
@@ -158,18 +158,9 @@ def _on_graph(program, params, ctx):
                              ctx.images(params["data"]))
     chosen = set(sorted(ratios, key=ratios.get)[: params["count"]])
     # in graph order: a branch inside another chosen one goes first, and the outer one's add is still there
-    return rewritten(program, [partial(_skip_branch, add=add, skip=b.skip) for add, b in branches.items()
+    return rewritten(program, [partial(skip_sublayer, residual=add, skip=b.skip) for add, b in branches.items()
                                if add in chosen])
 
 
 _KINDS = {"attn": "that mix tokens (attention, pooling, a convolution wider than 1 x 1)",
           "mlp": "that act on each token alone (MLPs)"}
-
-
-def _skip_branch(gm, add: str, skip: str) -> None:
-    """The add `add` replaced by its operand `skip`; the branch's own nodes go as dead code."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    nodes[add].replace_all_uses_with(nodes[skip])
-    gm.graph.erase_node(nodes[add])
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()

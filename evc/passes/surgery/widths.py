@@ -339,11 +339,13 @@ def _norm_over(norm: nn.LayerNorm | nn.RMSNorm, keep: np.ndarray) -> nn.Module:
     return smaller
 
 
-def skip_sublayer(gm: fx.GraphModule, residual: str) -> None:
-    """Remove the sublayer that the residual add `residual` closes; the residual path stays."""
-    add = _nodes(gm)[residual]
+def skip_sublayer(gm: fx.GraphModule, residual: str, skip: str | None = None) -> None:
+    """Remove the sublayer that the residual add `residual` closes; the residual path stays. `skip` names
+    the add's operand that is the path (a scaled stream written branch-first); else it is the earlier one."""
+    nodes = _nodes(gm)
+    add = nodes[residual]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    skip = min((a for a in add.args[:2] if isinstance(a, fx.Node)), key=order.__getitem__)
+    skip = nodes[skip] if skip else min((a for a in add.args[:2] if isinstance(a, fx.Node)), key=order.__getitem__)
     add.replace_all_uses_with(skip)
     gm.graph.erase_node(add)
     gm.graph.eliminate_dead_code()
