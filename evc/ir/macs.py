@@ -38,6 +38,12 @@ class _NodeMacs(fx.Interpreter):
         self.counter = counter
         self.macs: dict[str, int] = {}
 
+    def get_attr(self, target, args, kwargs):
+        # A parameter viewed under no_grad (timm's attention pool expands its latent query) would be a
+        # view requiring grad without a grad_fn, which the counter's module tracker cannot hook.
+        value = super().get_attr(target, args, kwargs)
+        return value.detach() if isinstance(value, torch.Tensor) else value
+
     def run_node(self, n: fx.Node):
         before = self.counter.get_total_flops()
         result = super().run_node(n)

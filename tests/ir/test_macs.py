@@ -103,3 +103,20 @@ def test_each_block_splits_into_attention_and_mlp_as_counted_by_hand(deit_tiny, 
             attention, 2 * tokens * dim * hidden, 0)
         assert cost.parts.attention.params == sum(p.numel() for m in (block.norm1, block.attn) for p in m.parameters())
         assert cost.parts.mlp.params == sum(p.numel() for m in (block.norm2, block.mlp) for p in m.parameters())
+
+
+class LatentQuery(torch.nn.Module):
+    """timm's attention pool: a learned query, expanded to the batch, read under no_grad as a view."""
+
+    def __init__(self):
+        super().__init__()
+        self.latent = torch.nn.Parameter(torch.randn(1, 1, 8))
+        self.q = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.q(self.latent.expand(x.shape[0], -1, -1)) + x
+
+
+def test_a_parameter_viewed_under_no_grad_is_counted_like_any_input():
+    gm = trace(LatentQuery(), torch.randn(2, 1, 8))
+    assert sum(node_macs(gm, torch.randn(2, 1, 8)).values()) == 2 * 8 * 8
