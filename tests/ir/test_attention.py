@@ -31,18 +31,40 @@ def test_the_users_model_keeps_its_multihead_attention():
 
 
 class CrossAttention(nn.Module):
+    """An attention-pool head: a learned query attends to the tokens (Hugging Face SigLIP's head)."""
+
     def __init__(self):
         super().__init__()
         self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.memory = nn.Parameter(torch.randn(1, 4, 16))
+        self.probe = nn.Parameter(torch.randn(1, 1, 16))
 
     def forward(self, x):
-        return self.mha(x, self.memory, self.memory)[0]
+        return self.mha(self.probe.repeat(x.shape[0], 1, 1), x, x)[0]
 
 
-def test_cross_attention_is_an_input_error_naming_the_module():
-    with pytest.raises(InputError, match="nn.MultiheadAttention 'mha' is called as cross-attention"):
-        trace(CrossAttention(), torch.randn(1, 5, 16))
+def test_cross_attention_traces_into_a_q_linear_and_a_kv_linear_with_the_same_outputs():
+    torch.manual_seed(0)
+    model, x = CrossAttention().eval(), torch.randn(3, 5, 16)
+    gm = trace(model, x[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    linears = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    assert {name: layer.out_features for name, layer in linears.items() if name != "mha.proj"} == {
+        "mha.q": 16, "mha.kv": 32}
+
+
+class TwoSources(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x.flip(1))[0]
+
+
+def test_a_value_that_is_not_the_key_is_an_input_error_naming_the_module():
+    with pytest.raises(InputError, match="nn.MultiheadAttention 'mha' is called with a value that is not its key"):
+        trace(TwoSources(), torch.randn(1, 5, 16))
 
 
 def test_sequence_first_attention_with_weights_returns_what_multihead_attention_does():
