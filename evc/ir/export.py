@@ -39,7 +39,9 @@ _FUNCTIONS = {
     aten.sub.Tensor: operator.sub, aten.div.Tensor: operator.truediv, aten.matmul.default: operator.matmul,
     aten.bmm.default: torch.bmm, aten.cat.default: torch.cat, aten.mean.dim: torch.mean,
     aten.gelu.default: F.gelu, aten.relu.default: torch.relu, aten.relu_.default: torch.relu,
-    aten.silu.default: F.silu, aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    aten.silu.default: F.silu, aten.silu_.default: F.silu, aten.hardswish_.default: F.hardswish,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d,
+    aten.pad.default: F.pad, aten.sum.dim_IntList: torch.sum,
     aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh,
     aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
 }
@@ -75,9 +77,20 @@ def _slice(args, kwargs):
     return (x, _index(dim, slice(start, end, None if step == 1 else step))), {}
 
 
+def _upsample(mode: str):
+    """aten.upsample_<mode>.vec(x, output_size, [align_corners,] scale_factors) as F.interpolate."""
+    def convert(args, kwargs):
+        x, size, *corners, scales = args
+        return (x,), {"size": size, "scale_factor": scales, "mode": mode,
+                      **({"align_corners": corners[0]} if corners else {})}
+    return convert
+
+
 _REWRITTEN = {
     aten.softmax.int: (torch.softmax, _softmax), aten._softmax.default: (torch.softmax, _softmax),
     aten.select.int: (operator.getitem, _select), aten.slice.Tensor: (operator.getitem, _slice),
+    **{getattr(aten, f"upsample_{mode}2d").vec: (F.interpolate, _upsample(mode))
+       for mode in ("nearest", "bilinear", "bicubic")},
 }
 
 
@@ -194,11 +207,14 @@ def _module_name(weight: str) -> str:
     return owner if leaf == "weight" else f"{owner}.{leaf.removesuffix('_weight')}".lstrip(".")
 
 
+_CONV = (aten.conv2d.default, aten.conv2d.padding)  # padding as numbers, or as 'valid' or 'same'
+
+
 def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
-    """A Linear, Conv2d, LayerNorm or BatchNorm2d with the weights `node` applies, and its name; None for
-    other ops."""
+    """A Linear, Conv2d, LayerNorm, GroupNorm or BatchNorm2d with the weights `node` applies, and its name;
+    None for other ops."""
     args = list(node.args)
-    weights = (args[2:4] if node.target is aten.layer_norm.default else
+    weights = (args[2:4] if node.target in (aten.layer_norm.default, aten.group_norm.default) else
                args[1:5] if node.target is aten.batch_norm.default else args[1:3])
     params = [a for a in weights if isinstance(a, fx.Node) and a.op == "get_attr"]
     if not params or len(params) != len([w for w in weights if w is not None]):
@@ -206,12 +222,14 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
     weight, *bias = (_fetch(gm, p.target) for p in params)
     if node.target is aten.linear.default:
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bool(bias))
-    elif node.target is aten.conv2d.default:
+    elif node.target in _CONV:
         stride, padding, dilation, groups = (*args[3:], *([1, 1], [0, 0], [1, 1], 1)[max(len(args) - 3, 0):])[:4]
         layer = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding,
                           dilation, groups, bias=bool(bias))
     elif node.target is aten.layer_norm.default:
         layer = nn.LayerNorm(args[1], eps=args[4] if len(args) > 4 else 1e-5, bias=bool(bias))
+    elif node.target is aten.group_norm.default and bias:
+        layer = nn.GroupNorm(args[1], weight.shape[0], eps=args[4] if len(args) > 4 else 1e-5)
     elif node.target is aten.batch_norm.default and len(bias) == 3 and not args[5]:
         kind = nn.BatchNorm2d if args[0].meta["val"].dim() == 4 else nn.BatchNorm1d
         layer = kind(weight.shape[0], eps=args[7]).eval()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from evc.errors import InputError
@@ -59,3 +60,30 @@ class DataDependent(nn.Module):
 def test_a_model_neither_capture_can_take_gives_both_reasons():
     with pytest.raises(InputError, match=r"cannot trace model 'DataDependent': .*; torch\.export: "):
         trace(DataDependent(), torch.randn(1, 3))
+
+
+class Vocabulary(nn.Module):
+    """Layers and functions whose ATen spellings export records differently from torch.fx."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding="same")
+        self.norm = nn.GroupNorm(2, 8)
+
+    def forward(self, x):
+        if x.shape[-1] < 4:  # torch.fx cannot branch on a size; torch.export reads it
+            return x
+        y = F.silu(self.norm(self.conv(x)), inplace=True)
+        y = F.pad(F.interpolate(y, scale_factor=2, mode="bilinear"), (1, 1, 1, 1))
+        return F.adaptive_avg_pool1d(y.flatten(2), 4).sum(-1)
+
+
+def test_padded_convs_group_norms_in_place_activations_and_resizing_are_written_as_torch_fx_records_them():
+    torch.manual_seed(0)
+    model = Vocabulary().eval()
+    gm = trace(model, torch.zeros(1, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    assert "torch.ops.aten" not in gm.code
+    assert isinstance(gm.get_submodule("conv"), nn.Conv2d) and isinstance(gm.get_submodule("norm"), nn.GroupNorm)
