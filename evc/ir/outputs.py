@@ -2,8 +2,9 @@
 
 A model may return a tensor, a tuple, a dict, or a Hugging Face ModelOutput.
 The Program returns one tensor: the spec's `output = "logits"` names it, and
-without it evc takes `logits`, else a feature model's `pooler_output`, else
-the class token of `last_hidden_state`; of a tuple, its first element.
+without it evc takes the only tensor of an output that holds one (DPT's
+`predicted_depth`), else `logits`, else a feature model's `pooler_output`,
+else the class token of `last_hidden_state`; of a tuple, its first element.
 
     one_output(model(x), None, "ViTModel")        # outputs.pooler_output
     with_one_output(model, "logits")               # an nn.Module returning that tensor
@@ -29,6 +30,8 @@ def one_output(out, key: str | None, name: str):
                 raise InputError(f"output = \"{key}\": model '{name}' returns no '{key}'; it returns "
                                  + ", ".join(f"'{k}'" for k in present))
             return out[key]
+        if len(present) == 1:
+            return out[present[0]]
         found = next((k for k in _DEFAULTS if k in present), None)
         if found is not None:
             return out[found]

@@ -28,6 +28,17 @@ def test_a_dict_gives_its_logits_by_default():
     torch.testing.assert_close(trace(model, x)(x), model(x)["logits"])
 
 
+class Depth(nn.Module):
+    """A dense model's ModelOutput: one map, the other fields None (Hugging Face DPT's predicted_depth)."""
+
+    def forward(self, x):
+        return {"loss": None, "predicted_depth": x * 2, "hidden_states": None}
+
+
+def test_an_output_holding_one_tensor_gives_it_without_a_name():
+    torch.testing.assert_close(trace(Depth(), x)(x), x * 2)
+
+
 def test_output_names_another_entry():
     model = Named()
     torch.testing.assert_close(trace(model, x, output="features")(x), model(x)["features"])
