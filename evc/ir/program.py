@@ -18,7 +18,7 @@ from torch import fx, nn
 from evc.errors import InputError, PassFailure
 from evc.ir.recognise import RecognitionError, recognise
 from evc.ir.structure import Structure
-from evc.ir.trace import propagate_shapes, trace
+from evc.ir.trace import propagate_shapes, retraced, trace
 from evc.spec.plan import ImageInput
 
 
@@ -64,7 +64,7 @@ class Program:
 
     def rebuilt(self, graph: fx.GraphModule) -> Program:
         """This program with `graph`, a rewritten copy of its own: shapes re-propagated, structure re-recognised."""
-        graph = _renamed(graph)
+        graph = retraced(graph)
         try:
             propagate_shapes(graph, self.example(), "rewritten")
         except InputError as e:
@@ -111,18 +111,6 @@ class Program:
         graph = saved["graph"].eval()
         propagate_shapes(graph, example_input(saved["input"]), "cached")
         return cls(graph, saved["structure"], saved["input"], saved.get("unrecognised"))
-
-
-class _KeepModules(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
-
-
-def _renamed(graph: fx.GraphModule) -> fx.GraphModule:
-    """`graph` re-traced from its own code, as loading a saved GraphModule does, so its node names
-    are the ones a cached copy will have: ops a pass inserted are numbered in graph order."""
-    graph.recompile()
-    return fx.GraphModule(graph, _KeepModules().trace(graph), class_name=graph.__class__.__name__)
 
 
 def example_input(image: ImageInput) -> torch.Tensor:

@@ -118,8 +118,22 @@ def trace(model: nn.Module, example: torch.Tensor, name: str | None = None, outp
                 gm = fx.GraphModule(captured, captured.graph, class_name=type(model).__name__)
     _softmax_as_function(gm)
     fold_constants(gm)
+    gm = retraced(gm)
     propagate_shapes(gm, example, name)
     return gm
+
+
+class _KeepModules(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def retraced(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` re-traced from its own code, as loading a saved GraphModule does, so its node names are
+    the ones a cached copy will have (ops numbered in graph order, constants an ATen call made from
+    no tensor stored as tensors): a structure recognised on it names nodes the cached copy has."""
+    gm.recompile()
+    return fx.GraphModule(gm, _KeepModules().trace(gm), class_name=gm.__class__.__name__)
 
 
 def _opaque(gm: fx.GraphModule) -> bool:
