@@ -70,7 +70,9 @@ class PatchSlim(Pass):
     """Drop the patches that matter least before each block, with static token counts."""
 
     def run(self, program, params, ctx):
-        program.require_structure("pass patch_slim")
+        from evc.ir.token_axis import require_tokens
+
+        require_tokens(program, "pass patch_slim")
         structure = program.structure
         prefix = len(structure.prefix_tokens)
         if params["score"] == "cls_attention" and not structure.prefix_tokens:

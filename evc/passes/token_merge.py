@@ -32,7 +32,9 @@ class TokenMerge(Pass):
     """Merge r similar tokens in each block by bipartite soft matching, with static shapes."""
 
     def run(self, program, params, ctx):
-        program.require_structure("pass token_merge")
+        from evc.ir.token_axis import require_tokens
+
+        require_tokens(program, "pass token_merge")
         from evc.passes.surgery import rewritten
 
         structure = program.structure
