@@ -1,4 +1,9 @@
-"""How close an artifact's outputs are to the PyTorch model's on the same inputs."""
+"""How close an artifact's outputs are to the PyTorch model's on the same inputs.
+
+A classifier's output, (batch, classes), is judged on max abs diff, cosine
+and top-1 agreement; a map (segmentation, depth, a backbone's features: any
+other shape) on max abs diff and cosine alone: its argmax names no class.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import numpy as np
 class Parity:
     max_abs_diff: float
     cosine: float  # the worst per-sample cosine similarity
-    top1_agreement: float  # share of samples whose argmax agrees
+    top1_agreement: float | None  # share of samples whose argmax agrees; None for a map
     samples: int
 
     def within(self, tolerance: float) -> bool:
@@ -28,6 +33,7 @@ class Parity:
 
 
 def compare(reference: np.ndarray, outputs: np.ndarray) -> Parity:
+    is_map = reference.ndim != 2
     reference = reference.reshape(len(reference), -1).astype(np.float64)
     outputs = outputs.reshape(len(outputs), -1).astype(np.float64)
     if reference.shape != outputs.shape:
@@ -42,7 +48,7 @@ def compare(reference: np.ndarray, outputs: np.ndarray) -> Parity:
     return Parity(
         max_abs_diff=float(np.abs(reference - outputs).max()),
         cosine=float(cosine.min()),
-        top1_agreement=float(agree.mean()),
+        top1_agreement=None if is_map else float(agree.mean()),
         samples=len(reference),
     )
 
@@ -53,5 +59,6 @@ def describe(parity: dict | None, gate: dict | None = None) -> str:
         return "not checked"
     if gate and not gate.get("applied", True) and gate.get("summary"):
         return f"not judged: {gate['summary']} (figures in manifest.json)"
-    return (f"max|Δ| {parity['max_abs_diff']:.2g}, cosine {parity['cosine']:.5f}, "
-            f"top-1 {parity['top1_agreement']:.0%}")
+    agreement = parity.get("top1_agreement")
+    top1 = "a map" if agreement is None else f"{agreement:.0%}"
+    return f"max|Δ| {parity['max_abs_diff']:.2g}, cosine {parity['cosine']:.5f}, top-1 {top1}"

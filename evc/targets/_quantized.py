@@ -54,7 +54,8 @@ def check_quantized(parity, mode: str, limits: dict) -> str | None:
         return parity.beyond(limits["max_abs_diff"])
     if parity.cosine < limits["cosine"]:
         return f"quantize = {mode}: worst cosine {parity.cosine:.5f} is below {limits['cosine']:g}"
-    if limits["top1_agreement"] is not None and parity.top1_agreement < limits["top1_agreement"]:
+    if None not in (limits["top1_agreement"], parity.top1_agreement) and parity.top1_agreement < limits[
+            "top1_agreement"]:
         return (f"quantize = {mode}: top-1 agreement {parity.top1_agreement:.1%} is below "
                 f"{limits['top1_agreement']:.1%}")
     return None

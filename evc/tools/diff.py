@@ -17,7 +17,8 @@ else results/evc_bench.json, what the last `evc bench` of the bundle saved):
     top1, top5, ...  the compressed model's accuracy with an evaluate block, in percentage points
     cosine           the worst parity cosine of the artifacts
     max_abs_diff     the largest parity max abs difference of the artifacts
-    agreement        the worst parity top-1 agreement of the artifacts, in percentage points
+    agreement        the worst parity top-1 agreement of the artifacts, in percentage points (none
+                     where every output is a map: segmentation, depth, features)
 
 A threshold `METRIC+N` fails when NEW exceeds OLD by more than N (in the
 metric's unit), `METRIC-N` when NEW falls short of OLD by more than N; with
@@ -120,7 +121,9 @@ def figures(path: Path) -> dict[str, float]:
     if parities:
         out["cosine"] = min(p["cosine"] for p in parities)
         out["max_abs_diff"] = max(p["max_abs_diff"] for p in parities)
-        out["agreement"] = 100 * min(p["top1_agreement"] for p in parities)
+        agreements = [p["top1_agreement"] for p in parities if p.get("top1_agreement") is not None]
+        if agreements:  # a map's output has no top-1
+            out["agreement"] = 100 * min(agreements)
     compressed = (manifest.get("evaluation") or {}).get("compressed") or {}
     for key, value in compressed.items():
         if re.fullmatch(r"top\d+", key):
@@ -191,6 +194,8 @@ def _source(metric: str) -> str:
                ".latency_ms (an evaluate block)"
     if metric.startswith("top"):
         return f"key 'evaluation.compressed.{metric}': the spec needs an evaluate block with {metric[3:]} in top"
+    if metric == "agreement":
+        return "no artifact's parity has a top-1 agreement: none was checked, or each output is a map"
     return "no artifact with key 'parity' in its manifest"
 
 
