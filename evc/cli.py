@@ -7,6 +7,7 @@ its rendered text here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -389,10 +390,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _python_show_warning = warnings.showwarning
 
 
+def _quiet_libraries() -> None:
+    """Keep libraries' notices to their own callers off the user's terminal: deprecations and future
+    changes in torch, timm and transformers, and torch's pytree log of the enums torchao (imported by
+    transformers) registers."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # clean up staged bundles as on Ctrl-C
     warnings.showwarning = _show_warning
+    _quiet_libraries()
     try:
         return args.run(args)
     except EvcError as e:

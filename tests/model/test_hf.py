@@ -117,6 +117,17 @@ def test_explain_shows_the_structure_of_a_hf_model(write_spec, tmp_path):
     assert "4 → 2" in done.stdout and "256 → 128" in done.stdout
 
 
+@pytest.mark.slow
+def test_build_and_explain_print_no_library_deprecation(write_spec, tmp_path):
+    """transformers imports torchao, whose enums torch's pytree logs as deprecated: not the user's concern."""
+    save(tmp_path / "vit", config=hf_config(layers=2, hidden=32, heads=2))
+    spec = write_spec(spec_text(extra=COMPRESS))
+    for command in ("build", "explain"):
+        done = run_evc(command, spec, "--out", tmp_path / command)
+        assert done.returncode == 0, done.stderr
+        assert "deprecat" not in done.stderr.lower() and "Warning" not in done.stderr, done.stderr
+
+
 def test_a_folder_without_config_json_names_the_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match=r'hf\("empty"\): .*empty has no config.json'):
