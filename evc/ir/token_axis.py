@@ -2,7 +2,7 @@
 recognise, to say which node stops them.
 
     token_count_fixed(gm)   # "node 'view' reshapes the 256 tokens of (1, 16, 256) into ...", or None
-    require_tokens(program, "pass patch_slim")   # the recognised structure, or an error naming the node
+    stream = token_stream(program, "pass patch_slim")   # blocks, prefix and width of a free token stream
 
 Token passes change how many tokens flow from one block to the next. That is
 possible only in a stream of tokens (batch, tokens, channels) that nothing
@@ -27,25 +27,14 @@ the token axis; the passes check their result against PyTorch anyway.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import fx
 
 from evc.ir.residuals import residual_branches
-from evc.ir.view import RecognitionError, node_shape
+from evc.ir.view import RecognitionError, View, between, is_score, is_sdpa, node_shape
 
 _RESHAPES = ("view", "reshape", "unflatten")
-
-
-def require_tokens(program, what: str):
-    """The recognised structure the token passes act on; else an error saying what in the graph fixes the
-    token count, or, where nothing does, why evc does not recognise the blocks to act in."""
-    if program.structure is not None:
-        return program.structure
-    reason = token_count_fixed(program.graph)
-    if reason is not None:
-        raise RecognitionError("", f"{what} cannot change this model's token count: {reason}")
-    raise RecognitionError("", f"{what} changes token counts only in blocks evc recognises, and nothing else "
-                               f"in this graph fixes them, but its blocks are not recognised: {program.unrecognised}")
 
 
 def token_count_fixed(gm: fx.GraphModule) -> str | None:
@@ -92,3 +81,71 @@ def _fixes(node: fx.Node, tokens: set[int]) -> str | None:
             return (f"node '{node.name}' reshapes the {n} tokens of {tuple(before)} into {tuple(shape)}: a grid "
                     "or windows, whose size fixes the token count")
     return None
+
+
+@dataclass(frozen=True)
+class TokenBlock:
+    """One block of a free token stream: an attention branch and the branches after it up to the next."""
+
+    index: int
+    tokens: int  # entering it, prefix tokens included
+    scores: tuple[str, ...]  # its attention's softmax or scaled_dot_product_attention nodes (two: parallel blocks)
+    attn_add: str  # the residual add closing its attention branch: where ToMe merges
+    entry: str | None  # the residual add before it, whose value enters it (None for the first block)
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """A (batch, tokens, channels) stream nothing fixes the count of, read from the graph alone."""
+
+    prefix: int  # class and distillation tokens before the patches, never dropped
+    dim: int
+    blocks: tuple[TokenBlock, ...]
+
+
+def token_stream(program, what: str) -> TokenStream:
+    """The token stream of an unrecognised model whose token count nothing fixes (evc.ir.residuals gives its
+    branches, each attention branch starting a block); an error naming the node where there is none."""
+    gm = program.graph
+    reason = token_count_fixed(gm)
+    if reason is not None:
+        raise RecognitionError("", f"{what} cannot change this model's token count: {reason}")
+    names, view = {n.name: n for n in gm.graph.nodes}, View(gm)
+    branches = residual_branches(gm)
+    if branches[0].kind != "attn":
+        raise RecognitionError(branches[0].add, f"{what}: the first residual branch, ending at node "
+                                                f"'{branches[0].add}', mixes no tokens: no attention ranks them")
+    blocks, previous = [], None
+    for branch in branches:
+        if branch.kind == "attn":
+            tokens = node_shape(names[branch.add])[1]
+            inside = between(view, names[branch.skip], names[branch.add])  # also what a token op reads after it
+            scores = tuple(n.name for n in inside if is_score(n) and _keys(n) == tokens)
+            if not scores:
+                raise RecognitionError(branch.add, f"{what}: the token-mixing branch ending at node '{branch.add}' "
+                                                   "has no attention over the tokens to rank them by")
+            blocks.append(TokenBlock(len(blocks), tokens, scores, branch.add, previous))
+        previous = branch.add
+    first = names[branches[0].add]
+    return TokenStream(_prefix(gm, first, blocks[0].tokens, what), node_shape(first)[-1], tuple(blocks))
+
+
+def _keys(score: fx.Node) -> int | None:
+    """How many keys an attention attends over: a softmax's last axis, or scaled_dot_product_attention's k."""
+    shape = node_shape(score.args[1] if is_sdpa(score) else score)
+    return shape[-2 if is_sdpa(score) else -1] if shape else None
+
+
+def _prefix(gm: fx.GraphModule, first: fx.Node, tokens: int, what: str) -> int:
+    """The tokens a concatenation before the first block puts ahead of the patches (its largest operand):
+    class, distillation and register tokens."""
+    nodes = list(gm.graph.nodes)
+    cats = [n for n in nodes[:nodes.index(first)] if getattr(n.target, "__name__", "") in ("cat", "concat")
+            and (node_shape(n) or (0, 0))[1:2] == (tokens,)]
+    if not cats:
+        return 0
+    sizes = [node_shape(p)[1] for p in cats[-1].args[0]]
+    if sizes.index(max(sizes)) != len(sizes) - 1:
+        raise RecognitionError(cats[-1].name, f"{what}: node '{cats[-1].name}' puts tokens after the patches; "
+                                              "evc keeps class tokens only ahead of them")
+    return sum(sizes[:-1])

@@ -70,9 +70,8 @@ class PatchSlim(Pass):
     """Drop the patches that matter least before each block, with static token counts."""
 
     def run(self, program, params, ctx):
-        from evc.ir.token_axis import require_tokens
-
-        require_tokens(program, "pass patch_slim")
+        if program.structure is None:
+            return _on_stream(program, params, ctx)
         structure = program.structure
         prefix = len(structure.prefix_tokens)
         if params["score"] == "cls_attention" and not structure.prefix_tokens:
@@ -161,13 +160,55 @@ def slimmed(program, kept: list[int], score: str, fuse: bool, ctx, graph=None):
 
 
 def _slim(gm, attn, stream, prefix, patches, keep, dim, fuse, score):
+    from evc.passes.surgery import attention_probs
+
+    _slim_by(gm, [attention_probs(gm, attn)], stream, prefix, patches, keep, dim, fuse, score)
+
+
+def _slim_by(gm, probs, stream, prefix, patches, keep, dim, fuse, score):
+    """Drop patches from the stream leaving node `stream`, ranked by the attention maps `probs` summed."""
+    import operator
+
     from evc.passes import tokens
-    from evc.passes.surgery import attention_probs, node_named, reroute
+    from evc.passes.surgery import node_named, reroute
 
     rank = tokens.class_attention if score == "cls_attention" else tokens.mean_attention
-    probs = attention_probs(gm, attn)
-    reroute(gm, node_named(gm, stream),
-            lambda x, p: tokens.slim(x, rank(p, prefix), prefix, patches, keep, dim, fuse), [probs])
+    stream = node_named(gm, stream)
+    total = probs[0]
+    for p in probs[1:]:  # a parallel block's attentions rank together
+        with gm.graph.inserting_before(stream):
+            total = gm.graph.call_function(operator.add, (total, p))
+    reroute(gm, stream, lambda x, p: tokens.slim(x, rank(p, prefix), prefix, patches, keep, dim, fuse), [total])
+
+
+def _on_stream(program, params, ctx):
+    """patch_slim on a model evc does not recognise whose token count nothing in its graph fixes: blocks,
+    prefix tokens and attention maps read from the graph (evc.ir.token_axis)."""
+    from evc.ir.token_axis import token_stream
+    from evc.passes.surgery import rewritten
+
+    stream = token_stream(program, "pass patch_slim")
+    if params["search"] is not None:
+        raise ctx.error("search", "search measures the features a recognised ViT's head reads, and this model's "
+                                  "blocks are found from its graph: give keep")
+    if params["score"] == "cls_attention" and not stream.prefix:
+        raise ctx.error("score", "score = cls_attention needs a class token in the token stream, and this model "
+                                 "has none: use score = mean_attention")
+    fuse, blocks = params["fuse"], stream.blocks
+    first = blocks[0].tokens - stream.prefix
+    kept = counts(first, (1.0, *ctx.per_layer("keep", len(blocks))[1:]), fuse, 0 if stream.prefix else 1)
+    return rewritten(program, [
+        partial(_slim_on_graph, scores=blocks[b.index - 1].scores, stream=b.entry, prefix=stream.prefix,
+                patches=coming, keep=k, dim=stream.dim, fuse=fuse, score=params["score"])
+        for b, k, coming in zip(blocks, kept, entering(first, kept, fuse)) if b.index and k < coming])
+
+
+def _slim_on_graph(gm, scores, **slim):
+    from evc.ir.view import is_sdpa
+    from evc.passes.surgery import node_named, spell_out_attention
+
+    probs = [node_named(gm, name) for name in scores]
+    _slim_by(gm, [spell_out_attention(gm, p) if is_sdpa(p) else p for p in probs], **slim)
 
 
 def search(program, params, ctx, first: int) -> list[int]:

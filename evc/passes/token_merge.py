@@ -15,6 +15,7 @@ merged away, nor does the distillation token receive.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 from evc.registry import Pass, register_pass
@@ -32,19 +33,25 @@ class TokenMerge(Pass):
     """Merge r similar tokens in each block by bipartite soft matching, with static shapes."""
 
     def run(self, program, params, ctx):
-        from evc.ir.token_axis import require_tokens
-
-        require_tokens(program, "pass token_merge")
         from evc.passes.surgery import rewritten
 
-        structure = program.structure
-        prefix = len(structure.prefix_tokens)
+        if program.structure is None:  # blocks read from the graph: a free token stream (evc.ir.token_axis)
+            from evc.ir.token_axis import token_stream
+
+            stream = token_stream(program, "pass token_merge")
+            blocks = [Block(b.index, b.tokens, b.scores, b.attn_add) for b in stream.blocks]
+            prefix, fixed = stream.prefix, None
+        else:
+            structure = program.structure
+            blocks = [Block(b.index, b.tokens, (b.attn.score_node,), b.attn.residual) if b.attn else
+                      Block(b.index, b.tokens, (), None) for b in structure.blocks]
+            prefix, fixed = len(structure.prefix_tokens), structure.fixed_token_count()
         if prefix > 2:
             raise ctx.error("r", f"the model has {prefix} prefix tokens; ToMe protects a class and a distillation "
                                  "token, not more")
-        plan, tokens, asked = [], structure.blocks[0].tokens, ctx.per_layer("r", structure.depth)
-        for block, r in zip(structure.blocks, asked):
-            r = min(r, (tokens - prefix) // 2) if block.attn is not None else 0  # ToMe's cap: half the tokens
+        plan, tokens, asked = [], blocks[0].tokens, ctx.per_layer("r", len(blocks))
+        for block, r in zip(blocks, asked):
+            r = min(r, (tokens - prefix) // 2) if block.scores else 0  # ToMe's cap: half the tokens
             plan.append((block, r, tokens))
             tokens -= r
         merged = [r for _, r, _ in plan]
@@ -52,29 +59,62 @@ class TokenMerge(Pass):
             ctx.report("r", merged)  # what each block could merge, where fewer tokens were left than asked
         if not any(r for _, r, _ in plan):
             return program
-        if (reason := structure.fixed_token_count()) is not None:
-            raise ctx.error("r", f"cannot merge tokens: {reason}")
+        if fixed is not None:
+            raise ctx.error("r", f"cannot merge tokens: {fixed}")
         return rewritten(program, [partial(_merge, plan=plan, cls=prefix >= 1, distill=prefix == 2,
                                            proportional=params["proportional"])])
 
 
+@dataclass(frozen=True)
+class Block:
+    """What merging reads of a block: its attention's score nodes (softmax or sdpa; two side by side in a
+    parallel block) and the residual add closing its attention, where tokens merge."""
+
+    index: int
+    tokens: int
+    scores: tuple[str, ...]
+    attn_add: str | None
+
+
 def _merge(gm, plan, cls: bool, distill: bool, proportional: bool) -> None:
     """Merge in every block, carrying each token's size from block to block."""
-    from evc.passes.surgery import add_attention_bias, attention_keys, attention_probs, inline, node_named, reroute
+    from evc.passes.surgery import add_attention_bias, inline, node_named, reroute
 
     size = None
     for block, r, count in plan:
-        if size is None and r == 0:
+        if size is None and r == 0 or not block.scores:
             continue
-        probs = attention_probs(gm, block.attn)
-        key_t = attention_keys(gm, probs, f"block {block.index}")  # found before a bias joins the logits
+        probs = [_probs(gm, node_named(gm, name)) for name in block.scores]
+        key_t = _keys(gm, probs, f"block {block.index}")  # found before a bias joins the logits
         if size is not None and proportional:
-            add_attention_bias(gm, probs, inline(gm, _log_size, [size], probs.args[0]))
+            for p in probs:
+                add_attention_bias(gm, p, inline(gm, _log_size, [size], p.args[0]))
         if r == 0:
             continue
-        residual = node_named(gm, block.attn.residual)
         merger = _merger(count, r, cls, distill, first=size is None)
-        _, size = reroute(gm, residual, merger, [key_t] if size is None else [key_t, size])
+        _, size = reroute(gm, node_named(gm, block.attn_add), merger, [key_t] if size is None else [key_t, size])
+
+
+def _probs(gm, node):
+    """The softmax of an attention, scaled_dot_product_attention spelled out first."""
+    from evc.ir.view import is_sdpa
+    from evc.passes.surgery import spell_out_attention
+
+    return spell_out_attention(gm, node) if is_sdpa(node) else node
+
+
+def _keys(gm, probs, where: str):
+    """The transposed keys (B, heads, head_dim, N) of the attentions `probs`; side by side ones joined as more
+    heads, so ToMe's metric averages over all of them."""
+    import torch
+
+    from evc.passes.surgery import attention_keys
+
+    keys = [attention_keys(gm, p, where) for p in probs]
+    if len(keys) == 1:
+        return keys[0]
+    with gm.graph.inserting_after(probs[-1]):
+        return gm.graph.call_function(torch.cat, (keys, 1))
 
 
 def _log_size(size):

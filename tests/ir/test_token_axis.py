@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from evc.ir.program import Program
-from evc.ir.token_axis import require_tokens, token_count_fixed
+from evc.ir.token_axis import token_count_fixed, token_stream
 from evc.ir.view import RecognitionError
 from evc.spec.plan import ImageInput
 from tests.zoo import ZOO
@@ -28,14 +28,6 @@ def program_of(name: str) -> Program:
 def test_the_node_that_fixes_the_token_count_is_named(name, reason):
     assert program_of(name).structure is None
     assert reason in token_count_fixed(program_of(name).graph)
-
-
-def test_a_parallel_block_vit_has_nothing_fixing_its_tokens_and_is_refused_for_its_blocks():
-    program = program_of("parallel_vit")
-    assert token_count_fixed(program.graph) is None
-    with pytest.raises(RecognitionError, match="pass token_merge changes token counts only in blocks evc recognises, "
-                                               "and nothing else in this graph fixes them.*2 softmax"):
-        require_tokens(program, "pass token_merge")
 
 
 class TableAttention(nn.Module):
@@ -60,4 +52,13 @@ def test_a_table_per_token_pair_fixes_the_count_and_the_pass_says_so():
     assert program.structure is None
     with pytest.raises(RecognitionError, match="pass patch_slim cannot change this model's token count: node 'bias' "
                                                r"reads 'bias' of shape \(16, 16\), a table with an entry per token"):
-        require_tokens(program, "pass patch_slim")
+        token_stream(program, "pass patch_slim")
+
+
+def test_a_parallel_block_vit_is_a_free_token_stream_read_from_its_graph():
+    program = program_of("parallel_vit")
+    assert program.structure is None and token_count_fixed(program.graph) is None
+    stream = token_stream(program, "pass patch_slim")
+    assert (stream.prefix, stream.dim) == (1, 64)
+    assert [(b.tokens, len(b.scores)) for b in stream.blocks] == [(17, 2), (17, 2)]  # two attentions side by side
+    assert stream.blocks[0].entry is None and stream.blocks[1].entry is not None
