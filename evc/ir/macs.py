@@ -8,7 +8,9 @@
 MACs come from torch.utils.flop_counter (MACs = FLOPs / 2). Its registry has
 no formula for the CPU kernel of scaled_dot_product_attention, which would
 count attention as free; `SDPA_FORMULAS` adds one with flop_counter's own
-sdpa_flop_count.
+sdpa_flop_count. They are the MACs spent per image: what a node computes from
+weights and sizes alone (Swin v2's position-bias MLP on its fixed coordinates)
+costs nothing, as the exported model holds its result as a constant.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class _NodeMacs(fx.Interpreter):
         super().__init__(gm)
         self.counter = counter
         self.macs: dict[str, int] = {}
+        self.per_image = _on_the_image(gm.graph)
 
     def get_attr(self, target, args, kwargs):
         # A parameter viewed under no_grad (timm's attention pool expands its latent query) would be a
@@ -47,8 +50,24 @@ class _NodeMacs(fx.Interpreter):
     def run_node(self, n: fx.Node):
         before = self.counter.get_total_flops()
         result = super().run_node(n)
-        self.macs[n.name] = (self.counter.get_total_flops() - before) // 2
+        self.macs[n.name] = (self.counter.get_total_flops() - before) // 2 if n in self.per_image else 0
         return result
+
+
+def _on_the_image(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes that read the image's values through their inputs. Its shape is fixed in an artifact, so
+    what is computed from sizes alone (EdgeNeXt's Fourier position encoding) is a constant there too."""
+    reached: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in reached for a in node.all_input_nodes) and not _reads_size(node):
+            reached.add(node)
+    return reached
+
+
+def _reads_size(node: fx.Node) -> bool:
+    """`x.size(i)` or `x.shape`."""
+    return (node.op == "call_method" and node.target == "size") or (
+        node.target is getattr and node.args[1] == "shape")
 
 
 def node_macs(gm: fx.GraphModule, example: torch.Tensor) -> dict[str, int]:
