@@ -16,12 +16,12 @@ from evc.ir.program import Program
 from evc.ir.prunable import candidates
 from evc.passes import ffn_prune, head_prune
 from evc.passes.grouped import pruned
-from evc.passes.surgery.groups import keep_groups, zero_groups
 from evc.spec.plan import ImageInput
 from evc.targets.onnx import export_onnx
 from tests.ir.test_groups import FAMILIES
 
-UNRECOGNISED = ["parallel", "metaformer", "xcit", "edgenext"]
+UNRECOGNISED = ["parallel", "metaformer", pytest.param("xcit", marks=pytest.mark.slow),
+                pytest.param("edgenext", marks=pytest.mark.slow)]
 HEADS = dict(keep=0.5, score="l1", scope="layer", min_heads=1, data=None)
 UNITS = dict(keep=0.5, score="l1", round_to=8, data=None)
 
@@ -70,24 +70,6 @@ def compressed(program: Program, ctx=None) -> Program:
 @pytest.mark.parametrize("family", UNRECOGNISED)
 def test_the_models_are_ones_evc_does_not_recognise(family):
     assert _captured(family).structure is None
-
-
-@pytest.mark.parametrize("family", UNRECOGNISED)
-def test_cutting_half_of_every_head_and_unit_group_equals_zeroing_them_first(family):
-    program = program_of(family)
-    groups = channel_groups(program.graph)
-    cuts = [(g, list(range(0, g.width, 2))) for kind in ("heads", "units")
-            for g in candidates(program.graph, kind, groups)]
-    assert cuts
-    cut, zeroed = copy.deepcopy(program.graph), copy.deepcopy(program.graph)
-    keep_groups(cut, cuts)
-    zero_groups(zeroed, cuts)
-    x = inputs(program)
-    with torch.no_grad():
-        got, expected, whole = cut(x), zeroed(x), program.graph(x)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    # the zeroed channels did matter: far more than any difference the cut leaves
-    assert (expected - whole).abs().max() > 10 * (got - expected).abs().max()
 
 
 @pytest.mark.parametrize("family", UNRECOGNISED)
