@@ -145,3 +145,16 @@ def test_the_compressed_model_exports_to_onnx_with_parity(family, tmp_path):
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, after.graph(x).numpy(), atol=1e-4, rtol=0)
+
+
+def test_scope_global_ranks_every_heads_group_together_keeping_min_heads_in_each():
+    program = program_of("parallel")
+    groups = candidates(program.graph, "heads")
+    with torch.no_grad():  # the first attention's heads made the weakest of the model
+        for member in groups[0].members:
+            owner, _, leaf = member.name.rpartition(".")
+            getattr(program.graph.get_submodule(owner), leaf).mul_(1e-3)
+    after = head_prune._by_groups(program, {**HEADS, "scope": "global", "min_heads": 1}, Ctx())
+    qkv = [m.name.removesuffix(".weight") for g in groups for m in g.members[:1]]
+    kept = [after.graph.get_submodule(name).out_features // (3 * g.head_dim) for name, g in zip(qkv, groups)]
+    assert kept[0] == 1 and sum(kept) == sum(g.heads for g in groups) // 2
