@@ -42,13 +42,18 @@ def test_no_aten_op_and_no_empty_attention_mask_is_left(captured):
     assert len(sdpa) == 4 and all(len(n.args) == 3 and "attn_mask" not in n.kwargs for n in sdpa)
 
 
-def test_an_einops_vit_is_captured_with_its_linear_patch_embedding():
-    torch.manual_seed(0)
-    model = einops_vit().eval()
-    gm = trace(model, torch.zeros(1, 3, 32, 32))
-    x = torch.randn(2, 3, 32, 32)
+def captured_exactly(model: nn.Module, size: int):
+    """`model` captured on one image, computing exactly its outputs on a batch of two."""
+    gm = trace(model.eval(), torch.zeros(1, 3, size, size))
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    return gm
+
+
+def test_an_einops_vit_is_captured_with_its_linear_patch_embedding():
+    torch.manual_seed(0)
+    gm = captured_exactly(einops_vit(), 32)
     assert isinstance(gm.get_submodule("to_patch_embedding.2"), nn.Linear)
 
 
@@ -80,10 +85,6 @@ class Vocabulary(nn.Module):
 
 def test_padded_convs_group_norms_in_place_activations_and_resizing_are_written_as_torch_fx_records_them():
     torch.manual_seed(0)
-    model = Vocabulary().eval()
-    gm = trace(model, torch.zeros(1, 3, 8, 8))
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    gm = captured_exactly(Vocabulary(), 8)
     assert "torch.ops.aten" not in gm.code
     assert isinstance(gm.get_submodule("conv"), nn.Conv2d) and isinstance(gm.get_submodule("norm"), nn.GroupNorm)
