@@ -2,7 +2,7 @@
 
     model, size, output = ZOO["samvit"]()     # eval mode, random weights; a 1×3×size×size image runs it
     Program.from_module(model, image, output)  # `output`: the key a spec's `output = "..."` would name, or None
-    @pytest.mark.parametrize("name", params(slow={"mvitv2"}))
+    @pytest.mark.parametrize("name", params(slow={"mobilevitv2"}))
 
 Each builder returns the model as a user brings it: timm's create_model (or the family's own class
 with a reduced config where create_model takes no depths), or a Hugging Face class on a tiny config.
@@ -58,16 +58,14 @@ def _maxvit() -> Built:
 
 
 def _metaformer(mixers, norms, **kwargs) -> Built:
-    """timm's MetaFormer as its registered variants build it, one block per stage."""
+    """timm's MetaFormer as its registered variants build it (token mixers and norms named per stage; no
+    mixers: pooling), one block per stage."""
     from timm.models import metaformer
 
     torch.manual_seed(0)
-    def classes(names):  # timm's own mixer and norm classes, by name
-        return [getattr(metaformer, name) for name in names]
-
+    kwargs["norm_layers"] = [getattr(metaformer, name) for name in norms]
     if mixers:
-        kwargs["token_mixers"] = classes(mixers)
-    kwargs["norm_layers"] = classes(norms)
+        kwargs["token_mixers"] = [getattr(metaformer, name) for name in mixers]
     return metaformer.MetaFormer(depths=(1, 1, 1, 1), dims=(16, 32, 64, 64), num_classes=10, **kwargs).eval(), 64, None
 
 
@@ -133,7 +131,7 @@ ZOO: dict[str, Callable[[], Built]] = {
     # separable linear attention, MLPs of 1×1 convs
     "mobilevitv2": lambda: _timm("mobilevitv2_050", 64),
     # attention-pool (MAP) head
-    "siglip": lambda: _vit("vit_base_patch16_siglip_256", class_token=False),
+    "siglip": lambda: _vit("vit_base_patch16_siglip_256"),
     "hf_siglip": lambda: _hf("SiglipVisionModel", "SiglipVisionConfig", 32, None, hidden_size=64,
                              intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                              patch_size=8),
@@ -146,12 +144,11 @@ ZOO: dict[str, Callable[[], Built]] = {
                                 depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4],
                                 decoder_hidden_size=32, num_labels=5),
     "features_only": lambda: _timm("vit_tiny_patch16_224", 32, img_size=32, patch_size=8, depth=2, embed_dim=64,
-                                   num_heads=4, features_only=True,
-                                   out_indices=(1,)),
+                                   num_heads=4, features_only=True, out_indices=(1,)),
     # relative positions: shared relative-position MLP, gated positional self-attention, global context
     "vit_srelpos": lambda: _vit("vit_srelpos_small_patch16_224"),
     "convit": lambda: _timm("convit_tiny", 32, img_size=32, patch_size=8, depth=2, embed_dim=16, num_heads=4,
-                            local_up_to_layer=1),
+                            local_up_to_layer=1),  # embed_dim is per head: 64 wide
     "gcvit": _gcvit,
 }
 
