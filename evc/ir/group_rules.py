@@ -1,6 +1,6 @@
 """How each op couples channels, one small rule an op family, for `evc.ir.groups`.
 
-    rule = RULES["matmul"]              # by a call's name: torch.matmul, operator.matmul, Tensor.matmul
+    rule = RULES["add"]                 # by a call's name: torch.add, operator.add, Tensor.add
     axes = rule(flow, node)             # the index spaces of the node's axes, its inputs' joined
     rule = module_rule(nn.Linear(4, 8)) # by a module's type
 
@@ -9,7 +9,8 @@ splits them (`flow.spaces.split`) or marks them (`flow.mark`, `flow.freeze`),
 and returns a list of spaces, one an axis of the node's value (a tuple of such
 lists for a tuple of tensors). A rule that returns None, or spaces that do not
 fit the node's shape, leaves the node to the rule for unknown ops: its inputs'
-channels are frozen, naming it.
+channels are frozen, naming it. Attention's ops (matmul, einsum, softmax,
+scaled_dot_product_attention) have theirs in `evc.ir.attention_rules`.
 """
 
 from __future__ import annotations
@@ -100,14 +101,64 @@ def reshape(flow, node: fx.Node) -> list[int]:
         for j, size in enumerate(sizes if len(sizes) == len(dst) else ()):
             if isinstance(size, fx.Node) and not isinstance(size.meta.get("value"), int):
                 flow.freeze([out[j]], f"node '{node.name}' reshapes by a size computed from data")
-            elif size != -1:
+            elif size != -1 and not _follows(flow, size, out[j]) and not _sized_by_factor(flow, size, out[j]):
                 flow.sizes.append((node.name, j, out[j]))
+                for read in _read_axes(flow, size):
+                    flow.pins.append((node.name, j, read, out[j], size.meta["value"]))
     elif _name(node) == "unflatten":  # x.unflatten(dim, (heads, -1)): its sizes name axes dim, dim + 1, ...
         dim = _arg(node, 1, "dim") % len(src)
         for k, size in enumerate(_arg(node, 2, "sizes")):
             if isinstance(size, int) and size != -1:
                 flow.sizes.append((node.name, k, out[dim + k]))
     return out
+
+
+def _follows(flow, size, space: int) -> bool:
+    """`x.reshape(B, ...)` with `B = x.shape[0]` read from the very axis it sizes: it follows any cut."""
+    reads = _read_axes(flow, size)
+    find = flow.spaces.find
+    return len(reads) == 1 and find(reads[0]) == find(space) and size.meta.get("value") == flow.spaces.size[space]
+
+
+def _sized_by_factor(flow, size, space: int) -> bool:
+    """`x.reshape(3, B * num_heads, N, -1)` with B read from a tensor: the literal factor counts the
+    trailing factors of the axis (the heads), and is the size rewritten, so B still follows the batch."""
+    if not (isinstance(size, fx.Node) and _name(size) == "mul" and len(size.args) == 2 and isinstance(size.args[1], int)
+            and len(size.users) == 1):
+        return False
+    spaces, split = flow.spaces, flow.spaces.parts(space)
+    parts = split[1] if split and split[0] == "product" else (spaces.find(space),)
+    leading = {leaf for read in _read_axes(flow, size.args[0]) for leaf in spaces.coords(read)
+               if spaces.size[leaf] > 1}  # a batch of one at trace time is no factor
+    for k in range(len(parts)):
+        if (math.prod(spaces.size[p] for p in parts[k:]) == size.args[1]
+                and leading == {leaf for p in parts[:k] for leaf in spaces.coords(p)}):
+            trailing = parts[k] if k == len(parts) - 1 else spaces.new(size.args[1])
+            if trailing not in parts:
+                spaces.split(trailing, "product", parts[k:])
+            flow.sizes.append((size.name, 0, trailing))
+            return True
+    return False
+
+
+def _read_axes(flow, size) -> list[int]:
+    """The tensor axes a size argument is computed from (`x.size(3)`, `C // heads` with `C = x.shape[-1]`):
+    it changes at run time with them, so cutting them must pin it to its value (twins reads the window
+    size from the heads axis, which has the same size)."""
+    if not isinstance(size, fx.Node) or _tensor(size):
+        return []
+    if size.op == "call_method" and size.target == "size" and _tensor(size.args[0]):
+        axes = flow.axes.get(size.args[0]) or []
+        dim = _arg(size, 1, "dim")
+        return list(axes) if dim is None else [axes[dim % len(axes)]] if axes else []
+    if _name(size) == "getitem" and isinstance(size.args[1], int):
+        source = size.args[0]
+        if _tensor(source) or not isinstance(source, fx.Node):
+            return []
+        if _name(source) == "getattr" or (source.op == "call_method" and source.target == "size"):
+            axes = flow.axes.get(source.args[0]) or []
+            return [axes[size.args[1]]] if axes else []
+    return [a for arg in size.all_input_nodes for a in _read_axes(flow, arg)]
 
 
 def _prod(shape, axes) -> int:
@@ -201,6 +252,9 @@ def getitem(flow, node: fx.Node):
         at = index.index(Ellipsis)
         fill = len(axes) - sum(i is not None for i in index) + 1
         index = index[:at] + (slice(None),) * fill + index[at + 1:]
+    gathers = [k for k, item in enumerate(index) if _tensor(item)]
+    if gathers:
+        return _gather(flow, node, axes, index, gathers)
     out, i = [], 0
     for item in index:
         if item is None:
@@ -217,59 +271,6 @@ def getitem(flow, node: fx.Node):
     out += axes[i:]
     shape = node_shape(node)
     return [s if s is not None else flow.spaces.new(n) for s, n in zip(out, shape)] if len(out) == len(shape) else None
-
-
-def _batch(flow, node: fx.Node, operands: list[list[int]], rank: int) -> list[int]:
-    """The leading axes of a matmul's operands, broadcast: one space each, marked as a batch (heads ride it)."""
-    shape = node_shape(node)[:rank]
-    out = [None] * rank
-    for axes in operands:
-        for i, space in enumerate(reversed(axes), 1):
-            if flow.spaces.size[space] == shape[-i] > 1:
-                out[-i] = space if out[-i] is None else (flow.union(out[-i], space) or out[-i])
-    out = [s if s is not None else flow.spaces.new(n) for s, n in zip(out, shape)]
-    for s in out:
-        flow.mark(s, "batch", node.name)
-    return out
-
-
-def _contract(flow, node: fx.Node, a: int, b: int) -> None:
-    flow.union(a, b)
-    flow.mark(a, "contracted", node.name)
-
-
-def matmul(flow, node: fx.Node) -> list[int] | None:
-    a, b = (flow.axes[x] for x in node.args[:2])
-    if len(a) < 2 or len(b) < 2:
-        return None
-    _contract(flow, node, a[-1], b[-2])
-    return _batch(flow, node, [a[:-2], b[:-2]], len(node_shape(node)) - 2) + [a[-2], b[-1]]
-
-
-def attention(flow, node: fx.Node) -> list[int]:
-    """scaled_dot_product_attention: q with k on their last axis, k with v on their tokens; without a
-    scale given, it divides by sqrt(head_dim), so head_dim cannot change."""
-    q, k, v = (flow.axes[_arg(node, i, name)] for i, name in enumerate(("query", "key", "value")))
-    _contract(flow, node, q[-1], k[-1])
-    _contract(flow, node, k[-2], v[-2])
-    batch = _batch(flow, node, [q[:-2], k[:-2], v[:-2]], len(q) - 2)
-    mask = _arg(node, 3, "attn_mask")
-    if _tensor(mask):
-        logits = batch + [q[-2], k[-2]]
-        for i, space in enumerate(reversed(flow.axes[mask]), 1):
-            flow.union(logits[-i], space)
-    if _arg(node, 6, "scale") is None:
-        flow.freeze([q[-1]], f"node '{node.name}' scales by 1/sqrt(head_dim)")
-    return batch + [q[-2], v[-1]]
-
-
-def normalised(flow, node: fx.Node) -> list[int]:
-    """softmax, normalize: every entry of the axis depends on all others; it cannot lose any."""
-    axes = flow.axes[node.args[0]]
-    dim = _arg(node, 2, "dim", 1) if _name(node) == "normalize" else _arg(node, 1, "dim")
-    if dim is not None:
-        flow.freeze([axes[dim % len(axes)]], f"node '{node.name}' normalises over it")
-    return list(axes)
 
 
 def reduce(flow, node: fx.Node) -> list[int]:
@@ -301,6 +302,17 @@ def roll(flow, node: fx.Node) -> list[int]:
     flow.freeze([axes[d] for d in (_dims(node, 2, len(axes), "dims") or range(len(axes)))],
                 f"node '{node.name}' rolls it")
     return list(axes)
+
+
+def _gather(flow, node: fx.Node, axes: list[int], index: tuple, gathers: list[int]) -> list[int] | None:
+    """`table[:, index]`, `bias[index.view(-1)]`: one axis picked by a tensor of positions. The entries it
+    picks are fixed, so that axis freezes; the index's axes take its place and the others carry through
+    (a relative position table's heads axis stays the heads')."""
+    if len(gathers) > 1 or any(item != slice(None) for k, item in enumerate(index) if k not in gathers):
+        return None
+    at = gathers[0]
+    flow.freeze([axes[at]], f"node '{node.name}' gathers along it")
+    return axes[:at] + list(flow.axes[index[at]]) + axes[at + 1:]
 
 
 def linear_function(flow, node: fx.Node) -> list[int]:
@@ -335,14 +347,12 @@ RULES = {
     **{name: reshape for name in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze")},
     **{name: expand for name in ("expand", "expand_as", "repeat")},
     **{name: split for name in ("split", "chunk", "unbind")},
-    **{name: normalised for name in ("softmax", "log_softmax", "normalize")},
     **{name: reduce for name in ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp",
                                  "linalg_vector_norm")},
     **{name: spatial for name in ("adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d",
                                   "interpolate", "upsample")},
     "permute": permute, "transpose": transpose, "swapaxes": transpose, "t": transpose,
     "stack": stack, "cat": cat, "concat": cat, "concatenate": cat, "getitem": getitem,
-    "matmul": matmul, "bmm": matmul, "scaled_dot_product_attention": attention,
     "pad": pad, "roll": roll, "linear": linear_function,
     "layer_norm": norm_function, "group_norm": norm_function, "batch_norm": norm_function,
 }
@@ -373,7 +383,9 @@ def conv(flow, node: fx.Node) -> list[int]:
         out = flow.param(weight, 0, layer.out_channels)
         flow.freeze([x[1], out], f"node '{node.name}' is a convolution of {layer.groups} groups")
     flow.module_params(layer, node.target, {"bias": 0}, out)
-    return [x[0], out] + flow.fresh(node_shape(node)[2:])
+    positions = flow.fresh(node_shape(node)[2:])
+    flow.freeze(x[2:] + positions, f"node '{node.name}' convolves over it")  # a constant image's too
+    return [x[0], out] + positions
 
 
 def layer_norm(flow, node: fx.Node) -> list[int]:

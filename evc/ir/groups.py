@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.fx.experimental import meta_tracer
 
+from evc.ir import attention_rules, group_rules
 from evc.ir.channels import Spaces
-from evc.ir.group_rules import RULES, module_rule, size_args
+from evc.ir.group_rules import module_rule, size_args
 from evc.ir.trace import _ShapeProp
 from evc.ir.view import node_shape, size_value
 
@@ -77,6 +80,9 @@ class Group:
         return next(m for m in self.members if (m.name, m.dim) == (name, dim))
 
 
+RULES = {**group_rules.RULES, **attention_rules.RULES}
+
+
 def channel_groups(gm: fx.GraphModule) -> list[Group]:
     """The pruning groups of `gm`, a traced model whose nodes carry their shapes, in order of first member."""
     flow = _Flow(gm)
@@ -94,6 +100,7 @@ class _Flow:
         self.axes: dict[fx.Node, list | tuple | None] = {}
         self.params: dict[tuple[str, int], int] = {}  # (name, dim) -> space
         self.sizes: list[tuple[str, int | str, int]] = []  # (node, arg, space) of Constants
+        self.pins: list[tuple[str, int, int, int, int]] = []  # (node, arg, space read, space sized, value)
         self.live: set[fx.Node] = set()  # nodes computed from the input
 
     # -- what rules call
@@ -193,6 +200,9 @@ class _Flow:
             for leaf, channel in spaces.coords(space).items():
                 per = int((channel == 0).sum())
                 constants.setdefault(leaf, []).append(Constant(node, arg, per, int((channel < 0).sum())))
+        for node, arg, read, sized, value in self.pins:  # a size read from other channels: fixed when they go
+            for leaf in set(spaces.coords(read)) - set(spaces.coords(sized)):
+                constants.setdefault(leaf, []).append(Constant(node, arg, 0, value))
         return [self._group(leaf, members, constants.get(leaf, ()), above) for leaf, members in found.items()]
 
     def _group(self, leaf: int, members: dict, constants, above) -> Group:
@@ -205,11 +215,14 @@ class _Flow:
                       channels=members)
         if "frozen" in marks:
             return Group("frozen", reason=marks["frozen"], **common)
-        if "norm" in marks or "residual" in marks:
-            return Group("stream", reason=marks.get("norm") or marks["residual"], **common)
+        if "norm" in marks:
+            return Group("stream", reason=marks["norm"], **common)
+        # Heads before residuals: two terms of one head added (SAM's relative positions) stay that head's.
         head_dim = self._head_dim(leaf, above)
-        if head_dim and spaces.marked(leaf, "batch"):
+        if head_dim and "batch" in marks:  # a batch of (windows, heads) runs each head on its own too
             return Group("heads", heads=spaces.size[leaf], head_dim=head_dim, **common)
+        if "residual" in marks:
+            return Group("stream", reason=marks["residual"], **common)
         if spaces.marked(leaf, "contracted") and self._split_last(leaf, above):
             return Group("head_dim", **common)
         return Group("units", **common)
@@ -235,7 +248,7 @@ def _inlined(flow: _Flow, node: fx.Node):
     given = {**dict(zip(names, node.args)), **node.kwargs}
     tensors = [name for name, a in given.items() if isinstance(a, fx.Node) and node_shape(a) is not None]
     fixed = {name: fx.node.map_arg(a, size_value) for name, a in given.items() if name not in tensors}
-    sub = fx.symbolic_trace(node.target, concrete_args=fixed)
+    sub = _traced(node.target, fixed, {t: given[t] for t in tensors})
     for n in reversed(sub.graph.nodes):  # the checks on fixed arguments, and their placeholders
         if n.target is torch._assert or (n.op in ("placeholder", "call_function") and not n.users and
                                          n.target not in tensors and n.op != "output"):
@@ -243,7 +256,7 @@ def _inlined(flow: _Flow, node: fx.Node):
     sub.recompile()
     with torch.no_grad():
         _ShapeProp(sub).propagate(*(torch.zeros(node_shape(given[t])) for t in tensors))
-    before = len(flow.sizes)
+    before, pinned = len(flow.sizes), len(flow.pins)
     for n in sub.graph.nodes:
         n.name = f"{node.name}.{n.name}"
         if n.op == "placeholder":
@@ -251,15 +264,31 @@ def _inlined(flow: _Flow, node: fx.Node):
             flow.live.update([n] if given[n.target] in flow.live else [])
         elif n.op == "output":
             out = n.args[0][0] if isinstance(n.args[0], (tuple, list)) else n.args[0]
+        elif n.op == "get_attr":  # the function's own constant (positions it computed from sizes alone)
+            flow.axes[n] = flow.fresh(node_shape(n))
+            flow.freeze(flow.axes[n], f"it is a constant inside node '{node.name}'")
         else:
             flow.read(n)
     for name, arg, space in flow.sizes[before:]:
         inner = next(n for n in sub.graph.nodes if n.name == name)
         if isinstance(arg, int) and isinstance(size_args(inner)[arg], int):
             flow.freeze([space], f"node '{name}' inside node '{node.name}' reshapes by a literal size")
-    del flow.sizes[before:]
+    del flow.sizes[before:], flow.pins[pinned:]
     flow.spaces.where = node.name
     return flow.axes[out]
+
+
+def _traced(function, fixed: dict, tensors: dict) -> fx.GraphModule:
+    """`function` traced with its sizes fixed; where it branches on a tensor's shape (SAM's get_rel_pos
+    interpolates a table of another length), traced on meta tensors of its inputs' shapes, which
+    resolves the branch and computes what comes from sizes alone as constants."""
+    try:
+        return fx.symbolic_trace(function, concrete_args=fixed)
+    except Exception:  # torch.fx raises many types; all mean "not symbolically traceable"
+        meta = {name: torch.empty(node_shape(t), device="meta") for name, t in tensors.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns of each size it cannot give a meta tensor
+            return meta_tracer.symbolic_trace(function, meta_args=meta, concrete_args=fixed)
 
 
 def _input(flow: _Flow, node: fx.Node) -> list[int]:

@@ -1,0 +1,65 @@
+"""Heads found on zoo models (tests/zoo.py) whose attention needs more than a matmul's rule: each heads
+group is closed (cutting half its heads equals zeroing them first), and head_prune cuts it."""
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from evc.ir.groups import channel_groups
+from evc.ir.program import Program
+from evc.passes.surgery.groups import keep_groups, zero_groups
+from evc.spec.plan import ImageInput
+from tests.zoo import ZOO
+
+
+@functools.cache
+def _program(name: str) -> Program:
+    model, size, output = ZOO[name]()
+    return Program.from_module(model, ImageInput(size, size), output=output)
+
+
+def heads_of(name: str) -> list:
+    return [(g.heads, g.head_dim) for g in channel_groups(_program(name).graph) if g.kind == "heads"]
+
+
+def assert_heads_closed(name: str) -> None:
+    """Half of each heads group cut equals it zeroed, on a batch of two (sizes read from the batch follow it)."""
+    program = _program(name)
+    images = torch.randn(2, *program.example().shape[1:])
+    groups = [g for g in channel_groups(program.graph) if g.kind == "heads" and g.width > 1]
+    assert groups
+    for group in groups:
+        cut = [(group, list(range(0, group.width, 2)))]
+        zeroed, pruned = copy.deepcopy(program.graph), copy.deepcopy(program.graph)
+        zero_groups(zeroed, cut)
+        keep_groups(pruned, cut)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(images), zeroed(images), atol=1e-5, rtol=0,
+                                       msg=lambda m, g=group: f"{g.members[0].name}: {m}")
+
+
+def test_twins_local_attention_reads_its_window_size_from_the_heads_axis_and_still_cuts():
+    # reshape(B, _h, _w, ws, ws, C) is traced with ws read from the attention's heads axis (both are 2)
+    assert heads_of("twins_svt") == [(2, 16), (3, 16), (4, 16)]
+    assert_heads_closed("twins_svt")
+
+
+def test_samvit_heads_ride_the_window_batch_through_its_relative_position_einsums():
+    assert heads_of("samvit") == [(4, 16), (4, 16)]
+    assert_heads_closed("samvit")
+
+
+def test_vit_srelpos_heads_carry_through_the_gathered_position_bias_shared_by_all_blocks():
+    assert heads_of("vit_srelpos") == [(4, 16)]
+    assert_heads_closed("vit_srelpos")
+
+
+@pytest.mark.parametrize("name", ["twins_svt", "samvit", "vit_srelpos"])
+def test_head_prune_cuts_the_heads_found(name):
+    from tests.passes.test_zoo import macs, run
+
+    pruned, said = run(_program(name), "head_prune")
+    assert pruned is not None, said
+    assert macs(pruned) < macs(_program(name))
