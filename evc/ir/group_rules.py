@@ -304,6 +304,14 @@ def roll(flow, node: fx.Node) -> list[int]:
     return list(axes)
 
 
+def index(flow, node: fx.Node) -> list[int] | None:
+    """aten's `index.Tensor(x, [None, idx])`, as torch.export records `x[:, idx]`."""
+    x, indices = node.args
+    items = tuple(slice(None) if i is None else i for i in indices) + (slice(None),) * (len(flow.axes[x]) - len(indices))
+    gathers = [k for k, item in enumerate(items) if _tensor(item)]
+    return _gather(flow, node, flow.axes[x], items, gathers) if gathers else None
+
+
 def _gather(flow, node: fx.Node, axes: list[int], index: tuple, gathers: list[int]) -> list[int] | None:
     """`table[:, index]`, `bias[index.view(-1)]`: one axis picked by a tensor of positions. The entries it
     picks are fixed, so that axis freezes; the index's axes take its place and the others carry through
@@ -350,9 +358,9 @@ RULES = {
     **{name: reduce for name in ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp",
                                  "linalg_vector_norm")},
     **{name: spatial for name in ("adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d",
-                                  "interpolate", "upsample")},
+                                  "adaptive_avg_pool1d", "avg_pool1d", "max_pool1d", "interpolate", "upsample")},
     "permute": permute, "transpose": transpose, "swapaxes": transpose, "t": transpose,
-    "stack": stack, "cat": cat, "concat": cat, "concatenate": cat, "getitem": getitem,
+    "stack": stack, "cat": cat, "concat": cat, "concatenate": cat, "getitem": getitem, "index": index,
     "pad": pad, "roll": roll, "linear": linear_function,
     "layer_norm": norm_function, "group_norm": norm_function, "batch_norm": norm_function,
 }

@@ -56,7 +56,16 @@ def test_vit_srelpos_heads_carry_through_the_gathered_position_bias_shared_by_al
     assert_heads_closed("vit_srelpos")
 
 
-@pytest.mark.parametrize("name", ["twins_svt", "samvit", "vit_srelpos"])
+@pytest.mark.parametrize("name", ["swinv2", "hf_swinv2"])
+def test_swinv2_cosine_attention_freezes_head_dim_alone_and_its_position_mlp_and_logit_scale_join_the_heads(name):
+    assert heads_of(name) == [(2, 16)]  # the first stage's one head is no group: nothing could narrow it
+    (heads,) = [g for g in channel_groups(_program(name).graph) if g.kind == "heads" and g.width == 2]
+    assert any("logit_scale" in m.name for m in heads.members)
+    assert any("continuous_position_bias_mlp.2" in m.name or "cpb_mlp.2" in m.name for m in heads.members)
+    assert_heads_closed(name)
+
+
+@pytest.mark.parametrize("name", ["twins_svt", "samvit", "vit_srelpos", "swinv2", "hf_swinv2"])
 def test_head_prune_cuts_the_heads_found(name):
     from tests.passes.test_zoo import macs, run
 
