@@ -307,7 +307,8 @@ def roll(flow, node: fx.Node) -> list[int]:
 def index(flow, node: fx.Node) -> list[int] | None:
     """aten's `index.Tensor(x, [None, idx])`, as torch.export records `x[:, idx]`."""
     x, indices = node.args
-    items = tuple(slice(None) if i is None else i for i in indices) + (slice(None),) * (len(flow.axes[x]) - len(indices))
+    items = tuple(slice(None) if i is None else i for i in indices)
+    items += (slice(None),) * (len(flow.axes[x]) - len(items))
     gathers = [k for k, item in enumerate(items) if _tensor(item)]
     return _gather(flow, node, flow.axes[x], items, gathers) if gathers else None
 
