@@ -249,28 +249,9 @@ def exported(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     with warnings.catch_warnings():  # caches a model fills on its first call (timm's attention biases)
         warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
         program = torch.export.export(model, (batch,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
-    module = program.module()
-    _inline_autocast_off(module)
-    gm = _Rewriter(module).run()
+    gm = _Rewriter(program.module()).run()
     _drop_empty_masks(gm, batch)
     return gm
-
-
-def _inline_autocast_off(gm: fx.GraphModule) -> None:
-    """Inline what runs under `torch.autocast(enabled=False)` (EfficientViT-B's linear attention keeps
-    float32 so), which export records as a call of a subgraph: outside any autocast, as evc runs a
-    model, turning it off changes nothing."""
-    for node in list(gm.graph.nodes):
-        if node.target is not torch.ops.higher_order.wrap_with_autocast or node.args[2]:
-            continue
-        body = _fetch(gm, node.args[4].target).graph
-        operands = dict(zip([n for n in body.nodes if n.op == "placeholder"], node.args[5:]))
-        with gm.graph.inserting_before(node):
-            results = gm.graph.graph_copy(body, operands)
-        for user in list(node.users):  # each a getitem of the subgraph's results
-            user.replace_all_uses_with(results[user.args[1]])
-            gm.graph.erase_node(user)
-        gm.graph.erase_node(node)
 
 
 def _drop_empty_masks(gm: fx.GraphModule, example: torch.Tensor) -> None:

@@ -88,24 +88,3 @@ def test_padded_convs_group_norms_in_place_activations_and_resizing_are_written_
     gm = captured_exactly(Vocabulary(), 8)
     assert "torch.ops.aten" not in gm.code
     assert isinstance(gm.get_submodule("conv"), nn.Conv2d) and isinstance(gm.get_submodule("norm"), nn.GroupNorm)
-
-
-class Float32Attention(nn.Module):
-    """EfficientViT-B's linear attention: its matmuls kept out of autocast."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(8, 24)
-
-    def forward(self, x):
-        if x.shape[-1] < 2:  # for torch.export, as Vocabulary
-            return x
-        q, k, v = self.qkv(x.flatten(2).transpose(1, 2)).chunk(3, dim=-1)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return q @ (k.transpose(-1, -2) @ v) / x.shape[-1]
-
-
-def test_a_region_with_autocast_turned_off_is_captured_inline():
-    torch.manual_seed(0)
-    gm = captured_exactly(nn.Sequential(nn.Conv2d(3, 8, 1), Float32Attention()), 4)
-    assert "autocast" not in gm.code and isinstance(gm.get_submodule("1.qkv"), nn.Linear)
