@@ -79,8 +79,27 @@ class Spaces:
         elif known[0] == kind and [self.size[p] for p in known[1]] == sizes:
             for mine, theirs in zip(known[1], parts):
                 self.union(mine, theirs)
-        else:
+        elif not self._refine(r, *((known[1], parts) if kind == "concat" else (parts, known[1]))):
             self.mark(r, "frozen", f"node '{self.where}' splits {self.size[r]} channels two ways")
+
+    def _refine(self, r: int, factors: tuple[int, ...], pieces: tuple[int, ...]) -> bool:
+        """The class of `r`, a product of `factors` (heads, head_dim) and a concatenation of `pieces` cut
+        between whole entries of its first factor (CoaT's channels of 2, 3 and 3 heads), is both: the first
+        factor is the concatenation of its entries in each piece, and each piece the product of those and
+        the other factors."""
+        inner = math.prod(self.size[f] for f in factors[1:])
+        if any(self.size[p] % inner for p in pieces):
+            return False
+        firsts = [self.new(self.size[p] // inner) for p in pieces]
+        self.splits[r] = ("product", tuple(factors))
+        self.split(factors[0], "concat", firsts)
+        for piece, first in zip(pieces, firsts):
+            self.split(piece, "product", [first, *factors[1:]])
+        # Each part is a closed group, but evc.passes.surgery.groups.keep_groups slices a weight once per
+        # group by its full width: several groups cut in one weight at once would index past its end.
+        self.mark(factors[0], "frozen", f"node '{self.where}' splits {self.size[factors[0]]} channels into parts of "
+                  f"{[self.size[f] for f in firsts]}, and cuts of several groups in one weight are not composed")
+        return True
 
     def parts(self, s: int) -> tuple[str, tuple[int, ...]] | None:
         split = self.splits.get(self.find(s))

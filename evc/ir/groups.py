@@ -228,11 +228,19 @@ class _Flow:
         return Group("units", **common)
 
     def _head_dim(self, leaf: int, above) -> int | None:
-        """The size of what follows `leaf` in a product whose last factor a matmul contracts: its head_dim."""
-        for parent in above.get(self.spaces.find(leaf), ()):
-            kind, parts = self.spaces.parts(parent)
-            if kind == "product" and leaf in parts[:-1] and self.spaces.marked(parts[-1], "contracted"):
-                return math.prod(self.spaces.size[p] for p in parts[parts.index(leaf) + 1:])
+        """The size of what follows `leaf` in a product whose last factor a matmul contracts: its head_dim.
+        The last factor may be q, k and v side by side (TinyViT's (heads, q k v) layout): its contracted
+        part is the head_dim."""
+        spaces = self.spaces
+        for parent in above.get(spaces.find(leaf), ()):
+            kind, parts = spaces.parts(parent)
+            if kind != "product" or leaf not in parts[:-1]:
+                continue
+            last, inner = parts[-1], spaces.parts(parts[-1])
+            if not spaces.marked(last, "contracted") and inner and inner[0] == "concat":
+                last = next((p for p in inner[1] if spaces.marked(p, "contracted")), last)
+            if spaces.marked(last, "contracted"):
+                return math.prod(spaces.size[p] for p in parts[parts.index(leaf) + 1:-1]) * spaces.size[last]
         return None
 
     def _split_last(self, leaf: int, above) -> bool:

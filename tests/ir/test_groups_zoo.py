@@ -65,7 +65,23 @@ def test_swinv2_cosine_attention_freezes_head_dim_alone_and_its_position_mlp_and
     assert_heads_closed(name)
 
 
-@pytest.mark.parametrize("name", ["twins_svt", "samvit", "vit_srelpos", "swinv2", "hf_swinv2"])
+def test_tiny_vit_heads_lead_q_k_and_v_side_by_side_and_are_heads_not_units():
+    # qkv.reshape(B, N, heads, -1).split([key_dim, key_dim, d], dim=3): head_dim is q's part
+    assert heads_of("tiny_vit") == [(2, 16), (3, 16), (4, 16)]
+    assert_heads_closed("tiny_vit")
+
+
+def test_coat_lite_heads_split_by_window_size_are_frozen_naming_the_split():
+    # its conv relative position encoding splits v's 8 heads into 2, 3 and 3 for windows of 3, 5 and 7:
+    # each part is closed, but the three would be cut in one qkv weight at once
+    groups = channel_groups(_program("coat_lite").graph)
+    assert not [g for g in groups if g.kind == "heads"]
+    parts = [g for g in groups if g.kind == "frozen" and "crpe1.conv_list" in " ".join(m.name for m in g.members)
+             and g.reason.startswith("node 'split' splits 8 channels into parts of [2, 3, 3]")]
+    assert [g.width for g in parts] == [2, 3, 3]
+
+
+@pytest.mark.parametrize("name", ["twins_svt", "samvit", "vit_srelpos", "swinv2", "hf_swinv2", "tiny_vit"])
 def test_head_prune_cuts_the_heads_found(name):
     from tests.passes.test_zoo import macs, run
 
