@@ -49,7 +49,8 @@ class Member:
 @dataclass(frozen=True)
 class Constant:
     """A size a graph node is given (a reshape's, a split's) or a module holds (a depthwise conv's groups)
-    that counts the group's channels."""
+    that counts the group's channels; or, with per_channel 0, one read at run time from the group's
+    channels that sizes another axis (Twins reads its window size from its heads axis): pinned to its value."""
 
     node: str  # node name, or module name where `arg` is an attribute
     arg: int | str  # index into the node's sizes (a reshape's shape, a split's list), or a module attribute

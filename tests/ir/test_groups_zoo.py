@@ -65,6 +65,13 @@ def test_swinv2_cosine_attention_freezes_head_dim_alone_and_its_position_mlp_and
     assert_heads_closed(name)
 
 
+def test_convit_gated_positional_attention_heads_take_their_position_projection_and_gate():
+    assert heads_of("convit") == [(4, 16), (4, 16)]
+    (gpsa, _) = [g for g in channel_groups(_program("convit").graph) if g.kind == "heads"]
+    assert {"blocks.0.attn.pos_proj.weight", "blocks.0.attn.gating_param"} <= {m.name for m in gpsa.members}
+    assert_heads_closed("convit")
+
+
 def test_tiny_vit_heads_lead_q_k_and_v_side_by_side_and_are_heads_not_units():
     # qkv.reshape(B, N, heads, -1).split([key_dim, key_dim, d], dim=3): head_dim is q's part
     assert heads_of("tiny_vit") == [(2, 16), (3, 16), (4, 16)]
