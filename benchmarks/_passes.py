@@ -17,5 +17,8 @@ class Ctx:
     def report(self, key, value):
         print(f"pass reports {key} = {value}")
 
+    def warn(self, message):
+        print(f"pass warns: {message}")
+
     def error(self, key, message):
         return ValueError(f"{key}: {message}")

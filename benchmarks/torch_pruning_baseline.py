@@ -4,6 +4,7 @@
     result = prune_with_torch_pruning(model, heads_to_remove={0: [0, 1, 2]},
                                       hidden_to_remove={0: list(range(768))})
     ok, message = export_onnx(result.model, "pruned.onnx")
+    pruned = prune_as_documented(as_example_builds(model), example_input, ratio=0.5)   # any timm model
 
     .venv/bin/python benchmarks/torch_pruning_baseline.py   # self-check on deit_small
 
@@ -11,6 +12,9 @@ The caller chooses which heads and MLP hidden units go; Torch-Pruning's
 DependencyGraph finds and slices every layer coupled to them, as its
 examples/transformers/prune_timm_vit.py does. Its importance criteria and
 MetaPruner are left out so that both tools remove the same units.
+
+`prune_as_documented` is Torch-Pruning left to choose, on any timm model, as
+its examples/timm_models/prune_timm_models.py configures it.
 Torch-Pruning is a benchmark-only dependency (benchmarks/requirements.txt).
 """
 
@@ -62,6 +66,40 @@ def prune_with_torch_pruning(
         needed_patch=bool(rewritten),
         patch_note=note,
     )
+
+
+def as_example_builds(model: nn.Module) -> nn.Module:
+    """`model` with timm's attention unfused, as prune_timm_models.py builds it (TIMM_FUSED_ATTN=0)."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return model
+
+
+def prune_as_documented(model: nn.Module, example_input: torch.Tensor, ratio: float) -> nn.Module:
+    """Prune `model` in place as Torch-Pruning's examples/timm_models/prune_timm_models.py does: group
+    magnitude importance, a uniform `ratio` of every prunable group's channels (the residual width
+    included), round_to 8, the classifier's last Linear ignored, the heads of timm's ViT Attention given.
+
+    Where the example replaces that Attention's forward (to reshape by the pruned width), timm 1.0
+    reshapes by `attn_dim`, which is set here instead: the example's forward no longer takes the
+    `attn_mask` that timm's blocks pass.
+    """
+    head = getattr(model, "head", None)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
+    num_heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, Attention)}
+    pruner = tp.pruner.BasePruner(model, example_input, importance=tp.importance.GroupMagnitudeImportance(),
+                                  global_pruning=False, iterative_steps=1, pruning_ratio=ratio,
+                                  pruning_ratio_dict={}, num_heads=num_heads, ignored_layers=linears[-1:],
+                                  round_to=8)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    for attn in model.modules():
+        if isinstance(attn, Attention) and attn.qkv in num_heads:
+            attn.num_heads = num_heads[attn.qkv]
+            attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+            attn.attn_dim = attn.num_heads * attn.head_dim
+    return model
 
 
 def qkv_rows(attn: Attention, heads: list[int]) -> list[int]:
