@@ -168,7 +168,9 @@ class _Flow:
         return RULES.get(name.split(".")[0])
 
     def _fits(self, axes, shapes) -> bool:
-        if isinstance(shapes, tuple) and shapes and isinstance(shapes[0], tuple):
+        if shapes is None:
+            return axes is None
+        if _many(shapes):
             return isinstance(axes, tuple) and len(axes) == len(shapes) and all(map(self._fits, axes, shapes))
         return isinstance(axes, list) and [self.spaces.size[s] for s in axes] == list(shapes)
 
@@ -180,8 +182,8 @@ class _Flow:
         for arg in node.all_input_nodes:
             self.freeze(arg, reason)
         # Its output too: nothing says how to make it narrower (torch.arange's length is a literal).
-        if isinstance(shapes, tuple) and shapes and isinstance(shapes[0], tuple):
-            out = tuple(self.fresh(s) for s in shapes)
+        if _many(shapes):
+            out = tuple(None if s is None else self.fresh(s) for s in shapes)
         else:
             out = self.fresh(shapes)
         self.freeze(out, reason)
@@ -272,7 +274,7 @@ def _inlined(flow: _Flow, node: fx.Node):
             flow.axes[n] = flow.axes[given[n.target]]
             flow.live.update([n] if given[n.target] in flow.live else [])
         elif n.op == "output":
-            out = n.args[0][0] if isinstance(n.args[0], (tuple, list)) else n.args[0]
+            out = n.args[0]
         elif n.op == "get_attr":  # the function's own constant (positions it computed from sizes alone)
             flow.axes[n] = flow.fresh(node_shape(n))
             flow.freeze(flow.axes[n], f"it is a constant inside node '{node.name}'")
@@ -284,7 +286,9 @@ def _inlined(flow: _Flow, node: fx.Node):
             flow.freeze([space], f"node '{name}' inside node '{node.name}' reshapes by a literal size")
     del flow.sizes[before:], flow.pins[pinned:]
     flow.spaces.where = node.name
-    return flow.axes[out]
+    if isinstance(out, (tuple, list)) and _many(_shapes(node)):  # (x, cls_token), (x, None)
+        return tuple(flow.axes.get(o) if isinstance(o, fx.Node) else None for o in out)
+    return flow.axes[out[0] if isinstance(out, (tuple, list)) else out]
 
 
 def _traced(function, fixed: dict, tensors: dict) -> fx.GraphModule:
@@ -317,9 +321,14 @@ def _shapes(node: fx.Node):
         return None
     if hasattr(meta, "shape"):
         return tuple(meta.shape)
-    if isinstance(meta, (tuple, list)) and meta and all(hasattr(m, "shape") for m in meta):
-        return tuple(tuple(m.shape) for m in meta)
+    if isinstance(meta, (tuple, list)) and meta and any(hasattr(m, "shape") for m in meta):
+        return tuple(tuple(m.shape) if hasattr(m, "shape") else None for m in meta)
     return None
+
+
+def _many(shapes) -> bool:
+    """Whether `shapes` is a tuple of tensors' shapes (None where a member is no tensor), not one shape."""
+    return isinstance(shapes, tuple) and bool(shapes) and all(s is None or isinstance(s, tuple) for s in shapes)
 
 
 def _flat(axes):
