@@ -95,10 +95,6 @@ class Spaces:
         self.split(factors[0], "concat", firsts)
         for piece, first in zip(pieces, firsts):
             self.split(piece, "product", [first, *factors[1:]])
-        # Each part is a closed group, but evc.passes.surgery.groups.keep_groups slices a weight once per
-        # group by its full width: several groups cut in one weight at once would index past its end.
-        self.mark(factors[0], "frozen", f"node '{self.where}' splits {self.size[factors[0]]} channels into parts of "
-                  f"{[self.size[f] for f in firsts]}, and cuts of several groups in one weight are not composed")
         return True
 
     def parts(self, s: int) -> tuple[str, tuple[int, ...]] | None:

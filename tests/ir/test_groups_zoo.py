@@ -78,17 +78,24 @@ def test_tiny_vit_heads_lead_q_k_and_v_side_by_side_and_are_heads_not_units():
     assert_heads_closed("tiny_vit")
 
 
-def test_coat_lite_heads_split_by_window_size_are_frozen_naming_the_split():
+def test_coat_lite_heads_split_by_window_size_are_three_groups_cut_together_in_one_weight():
     # its conv relative position encoding splits v's 8 heads into 2, 3 and 3 for windows of 3, 5 and 7:
-    # each part is closed, but the three would be cut in one qkv weight at once
-    groups = channel_groups(_program("coat_lite").graph)
-    assert not [g for g in groups if g.kind == "heads"]
-    parts = [g for g in groups if g.kind == "frozen" and "crpe1.conv_list" in " ".join(m.name for m in g.members)
-             and g.reason.startswith("node 'split' splits 8 channels into parts of [2, 3, 3]")]
-    assert [g.width for g in parts] == [2, 3, 3]
+    # three heads groups sharing one qkv weight, which keep_groups slices once for all three
+    assert heads_of("coat_lite") == [(n, d) for d in (2, 4, 6, 8) for n in (2, 3, 3)]
+    program = _program("coat_lite")
+    groups = [g for g in channel_groups(program.graph) if g.kind == "heads"]
+    cuts = [(g, list(range(0, g.width, 2))) for g in groups]
+    zeroed, pruned = copy.deepcopy(program.graph), copy.deepcopy(program.graph)
+    zero_groups(zeroed, cuts)
+    keep_groups(pruned, cuts)
+    images = torch.randn(2, *program.example().shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(images), zeroed(images), atol=1e-5, rtol=0)
+    assert pruned.get_submodule("serial_blocks1.0.factoratt_crpe.qkv").out_features == 3 * 2 * (1 + 2 + 2)
 
 
-@pytest.mark.parametrize("name", ["twins_svt", "samvit", "vit_srelpos", "swinv2", "hf_swinv2", "tiny_vit"])
+@pytest.mark.parametrize("name", ["twins_svt", "samvit", "vit_srelpos", "swinv2", "hf_swinv2", "tiny_vit",
+                                  "coat_lite"])
 def test_head_prune_cuts_the_heads_found(name):
     from tests.passes.test_zoo import macs, run
 

@@ -87,29 +87,39 @@ def macs(program: Program) -> int:
 
 @functools.cache
 def row(name: str) -> tuple[str, ...]:
+    """The model's cells: each pass alone (the two token passes in one cell when they say the same), then
+    head_prune and ffn_prune together."""
     program = loaded(name)
-    before, cells = macs(program), []
+    before = macs(program)
+    cells = {}
     for pass_name in PASS_PARAMS:
         after, said = run(program, pass_name)
         if after is None:
-            cells.append(_short(said))
+            cells[pass_name] = _short(said)
         elif after is program:
-            cells.append(f"as is: {_short(said)}" if said else "as is")
+            cells[pass_name] = f"as is: {_short(said)}" if said else "as is"
         else:
-            cells.append(f"−{100 * (1 - macs(after) / before):.0f}%")
+            cells[pass_name] = f"−{100 * (1 - macs(after) / before):.0f}%"
+    slim, merge = cells.pop("patch_slim"), cells.pop("token_merge")
+    tokens = slim if slim == merge else f"{slim} / {merge}"
     heads = run(program, "head_prune")[0]
     both = heads and run(heads, "ffn_prune")[0]
     cut = f"−{100 * (1 - macs(both) / before):.0f}%" if both is not None else "—"
-    return (name, "yes" if program.structure is not None else "no", *cells, cut)
+    return (name, "yes" if program.structure is not None else "no", *cells.values(), tokens, cut)
 
 
 def _short(message: str) -> str:
-    """The reason, without the pass's name and node numbering that says nothing to a reader."""
+    """The reason in a table cell: without the pass's name and what every refusal of its kind repeats."""
     message = re.sub(r"(: )?pass \w+:? ", r"\1", message.splitlines()[0])
-    return message.replace("|", "/")[:110] + ("…" if len(message) > 110 else "")
+    for said in ("cannot change this model's token count: ", "cannot drop patches: ", "cannot merge tokens: ",
+                 "the graph has no attention heads to remove; the model is left as it is"):
+        message = message.replace(said, "no attention heads in the graph" if said.startswith("the graph") else "")
+    message = message.replace("|", "/")
+    return message[:90] + ("…" if len(message) > 90 else "")
 
 
-HEADER = ("model", "recognised", *PASS_PARAMS, "head + ffn at 0.5")
+HEADER = ("model", "recognised", "head_prune", "ffn_prune", "block_skip", "patch_slim / token_merge",
+          "head + ffn at 0.5")
 
 
 def table() -> str:

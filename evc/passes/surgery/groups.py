@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -26,19 +27,33 @@ def keep_groups(gm: fx.GraphModule, cuts: Cuts) -> None:
     """Keep only the given channels of each group, in place: parameters and buffers sliced, the modules
     holding them told their new widths, reshape and split sizes rewritten."""
     deltas: dict[tuple[str, int | str], int] = defaultdict(int)
-    owners = set()
-    for group, keep in cuts:
-        for member in group.members:
-            index = torch.as_tensor(group.kept(member, keep), dtype=torch.long)
-            _replace(gm, member.name, _tensor(gm, member.name).detach().index_select(member.dim, index).clone())
-            owners.add(member.name.rpartition(".")[0])
-        for constant in group.constants:  # sizes shared by several groups change by each one's share
-            deltas[constant.node, constant.arg] += constant.per_channel * (len(keep) - group.width)
+    for constant, delta in _size_changes(cuts):  # sizes shared by several groups change by each one's share
+        deltas[constant.node, constant.arg] += delta
+    for (name, dim), kept in _kept_along(cuts).items():  # an axis several groups share is sliced once
+        index = torch.as_tensor(kept.nonzero()[0], dtype=torch.long)
+        _replace(gm, name, _tensor(gm, name).detach().index_select(dim, index).clone())
     for (where, arg), delta in deltas.items():
         _resize(gm, where, arg, delta)
-    for owner in owners:
+    for owner in {name.rpartition(".")[0] for name, _ in _kept_along(cuts)}:
         _widths_from_weights(gm.get_submodule(owner))
     gm.recompile()
+
+
+def _size_changes(cuts: Cuts):
+    for group, keep in cuts:
+        for constant in group.constants:
+            yield constant, constant.per_channel * (len(keep) - group.width)
+
+
+def _kept_along(cuts: Cuts) -> dict[tuple[str, int], np.ndarray]:
+    """{(tensor, axis): which of its indices stay}, every group's cut applied."""
+    kept: dict[tuple[str, int], np.ndarray] = {}
+    for group, keep in cuts:
+        for member in group.members:
+            mask = kept.setdefault((member.name, member.dim), np.ones(member.width, dtype=bool))
+            channel = group.channels[member]
+            mask &= (channel < 0) | np.isin(channel, np.asarray(keep, dtype=int))
+    return kept
 
 
 def zero_groups(gm: fx.GraphModule, cuts: Cuts) -> None:
