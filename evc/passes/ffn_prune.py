@@ -76,13 +76,9 @@ def _by_structure(program, params, ctx):
 def _by_groups(program, params, ctx):
     """FFN units found from the graph's pruning groups: a model evc does not recognise."""
     from evc.passes._importance import top
-    from evc.passes.grouped import candidates, group_scores, pruned
+    from evc.passes.grouped import pruned, ranked
 
-    groups = candidates(program, "units", ctx)
-    if not groups:
-        return program
-    keep = ctx.per_layer("keep", len(groups))
-    scores = group_scores(program, groups, params["score"], ctx, params["data"])
+    groups, keep, scores = ranked(program, "units", params, ctx)
     return pruned(program, [(g, top(s, width(k, g.width, params["round_to"])))
                             for g, s, k in zip(groups, scores, keep)])
 

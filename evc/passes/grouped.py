@@ -2,7 +2,7 @@
 
     program = structure_first(program, params, ctx, by_structure, by_groups)
     groups = candidates(program, "heads", ctx)       # [] with a warning where the graph has none
-    scores = group_scores(program, groups, "l1", ctx, data=None)
+    groups, keep, scores = ranked(program, "heads", params, ctx)   # with each group's keep and channel scores
     program = pruned(program, [(group, kept), ...])  # checked against the same channels zeroed
 
 A recognised ViT keeps the passes' own surgery, so it keeps the same units
@@ -54,6 +54,15 @@ def candidates(program, kind: str, ctx) -> list:
     why = f"; frozen: {'; '.join(frozen[:3])}" if frozen else ""
     raise ctx.error("keep", f"nothing in this model can be pruned: its graph has no attention heads and no "
                             f"FFN hidden units that can be removed safely{why}")
+
+
+def ranked(program, kind: str, params: dict, ctx) -> tuple[list, tuple, list[np.ndarray]]:
+    """The candidate groups of `kind`, the pass's `keep` for each, and a score per channel of each."""
+    groups = candidates(program, kind, ctx)
+    if not groups:
+        return [], (), []
+    return groups, ctx.per_layer("keep", len(groups)), group_scores(program, groups, params["score"], ctx,
+                                                                     params["data"])
 
 
 def group_scores(program, groups: list, score: str, ctx, data: str | None) -> list[np.ndarray]:

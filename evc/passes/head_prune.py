@@ -92,13 +92,11 @@ def _by_structure(program, params, ctx):
 def _by_groups(program, params, ctx):
     """Heads found from the graph's pruning groups: a model evc does not recognise."""
     from evc.passes._importance import top
-    from evc.passes.grouped import candidates, group_scores, pruned
+    from evc.passes.grouped import pruned, ranked
 
-    groups = candidates(program, "heads", ctx)
+    groups, keep, scores = ranked(program, "heads", params, ctx)
     if not groups:
         return program
-    keep = ctx.per_layer("keep", len(groups))
-    scores = group_scores(program, groups, params["score"], ctx, params["data"])
     if params["scope"] == "global":
         kept = _global_choice(scores, keep[0], params["min_heads"])
     else:

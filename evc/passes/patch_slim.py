@@ -149,8 +149,8 @@ def slimmed(program, kept: list[int], score: str, fuse: bool, ctx, graph=None):
             raise ctx.error("keep", f"block {block.index}: block {before.index} has no attention to rank "
                                     "patches by, so no patch can be dropped there")
         stream = (before.mlp or before.attn).residual
-        edits.append(partial(_slim, attn=before.attn, stream=stream, prefix=prefix, patches=coming, keep=k,
-                             dim=structure.embed_dim, fuse=fuse, score=score))
+        edits.append(partial(_slim, scores=(before.attn.score_node,), stream=stream, prefix=prefix, patches=coming,
+                             keep=k, dim=structure.embed_dim, fuse=fuse, score=score))
     if graph is not None:
         for edit in edits:
             edit(graph)
@@ -159,19 +159,15 @@ def slimmed(program, kept: list[int], score: str, fuse: bool, ctx, graph=None):
     return rewritten(program, edits)
 
 
-def _slim(gm, attn, stream, prefix, patches, keep, dim, fuse, score):
-    from evc.passes.surgery import attention_probs
-
-    _slim_by(gm, [attention_probs(gm, attn)], stream, prefix, patches, keep, dim, fuse, score)
-
-
-def _slim_by(gm, probs, stream, prefix, patches, keep, dim, fuse, score):
-    """Drop patches from the stream leaving node `stream`, ranked by the attention maps `probs` summed."""
+def _slim(gm, scores, stream, prefix, patches, keep, dim, fuse, score):
+    """Drop patches from the stream leaving node `stream`, ranked by the attention maps of the score nodes
+    `scores` summed (a parallel block has two)."""
     import operator
 
     from evc.passes import tokens
-    from evc.passes.surgery import node_named, reroute
+    from evc.passes.surgery import node_named, probs_at, reroute
 
+    probs = [probs_at(gm, name) for name in scores]
     rank = tokens.class_attention if score == "cls_attention" else tokens.mean_attention
     stream = node_named(gm, stream)
     total = probs[0]
@@ -198,17 +194,9 @@ def _on_stream(program, params, ctx):
     first = blocks[0].tokens - stream.prefix
     kept = counts(first, (1.0, *ctx.per_layer("keep", len(blocks))[1:]), fuse, 0 if stream.prefix else 1)
     return rewritten(program, [
-        partial(_slim_on_graph, scores=blocks[b.index - 1].scores, stream=b.entry, prefix=stream.prefix,
+        partial(_slim, scores=blocks[b.index - 1].scores, stream=b.entry, prefix=stream.prefix,
                 patches=coming, keep=k, dim=stream.dim, fuse=fuse, score=params["score"])
         for b, k, coming in zip(blocks, kept, entering(first, kept, fuse)) if b.index and k < coming])
-
-
-def _slim_on_graph(gm, scores, **slim):
-    from evc.ir.view import is_sdpa
-    from evc.passes.surgery import node_named, spell_out_attention
-
-    probs = [node_named(gm, name) for name in scores]
-    _slim_by(gm, [spell_out_attention(gm, p) if is_sdpa(p) else p for p in probs], **slim)
 
 
 def search(program, params, ctx, first: int) -> list[int]:

@@ -78,13 +78,13 @@ class Block:
 
 def _merge(gm, plan, cls: bool, distill: bool, proportional: bool) -> None:
     """Merge in every block, carrying each token's size from block to block."""
-    from evc.passes.surgery import add_attention_bias, inline, node_named, reroute
+    from evc.passes.surgery import add_attention_bias, inline, node_named, probs_at, reroute
 
     size = None
     for block, r, count in plan:
         if size is None and r == 0 or not block.scores:
             continue
-        probs = [_probs(gm, node_named(gm, name)) for name in block.scores]
+        probs = [probs_at(gm, name) for name in block.scores]
         key_t = _keys(gm, probs, f"block {block.index}")  # found before a bias joins the logits
         if size is not None and proportional:
             for p in probs:
@@ -93,14 +93,6 @@ def _merge(gm, plan, cls: bool, distill: bool, proportional: bool) -> None:
             continue
         merger = _merger(count, r, cls, distill, first=size is None)
         _, size = reroute(gm, node_named(gm, block.attn_add), merger, [key_t] if size is None else [key_t, size])
-
-
-def _probs(gm, node):
-    """The softmax of an attention, scaled_dot_product_attention spelled out first."""
-    from evc.ir.view import is_sdpa
-    from evc.passes.surgery import spell_out_attention
-
-    return spell_out_attention(gm, node) if is_sdpa(node) else node
 
 
 def _keys(gm, probs, where: str):

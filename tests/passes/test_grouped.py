@@ -86,14 +86,6 @@ def test_head_and_ffn_prune_keep_half_of_each_group_and_cut_macs(family):
     assert summarize(after.graph, None, after.example()).total.macs < 0.8 * before_macs
 
 
-def test_keep_one_leaves_the_model_as_it_was():
-    program = program_of("parallel")
-    ctx = Ctx()
-    ctx.per_layer = lambda key, depth: (1.0,) * depth
-    assert head_prune._by_groups(program, HEADS, ctx) is program
-    assert ffn_prune._by_groups(program, UNITS, ctx) is program
-
-
 def test_a_model_without_heads_keeps_its_heads_and_says_so():
     ctx = Ctx()
     program = program_of("metaformer")

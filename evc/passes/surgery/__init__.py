@@ -19,6 +19,7 @@ from evc.passes.surgery.graph import (
     features,
     inline,
     node_named,
+    probs_at,
     reroute,
     sharing_weights,
     spell_out_attention,
@@ -38,6 +39,6 @@ from evc.passes.surgery.widths import (
 
 __all__ = [
     "add_attention_bias", "attention_keys", "attention_probs", "copy_graph", "features", "head_rows", "hidden_rows",
-    "inline", "keep_cols", "keep_heads", "keep_hidden", "keep_rows", "node_named", "reroute", "rewritten",
+    "inline", "keep_cols", "keep_heads", "keep_hidden", "keep_rows", "node_named", "probs_at", "reroute", "rewritten",
     "set_submodule", "sharing_weights", "skip_sublayer", "spell_out_attention",
 ]

@@ -11,12 +11,11 @@ import operator
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from evc.errors import InputError
 from evc.ir.structure import Attention
-from evc.ir.view import node_shape
+from evc.ir.view import is_sdpa, node_shape
 
 
 def inline(gm: fx.GraphModule, fn: Callable, inputs: Sequence[fx.Node], after: fx.Node):
@@ -45,10 +44,15 @@ def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
 
 
 def attention_probs(gm: fx.GraphModule, attn: Attention) -> fx.Node:
-    """The softmax node of `attn`'s weights, (B, heads, N, N); a fused
-    scaled_dot_product_attention is first spelled out as MatMul and Softmax."""
-    node = node_named(gm, attn.score_node)
-    return spell_out_attention(gm, node) if node.target is F.scaled_dot_product_attention else node
+    """The softmax node of `attn`'s weights, (B, heads, N, N)."""
+    return probs_at(gm, attn.score_node)
+
+
+def probs_at(gm: fx.GraphModule, score: str) -> fx.Node:
+    """The softmax node of the attention whose score node is `score` (a softmax, or a fused
+    scaled_dot_product_attention, first spelled out as MatMul and Softmax)."""
+    node = node_named(gm, score)
+    return spell_out_attention(gm, node) if is_sdpa(node) else node
 
 
 def spell_out_attention(gm: fx.GraphModule, node: fx.Node) -> fx.Node:

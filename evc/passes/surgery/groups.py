@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from evc.ir.groups import Group
+from evc.ir.prunable import tensor_of
 
 Cuts = Sequence[tuple[Group, Sequence[int]]]
 
@@ -29,12 +30,13 @@ def keep_groups(gm: fx.GraphModule, cuts: Cuts) -> None:
     deltas: dict[tuple[str, int | str], int] = defaultdict(int)
     for constant, delta in _size_changes(cuts):  # sizes shared by several groups change by each one's share
         deltas[constant.node, constant.arg] += delta
-    for (name, dim), kept in _kept_along(cuts).items():  # an axis several groups share is sliced once
-        index = torch.as_tensor(kept.nonzero()[0], dtype=torch.long)
-        _replace(gm, name, _tensor(gm, name).detach().index_select(dim, index).clone())
+    kept = _kept_along(cuts)
+    for (name, dim), mask in kept.items():  # an axis several groups share is sliced once
+        index = torch.as_tensor(mask.nonzero()[0], dtype=torch.long)
+        _replace(gm, name, tensor_of(gm, name).detach().index_select(dim, index).clone())
     for (where, arg), delta in deltas.items():
         _resize(gm, where, arg, delta)
-    for owner in {name.rpartition(".")[0] for name, _ in _kept_along(cuts)}:
+    for owner in {name.rpartition(".")[0] for name, _ in kept}:
         _widths_from_weights(gm.get_submodule(owner))
     gm.recompile()
 
@@ -59,16 +61,8 @@ def _kept_along(cuts: Cuts) -> dict[tuple[str, int], np.ndarray]:
 def zero_groups(gm: fx.GraphModule, cuts: Cuts) -> None:
     """Zero, in place, the channels `keep_groups` would remove."""
     with torch.no_grad():
-        for group, keep in cuts:
-            for member in group.members:
-                removed = torch.ones(member.width, dtype=torch.bool)
-                removed[torch.as_tensor(group.kept(member, keep), dtype=torch.long)] = False
-                _tensor(gm, member.name).index_fill_(member.dim, torch.nonzero(removed).flatten(), 0.0)
-
-
-def _tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
-    owner, _, leaf = name.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+        for (name, dim), mask in _kept_along(cuts).items():
+            tensor_of(gm, name).index_fill_(dim, torch.as_tensor((~mask).nonzero()[0], dtype=torch.long), 0.0)
 
 
 def _replace(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
