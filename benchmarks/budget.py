@@ -1,81 +1,156 @@
-"""A budget's searched allocation against uniform keep ratios and Torch-Pruning's global pruning, on the digits ViT.
+"""A budget's allocation, judged after recovery, against uniform ratios and Torch-Pruning's global pruning.
 
     .venv/bin/python examples/digits/prepare.py           # data/ and digits_vit.safetensors, once
     .venv/bin/pip install -r benchmarks/requirements.txt  # Torch-Pruning, benchmark only
-    .venv/bin/python benchmarks/budget.py [--epochs 10]   # about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/budget.py [--seeds 5] [--epochs 10] [--tasks digits textures] [--budgets 0.5 0.35]
+    .venv/bin/python benchmarks/budget.py --latency-only  # the latency budget on the CPU alone
 
-The digits ViT (examples/digits: 6 blocks of 3 heads, width 96, MLP 384,
-32×32, trained on scikit-learn's digits) at half its MACs, three ways:
+Two tasks, each a ViT of 6 blocks of 3 heads, width 96, MLP 384, at 32×32 in patches of 4:
 
-    evc budget      `budget { macs = 50%, data = train }` with head_prune and
-                    ffn_prune by Taylor scores on train, keep left to the search
-    evc budget +    the same with `patch_slim { }` before them, its kept
-      patches       patches (64 at first) left to the search too
-    uniform         the same passes with one keep for every block: 2 of 3
-                    heads, and the MLP share that brings the MACs to 50%
-                    (bisected, the largest at or under it)
-    Torch-Pruning   its MetaPruner, global pruning with GroupMagnitudeImportance
-                    (its ViT recipe: whole heads and channels, the head layer
-                    ignored), the ratio bisected to 50% of the MACs
+    digits      examples/digits: scikit-learn's handwritten digits, the model prepare.py trains
+    textures    made here: 10 classes of noisy textures (gratings at 4 angles and 2 frequencies,
+                checkerboards, dots), 120 training and 30 validation images per class, and the same
+                ViT trained on them here (15 epochs)
 
-Each is then finetuned the same way, by evc's engine (evc.passes.train.distill:
-10 epochs, lr 5e-4, batch 64, KD alpha 0.9 from the model as trained, no
-augmentation), once per seed (`--seeds`, 3), and scored on the 359
-validation images: the mean, and the least and most. MACs are counted by
-evc (torch.utils.flop_counter with its attention formula) on every model.
+at each budget (half and 35% of the MACs), three ways:
 
-Then a latency budget on the CPU: `budget { latency = 60%, on = cpu }` built
-with a cpu target at 1 thread; its bundle's timing of the chosen model
-against the budget.
+    evc budget      `budget { macs = B, data = train }` with head_prune and ffn_prune by Taylor scores on
+                    train, keep left to the search, and the finetune below after them: the search judges
+                    its candidates by a short run of that finetune (evc.passes.recovery)
+    uniform         the same passes with one keep for every block: heads at the share nearest the budget
+                    (2/3 at 50%, 1/3 at 35%), and the largest MLP width within the budget (bisected)
+    Torch-Pruning   its MetaPruner, global pruning with GroupMagnitudeImportance (its ViT recipe: whole
+                    heads and channels, the head layer ignored), the ratio bisected to the budget
+
+Each is then finetuned alike by evc's engine (evc.passes.train.distill: `--epochs`, lr 5e-4, batch 64, KD
+alpha 0.9 from the model as trained, no augmentation), once per seed (`--seeds`: the data's order), and
+scored on the validation images: mean ± standard deviation over the seeds. The search runs once per task
+and budget, with the finetune's seed 0. MACs are counted by evc on every model.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import platform
 import re
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
+sys.path.insert(0, str(DIGITS))
+
+import prepare  # noqa: E402
 
 from evc.cache import Cache  # noqa: E402
-from evc.driver import Stages, compile_model  # noqa: E402
-from evc.ir import summarize  # noqa: E402
+from evc.context import PassContext  # noqa: E402
+from evc.driver import Stages  # noqa: E402
+from evc.ir.macs import summarize  # noqa: E402
 from evc.ir.program import Program  # noqa: E402
 from evc.model.data import dataset  # noqa: E402
+from evc.passes.budget import search  # noqa: E402
 from evc.passes.train import Recipe, distill, top1  # noqa: E402
 from evc.progress import Progress  # noqa: E402
+from evc.registry import PASSES  # noqa: E402
 from evc.spec.check import parse_and_check  # noqa: E402
 
-TARGET = 0.5
-PASSES = """    head_prune { KEEP_Hscore = taylor, data = train }
+PASSES_TEXT = """    head_prune { KEEP_Hscore = taylor, data = train }
     ffn_prune  { KEEP_Uscore = taylor, data = train, round_to = 8 }"""
+FINETUNE = "    finetune   {{ data = train, epochs = {epochs}, lr = 5e-4, batch = 64, alpha = 0.9, augment = none }}"
+TEXTURES_SPEC = """evc 1
+model textures_vit {
+    source  = timm("vit_tiny_patch16_224", img_size = 32, patch_size = 4, embed_dim = 96, depth = 6,
+                   num_heads = 3, num_classes = 10)
+    input   = image(32, 32, mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225], crop_pct = 1.0)
+    weights = "textures_vit.safetensors"
+}
+data train { images = "data/train" }
+data val   { images = "data/val" }
+compress {
+}
+target cpu { device = cpu, format = onnx }
+"""
 
 
-def spec(compress: str, extra: str = "") -> str:
-    """digits.evc with another compress block (and no finetune: every way is finetuned alike, afterwards)."""
-    text = (DIGITS / "digits.evc").read_text()
-    text = re.sub(r"compress \{.*?\n\}\n", "compress {\n" + compress + "\n}\n", text, flags=re.S)
-    return text + extra
+def textures(root: Path, per_class: int = 150, seed: int = 0) -> None:
+    """10 classes of 32×32 textures, each image with its own phase, frequency, contrast, tint and noise:
+    gratings at 0, 45, 90 and 135 degrees at a low and a high frequency, checkerboards and dots."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
+    for label in range(10):
+        for i in range(per_class):
+            phase, contrast = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 1.0)
+            if label < 8:
+                angle = np.pi / 4 * (label % 4) + rng.normal(0, 0.12)
+                frequency = (0.12 if label < 4 else 0.3) * rng.uniform(0.8, 1.25)
+                value = np.sin(2 * np.pi * frequency * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+            elif label == 8:
+                size = rng.uniform(3, 6)
+                value = np.sign(np.sin(np.pi * (x + phase) / size) * np.sin(np.pi * (y + phase) / size))
+            else:
+                value = -np.ones_like(x)
+                for cx, cy in rng.uniform(0, 32, (rng.integers(4, 10), 2)):
+                    value[(x - cx) ** 2 + (y - cy) ** 2 < rng.uniform(2, 9)] = 1
+            gray = 0.5 + 0.5 * contrast * value + rng.normal(0, 0.35, value.shape)
+            rgb = np.clip(gray[..., None] * rng.uniform(0.6, 1.0, 3), 0, 1)
+            part = "val" if i < per_class // 5 else "train"
+            folder = root / "data" / part / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((rgb * 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
 
 
-def compiled(text: str, work: Path, name: str):
-    path = DIGITS / f".bench_{name}.evc"  # beside digits.evc: its paths are relative to it
+def task(name: str, work: Path) -> Path:
+    """The task's spec: digits.evc, or the textures task written and its ViT trained under `work`."""
+    if name == "digits":
+        if not (DIGITS / "digits_vit.safetensors").exists():
+            raise SystemExit("run examples/digits/prepare.py first")
+        return DIGITS / "digits.evc"
+    folder = work / "textures"
+    textures(folder)
+    torch.manual_seed(0)
+    model = prepare.digits_vit()
+    start = time.perf_counter()
+    prepare.train(model, *prepare.read_folder(folder / "data" / "train"), epochs=15)
+    print(f"textures: the ViT trained in {time.perf_counter() - start:.0f} s, val top-1 "
+          f"{prepare.top1(model, *prepare.read_folder(folder / 'data' / 'val')):.2%}", file=sys.stderr)
+    prepare.save_file(model.state_dict(), folder / "textures_vit.safetensors")
+    (folder / "textures.evc").write_text(TEXTURES_SPEC)
+    return folder / "textures.evc"
+
+
+def spec(base: Path, compress: str) -> str:
+    """The task's spec with another compress block, and no evaluate block (each way is scored alike)."""
+    text = re.sub(r"compress \{.*?\n\}\n", "compress {\n" + compress + "\n}\n", base.read_text(), flags=re.S)
+    return re.sub(r"\nevaluate \{[^}]*\}\n", "\n", text)
+
+
+def planned(base: Path, text: str, name: str):
+    path = base.with_name(f".bench_{name}.evc")  # beside the task's spec: its paths are relative to it
     path.write_text(text)
     try:
-        plan = parse_and_check(text, path)
-        return plan, compile_model(plan, Cache(work / ".cache"), Progress())
+        return parse_and_check(text, path)
     finally:
         path.unlink()
+
+
+def compressed(plan, original, passes):
+    """`passes` run on the model as loaded, as a build runs them."""
+    program = original
+    for p in passes:
+        program = PASSES[p.name].plugin.run(program, p.params, PassContext(plan, p, original, "", None, Progress()))
+    return program
 
 
 def macs(module, image) -> int:
@@ -83,22 +158,36 @@ def macs(module, image) -> int:
     return summarize(program.graph, program.structure, program.example()).total.macs
 
 
-def uniform(work: Path, whole: int):
-    """2 of 3 heads everywhere, and the largest MLP share (a multiple of 8 units) at or under the budget,
-    bisected."""
-    low, high, best = 1, 48, None  # in multiples of 8 units, of 384
+def searched(base: Path, original, before: dict, budget: float, epochs: int):
+    """The budget's choice, judged after recovery by the finetune, and the model its passes make (before
+    that finetune); the search's record and seconds."""
+    compress = (f"    budget     {{ macs = {budget:.0%}, data = train }}\n"
+                + PASSES_TEXT.replace("KEEP_H", "").replace("KEEP_U", "") + "\n" + FINETUNE.format(epochs=epochs))
+    plan = planned(base, spec(base, compress), "budget")
+    start = time.perf_counter()
+    passes, record = search(plan, original, before, Progress(), f"bench-{budget}")
+    seconds = time.perf_counter() - start
+    return compressed(plan, original, [p for p in passes if p.name != "finetune"]), record, seconds
+
+
+def uniform(base: Path, original, budget: float, whole: int):
+    """Heads at the share nearest the budget in every block, and the largest MLP width (a multiple of 8 of
+    384) within the budget, bisected."""
+    heads = max(1, math.floor(budget * 3 + 0.5))
+    low, high, best = 1, 48, None
     while low <= high:
         mid = (low + high) // 2
-        compress = PASSES.replace("KEEP_H", "keep = 2/3, ").replace("KEEP_U", f"keep = {8 * mid}/384, ")
-        _, result = compiled(spec(compress), work, "uniform")
-        if result.after["total"]["macs"] <= TARGET * whole:
-            best, low = (8 * mid, result), mid + 1
+        compress = PASSES_TEXT.replace("KEEP_H", f"keep = {heads}/3, ").replace("KEEP_U", f"keep = {8 * mid}/384, ")
+        plan = planned(base, spec(base, compress), "uniform")
+        program = compressed(plan, original, plan.passes)
+        if macs(program.graph, original.input) <= budget * whole:
+            best, low = (f"heads {heads}/3, MLP {8 * mid}/384 in every block", program), mid + 1
         else:
             high = mid - 1
     return best
 
 
-def torch_pruning(model, image, whole: int):
+def torch_pruning(model, image, budget: float, whole: int):
     """Torch-Pruning's global pruning on its ViT recipe, the ratio bisected to the MACs budget."""
     import torch_pruning as tp
 
@@ -120,7 +209,7 @@ def torch_pruning(model, image, whole: int):
     for _ in range(12):
         mid = (low + high) / 2
         m = pruned(mid)
-        if macs(m, image) <= TARGET * whole:
+        if macs(m, image) <= budget * whole:
             best, high = (mid, m), mid
         else:
             low = mid
@@ -128,81 +217,86 @@ def torch_pruning(model, image, whole: int):
 
 
 def finetuned(student, teacher, train_set, val_set, epochs: int, seed: int = 0):
-    torch.manual_seed(seed)
     recipe = Recipe(epochs=epochs, lr=5e-4, batch=64, alpha=0.9, temperature=1.0, device="cpu", seed=seed)
-    result = distill(student, teacher, train_set, recipe)
+    result = distill(student, teacher, train_set, recipe, progress=lambda *_: None)
     return result.student.eval(), top1(result.student.eval(), val_set)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, default=3, help="finetune runs per model, each from its own seed")
+    parser.add_argument("--seeds", type=int, default=5, help="finetune runs per model, each from its own seed")
+    parser.add_argument("--tasks", nargs="+", default=["digits", "textures"], choices=["digits", "textures"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
     parser.add_argument("--latency-only", action="store_true", help="only the latency budget")
     args = parser.parse_args()
     if args.latency_only:
         with tempfile.TemporaryDirectory() as folder:
             latency(Path(folder))
         return
-    if not (DIGITS / "digits_vit.safetensors").exists():
-        raise SystemExit("run examples/digits/prepare.py first")
     lscpu = dict(line.split(":", 1) for line in
                  __import__("subprocess").run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                  if ":" in line)
     print(f"machine: {platform.machine()}, {lscpu.get('Model name', '?').strip()}, "
           f"{len(__import__('os').sched_getaffinity(0))} cores; torch {torch.__version__}, "
-          f"ONNX Runtime {ort.__version__}; finetune {args.epochs} epochs\n")
-    torch.manual_seed(0)
+          f"ONNX Runtime {ort.__version__}; finetune {args.epochs} epochs, {args.seeds} seeds\n")
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        plan = parse_and_check((DIGITS / "digits.evc").read_text(), DIGITS / "digits.evc")
-        original, before = Stages(plan, Cache(work / ".cache"), Progress()).loaded
-        whole = before["total"]["macs"]
-        train_set = dataset(plan.data["train"], original.input)
-        val_set = dataset(plan.data["val"], original.input)
-        teacher = original.graph.eval()
-        rows = [("model as trained", whole, None, top1(teacher, val_set), None, "")]
+        for name in args.tasks:
+            base = task(name, work)
+            plan = parse_and_check(base.read_text(), base)
+            original, before = Stages(plan, Cache(work / ".cache"), Progress()).loaded
+            whole = macs(original.graph, original.input)
+            train_set = dataset(plan.data["train"], original.input)
+            val_set = dataset(plan.data["val"], original.input)
+            teacher = original.graph.eval()
+            for budget in args.budgets:
+                compare(name, base, original, before, teacher, whole, budget, train_set, val_set, args)
+        if "digits" in args.tasks:
+            latency(work)
 
+
+def compare(name, base, original, before, teacher, whole, budget, train_set, val_set, args) -> None:
+    """One task at one budget: the three ways, each finetuned once per seed; a table, and the verdict."""
+    program, record, seconds = searched(base, original, before, budget, args.epochs)
+    judge = record["judge"]
+    rows = [("evc budget (judged after recovery)", program.graph,
+             f"{judge['winner']}: {chosen_text(record)}")]
+    how, flat = uniform(base, original, budget, whole)
+    rows.append(("uniform keep", flat.graph, how))
+    ratio, tp_model = torch_pruning(teacher_module(base), original.input, budget, whole)
+    rows.append(("Torch-Pruning global", tp_model, f"pruning_ratio {ratio:.3f}"))
+    print(f"### {name}, macs = {budget:.0%}\n")
+    print(f"the search: {seconds:.0f} s, {len(judge['candidates'])} candidates judged after {judge['steps']} steps "
+          f"on {judge['held_back']} held-back images:\n")
+    print("| candidate | MACs | held-back loss | held-back top-1 |")
+    print("|---|---|---|---|")
+    for c in judge["candidates"]:
+        mark = " (chosen)" if c["name"] == judge["winner"] else ""
+        top = f"{100 * c['top1']:.2f}%" if c["top1"] is not None else "–"
+        loss = f"{c['loss']:.4f}" if c["loss"] is not None else "not judged"
+        print(f"| {c['name']}{mark} | {c['count'] / 1e6:.2f} M | {loss} | {top} |")
+    print(f"\n| model | MACs | × the model's | top-1 before finetune | top-1 after {args.epochs} epochs, mean ± std "
+          f"of {args.seeds} seeds | what was kept |")
+    print("|---|---|---|---|---|---|")
+    print(f"| model as trained | {whole / 1e6:.2f} M | 1.000 | {100 * top1(teacher, val_set):.2f}% | | |")
+    after = {}
+    for label, model, kept in rows:
+        count = macs(model, original.input)
         start = time.perf_counter()
-        compress = f"    budget {{ macs = {TARGET:.0%}, data = train }}\n" + PASSES.replace("KEEP_H", "").replace(
-            "KEEP_U", "")
-        _, searched = compiled(spec(compress), work, "budget")
-        rows.append(("evc budget (searched)", searched.after["total"]["macs"], searched.program.graph, None, None,
-                     chosen_text(searched.budget)))
-        print(f"searched in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        _, tokens = compiled(spec(compress.replace("    head_prune", "    patch_slim { }\n    head_prune")), work,
-                             "budget_patches")
-        rows.append(("evc budget (heads, units, patches)", tokens.after["total"]["macs"], tokens.program.graph,
-                     None, None, chosen_text(tokens.budget)))
-        units, flat = uniform(work, whole)
-        rows.append(("uniform keep", flat.after["total"]["macs"], flat.program.graph, None, None,
-                     f"heads 2/3, MLP {units}/384 in every block"))
-        ratio, tp_model = torch_pruning(teacher_module(), original.input, whole)
-        rows.append(("Torch-Pruning global", macs(tp_model, original.input), tp_model, None, None,
-                     f"pruning_ratio {ratio:.3f}"))
-
-        table = []
-        for name, count, model, accuracy, _, how in rows:
-            if model is None:
-                table.append((name, count, accuracy, accuracy, how))
-                continue
-            before_ft = top1(model, val_set)
-            start = time.perf_counter()
-            after_ft = [finetuned(copy.deepcopy(model), teacher, train_set, val_set, args.epochs, seed)[1]
-                        for seed in range(args.seeds)]
-            print(f"{name}: finetuned {args.seeds}x in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-            table.append((name, count, before_ft, after_ft, how))
-
-        print(f"| model | MACs | × the model's | top-1 before finetune | top-1 after {args.epochs} epochs, mean "
-              f"of {args.seeds} seeds (least–most) | what was kept |")
-        print("|---|---|---|---|---|---|")
-        for name, count, before_ft, after_ft, how in table:
-            after_ft = after_ft if isinstance(after_ft, list) else [after_ft]
-            print(f"| {name} | {count / 1e6:.2f} M | {count / whole:.3f} | {100 * before_ft:.2f}% "
-                  f"| {100 * sum(after_ft) / len(after_ft):.2f}% ({100 * min(after_ft):.2f}–{100 * max(after_ft):.2f}) "
-                  f"| {how} |")
-
-        latency(work)
+        scores = [finetuned(copy.deepcopy(model), teacher, train_set, val_set, args.epochs, seed)[1]
+                  for seed in range(args.seeds)]
+        print(f"{name} {budget:.0%} {label}: finetuned {args.seeds}x in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr)
+        after[label] = scores
+        print(f"| {label} | {count / 1e6:.2f} M | {count / whole:.3f} | {100 * top1(model, val_set):.2f}% "
+              f"| {100 * statistics.mean(scores):.2f} ± {100 * statistics.stdev(scores):.2f}% | {kept} |")
+    ours, flat_ = after[rows[0][0]], after["uniform keep"]
+    difference = statistics.mean(ours) - statistics.mean(flat_)
+    error = math.sqrt(statistics.variance(ours) / len(ours) + statistics.variance(flat_) / len(flat_))
+    verdict = "met" if difference > error else "not met"
+    print(f"\nsearched − uniform: {100 * difference:+.2f} points, standard error of the difference "
+          f"{100 * error:.2f}: goal (more than one standard error above uniform) {verdict}\n", flush=True)
 
 
 def chosen_text(record: dict) -> str:
@@ -211,13 +305,13 @@ def chosen_text(record: dict) -> str:
     return "; ".join(f"{c['pass']} {fragment(c)}" for c in record["chosen"])
 
 
-def teacher_module():
-    """The digits ViT as timm builds it, with the trained weights: what Torch-Pruning prunes."""
+def teacher_module(base: Path):
+    """The task's ViT as timm builds it, with the trained weights (`<task>_vit.safetensors` beside its spec):
+    what Torch-Pruning prunes."""
+    model = prepare.digits_vit()
     from safetensors.torch import load_file
 
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=6,
-                              num_heads=3, num_classes=10)
-    model.load_state_dict(load_file(DIGITS / "digits_vit.safetensors"))
+    model.load_state_dict(load_file(base.with_name(f"{base.stem}_vit.safetensors")))
     return model.eval()
 
 
@@ -226,8 +320,8 @@ def latency(work: Path) -> None:
     import json
     import subprocess
 
-    text = spec("    budget { latency = 60%, on = cpu, data = train }\n" + PASSES.replace("KEEP_H", "").replace(
-        "KEEP_U", ""))
+    text = spec(DIGITS / "digits.evc", "    budget { latency = 60%, on = cpu, data = train }\n"
+                + PASSES_TEXT.replace("KEEP_H", "").replace("KEEP_U", ""))
     text = re.sub(r"target cpu \{.*?\n\}\n", "target cpu {\n    device = cpu\n    format = onnx\n    threads = 1\n"
                                              "    runs = 100\n}\n", text, flags=re.S)
     text = re.sub(r"\ntarget phone \{.*?\n\}\n", "\n", text, flags=re.S)

@@ -56,6 +56,7 @@ class PassInfo(Info):
     knob_timed: bool = True  # a latency table prices what the budget chooses in it
     grid: str | None = None  # the axis a latency grid varies with it (Gridded), or None
     splits: bool = False  # it splits the model into parts (Splitting)
+    recovers: bool = False  # it trains the model back towards the one loaded (Recovering)
 
     @property
     def knob(self):

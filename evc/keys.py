@@ -68,8 +68,10 @@ def derive(plan) -> Keys:
     if plan.budget is not None:  # what the searched passes' keep follows from
         searched = [p for p in plan.passes if p.params.get("keep") is None]
         timed_on = [t for t in plan.targets if t.name == plan.budget.params.get("on")]  # a latency budget's
+        judged = [[data_identity(plan.data[d]) for d in data_refs(PASSES[p.name].params, p.params)]
+                  for p in plan.passes]  # a candidate trained by recovery reads the finetune's images
         budget = key = stage_key("budget", key, plan.budget, data_identity(plan.data[plan.budget.params["data"]]),
-                                 searched, timed_on)
+                                 searched, timed_on, judged)
     for p in plan.passes:
         declared = PASSES[p.name].params
         data = {name: data_identity(plan.data[name]) for name in data_refs(declared, p.params)}

@@ -233,6 +233,7 @@ PASSES = (
         module='evc.passes.finetune',
         help='Recover accuracy by knowledge distillation from the uncompressed model.',
         has_check=True,
+        recovers=True,
     ),
     PassInfo(
         name='head_prune',

@@ -29,6 +29,10 @@ class Progress:
         self.console.print(f"  epoch {record.epoch}/{epochs}  loss {record.loss:.4f}{top1}  "
                            f"{record.samples_per_s:,.0f} images/s  {minutes}:{seconds:02d} left", highlight=False)
 
+    def note(self, message: str) -> None:
+        """One line of a long stage's progress, as each of its items is done (a budget's candidates)."""
+        self.console.print(message, highlight=False, markup=False)
+
     def warn(self, message: str) -> None:
         """Print a warning once per build."""
         if message not in self._warned:

@@ -14,7 +14,7 @@ parameters, on a class that implements its contract.
 
 The first line of the class's docstring is its help in `evc explain` and the
 README. What a plug-in can do beyond its contract is declared by the
-capabilities it inherits (`Gridded`, `Splitting`, `Runtime`, `Placement`,
+capabilities it inherits (`Gridded`, `Splitting`, `Recovering`, `Runtime`, `Placement`,
 `Export`, `RemoteBench`, `RemoteTimed`, `BoardTimed`), never probed; how a
 budget searches a pass is its `knob`. A registration that breaks the contract fails at import.
 
@@ -68,6 +68,16 @@ class Splitting(ABC):
     @abstractmethod
     def each_part(self, program, plugin, params: dict, ctx, whole):
         """`plugin` run with `params` on every part of `program`; `whole` is the model this pass split."""
+
+
+class Recovering(ABC):
+    """Capability of a pass: it trains the model it is given back towards the one loaded (finetune). A budget
+    judged by recovery gives every candidate allocation a short run of the recipe it returns."""
+
+    @abstractmethod
+    def recovery(self, program, params: dict, ctx):
+        """The recipe this pass would train `program` with: an evc.passes.train.Run (its teacher, its
+        images and its Recipe, the learning rate fitted to `program` where the spec asks for it)."""
 
 
 class Format(ABC):
@@ -237,7 +247,8 @@ def register_pass(name: str, *params: Param, check: Callable | None = None, excl
                          excludes=dict(excludes or {}), knob_keys=tuple(knob.keys) if knob else (),
                          knob_timed=bool(knob.timed) if knob else True,
                          grid=cls.axis if isinstance(cls, type) and issubclass(cls, Gridded) else None,
-                         splits=isinstance(cls, type) and issubclass(cls, Splitting))(cls)
+                         splits=isinstance(cls, type) and issubclass(cls, Splitting),
+                         recovers=isinstance(cls, type) and issubclass(cls, Recovering))(cls)
 
     return decorate
 

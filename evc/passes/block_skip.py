@@ -29,6 +29,7 @@ class Skips(Knob):
 
     keys = ("attn", "mlp", "blocks", "count")
     timed = False  # nor a block left half
+    ratio = False  # uniform ratios leave it whole: the sensitivity allocation chooses it
     LIST = {"attn": "attn", "mlp": "mlp", "block": "blocks"}
 
     def groups(self, program, plan):

@@ -89,15 +89,32 @@ def search(plan, program, before: dict, progress, budget_key: str, latency_table
         return {**total, "latency": table.predict(program_.structure)} if table else total
 
     shown = f"{target:.3g}ms" if table else f"{target / 1e6:.4g}M"
+    searcher = Search(program, list(plan.passes), metric, target, images, run_pass, count, probe_pass)
     with progress.stage(f"budget {metric} = {shown}: sensitivity of each block, then the search"):
         try:
-            passes, _, record = Search(program, list(plan.passes), metric, target, images, run_pass, count,
-                                       probe_pass).run()
+            passes, _, record = searcher.run()
         except BudgetTooSmall as e:
             raise plan.error(plan.budget.spans.get(metric), f"budget: {e}") from None
+    if judged_by_recovery(plan):
+        from evc.passes.recovery import judged
+
+        best, record["judge"] = judged(searcher, plan, program, progress)
+        passes = best.passes
+        record.update(reached=best.count, chosen=searcher.record_of(best.widths))
+    else:
+        record["judge"] = {"by": "divergence"}
     if table:
         record.update(on=params["on"], table=table.to_dict(), loaded_ms=whole)
     return tuple(passes), record
+
+
+def judged_by_recovery(plan) -> bool:
+    """Whether the budget judges its candidates after recovery: `judge = recovery`, or `auto` with a finetune
+    after the searched passes."""
+    from evc.spec.plan import recovering
+
+    judge = plan.budget.params.get("judge", "auto")
+    return judge == "recovery" or (judge == "auto" and recovering(plan.passes) is not None)
 
 
 class Probe(PassContext):
@@ -295,20 +312,33 @@ class Search:
         values = PASSES[plan.name].knob.values(plan, shares, self.program.structure.depth)
         return replace(plan, params={**plan.params, **values})
 
-    def compress(self, passes):
+    def set_widths(self, widths: dict[int, int]) -> None:
+        """Every group at the width `widths` gives it (by the group's id)."""
+        for group in self.groups:
+            group.width = widths[id(group)]
+
+    def compress(self, passes, probe: bool = False):
+        """The passes run on the model, but those that train it back (finetune), which change no count; with
+        `probe`, scoring on the budget's images (enough for a count)."""
         program = self.program
         for plan in passes:
-            program = self.run_pass(program, plan)
+            if not PASSES[plan.name].recovers:
+                program = (self.probe_pass if probe and self.probe_pass else self.run_pass)(program, plan)
         return program
+
+    def record_of(self, widths: dict[int, int] | None = None) -> list[dict]:
+        """Each searched pass's keys for `widths` (the chosen ones when None), as a spec and a lock write them."""
+        if widths is not None:
+            self.set_widths(widths)
+        depth = self.program.structure.depth
+        return [{"pass": self.passes[index].name, "index": index,
+                 **PASSES[self.passes[index].name].knob.record(self.passes[index], shares, depth)}
+                for index, shares in sorted(self.chosen().items())]
 
     def record(self, rounds: list[float], total: float) -> dict:
         """What the manifest keeps: the budget, what was reached, and each searched pass's keep to pin."""
-        depth = self.program.structure.depth
-        chosen = [{"pass": self.passes[index].name, "index": index,
-                   **PASSES[self.passes[index].name].knob.record(self.passes[index], shares, depth)}
-                  for index, shares in sorted(self.chosen().items())]
         return {"metric": self.metric, "target": self.target, "reached": total, "counts": rounds,
-                "chosen": chosen,
+                "chosen": self.record_of(),
                 "sensitivity": [{"pass": self.passes[g.pass_index].name, "block": g.block,
                                  "divergence": {str(w): round(d, 6) for w, d in sorted(g.measured.items())}}
                                 for g in self.groups]}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from evc.registry import Pass, register_pass
+from evc.registry import Pass, Recovering, register_pass
 from evc.spec.params import REQUIRED, AnyOf, Choice, DataRef, Float, Int, Invalid, ModelRef, Param
 
 
@@ -54,12 +54,23 @@ def _check(params, spans):
     Param("seed", Int(0), 0, "seed for shuffling and augmentation"),
     check=_check,
 )
-class Finetune(Pass):
+class Finetune(Pass, Recovering):
     """Recover accuracy by knowledge distillation from the uncompressed model."""
 
     def run(self, program, params, ctx):
+        from evc.passes.train import distill
+
+        run = self.recovery(program, params, ctx)
+        ctx.report("chosen", run.chosen)
+        result = distill(program.graph, run.teacher, run.images, run.recipe, ctx.workspace(), _validation(ctx),
+                         progress=ctx.progress.epoch)
+        ctx.report("epochs", [{"epoch": e.epoch, "loss": round(e.loss, 5), "top1": e.top1} for e in result.history])
+        ctx.report("best_epoch", result.best)
+        return replace(program, graph=result.student.eval())
+
+    def recovery(self, program, params, ctx):
         from evc.model.data import fitting_augmentation
-        from evc.passes.train import Recipe, distill, lr_range_test
+        from evc.passes.train import Recipe, Run, lr_range_test
 
         augment, smallest = params["augment"], 0.08
         if augment == "auto":
@@ -73,14 +84,10 @@ class Finetune(Pass):
         lr = params["lr"]
         if lr == "auto":
             lr, _ = lr_range_test(program.graph, teacher, train_set, recipe)
-        recipe = replace(recipe, lr=lr)
-        ctx.report("chosen", {"lr": float(f"{lr:.3g}"), "augment": augment,
-                              **({"crop_smallest": smallest} if augment == "standard" else {})})
-        result = distill(program.graph, teacher, train_set, recipe, ctx.workspace(), _validation(ctx),
-                         progress=ctx.progress.epoch)
-        ctx.report("epochs", [{"epoch": e.epoch, "loss": round(e.loss, 5), "top1": e.top1} for e in result.history])
-        ctx.report("best_epoch", result.best)
-        return replace(program, graph=result.student.eval())
+        chosen = {"lr": float(f"{lr:.3g}"), "augment": augment,
+                  **({"crop_smallest": smallest} if augment == "standard" else {})}
+        plain = ctx.dataset(params["data"]) if augment == "standard" else train_set
+        return Run(teacher, train_set, replace(recipe, lr=lr), chosen, plain)
 
 
 def _teacher(name: str, ctx):

@@ -30,6 +30,7 @@ class Knob:
 
     keys: tuple[str, ...] = ("keep",)  # written keys that fix the pass; when none is written, the budget chooses
     timed = True  # a latency table prices what it chooses
+    ratio = True  # a share of each block's width: uniform ratios narrow every block alike (not tokens or skips)
 
     def conflict(self, params: dict) -> tuple[str, str] | None:
         """(key, why) when the pass's other keys, as written, keep a budget from choosing its own; else None."""

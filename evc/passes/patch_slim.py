@@ -45,6 +45,7 @@ class Patches(Knob):
 
     keys = ("keep", "search")
     timed = False  # the latency table has no token axis yet
+    ratio = False  # uniform ratios leave it whole: the sensitivity allocation chooses it
 
     def groups(self, program, plan):
         blocks = program.structure.blocks

@@ -78,6 +78,18 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class Run:
+    """What a finetune trains with: its teacher (None for cross-entropy alone), its images (a Dataset of
+    (image, label)) and its recipe; `chosen`: what it fitted where the spec said auto, for the manifest."""
+
+    teacher: nn.Module | None
+    images: Dataset
+    recipe: Recipe
+    chosen: dict
+    plain: Dataset | None = None  # the same images with the eval transform, where `images` augments them
+
+
+@dataclass(frozen=True)
 class Epoch:
     epoch: int  # counted from 1
     loss: float  # mean training loss over every rank's samples
@@ -185,6 +197,22 @@ def top_k(model: nn.Module, dataset: Dataset, batch: int = 256, k: int = 1) -> f
 
 def top1(model: nn.Module, dataset: Dataset, batch: int = 256) -> float:
     return top_k(model, dataset, batch, 1)
+
+
+def held_out_score(model: nn.Module, teacher: nn.Module | None, dataset: Dataset, recipe: Recipe,
+                   labelled: bool = True, batch: int = 256) -> tuple[float, float | None]:
+    """The recipe's loss on `dataset` (mean over its images) and top-1 (None when `labelled` is False), in
+    eval mode on the CPU: how a budget judges a candidate after its short recovery."""
+    alpha = recipe.alpha if labelled else 1.0  # unlabelled images are judged by the teacher alone
+    total, hits = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for images, labels in DataLoader(dataset, batch):
+            out = logits(model(images))
+            target = logits(teacher(images)) if teacher is not None and alpha > 0 else None
+            total += distillation_loss(out, target, labels, alpha, recipe.temperature).item() * len(labels)
+            hits += (out.argmax(-1) == labels).sum().item()
+    return total / len(dataset), (hits / len(dataset) if labelled else None)
 
 
 def print_epoch(record: Epoch, epochs: int, seconds_left: float, console: Console | None = None) -> None:

@@ -47,10 +47,10 @@ class Quantity:
     """`600M` (a count) or `12ms` (a time): the number as written and its unit."""
 
     value: float
-    unit: str  # K, M, G, ms or us
+    unit: str  # K, M, G, or a time: ms, us, s, min
     span: Span
 
-    SCALE = {"K": 1e3, "M": 1e6, "G": 1e9, "ms": 1e-3, "us": 1e-6}
+    SCALE = {"K": 1e3, "M": 1e6, "G": 1e9, "ms": 1e-3, "us": 1e-6, "s": 1.0, "min": 60.0}
 
     @property
     def amount(self) -> float:
@@ -59,7 +59,7 @@ class Quantity:
 
     @property
     def is_time(self) -> bool:
-        return self.unit in ("ms", "us")
+        return self.unit in ("ms", "us", "s", "min")
 
     def describe(self) -> str:
         return "a time" if self.is_time else "a count"

@@ -13,8 +13,10 @@ from evc.spec import ast
 from evc.spec.params import (
     REQUIRED,
     Amount,
+    AnyOf,
     Choice,
     DataRef,
+    Duration,
     Flag,
     Float,
     Int,
@@ -22,6 +24,7 @@ from evc.spec.params import (
     Kind,
     ListOf,
     Param,
+    Ratio,
     TargetRef,
     Text,
     Time,
@@ -219,6 +222,17 @@ BUDGET_PARAMS = (
           only_with="latency"),
     Param("data", DataRef(), REQUIRED, "images each block's sensitivity is measured on"),
     Param("samples", Int(1), 32, "how many of those images"),
+    Param("judge", Choice(("auto", "recovery", "divergence")), "auto",
+          "how allocations are compared: recovery, each candidate (uniform ratios always among them) trained "
+          "briefly by the finetune that follows and scored on images it held back; divergence, the one-shot "
+          "sensitivity alone; auto: recovery when a finetune follows the searched passes"),
+    Param("steps", AnyOf((Int(1), Choice(("auto",)))), "auto",
+          "training steps each candidate gets, of the finetune's own recipe; auto: a quarter of the finetune's"),
+    Param("holdout", Ratio(0, 0.5), 0.2, "share of the finetune's images held back to judge candidates on"),
+    Param("time", Duration(), None, "a limit on judging: candidates not started by then are left out (uniform "
+                                    "and the sensitivity allocation are always judged)"),
+    Param("workers", AnyOf((Int(1), Choice(("auto",)))), "auto",
+          "processes judging candidates at once; auto: one per 2 cores on a CPU, one on a GPU"),
 )
 
 

@@ -26,7 +26,7 @@ from evc.spec.blocks import (
     data_problem,
 )
 from evc.spec.params import Invalid, ModelRef, Param, check_entries, closest, did_you_mean, named_data
-from evc.spec.plan import DataPlan, EvaluatePlan, HubWeights, ModelPlan, PassPlan, Plan, TargetPlan
+from evc.spec.plan import DataPlan, EvaluatePlan, HubWeights, ModelPlan, PassPlan, Plan, TargetPlan, recovering
 
 
 def parse_and_check(text: str, path: str | Path) -> Plan:
@@ -243,6 +243,9 @@ class _Checker:
                 self.report("the budget has nothing to choose: leave `keep` out of head_prune, ffn_prune or "
                             "patch_slim (or the blocks out of block_skip) for the budget to choose them block by "
                             "block", budgets[0].span)
+            if self.budget.params["judge"] == "recovery" and recovering(passes) is None:
+                self.report("budget: judge = recovery needs a finetune after the passes it searches: that "
+                            "finetune's recipe trains each candidate", self.budget.spans.get("judge"))
             for p in passes:
                 info = PASSES[p.name]
                 clash = info.searched(p.params) and info.knob.conflict(p.params)

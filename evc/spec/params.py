@@ -114,6 +114,21 @@ class Time(Kind):
 
 
 @dataclass(frozen=True)
+class Duration(Kind):
+    """A limit in wall-clock time: `90s`, `10min`, `500ms`. Checks to seconds."""
+
+    text = "a duration (90s, 10min)"
+    example = "10min"
+
+    def check(self, value):
+        if not (isinstance(value, ast.Quantity) and value.is_time):
+            raise Invalid(f"expected {self.text}, found {_show(value)}", value.span)
+        if value.amount <= 0:
+            raise Invalid(f"{_show(value)} is out of range: expected {self.text}, above 0", value.span)
+        return value.amount
+
+
+@dataclass(frozen=True)
 class Int(Kind):
     low: int | None = None
     high: int | None = None

@@ -116,6 +116,18 @@ class PassPlan:
     spans: dict[str, Span] = field(compare=False)
 
 
+def recovering(passes) -> tuple[int, PassPlan] | None:
+    """(index, plan) of the pass that trains a budget's searched passes' model back (a finetune): the first
+    pass that recovers after the last one the budget searches; None when there is none."""
+    from evc.registry import PASSES
+
+    searched = [i for i, p in enumerate(passes) if PASSES[p.name].searched(p.params)]
+    for index in range(max(searched, default=-1) + 1, len(passes)):
+        if PASSES[passes[index].name].recovers:
+            return index, passes[index]
+    return None
+
+
 @dataclass(frozen=True)
 class TargetPlan:
     name: str

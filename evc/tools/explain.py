@@ -174,7 +174,31 @@ def budget_text(plan: Plan, record: dict) -> str:
     lines = [f"budget {metric} <= {human(target)}: reached {human(reached)} ({how})",
              "  chosen, to pin in the spec (or `evc build --pin` for a lock file):"]
     lines += [f"    {entry['pass']} {{ {fragment(entry)} }}" for entry in record["chosen"]]
+    judge = record.get("judge") or {"by": "divergence"}
+    if judge["by"] == "recovery":
+        lines += judged_text(judge, human)
     return "\n".join(lines)
+
+
+def judged_text(judge: dict, human) -> list[str]:
+    """Each candidate's estimate after its short recovery, and why the winner beat uniform ratios."""
+    lines = [f"  judged after {judge['steps']} steps of {judge['pass']}'s recipe (lr {judge['lr']:.3g}), on "
+             f"{judge['held_back']} held-back images; the least loss wins:"]
+    for c in judge["candidates"]:
+        top1 = f"  top-1 {c['top1']:.2%}" if c["top1"] is not None else ""
+        loss = f"loss {c['loss']:.4f}" if c["loss"] is not None else "not judged (time)"
+        mark = "→" if c["name"] == judge["winner"] else " "
+        lines.append(f"   {mark} {c['name']:<18} {human(c['count']):>8}  {loss}{top1}")
+    uniform = next(c for c in judge["candidates"] if c["name"] == "uniform")
+    winner = next(c for c in judge["candidates"] if c["name"] == judge["winner"])
+    if winner is uniform:
+        lines.append("  uniform ratios recovered best: no other allocation measured better on the held-back images")
+    else:
+        better = f"loss {winner['loss']:.4f} against uniform's {uniform['loss']:.4f}"
+        if winner["top1"] is not None:
+            better += f", top-1 {winner['top1']:.2%} against {uniform['top1']:.2%}"
+        lines.append(f"  {judge['winner']} beat uniform ratios after the same recovery: {better}")
+    return lines
 
 
 def _spec_value(value) -> str:

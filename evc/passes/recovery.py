@@ -1,0 +1,299 @@
+"""A budget judged after recovery: candidate allocations, each trained briefly by the finetune that follows
+the searched passes and scored on images that training held back.
+
+One-shot sensitivity (evc.passes.budget.Search) ranks blocks by what removing them costs before any
+training; which allocation recovers best under finetuning is another question. UVC, NViT and Minitron judge
+candidates closer to the final model. Here every candidate meets the budget by a count:
+
+    uniform        every head and unit group at one share of its width: the largest share within the budget
+    sensitivity    the one-shot divergence allocation
+    heads 2/3,     with two passes of ratios (heads and units): the coarser one (heads) at each share its
+      rest uniform   blocks can take alike (at most 4), the other's one share the largest within the budget
+    early wider,   the share falls (rises) linearly over the depth, the first (last) block keeping half as
+    late wider       much again as the middle one
+
+and each is given `steps` steps of the finetune's own recipe (its teacher, loss, batch and learning rate;
+the warm-up and cosine decay shortened alike) on the finetune's images less a held-back share, then scored on
+the held-back images by the recipe's loss. The least loss wins; uniform is always judged and wins ties, so
+the search never chooses an allocation that measured worse than uniform ratios there. The winner is then
+trained by the finetune as written, like any model the passes leave.
+
+Candidates are trained in parallel worker processes where the cores allow (one per 2 cores), or one at a
+time on the GPU when the finetune trains there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import time
+from dataclasses import dataclass, field, replace
+
+from evc.registry import PASSES
+
+TAPER = 0.5  # of the middle block's share: what the first (last) block keeps more in a tapered candidate
+BISECTIONS = 12
+LEVELS = 4  # shares of the coarsest pass tried with the rest uniform
+
+
+@dataclass
+class Candidate:
+    name: str
+    widths: dict  # id(Group) -> width
+    passes: list | None = None  # filled PassPlans
+    program: object = None  # the passes' Program, as the build would make it
+    count: float = 0.0  # of the budget's metric, counted
+    loss: float | None = None  # on the held-back images, after recovery
+    top1: float | None = None
+    seconds: float = 0.0
+
+    def row(self, search) -> dict:
+        """What the manifest keeps of a candidate."""
+        return {"name": self.name, "count": self.count, "loss": _round(self.loss), "top1": _round(self.top1),
+                "seconds": round(self.seconds, 1), "chosen": search.record_of(self.widths)}
+
+
+def judged(search, plan, program, progress):
+    """The candidates judged after recovery, and the winner's filled passes and record entries."""
+    from evc.context import PassContext
+    from evc.spec.plan import recovering
+
+    params = plan.budget.params
+    index, finetune = recovering(plan.passes)
+    started = time.monotonic()
+    with progress.stage("budget: candidate allocations, each within the budget"):
+        candidates = _candidates(search)
+    ctx = PassContext(plan, finetune, program, "", None, progress)
+    plugin = PASSES[finetune.name].plugin
+    uniform = candidates[0]
+    with progress.stage(f"budget: {finetune.name}'s recipe, fitted to the uniform candidate"):
+        run = plugin.recovery(candidates[0].program, finetune.params, ctx)
+    steps = params["steps"] if params["steps"] != "auto" else _quarter(run, len(run.images))
+    split = Split.of(run, params["holdout"])
+    workers = _workers(params["workers"], run.recipe.device, len(candidates))
+    limit = params["time"]
+    with progress.stage(f"budget: judge {len(candidates)} candidates after {steps} steps of {finetune.name}, on "
+                        f"{len(split.held)} held-back images ({workers} at a time)"):
+        _train_all(candidates, run, split, steps, workers, started, limit, progress)
+    judged_ = [c for c in candidates if c.loss is not None]
+    best = min(judged_, key=lambda c: (c.loss, c is not uniform))  # uniform wins a tie
+    return best, {"by": "recovery", "pass": finetune.name, "index": index, "steps": steps,
+                  "held_back": len(split.held), "lr": run.recipe.lr, "workers": workers,
+                  "seconds": round(time.monotonic() - started, 1), "winner": best.name,
+                  "candidates": [c.row(search) for c in candidates],
+                  "left_out": [c.name for c in candidates if c.loss is None]}
+
+
+def _candidates(search) -> list[Candidate]:
+    """Uniform first, the sensitivity allocation second, then the rest; each counted within the budget, and
+    none twice."""
+    from fractions import Fraction
+
+    sensitivity = {id(g): g.width for g in search.groups}  # as Search.run left them
+    ratio = [g for g in search.groups if PASSES[search.passes[g.pass_index].name].knob.ratio]
+    shapes = [("uniform", lambda g, r: r)]
+    passes = sorted({g.pass_index for g in ratio})
+    if len(passes) > 1:  # one share per pass: the coarsest pass (heads) at each of its shares, the rest bisected
+        coarse = min(passes, key=lambda i: min((g.full - g.least) // g.step for g in ratio if g.pass_index == i))
+        name = search.passes[coarse].name
+        for share in _levels([g for g in ratio if g.pass_index == coarse]):
+            shapes.append((f"{name} {Fraction(share).limit_denominator(64)}, rest uniform",
+                           lambda g, r, i=coarse, s=share: s if g.pass_index == i else r))
+    depth = search.program.structure.depth
+
+    def tapered(sign):
+        return lambda g, r: r * (1 + sign * TAPER * (1 - 2 * g.block / max(1, depth - 1)))
+
+    shapes += [("early wider", tapered(1)), ("late wider", tapered(-1))]
+    made = []
+    for name, shape in shapes:
+        widths = _bisected(search, ratio, shape)
+        if widths is not None:
+            made.append(Candidate(name, widths))
+        if name == "uniform":
+            made.append(Candidate("sensitivity", sensitivity))
+    unique, seen = [], set()
+    for candidate in made:
+        key = tuple(sorted(candidate.widths.items()))
+        if key not in seen:
+            seen.add(key)
+            unique.append(candidate)
+    for candidate in unique:
+        search.set_widths(candidate.widths)
+        candidate.passes = search.filled()
+        candidate.program = search.compress(candidate.passes)
+        candidate.count = search.count(candidate.program)[search.metric]
+    return unique
+
+
+def _levels(groups) -> list[float]:
+    """The shares every group of one pass can take alike, below whole: at most LEVELS, spread evenly."""
+    g = groups[0]
+    shares = [w / g.full for w in range(g.least, g.full, g.step)]
+    if len(shares) > LEVELS:
+        shares = [shares[round(k * (len(shares) - 1) / (LEVELS - 1))] for k in range(LEVELS)]
+    return shares
+
+
+def _bisected(search, groups, shape) -> dict | None:
+    """Widths with each group at `shape(group, r)` of its own, for the largest r within the budget (by a
+    count); the other groups whole. None when even r = 0 is over it."""
+    whole = {id(g): g.full for g in search.groups}
+
+    def widths(r):
+        chosen = dict(whole)
+        for g in groups:
+            share = min(1.0, max(0.0, shape(g, r)))
+            chosen[id(g)] = max(g.least, min(g.full, g.step * round(share * g.full / g.step)))
+        return chosen
+
+    def fits(r):
+        search.set_widths(widths(r))
+        return search.count(search.compress(search.filled(), probe=True))[search.metric] <= search.target
+
+    if not fits(0.0):
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(BISECTIONS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return widths(low)
+
+
+@dataclass
+class Split:
+    """The finetune's images: those a candidate trains on, and those it is judged on (per class, seeded)."""
+
+    train: list[int]
+    held: list[int]
+
+    @staticmethod
+    def of(run, share: float) -> Split:
+        import numpy as np
+
+        labels = np.asarray(getattr(run.images, "labels", [-1] * len(run.images)))
+        rng = np.random.default_rng(run.recipe.seed)
+        train, held = [], []
+        for label in np.unique(labels):
+            index = rng.permutation(np.flatnonzero(labels == label))
+            cut = max(1, round(share * len(index))) if len(index) > 1 else 0
+            held += index[:cut].tolist()
+            train += index[cut:].tolist()
+        return Split(sorted(train), sorted(held))
+
+
+def _quarter(run, images: int) -> int:
+    """A quarter of the finetune's own steps."""
+    return max(1, round(run.recipe.epochs * math.ceil(images / run.recipe.batch) / 4))
+
+
+def _workers(asked, device: str, candidates: int) -> int:
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return 1
+    if asked == "auto":
+        asked = max(1, len(os.sched_getaffinity(0)) // 2)
+    return max(1, min(asked, candidates))
+
+
+@dataclass
+class Job:
+    """One candidate's recovery, as a worker process receives it."""
+
+    graph: object
+    run: object
+    split: Split
+    steps: int
+    threads: int = 0  # torch's threads in a worker; 0: leave as is
+    result: dict = field(default_factory=dict)
+
+
+def recovered(job: Job) -> dict:
+    """Train `job.graph` for `job.steps` steps of the run's recipe on the split's training images and score it
+    on the held-back ones: {"loss", "top1", "seconds"}. Runs in a worker process or in this one."""
+    import torch
+    from torch.utils.data import Subset
+
+    from evc.passes.train import distill, held_out_score
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    start = time.perf_counter()
+    recipe, train = job.run.recipe, job.split.train
+    per_epoch = math.ceil(len(train) / recipe.batch)
+    if job.steps <= per_epoch:  # one epoch over as many images as the steps take
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
+        train, epochs = sorted(train[i] for i in order[:job.steps * recipe.batch]), 1
+    else:
+        epochs = round(job.steps / per_epoch)
+    warmup = recipe.warmup_epochs / recipe.epochs * epochs  # the same share of the run
+    short = replace(recipe, epochs=epochs, warmup_epochs=warmup)
+    result = distill(job.graph, job.run.teacher, Subset(job.run.images, train), short, progress=_silent)
+    plain = job.run.plain if job.run.plain is not None else job.run.images
+    loss, top1 = held_out_score(result.student.eval(), job.run.teacher, Subset(plain, job.split.held), short,
+                                labelled=getattr(plain, "classes", None) is not None)
+    return {"loss": loss, "top1": top1, "seconds": time.perf_counter() - start}
+
+
+def _silent(*_):
+    pass
+
+
+def _train_all(candidates, run, split, steps, workers, started, limit, progress) -> None:
+    """Each candidate's recovery, `workers` at a time; past `limit` seconds from `started`, no candidate
+    after the first two (uniform and the sensitivity allocation) is started."""
+    jobs = [Job(c.program.graph, run, split, steps) for c in candidates]
+    pool = _pool(workers, jobs, progress) if workers > 1 else None
+    try:
+        pending, running = list(range(len(jobs))), {}
+        while pending or running:
+            while pending and len(running) < (workers if pool else 1):
+                k = pending.pop(0)
+                if limit is not None and k >= 2 and time.monotonic() - started > limit:
+                    progress.warn(f"budget: time = {limit:g}s is spent: candidate '{candidates[k].name}' is not "
+                                  "judged")
+                    continue
+                running[k] = pool.submit(recovered, jobs[k]) if pool else None
+            if not running:
+                break
+            if pool:
+                from concurrent.futures import FIRST_COMPLETED, wait
+
+                done, _ = wait(running.values(), return_when=FIRST_COMPLETED)
+                finished = [(k, f.result()) for k, f in list(running.items()) if f in done]
+            else:
+                k = next(iter(running))
+                finished = [(k, recovered(jobs[k]))]
+            for k, score in finished:
+                del running[k]
+                candidate = candidates[k]
+                candidate.loss, candidate.top1, candidate.seconds = score["loss"], score["top1"], score["seconds"]
+                top = f", top-1 {candidate.top1:.2%}" if candidate.top1 is not None else ""
+                progress.note(f"  {candidate.name}: held-back loss {candidate.loss:.4f}{top} "
+                              f"({candidate.seconds:.0f}s)")
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+
+def _pool(workers: int, jobs: list, progress):
+    """A pool of spawned worker processes, each with its share of the cores."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    for job in jobs:
+        job.threads = threads
+    try:
+        pickle.dumps(jobs)
+    except Exception as e:  # a model of the user's own that only this process can import
+        progress.warn(f"budget: the candidates cannot be sent to worker processes ({type(e).__name__}: {e}); "
+                      "judging them one at a time here")
+        return None
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+
+
+def _round(value):
+    return None if value is None else round(value, 6)

@@ -1,0 +1,192 @@
+"""A budget judged after recovery: candidate allocations, uniform ratios always among them, each trained briefly
+by the finetune that follows and scored on held-back images; the least loss wins, and `--pin` repeats it."""
+
+import json
+import sys
+
+import pytest
+
+from evc.passes.recovery import Split
+from evc.passes.train import Recipe, Run
+from tests.conftest import ROOT, check_fails, run_evc
+
+SPEC = """evc 1
+model m {{
+    source  = timm("vit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = 4, embed_dim = 96,
+                   num_heads = 3, num_classes = 10)
+    input   = image(32, 32, mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225], crop_pct = 1.0)
+    weights = "{weights}"
+}}
+data train {{ images = "{digits}/train" }}
+compress {{
+    budget     {{ macs = 50%, data = train, samples = 16{budget} }}
+    head_prune {{ score = l1 }}
+    ffn_prune  {{ score = l1, round_to = 8 }}
+{finetune}}}
+target cpu {{ device = cpu, format = onnx, runs = 2, warmups = 1 }}
+"""
+FINETUNE = "    finetune   { data = train, epochs = 2, lr = 1e-3, batch = 64, augment = none }\n"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """scikit-learn's digits as class folders, and the spec's ViT saved untrained: enough to check a spec."""
+    sys.path.insert(0, str(ROOT / "examples" / "digits"))
+    import prepare
+
+    root = tmp_path_factory.mktemp("digits")
+    prepare.write_folders(root)
+    prepare.save_file(_vit().state_dict(), root / "vit.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """The ViT trained on the digits for a few epochs: a teacher whose held-back loss means something."""
+    import prepare
+
+    model = _vit()
+    images, labels = prepare.read_folder(digits / "train")
+    prepare.train(model, images, labels, epochs=10)
+    prepare.save_file(model.state_dict(), digits / "vit.safetensors")
+    return digits
+
+
+def _vit():
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=96, num_heads=3,
+                             num_classes=10)
+
+
+def write(folder, trained, budget="", finetune=FINETUNE):
+    path = folder / "m.evc"
+    path.write_text(SPEC.format(weights=trained / "vit.safetensors", digits=trained, budget=budget,
+                                finetune=finetune))
+    return path
+
+
+def manifest(out):
+    return json.loads((out / "m" / "cpu" / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_uniform_is_always_judged_and_the_winner_never_measured_worse_than_it(tmp_path, trained):
+    done = run_evc("build", write(tmp_path, trained, ", steps = 6"), "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    budget = manifest(tmp_path / "out")["budget"]
+    judge = budget["judge"]
+    assert judge["by"] == "recovery" and judge["pass"] == "finetune" and judge["steps"] == 6
+    names = [c["name"] for c in judge["candidates"]]
+    assert names[:2] == ["uniform", "sensitivity"] and "early wider" in names and "late wider" in names
+    assert judge["held_back"] == pytest.approx(0.2 * 1438, abs=10)  # a fifth of each class of train
+    losses = {c["name"]: c["loss"] for c in judge["candidates"]}
+    assert all(loss is not None and loss > 0 for loss in losses.values())
+    assert losses[judge["winner"]] == min(losses.values()) <= losses["uniform"]
+    for c in judge["candidates"]:  # every candidate met the budget, by a count
+        assert c["count"] <= budget["target"]
+    winner = next(c for c in judge["candidates"] if c["name"] == judge["winner"])
+    assert budget["chosen"] == winner["chosen"] and budget["reached"] == winner["count"]
+    shares = {c["name"]: c["chosen"][0]["keep"] for c in judge["candidates"]}
+    assert len(set(shares["uniform"])) == 1  # one share of the heads in every block
+    assert f"held-back loss {losses['uniform']:.4f}" in done.stderr  # progress, candidate by candidate
+
+
+@pytest.mark.slow
+def test_explain_says_why_the_winner_beat_uniform_with_the_numbers(tmp_path, trained):
+    spec = write(tmp_path, trained, ", steps = 4")
+    assert run_evc("build", spec, "--out", tmp_path / "out").returncode == 0
+    done = run_evc("explain", spec, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    judge = manifest(tmp_path / "out")["budget"]["judge"]
+    uniform = next(c for c in judge["candidates"] if c["name"] == "uniform")
+    assert "judged after 4 steps of finetune's recipe" in done.stdout
+    assert f"loss {uniform['loss']:.4f}" in done.stdout
+    if judge["winner"] == "uniform":
+        assert "uniform ratios recovered best" in done.stdout
+    else:
+        assert f"{judge['winner']} beat uniform ratios after the same recovery" in done.stdout
+        assert f"against uniform's {uniform['loss']:.4f}" in done.stdout
+
+
+@pytest.mark.slow
+def test_pin_repeats_the_judged_choice_without_judging_again(tmp_path, trained):
+    spec = write(tmp_path, trained, ", steps = 4")
+    first = run_evc("build", spec, "--out", tmp_path / "a", "--pin")
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "m.evc.lock").is_file()
+    chosen = manifest(tmp_path / "a")["budget"]["chosen"]
+    again = run_evc("build", spec, "--out", tmp_path / "b")
+    assert again.returncode == 0, again.stderr
+    pinned = manifest(tmp_path / "b")["budget"]
+    assert pinned["pinned"] == "m.evc.lock" and pinned["chosen"] == chosen
+    assert "held-back loss" not in again.stderr  # no candidate trained
+    assert manifest(tmp_path / "b")["params_macs"]["after"] == manifest(tmp_path / "a")["params_macs"]["after"]
+
+
+@pytest.mark.slow
+def test_past_the_time_limit_only_uniform_and_the_sensitivity_allocation_are_judged(tmp_path, trained):
+    done = run_evc("build", write(tmp_path, trained, ", steps = 2, time = 1ms"), "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    judge = manifest(tmp_path / "out")["budget"]["judge"]
+    judged = [c["name"] for c in judge["candidates"] if c["loss"] is not None]
+    assert judged == ["uniform", "sensitivity"] and judge["left_out"]
+    assert judge["winner"] in judged
+    assert "time = 0.001s is spent" in done.stderr
+
+
+@pytest.mark.slow
+def test_candidates_judged_in_two_worker_processes_score_as_one_process_does(tmp_path, trained):
+    one = run_evc("build", write(tmp_path, trained, ", steps = 3, workers = 1"), "--out", tmp_path / "one")
+    two = run_evc("build", write(tmp_path, trained, ", steps = 3, workers = 2"), "--out", tmp_path / "two")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a, b = (manifest(tmp_path / d)["budget"]["judge"] for d in ("one", "two"))
+    assert a["workers"] == 1 and b["workers"] == 2
+    assert [c["name"] for c in a["candidates"]] == [c["name"] for c in b["candidates"]]
+    for x, y in zip(a["candidates"], b["candidates"]):  # threads differ, so float sums may: not the training
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-3) and x["top1"] == y["top1"]
+
+
+def test_without_a_finetune_the_budget_judges_by_divergence(tmp_path, digits):
+    from evc.spec.check import parse_and_check
+    from evc.spec.plan import recovering
+
+    plan = parse_and_check(write(tmp_path, digits, finetune="").read_text(), tmp_path / "m.evc")
+    assert recovering(plan.passes) is None
+    plan = parse_and_check(write(tmp_path, digits).read_text(), tmp_path / "m.evc")
+    assert recovering(plan.passes)[0] == 2
+
+
+def test_judge_recovery_without_a_finetune_is_a_spec_error_at_the_key(tmp_path, digits):
+    message = check_fails(write(tmp_path, digits, ", judge = recovery", finetune=""))
+    assert "m.evc:10:66:" in message and "judge = recovery needs a finetune after the passes it searches" in message
+
+
+@pytest.mark.parametrize("value, message", [("5M", "expected a duration (90s, 10min), found 5M"),
+                                            ("0s", "out of range")])
+def test_a_time_limit_is_a_duration(tmp_path, digits, value, message):
+    assert message in check_fails(write(tmp_path, digits, f", time = {value}"))
+
+
+def test_a_time_limit_reads_seconds_and_minutes(tmp_path, digits):
+    from evc.spec.check import parse_and_check
+
+    for written, seconds in (("90s", 90), ("10min", 600), ("500ms", 0.5)):
+        plan = parse_and_check(write(tmp_path, digits, f", time = {written}").read_text(), tmp_path / "m.evc")
+        assert plan.budget.params["time"] == seconds
+
+
+def test_the_held_back_split_takes_the_same_share_of_every_class_and_follows_the_seed():
+    class Labelled:
+        labels = [k % 3 for k in range(60)]
+
+        def __len__(self):
+            return 60
+
+    run = Run(None, Labelled(), Recipe(seed=0), {})
+    split = Split.of(run, 0.2)
+    assert sorted(split.train + split.held) == list(range(60))
+    assert [sum(Labelled.labels[i] == k for i in split.held) for k in range(3)] == [4, 4, 4]
+    assert Split.of(run, 0.2) == split
+    other = Split.of(Run(None, Labelled(), Recipe(seed=1), {}), 0.2)
+    assert other.held != split.held
