@@ -30,8 +30,15 @@ writes its `keep` keeps it, and every other pass runs as written. The search
    beyond the budget is given back where the divergence falls most, as far
    as a count confirms.
 
-The choice is deterministic: the same spec, weights and data choose the same
-widths. It is recorded per pass, as the keys (`keep = [...]`, `attn = [...]`)
+4. **Judged after recovery** (evc.passes.recovery), when a finetune follows
+   the searched passes (`judge = auto`, or `recovery`): the allocation above
+   is one candidate among uniform ratios and depth tapers, each trained
+   briefly by that finetune's recipe and scored on images it held back. The
+   least loss wins; uniform ratios are always judged and win a tie.
+
+A pass that trains the model back (finetune) changes no count and is not run
+while counting. The choice is deterministic: the same spec, weights and data
+choose the same widths. It is recorded per pass, as the keys (`keep = [...]`, `attn = [...]`)
 a spec can pin.
 """
 

@@ -184,11 +184,12 @@ def judged_text(judge: dict, human) -> list[str]:
     """Each candidate's estimate after its short recovery, and why the winner beat uniform ratios."""
     lines = [f"  judged after {judge['steps']} steps of {judge['pass']}'s recipe (lr {judge['lr']:.3g}), on "
              f"{judge['held_back']} held-back images; the least loss wins:"]
+    width = max(len(c["name"]) for c in judge["candidates"])
     for c in judge["candidates"]:
         top1 = f"  top-1 {c['top1']:.2%}" if c["top1"] is not None else ""
         loss = f"loss {c['loss']:.4f}" if c["loss"] is not None else "not judged (time)"
         mark = "→" if c["name"] == judge["winner"] else " "
-        lines.append(f"   {mark} {c['name']:<18} {human(c['count']):>8}  {loss}{top1}")
+        lines.append(f"   {mark} {c['name']:<{width}}  {human(c['count']):>8}  {loss}{top1}")
     uniform = next(c for c in judge["candidates"] if c["name"] == "uniform")
     winner = next(c for c in judge["candidates"] if c["name"] == judge["winner"])
     if winner is uniform:

@@ -93,7 +93,7 @@ def test_uniform_is_always_judged_and_the_winner_never_measured_worse_than_it(tm
 
 
 @pytest.mark.slow
-def test_explain_says_why_the_winner_beat_uniform_with_the_numbers(tmp_path, trained):
+def test_explain_and_the_report_say_why_the_winner_beat_uniform_with_the_numbers(tmp_path, trained):
     spec = write(tmp_path, trained, ", steps = 4")
     assert run_evc("build", spec, "--out", tmp_path / "out").returncode == 0
     done = run_evc("explain", spec, "--out", tmp_path / "out")
@@ -102,6 +102,11 @@ def test_explain_says_why_the_winner_beat_uniform_with_the_numbers(tmp_path, tra
     uniform = next(c for c in judge["candidates"] if c["name"] == "uniform")
     assert "judged after 4 steps of finetune's recipe" in done.stdout
     assert f"loss {uniform['loss']:.4f}" in done.stdout
+    page = (tmp_path / "out" / "m" / "report.html").read_text()  # the report's table of the same candidates
+    table = page[page.index('<table id="budget-candidates">'):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr") == 1 + len(judge["candidates"]) and f"{uniform['loss']:.4f}" in table
+    assert f"{judge['winner']} (chosen)" in table
     if judge["winner"] == "uniform":
         assert "uniform ratios recovered best" in done.stdout
     else:
@@ -137,8 +142,9 @@ def test_past_the_time_limit_only_uniform_and_the_sensitivity_allocation_are_jud
 
 @pytest.mark.slow
 def test_candidates_judged_in_two_worker_processes_score_as_one_process_does(tmp_path, trained):
-    one = run_evc("build", write(tmp_path, trained, ", steps = 3, workers = 1"), "--out", tmp_path / "one")
-    two = run_evc("build", write(tmp_path, trained, ", steps = 3, workers = 2"), "--out", tmp_path / "two")
+    on_cpu = FINETUNE.replace("augment = none", "augment = none, device = cpu")  # a GPU judges one at a time
+    one = run_evc("build", write(tmp_path, trained, ", steps = 3, workers = 1", on_cpu), "--out", tmp_path / "one")
+    two = run_evc("build", write(tmp_path, trained, ", steps = 3, workers = 2", on_cpu), "--out", tmp_path / "two")
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     a, b = (manifest(tmp_path / d)["budget"]["judge"] for d in ("one", "two"))
     assert a["workers"] == 1 and b["workers"] == 2
