@@ -70,8 +70,11 @@ def derive(plan) -> Keys:
         timed_on = [t for t in plan.targets if t.name == plan.budget.params.get("on")]  # a latency budget's
         judged = [[data_identity(plan.data[d]) for d in data_refs(PASSES[p.name].params, p.params)]
                   for p in plan.passes]  # a candidate trained by recovery reads the finetune's images
-        budget = key = stage_key("budget", key, plan.budget, data_identity(plan.data[plan.budget.params["data"]]),
-                                 searched, timed_on, judged)
+        from evc.spec.blocks import BUDGET_PARAMS
+
+        read = [data_identity(plan.data[d]) for d in data_refs(BUDGET_PARAMS, plan.budget.params)]
+        evaluated = plan.evaluate and data_identity(plan.data[plan.evaluate.data])  # judged on, without judge_data
+        budget = key = stage_key("budget", key, plan.budget, read, searched, timed_on, judged, evaluated)
     for p in plan.passes:
         declared = PASSES[p.name].params
         data = {name: data_identity(plan.data[name]) for name in data_refs(declared, p.params)}

@@ -13,10 +13,13 @@ candidates closer to the final model. Here every candidate meets the budget by a
     late wider       much again as the middle one
 
 and each is given `steps` steps of the finetune's own recipe (its teacher, loss, batch and learning rate;
-the warm-up and cosine decay shortened alike) on the finetune's images less a held-back share, then scored on
-the held-back images by the recipe's loss. The least loss wins; uniform is always judged and wins ties, so
-the search never chooses an allocation that measured worse than uniform ratios there. The winner is then
-trained by the finetune as written, like any model the passes leave.
+the warm-up and cosine decay shortened alike), then judged on labelled images the model as loaded never
+trained on: the budget's `judge_data`, else the evaluate block's data. Without either, it trains on the
+finetune's images less a held-back share of each class and is judged on that share, which favours the
+allocations that keep the model's own outputs on images it may have learnt by heart. The most images right
+wins, the recipe's loss breaking ties; uniform is always judged and wins a full tie, so the search never
+chooses an allocation that measured worse than uniform ratios there. The winner is then trained by the
+finetune as written, like any model the passes leave.
 
 Candidates are trained in parallel worker processes where the cores allow (one per 2 cores), or one at a
 time on the GPU when the finetune trains there.
@@ -48,6 +51,11 @@ class Candidate:
     top1: float | None = None
     seconds: float = 0.0
 
+    def rank(self, uniform) -> tuple:
+        """Sorts the best first: the most judged images right (when labelled), then the least loss; uniform
+        first of equals."""
+        return (-self.top1 if self.top1 is not None else 0.0, self.loss, self is not uniform)
+
     def row(self, search) -> dict:
         """What the manifest keeps of a candidate."""
         return {"name": self.name, "count": self.count, "loss": _round(self.loss), "top1": _round(self.top1),
@@ -70,19 +78,34 @@ def judged(search, plan, program, progress):
     with progress.stage(f"budget: {finetune.name}'s recipe, fitted to the uniform candidate"):
         run = plugin.recovery(candidates[0].program, finetune.params, ctx)
     steps = params["steps"] if params["steps"] != "auto" else _quarter(run, len(run.images))
-    split = Split.of(run, params["holdout"])
+    split = _split(plan, run, ctx)
     workers = _workers(params["workers"], run.recipe.device, len(candidates))
     limit = params["time"]
     with progress.stage(f"budget: judge {len(candidates)} candidates after {steps} steps of {finetune.name}, on "
-                        f"{len(split.held)} held-back images ({workers} at a time)"):
+                        f"{split.where} ({workers} at a time)"):
         _train_all(candidates, run, split, steps, workers, started, limit, progress)
     judged_ = [c for c in candidates if c.loss is not None]
-    best = min(judged_, key=lambda c: (c.loss, c is not uniform))  # uniform wins a tie
-    return best, {"by": "recovery", "pass": finetune.name, "index": index, "steps": steps,
-                  "held_back": len(split.held), "lr": run.recipe.lr, "workers": workers,
+    best = min(judged_, key=lambda c: c.rank(uniform))
+    return best, {"by": "recovery", "pass": finetune.name, "index": index, "steps": steps, "on": split.where,
+                  "images": split.count, "lr": run.recipe.lr, "workers": workers,
                   "seconds": round(time.monotonic() - started, 1), "winner": best.name,
                   "candidates": [c.row(search) for c in candidates],
                   "left_out": [c.name for c in candidates if c.loss is None]}
+
+
+def _split(plan, run, ctx) -> Split:
+    """What candidates train and are judged on: all the finetune's images and a block the model never
+    trained on (the budget's `judge_data`, else the evaluate block's, when labelled), or the finetune's
+    images less `holdout` of each class."""
+    params = plan.budget.params
+    for name in (params.get("judge_data"), plan.evaluate and plan.evaluate.data):
+        if name:
+            images = ctx.dataset(name)
+            if images.classes is not None:
+                return Split(list(range(len(run.images))), [], images, f"data '{name}'")
+    split = Split.of(run, params["holdout"])
+    split.where = f"{len(split.held)} images held back from the finetune's"
+    return split
 
 
 def _candidates(search) -> list[Candidate]:
@@ -163,13 +186,17 @@ def _bisected(search, groups, shape) -> dict | None:
 
 @dataclass
 class Split:
-    """The finetune's images: those a candidate trains on, and those it is judged on (per class, seeded)."""
+    """What a candidate trains on (indices of the finetune's images) and is judged on: the finetune's images
+    at `held`, or another data block's (`judged_on`)."""
 
     train: list[int]
     held: list[int]
+    judged_on: object = None  # a Dataset of labelled images, when not the held-back ones
+    where: str = ""  # what the judged images are, in words
 
     @staticmethod
     def of(run, share: float) -> Split:
+        """The finetune's images less `share` of each class (seeded by its recipe), and that share."""
         import numpy as np
 
         labels = np.asarray(getattr(run.images, "labels", [-1] * len(run.images)))
@@ -181,6 +208,18 @@ class Split:
             held += index[:cut].tolist()
             train += index[cut:].tolist()
         return Split(sorted(train), sorted(held))
+
+    @property
+    def count(self) -> int:
+        return len(self.judged_on) if self.judged_on is not None else len(self.held)
+
+    def judged(self, run):
+        """The judged images, with the eval transform."""
+        from torch.utils.data import Subset
+
+        if self.judged_on is not None:
+            return self.judged_on
+        return Subset(run.plain if run.plain is not None else run.images, self.held)
 
 
 def _quarter(run, images: int) -> int:
@@ -231,9 +270,9 @@ def recovered(job: Job) -> dict:
     warmup = recipe.warmup_epochs / recipe.epochs * epochs  # the same share of the run
     short = replace(recipe, epochs=epochs, warmup_epochs=warmup)
     result = distill(job.graph, job.run.teacher, Subset(job.run.images, train), short, progress=_silent)
-    plain = job.run.plain if job.run.plain is not None else job.run.images
-    loss, top1 = held_out_score(result.student.eval(), job.run.teacher, Subset(plain, job.split.held), short,
-                                labelled=getattr(plain, "classes", None) is not None)
+    judged = job.split.judged(job.run)
+    labelled = job.split.judged_on is not None or getattr(job.run.images, "classes", None) is not None
+    loss, top1 = held_out_score(result.student.eval(), job.run.teacher, judged, short, labelled=labelled)
     return {"loss": loss, "top1": top1, "seconds": time.perf_counter() - start}
 
 

@@ -228,7 +228,10 @@ BUDGET_PARAMS = (
           "sensitivity alone; auto: recovery when a finetune follows the searched passes"),
     Param("steps", AnyOf((Int(1), Choice(("auto",)))), "auto",
           "training steps each candidate gets, of the finetune's own recipe; auto: a quarter of the finetune's"),
-    Param("holdout", Ratio(0, 0.5), 0.2, "share of the finetune's images held back to judge candidates on"),
+    Param("judge_data", DataRef(), None, "labelled images the model as loaded never trained on, to judge "
+                                        "candidates on; default: the evaluate block's, else `holdout`"),
+    Param("holdout", Ratio(0, 0.5), 0.2, "without judge_data or an evaluate block: the share of the finetune's "
+                                         "images held back to judge candidates on"),
     Param("time", Duration(), None, "a limit on judging: candidates not started by then are left out (uniform "
                                     "and the sensitivity allocation are always judged)"),
     Param("workers", AnyOf((Int(1), Choice(("auto",)))), "auto",

@@ -183,7 +183,7 @@ def budget_text(plan: Plan, record: dict) -> str:
 def judged_text(judge: dict, human) -> list[str]:
     """Each candidate's estimate after its short recovery, and why the winner beat uniform ratios."""
     lines = [f"  judged after {judge['steps']} steps of {judge['pass']}'s recipe (lr {judge['lr']:.3g}), on "
-             f"{judge['held_back']} held-back images; the least loss wins:"]
+             f"{judge['on']} ({judge['images']} images); the most right wins, then the least loss:"]
     width = max(len(c["name"]) for c in judge["candidates"])
     for c in judge["candidates"]:
         top1 = f"  top-1 {c['top1']:.2%}" if c["top1"] is not None else ""
@@ -197,7 +197,8 @@ def judged_text(judge: dict, human) -> list[str]:
     else:
         better = f"loss {winner['loss']:.4f} against uniform's {uniform['loss']:.4f}"
         if winner["top1"] is not None:
-            better += f", top-1 {winner['top1']:.2%} against {uniform['top1']:.2%}"
+            better = f"top-1 {winner['top1']:.2%} against uniform's {uniform['top1']:.2%}, " + better.replace(
+                "uniform's ", "")
         lines.append(f"  {judge['winner']} beat uniform ratios after the same recovery: {better}")
     return lines
 

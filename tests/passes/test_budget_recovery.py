@@ -18,6 +18,7 @@ model m {{
     weights = "{weights}"
 }}
 data train {{ images = "{digits}/train" }}
+data val   {{ images = "{digits}/val" }}
 compress {{
     budget     {{ macs = 50%, data = train, samples = 16{budget} }}
     head_prune {{ score = l1 }}
@@ -79,17 +80,32 @@ def test_uniform_is_always_judged_and_the_winner_never_measured_worse_than_it(tm
     assert judge["by"] == "recovery" and judge["pass"] == "finetune" and judge["steps"] == 6
     names = [c["name"] for c in judge["candidates"]]
     assert names[:2] == ["uniform", "sensitivity"] and "early wider" in names and "late wider" in names
-    assert judge["held_back"] == pytest.approx(0.2 * 1438, abs=10)  # a fifth of each class of train
+    assert judge["images"] == pytest.approx(0.2 * 1438, abs=10)  # a fifth of each class of train
+    assert judge["on"] == f"{judge['images']} images held back from the finetune's"
     losses = {c["name"]: c["loss"] for c in judge["candidates"]}
     assert all(loss is not None and loss > 0 for loss in losses.values())
-    assert losses[judge["winner"]] == min(losses.values()) <= losses["uniform"]
+    ranked = sorted(judge["candidates"], key=lambda c: (-c["top1"], c["loss"], c["name"] != "uniform"))
+    assert judge["winner"] == ranked[0]["name"]  # the most right, then the least loss
+    uniform = next(c for c in judge["candidates"] if c["name"] == "uniform")
+    winner = ranked[0]
+    assert (winner["top1"], -winner["loss"]) >= (uniform["top1"], -uniform["loss"])
     for c in judge["candidates"]:  # every candidate met the budget, by a count
         assert c["count"] <= budget["target"]
-    winner = next(c for c in judge["candidates"] if c["name"] == judge["winner"])
     assert budget["chosen"] == winner["chosen"] and budget["reached"] == winner["count"]
     shares = {c["name"]: c["chosen"][0]["keep"] for c in judge["candidates"]}
     assert len(set(shares["uniform"])) == 1  # one share of the heads in every block
     assert f"held-back loss {losses['uniform']:.4f}" in done.stderr  # progress, candidate by candidate
+
+
+@pytest.mark.slow
+def test_candidates_are_judged_on_the_data_the_budget_names_the_model_never_trained_on(tmp_path, trained):
+    done = run_evc("build", write(tmp_path, trained, ", steps = 4, judge_data = val"), "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    judge = manifest(tmp_path / "out")["budget"]["judge"]
+    assert judge["on"] == "data 'val'" and judge["images"] == 359
+    best = max(c["top1"] for c in judge["candidates"])
+    assert next(c for c in judge["candidates"] if c["name"] == judge["winner"])["top1"] == best
+    assert all(round(c["top1"] * 359) == pytest.approx(c["top1"] * 359, abs=1e-3) for c in judge["candidates"])
 
 
 @pytest.mark.slow
@@ -111,7 +127,7 @@ def test_explain_and_the_report_say_why_the_winner_beat_uniform_with_the_numbers
         assert "uniform ratios recovered best" in done.stdout
     else:
         assert f"{judge['winner']} beat uniform ratios after the same recovery" in done.stdout
-        assert f"against uniform's {uniform['loss']:.4f}" in done.stdout
+        assert f"against uniform's {uniform['top1']:.2%}" in done.stdout
 
 
 @pytest.mark.slow
@@ -165,7 +181,7 @@ def test_without_a_finetune_the_budget_judges_by_divergence(tmp_path, digits):
 
 def test_judge_recovery_without_a_finetune_is_a_spec_error_at_the_key(tmp_path, digits):
     message = check_fails(write(tmp_path, digits, ", judge = recovery", finetune=""))
-    assert "m.evc:10:66:" in message and "judge = recovery needs a finetune after the passes it searches" in message
+    assert "m.evc:11:66:" in message and "judge = recovery needs a finetune after the passes it searches" in message
 
 
 @pytest.mark.parametrize("value, message", [("5M", "expected a duration (90s, 10min), found 5M"),
@@ -196,3 +212,8 @@ def test_the_held_back_split_takes_the_same_share_of_every_class_and_follows_the
     assert Split.of(run, 0.2) == split
     other = Split.of(Run(None, Labelled(), Recipe(seed=1), {}), 0.2)
     assert other.held != split.held
+
+
+def test_judge_data_naming_no_data_block_is_a_spec_error(tmp_path, digits):
+    message = check_fails(write(tmp_path, digits, ", judge_data = tune"))
+    assert "m.evc:11:" in message and "undefined data 'tune'" in message
