@@ -1,22 +1,24 @@
 """A budget's allocation, judged after recovery, against uniform ratios and Torch-Pruning's global pruning.
 
-    .venv/bin/python examples/digits/prepare.py           # data/ and digits_vit.safetensors, once
+    .venv/bin/python examples/digits/prepare.py           # for the latency budget: digits.evc's model
     .venv/bin/pip install -r benchmarks/requirements.txt  # Torch-Pruning, benchmark only
     .venv/bin/python benchmarks/budget.py [--seeds 5] [--epochs 10] [--tasks digits textures] [--budgets 0.5 0.35]
     .venv/bin/python benchmarks/budget.py --latency-only  # the latency budget on the CPU alone
 
-Two tasks, each a ViT of 6 blocks of 3 heads, width 96, MLP 384, at 32×32 in patches of 4:
+Two tasks, each a ViT of 6 blocks of 3 heads, width 96, MLP 384, at 32×32 in patches of 4, trained here:
 
-    digits      examples/digits: scikit-learn's handwritten digits, the model prepare.py trains
+    digits      scikit-learn's handwritten digits, split as examples/digits/prepare.py splits them, a fifth
+                of each class of its training images moved to `tune`; the ViT trained on the rest (40 epochs)
     textures    made here: 10 classes of noisy textures (gratings at 4 angles and 2 frequencies,
-                checkerboards, dots), 120 training and 30 validation images per class, and the same
-                ViT trained on them here (15 epochs)
+                checkerboards, dots), 90 training, 30 tune and 30 validation images per class; the ViT
+                trained on train (15 epochs)
 
 at each budget (half and 35% of the MACs), three ways:
 
     evc budget      `budget { macs = B, data = train }` with head_prune and ffn_prune by Taylor scores on
                     train, keep left to the search, and the finetune below after them: the search judges
-                    its candidates by a short run of that finetune (evc.passes.recovery)
+                    its candidates by a short run of that finetune, scored on `tune` (judge_data), images
+                    the ViT never trained on (evc.passes.recovery)
     uniform         the same passes with one keep for every block: heads at the share nearest the budget
                     (2/3 at 50%, 1/3 at 35%), and the largest MLP width within the budget (bisected)
     Torch-Pruning   its MetaPruner, global pruning with GroupMagnitudeImportance (its ViT recipe: whole
@@ -64,6 +66,7 @@ from evc.progress import Progress  # noqa: E402
 from evc.registry import PASSES  # noqa: E402
 from evc.spec.check import parse_and_check  # noqa: E402
 
+EPOCHS = {"digits": 40, "textures": 15}  # the ViT's own training
 PASSES_TEXT = """    head_prune { KEEP_Hscore = taylor, data = train }
     ffn_prune  { KEEP_Uscore = taylor, data = train, round_to = 8 }"""
 FINETUNE = "    finetune   {{ data = train, epochs = {epochs}, lr = 5e-4, batch = 64, alpha = 0.9, augment = none }}"
@@ -105,29 +108,44 @@ def textures(root: Path, per_class: int = 150, seed: int = 0) -> None:
                     value[(x - cx) ** 2 + (y - cy) ** 2 < rng.uniform(2, 9)] = 1
             gray = 0.5 + 0.5 * contrast * value + rng.normal(0, 0.35, value.shape)
             rgb = np.clip(gray[..., None] * rng.uniform(0.6, 1.0, 3), 0, 1)
-            part = "val" if i < per_class // 5 else "train"
+            part = "val" if i < per_class // 5 else "tune" if i < 2 * (per_class // 5) else "train"
             folder = root / "data" / part / str(label)
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray((rgb * 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
 
 
 def task(name: str, work: Path) -> Path:
-    """The task's spec: digits.evc, or the textures task written and its ViT trained under `work`."""
+    """The task's spec under `work`, with three splits: train (the ViT's training images and the finetune's),
+    tune (images the ViT never trained on: the budget judges its candidates there) and val (the score)."""
+    folder = work / name
     if name == "digits":
-        if not (DIGITS / "digits_vit.safetensors").exists():
-            raise SystemExit("run examples/digits/prepare.py first")
-        return DIGITS / "digits.evc"
-    folder = work / "textures"
-    textures(folder)
+        prepare.write_folders(folder / "data")
+        held(folder / "data", "train", "tune", 0.2)
+        text = (DIGITS / "digits.evc").read_text()
+    else:
+        textures(folder)
+        text = TEXTURES_SPEC
+    text = text.replace('data val ', 'data tune  { images = "data/tune" }\ndata val ', 1)
     torch.manual_seed(0)
     model = prepare.digits_vit()
     start = time.perf_counter()
-    prepare.train(model, *prepare.read_folder(folder / "data" / "train"), epochs=15)
-    print(f"textures: the ViT trained in {time.perf_counter() - start:.0f} s, val top-1 "
+    prepare.train(model, *prepare.read_folder(folder / "data" / "train"), epochs=EPOCHS[name])
+    print(f"{name}: the ViT trained in {time.perf_counter() - start:.0f} s, val top-1 "
           f"{prepare.top1(model, *prepare.read_folder(folder / 'data' / 'val')):.2%}", file=sys.stderr)
-    prepare.save_file(model.state_dict(), folder / "textures_vit.safetensors")
-    (folder / "textures.evc").write_text(TEXTURES_SPEC)
-    return folder / "textures.evc"
+    prepare.save_file(model.state_dict(), folder / f"{name}_vit.safetensors")
+    path = folder / f"{name}.evc"
+    path.write_text(text)
+    return path
+
+
+def held(root: Path, source: str, to: str, share: float, seed: int = 0) -> None:
+    """Move `share` of each class of root/source to root/to (seeded)."""
+    rng = np.random.default_rng(seed)
+    for folder in sorted((root / source).iterdir()):
+        files = sorted(folder.glob("*.png"))
+        (root / to / folder.name).mkdir(parents=True, exist_ok=True)
+        for k in rng.permutation(len(files))[:round(share * len(files))]:
+            files[k].rename(root / to / folder.name / files[k].name)
 
 
 def spec(base: Path, compress: str) -> str:
@@ -161,7 +179,7 @@ def macs(module, image) -> int:
 def searched(base: Path, original, before: dict, budget: float, epochs: int):
     """The budget's choice, judged after recovery by the finetune, and the model its passes make (before
     that finetune); the search's record and seconds."""
-    compress = (f"    budget     {{ macs = {budget:.0%}, data = train }}\n"
+    compress = (f"    budget     {{ macs = {budget:.0%}, data = train, judge_data = tune }}\n"
                 + PASSES_TEXT.replace("KEEP_H", "").replace("KEEP_U", "") + "\n" + FINETUNE.format(epochs=epochs))
     plan = planned(base, spec(base, compress), "budget")
     start = time.perf_counter()
@@ -268,14 +286,14 @@ def compare(name, base, original, before, teacher, whole, budget, train_set, val
     rows.append(("Torch-Pruning global", tp_model, f"pruning_ratio {ratio:.3f}"))
     print(f"### {name}, macs = {budget:.0%}\n")
     print(f"the search: {seconds:.0f} s, {len(judge['candidates'])} candidates judged after {judge['steps']} steps "
-          f"on {judge['held_back']} held-back images:\n")
-    print("| candidate | MACs | held-back loss | held-back top-1 |")
+          f"on {judge['on']} ({judge['images']} images):\n")
+    print("| candidate | MACs | top-1 there | loss there |")
     print("|---|---|---|---|")
     for c in judge["candidates"]:
         mark = " (chosen)" if c["name"] == judge["winner"] else ""
         top = f"{100 * c['top1']:.2f}%" if c["top1"] is not None else "–"
         loss = f"{c['loss']:.4f}" if c["loss"] is not None else "not judged"
-        print(f"| {c['name']}{mark} | {c['count'] / 1e6:.2f} M | {loss} | {top} |")
+        print(f"| {c['name']}{mark} | {c['count'] / 1e6:.2f} M | {top} | {loss} |")
     print(f"\n| model | MACs | × the model's | top-1 before finetune | top-1 after {args.epochs} epochs, mean ± std "
           f"of {args.seeds} seeds | what was kept |")
     print("|---|---|---|---|---|---|")

@@ -309,9 +309,8 @@ def _train_all(candidates, run, split, steps, workers, started, limit, progress)
                 del running[k]
                 candidate = candidates[k]
                 candidate.loss, candidate.top1, candidate.seconds = score["loss"], score["top1"], score["seconds"]
-                top = f", top-1 {candidate.top1:.2%}" if candidate.top1 is not None else ""
-                progress.note(f"  {candidate.name}: held-back loss {candidate.loss:.4f}{top} "
-                              f"({candidate.seconds:.0f}s)")
+                top = f"top-1 {candidate.top1:.2%}, " if candidate.top1 is not None else ""
+                progress.note(f"  {candidate.name}: {top}loss {candidate.loss:.4f} ({candidate.seconds:.0f}s)")
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)

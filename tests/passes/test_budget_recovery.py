@@ -94,7 +94,7 @@ def test_uniform_is_always_judged_and_the_winner_never_measured_worse_than_it(tm
     assert budget["chosen"] == winner["chosen"] and budget["reached"] == winner["count"]
     shares = {c["name"]: c["chosen"][0]["keep"] for c in judge["candidates"]}
     assert len(set(shares["uniform"])) == 1  # one share of the heads in every block
-    assert f"held-back loss {losses['uniform']:.4f}" in done.stderr  # progress, candidate by candidate
+    assert f"  uniform: top-1 {uniform['top1']:.2%}, loss {uniform['loss']:.4f}" in done.stderr  # progress
 
 
 @pytest.mark.slow
@@ -141,7 +141,7 @@ def test_pin_repeats_the_judged_choice_without_judging_again(tmp_path, trained):
     assert again.returncode == 0, again.stderr
     pinned = manifest(tmp_path / "b")["budget"]
     assert pinned["pinned"] == "m.evc.lock" and pinned["chosen"] == chosen
-    assert "held-back loss" not in again.stderr  # no candidate trained
+    assert "  uniform: top-1" not in again.stderr  # no candidate trained
     assert manifest(tmp_path / "b")["params_macs"]["after"] == manifest(tmp_path / "a")["params_macs"]["after"]
 
 
