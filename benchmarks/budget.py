@@ -235,7 +235,7 @@ def torch_pruning(model, image, budget: float, whole: int):
 
 
 def finetuned(student, teacher, train_set, val_set, epochs: int, seed: int = 0):
-    recipe = Recipe(epochs=epochs, lr=5e-4, batch=64, alpha=0.9, temperature=1.0, device="cpu", seed=seed)
+    recipe = Recipe(epochs=epochs, lr=5e-4, batch=64, alpha=0.9, temperature=1.0, device="auto", seed=seed)
     result = distill(student, teacher, train_set, recipe, progress=lambda *_: None)
     return result.student.eval(), top1(result.student.eval(), val_set)
 
@@ -247,6 +247,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["digits", "textures"], choices=["digits", "textures"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
     parser.add_argument("--latency-only", action="store_true", help="only the latency budget")
+    parser.add_argument("--no-latency", action="store_true", help="leave the latency budget out")
     args = parser.parse_args()
     if args.latency_only:
         with tempfile.TemporaryDirectory() as folder:
@@ -255,9 +256,11 @@ def main() -> None:
     lscpu = dict(line.split(":", 1) for line in
                  __import__("subprocess").run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                  if ":" in line)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"machine: {platform.machine()}, {lscpu.get('Model name', '?').strip()}, "
           f"{len(__import__('os').sched_getaffinity(0))} cores; torch {torch.__version__}, "
-          f"ONNX Runtime {ort.__version__}; finetune {args.epochs} epochs, {args.seeds} seeds\n")
+          f"ONNX Runtime {ort.__version__}; GPU: {gpu}; "
+          f"finetune {args.epochs} epochs, {args.seeds} seeds\n")
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         for name in args.tasks:
@@ -270,7 +273,7 @@ def main() -> None:
             teacher = original.graph.eval()
             for budget in args.budgets:
                 compare(name, base, original, before, teacher, whole, budget, train_set, val_set, args)
-        if "digits" in args.tasks:
+        if "digits" in args.tasks and not args.no_latency:
             latency(work)
 
 
