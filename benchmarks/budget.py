@@ -223,11 +223,18 @@ def torch_pruning(model, image, budget: float, whole: int):
                 a.attn_dim = a.num_heads * a.head_dim
         return m.eval()
 
+    from evc.errors import InputError
+
     low, high, best = 0.0, 0.95, None
     for _ in range(12):
         mid = (low + high) / 2
         m = pruned(mid)
-        if macs(m, image) <= budget * whole:
+        try:
+            count = macs(m, image)
+        except InputError:  # a block left with no head: the ratio goes too far
+            high = mid
+            continue
+        if count <= budget * whole:
             best, high = (mid, m), mid
         else:
             low = mid
