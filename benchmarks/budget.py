@@ -296,7 +296,7 @@ def compare(name, base, original, before, teacher, whole, budget, train_set, val
     rows.append(("Torch-Pruning global", tp_model, f"pruning_ratio {ratio:.3f}"))
     print(f"### {name}, macs = {budget:.0%}\n")
     print(f"the search: {seconds:.0f} s, {len(judge['candidates'])} candidates judged after {judge['steps']} steps "
-          f"on {judge['on']} ({judge['images']} images):\n")
+          f"on {judge['images']} {judge['on']}:\n")
     print("| candidate | MACs | top-1 there | loss there |")
     print("|---|---|---|---|")
     for c in judge["candidates"]:

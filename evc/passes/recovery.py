@@ -82,7 +82,7 @@ def judged(search, plan, program, progress):
     workers = _workers(params["workers"], run.recipe.device, len(candidates))
     limit = params["time"]
     with progress.stage(f"budget: judge {len(candidates)} candidates after {steps} steps of {finetune.name}, on "
-                        f"{split.where} ({workers} at a time)"):
+                        f"{split.count} {split.where} ({workers} at a time)"):
         _train_all(candidates, run, split, steps, workers, started, limit, progress)
     judged_ = [c for c in candidates if c.loss is not None]
     best = min(judged_, key=lambda c: c.rank(uniform))
@@ -102,9 +102,9 @@ def _split(plan, run, ctx) -> Split:
         if name:
             images = ctx.dataset(name)
             if images.classes is not None:
-                return Split(list(range(len(run.images))), [], images, f"data '{name}'")
+                return Split(list(range(len(run.images))), [], images, f"images of data '{name}'")
     split = Split.of(run, params["holdout"])
-    split.where = f"{len(split.held)} images held back from the finetune's"
+    split.where = "images held back from the finetune's"
     return split
 
 

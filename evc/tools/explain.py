@@ -183,7 +183,7 @@ def budget_text(plan: Plan, record: dict) -> str:
 def judged_text(judge: dict, human) -> list[str]:
     """Each candidate's estimate after its short recovery, and why the winner beat uniform ratios."""
     lines = [f"  judged after {judge['steps']} steps of {judge['pass']}'s recipe (lr {judge['lr']:.3g}), on "
-             f"{judge['on']} ({judge['images']} images); the most right wins, then the least loss:"]
+             f"{judge['images']} {judge['on']}; the most right wins, then the least loss:"]
     width = max(len(c["name"]) for c in judge["candidates"])
     for c in judge["candidates"]:
         top1 = f"  top-1 {c['top1']:.2%}" if c["top1"] is not None else ""

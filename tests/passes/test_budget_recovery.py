@@ -81,7 +81,7 @@ def test_uniform_is_always_judged_and_the_winner_never_measured_worse_than_it(tm
     names = [c["name"] for c in judge["candidates"]]
     assert names[:2] == ["uniform", "sensitivity"] and "early wider" in names and "late wider" in names
     assert judge["images"] == pytest.approx(0.2 * 1438, abs=10)  # a fifth of each class of train
-    assert judge["on"] == f"{judge['images']} images held back from the finetune's"
+    assert judge["on"] == "images held back from the finetune's"
     losses = {c["name"]: c["loss"] for c in judge["candidates"]}
     assert all(loss is not None and loss > 0 for loss in losses.values())
     ranked = sorted(judge["candidates"], key=lambda c: (-c["top1"], c["loss"], c["name"] != "uniform"))
@@ -102,7 +102,7 @@ def test_candidates_are_judged_on_the_data_the_budget_names_the_model_never_trai
     done = run_evc("build", write(tmp_path, trained, ", steps = 4, judge_data = val"), "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
     judge = manifest(tmp_path / "out")["budget"]["judge"]
-    assert judge["on"] == "data 'val'" and judge["images"] == 359
+    assert judge["on"] == "images of data 'val'" and judge["images"] == 359
     best = max(c["top1"] for c in judge["candidates"])
     assert next(c for c in judge["candidates"] if c["name"] == judge["winner"])["top1"] == best
     assert all(round(c["top1"] * 359) == pytest.approx(c["top1"] * 359, abs=1e-3) for c in judge["candidates"])
