@@ -56,6 +56,17 @@ def write_spec(tmp_path):
     return write
 
 
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """scikit-learn's digits as class folders (train, val), at 32×32: a real task a small ViT learns in seconds."""
+    sys.path.insert(0, str(ROOT / "examples" / "digits"))
+    import prepare
+
+    root = tmp_path_factory.mktemp("digits")
+    prepare.write_folders(root)
+    return root
+
+
 def write_images(folder: Path, count: int, height: int = 32, width: int = 32, seed: int = 0) -> Path:
     """A folder of `count` random RGB PNG images."""
     import numpy as np

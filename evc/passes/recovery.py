@@ -31,7 +31,7 @@ import math
 import os
 import pickle
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from evc.registry import PASSES
 
@@ -47,7 +47,7 @@ class Candidate:
     passes: list | None = None  # filled PassPlans
     program: object = None  # the passes' Program, as the build would make it
     count: float = 0.0  # of the budget's metric, counted
-    loss: float | None = None  # on the held-back images, after recovery
+    loss: float | None = None  # on the judged images, after recovery
     top1: float | None = None
     seconds: float = 0.0
 
@@ -76,7 +76,7 @@ def judged(search, plan, program, progress):
     plugin = PASSES[finetune.name].plugin
     uniform = candidates[0]
     with progress.stage(f"budget: {finetune.name}'s recipe, fitted to the uniform candidate"):
-        run = plugin.recovery(candidates[0].program, finetune.params, ctx)
+        run = plugin.recovery(uniform.program, finetune.params, ctx)
     steps = params["steps"] if params["steps"] != "auto" else _quarter(run, len(run.images))
     split = _split(plan, run, ctx)
     workers = _workers(params["workers"], run.recipe.device, len(candidates))
@@ -246,12 +246,11 @@ class Job:
     split: Split
     steps: int
     threads: int = 0  # torch's threads in a worker; 0: leave as is
-    result: dict = field(default_factory=dict)
 
 
 def recovered(job: Job) -> dict:
     """Train `job.graph` for `job.steps` steps of the run's recipe on the split's training images and score it
-    on the held-back ones: {"loss", "top1", "seconds"}. Runs in a worker process or in this one."""
+    on its judged ones: {"loss", "top1", "seconds"}. Runs in a worker process or in this one."""
     import torch
     from torch.utils.data import Subset
 
@@ -325,7 +324,7 @@ def _pool(workers: int, jobs: list, progress):
     for job in jobs:
         job.threads = threads
     try:
-        pickle.dumps(jobs)
+        pickle.dumps(jobs[0])  # the candidates are one model's classes, cut
     except Exception as e:  # a model of the user's own that only this process can import
         progress.warn(f"budget: the candidates cannot be sent to worker processes ({type(e).__name__}: {e}); "
                       "judging them one at a time here")

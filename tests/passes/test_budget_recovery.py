@@ -2,13 +2,12 @@
 by the finetune that follows and scored on held-back images; the least loss wins, and `--pin` repeats it."""
 
 import json
-import sys
 
 import pytest
 
 from evc.passes.recovery import Split
 from evc.passes.train import Recipe, Run
-from tests.conftest import ROOT, check_fails, run_evc
+from tests.conftest import check_fails, run_evc
 
 SPEC = """evc 1
 model m {{
@@ -30,27 +29,26 @@ FINETUNE = "    finetune   { data = train, epochs = 2, lr = 1e-3, batch = 64, au
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """scikit-learn's digits as class folders, and the spec's ViT saved untrained: enough to check a spec."""
-    sys.path.insert(0, str(ROOT / "examples" / "digits"))
+def untrained(digits, tmp_path_factory):
+    """The digits (tests/conftest.py) and the spec's ViT saved untrained: enough to check a spec."""
     import prepare
 
-    root = tmp_path_factory.mktemp("digits")
-    prepare.write_folders(root)
-    prepare.save_file(_vit().state_dict(), root / "vit.safetensors")
-    return root
+    folder = tmp_path_factory.mktemp("untrained")
+    prepare.save_file(_vit().state_dict(), folder / "vit.safetensors")
+    return digits, folder
 
 
 @pytest.fixture(scope="module")
-def trained(digits):
-    """The ViT trained on the digits for a few epochs: a teacher whose held-back loss means something."""
+def trained(digits, tmp_path_factory):
+    """The ViT trained on the digits for a few epochs: a teacher whose judged loss means something."""
     import prepare
 
     model = _vit()
     images, labels = prepare.read_folder(digits / "train")
     prepare.train(model, images, labels, epochs=10)
-    prepare.save_file(model.state_dict(), digits / "vit.safetensors")
-    return digits
+    folder = tmp_path_factory.mktemp("trained")
+    prepare.save_file(model.state_dict(), folder / "vit.safetensors")
+    return digits, folder
 
 
 def _vit():
@@ -60,9 +58,11 @@ def _vit():
                              num_classes=10)
 
 
-def write(folder, trained, budget="", finetune=FINETUNE):
+def write(folder, model, budget="", finetune=FINETUNE):
+    """The spec in `folder`, for `model`: (the digits' folder, the folder of its weights)."""
+    digits, weights = model
     path = folder / "m.evc"
-    path.write_text(SPEC.format(weights=trained / "vit.safetensors", digits=trained, budget=budget,
+    path.write_text(SPEC.format(weights=weights / "vit.safetensors", digits=digits, budget=budget,
                                 finetune=finetune))
     return path
 
@@ -169,32 +169,32 @@ def test_candidates_judged_in_two_worker_processes_score_as_one_process_does(tmp
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-3) and x["top1"] == y["top1"]
 
 
-def test_without_a_finetune_the_budget_judges_by_divergence(tmp_path, digits):
+def test_without_a_finetune_the_budget_judges_by_divergence(tmp_path, untrained):
     from evc.spec.check import parse_and_check
     from evc.spec.plan import recovering
 
-    plan = parse_and_check(write(tmp_path, digits, finetune="").read_text(), tmp_path / "m.evc")
+    plan = parse_and_check(write(tmp_path, untrained, finetune="").read_text(), tmp_path / "m.evc")
     assert recovering(plan.passes) is None
-    plan = parse_and_check(write(tmp_path, digits).read_text(), tmp_path / "m.evc")
+    plan = parse_and_check(write(tmp_path, untrained).read_text(), tmp_path / "m.evc")
     assert recovering(plan.passes)[0] == 2
 
 
-def test_judge_recovery_without_a_finetune_is_a_spec_error_at_the_key(tmp_path, digits):
-    message = check_fails(write(tmp_path, digits, ", judge = recovery", finetune=""))
+def test_judge_recovery_without_a_finetune_is_a_spec_error_at_the_key(tmp_path, untrained):
+    message = check_fails(write(tmp_path, untrained, ", judge = recovery", finetune=""))
     assert "m.evc:11:66:" in message and "judge = recovery needs a finetune after the passes it searches" in message
 
 
 @pytest.mark.parametrize("value, message", [("5M", "expected a duration (90s, 10min), found 5M"),
                                             ("0s", "out of range")])
-def test_a_time_limit_is_a_duration(tmp_path, digits, value, message):
-    assert message in check_fails(write(tmp_path, digits, f", time = {value}"))
+def test_a_time_limit_is_a_duration(tmp_path, untrained, value, message):
+    assert message in check_fails(write(tmp_path, untrained, f", time = {value}"))
 
 
-def test_a_time_limit_reads_seconds_and_minutes(tmp_path, digits):
+def test_a_time_limit_reads_seconds_and_minutes(tmp_path, untrained):
     from evc.spec.check import parse_and_check
 
     for written, seconds in (("90s", 90), ("10min", 600), ("500ms", 0.5)):
-        plan = parse_and_check(write(tmp_path, digits, f", time = {written}").read_text(), tmp_path / "m.evc")
+        plan = parse_and_check(write(tmp_path, untrained, f", time = {written}").read_text(), tmp_path / "m.evc")
         assert plan.budget.params["time"] == seconds
 
 
@@ -214,6 +214,6 @@ def test_the_held_back_split_takes_the_same_share_of_every_class_and_follows_the
     assert other.held != split.held
 
 
-def test_judge_data_naming_no_data_block_is_a_spec_error(tmp_path, digits):
-    message = check_fails(write(tmp_path, digits, ", judge_data = tune"))
+def test_judge_data_naming_no_data_block_is_a_spec_error(tmp_path, untrained):
+    message = check_fails(write(tmp_path, untrained, ", judge_data = tune"))
     assert "m.evc:11:" in message and "undefined data 'tune'" in message

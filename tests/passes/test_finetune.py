@@ -8,20 +8,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, check_fails, run_evc, small_spec, write_images
+from tests.conftest import check_fails, run_evc, small_spec, write_images
 
 FINETUNE = "finetune {{ data = train, epochs = 2, lr = 1e-3, batch = 16, {extra} }}"
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """scikit-learn's digits as class folders, at 32×32: a real task a 2-block ViT learns in seconds."""
-    sys.path.insert(0, str(ROOT / "examples" / "digits"))
-    import prepare
-
-    root = tmp_path_factory.mktemp("digits")
-    prepare.write_folders(root)
-    return root
 
 
 def spec_text(digits, extra="teacher = none, alpha = 0, augment = none"):
