@@ -452,6 +452,93 @@ FORMATS = (
         module='evc.targets.tflite',
         help='TFLite, converted with litert-torch, quantized with ai-edge-quantizer, checked in LiteRT.',
     ),
+    FormatInfo(
+        name='vela',
+        params=(
+            Param(
+                name='npu',
+                kind=Choice(
+                    options=(
+                        'u55_32',
+                        'u55_64',
+                        'u55_128',
+                        'u55_256',
+                        'u65_256',
+                        'u65_512',
+                        'u85_128',
+                        'u85_256',
+                        'u85_512',
+                        'u85_1024',
+                        'u85_2048',
+                    ),
+                ),
+                help="the Ethos-U and its MACs per cycle, as Vela names them (u55_128 is Vela's ethos-u55-128)",
+            ),
+            Param(
+                name='system',
+                kind=Choice(
+                    options=(
+                        'Ethos_U55_Deep_Embedded',
+                        'Ethos_U55_High_End_Embedded',
+                        'Ethos_U65_Embedded',
+                        'Ethos_U65_Mid_End',
+                        'Ethos_U65_High_End',
+                        'Ethos_U65_Client_Server',
+                        'Ethos_U85_SYS_Flash_Low',
+                        'Ethos_U85_SYS_Flash_High',
+                        'Ethos_U85_SYS_DRAM_Low',
+                        'Ethos_U85_SYS_DRAM_Mid',
+                        'Ethos_U85_SYS_DRAM_High',
+                    ),
+                ),
+                default=None,
+                help="Vela's system configuration (vela.ini): clocks and memory ports; default: Vela's for the NPU",
+            ),
+            Param(
+                name='memory_mode',
+                kind=Choice(
+                    options=(
+                        'Sram_Only',
+                        'Shared_Sram',
+                        'Dedicated_Sram',
+                        'Dedicated_Sram_256KB',
+                        'Dedicated_Sram_384KB',
+                        'Dedicated_Sram_512KB',
+                    ),
+                ),
+                default=None,
+                help="Vela's memory mode (vela.ini): where weights and tensors live; default: Vela's for the NPU",
+            ),
+            Param(
+                name='quantize',
+                kind=Choice(options=('int8',)),
+                default='int8',
+                help="full integer: int8 weights and activations (the `int16` parts' activations in int16)",
+            ),
+            Param(name='calibrate', kind=DataRef(), help='images that set activation ranges'),
+            Param(
+                name='int16',
+                kind=ListOf(item=Choice(options=('softmax', 'layernorm')), or_single=True),
+                default=(),
+                help="parts whose activations are int16 (16x8): softmax (every SOFTMAX), layernorm (each LayerNorm's ops)",
+            ),
+            Param(
+                name='min_cosine',
+                kind=Float(low=-1, high=1),
+                default=None,
+                help='worst cosine to PyTorch that passes a quantized mode (default: int8 0.6)',
+            ),
+            Param(
+                name='min_top1',
+                kind=Ratio(),
+                default=None,
+                help='top-1 agreement with PyTorch that passes a quantized mode (default: int8 0.75; not judged at random weights)',
+            ),
+        ),
+        module='evc.targets.vela',
+        help="Full-integer TFLite compiled by Vela for an Arm Ethos-U NPU, with Vela's estimate; parity in LiteRT.",
+        has_check=True,
+    ),
 )
 
 DEVICES = (
@@ -513,6 +600,14 @@ DEVICES = (
         help='a plain CPU with ONNX Runtime (onnx) or the LiteRT interpreter (tflite)',
         formats=('onnx', 'tflite'),
         templates='cpu',
+    ),
+    DeviceInfo(
+        name='ethos_u',
+        params=(),
+        module='evc.targets.ethos_u',
+        help='an Arm Ethos-U NPU, its latency and memory estimated by Vela',
+        formats=('vela',),
+        templates='ethos_u',
     ),
     DeviceInfo(
         name='jetson',

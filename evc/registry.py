@@ -15,7 +15,7 @@ parameters, on a class that implements its contract.
 The first line of the class's docstring is its help in `evc explain` and the
 README. What a plug-in can do beyond its contract is declared by the
 capabilities it inherits (`Gridded`, `Splitting`, `Recovering`, `Runtime`, `Placement`,
-`Export`, `RemoteBench`, `RemoteTimed`, `BoardTimed`), never probed; how a
+`Estimated`, `Export`, `RemoteBench`, `RemoteTimed`, `BoardTimed`), never probed; how a
 budget searches a pass is its `knob`. A registration that breaks the contract fails at import.
 
 `evc check` reads the declarations from a generated table (evc/plugins.py)
@@ -113,6 +113,15 @@ class Placement(ABC):
     @abstractmethod
     def placement(self, program, target) -> dict:
         """The operator check: counts per place and every node kept off the accelerator."""
+
+
+class Estimated(ABC):
+    """Capability of a format: a compiler here estimates its artifact's latency on the device (Vela's cycles at the
+    system's clock), so a latency table is built from estimates and a latency budget checked against one."""
+
+    @abstractmethod
+    def estimated_ms(self, artifact: Path) -> float:
+        """The estimated ms of one inference of `artifact`, a path `lower` returned."""
 
 
 class Export(ABC):

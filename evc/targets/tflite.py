@@ -59,6 +59,9 @@ from evc.targets._quantized import check_quantized, parity_thresholds, threshold
 from evc.targets.artifact import Artifact
 
 MODES = ("none", "float16", "dynamic", "int8")
+# What int16 parts name to ai-edge-quantizer: (a regex on the op's name, its operation). litert-torch names each
+# op after the module that made it, so a LayerNorm's ops (MEAN, SQUARED_DIFFERENCE, RSQRT, ...) carry "LayerNorm".
+INT16_PARTS = {"softmax": (".*", "SOFTMAX"), "layernorm": (".*LayerNorm.*", "ALL_SUPPORTED")}
 # Per quantized mode: (worst cosine, top-1 agreement); the docstring says why.
 THRESHOLDS = {"float16": (0.9999, 0.99), "dynamic": (0.99, 0.9), "int8": (0.6, 0.75)}
 
@@ -121,8 +124,9 @@ def convert(program) -> bytes:
         return litert_torch.convert(module, sample_kwargs={"input": program.example()}).model_content()
 
 
-def quantize(model: bytes, mode: str, calibration=None) -> bytes:
-    """`model` (fp32 TFLite) rewritten by ai-edge-quantizer: float16, dynamic, or int8 calibrated on images."""
+def quantize(model: bytes, mode: str, calibration=None, int16=()) -> bytes:
+    """`model` (fp32 TFLite) rewritten by ai-edge-quantizer: float16, dynamic, or int8 calibrated on images; at
+    int8, the `int16` parts (softmax, layernorm) with int16 activations (16x8)."""
     with quiet():
         from ai_edge_quantizer import qtyping, quantizer, recipe
         from ai_edge_quantizer.algorithm_manager import AlgorithmName
@@ -133,6 +137,9 @@ def quantize(model: bytes, mode: str, calibration=None) -> bytes:
                                      algorithm_key=AlgorithmName.FLOAT_CASTING)
         else:
             q.load_quantization_recipe(recipe.dynamic_wi8_afp32() if mode == "dynamic" else recipe.static_wi8_ai8())
+        for part in int16:  # later configs win over the recipe's for the ops they match
+            regex, op = INT16_PARTS[part]
+            q.add_static_config(regex, getattr(qtyping.TFLOperationName, op), 16, 8)
         ranges = None
         if q.need_calibration:
             ranges = q.calibrate({"serving_default": [{"input": x[None]} for x in calibration]})
