@@ -143,6 +143,7 @@ def cmd_build(args) -> int:
 
     from evc.progress import Progress
     from evc.runtime.parity import describe
+    from evc.tools.report import estimate_line
 
     rank = _join_torchrun()
     progress = Progress(Console(stderr=True, quiet=rank != 0))
@@ -160,6 +161,8 @@ def cmd_build(args) -> int:
         print(f"{state}: {result.bundle}")
         for a in result.manifest["artifacts"]:
             print(f"    {a['path']}: {a['size'] / 1e6:.1f} MB, parity {describe(a['parity'], a.get('gate'))}")
+            if "ethos_u" in a:
+                print(f"    {estimate_line(a['ethos_u'])}")
     if results:
         print(f"report: {results[0].bundle.parent / 'report.html'}")
     if args.pin:

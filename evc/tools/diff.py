@@ -12,8 +12,10 @@ else results/evc_bench.json, what the last `evc bench` of the bundle saved):
 
     macs, params     the compressed model's totals (params_macs.after.total)
     size             the artifacts' bytes, summed
-    latency          ms: bench.json's (or evc_bench.json's) first row, else the evaluate block's
-                     ONNX Runtime median
+    latency          ms: bench.json's (or evc_bench.json's) first row, else Vela's estimate (an
+                     Ethos-U bundle), else the evaluate block's ONNX Runtime median
+    cpu_ops          an Ethos-U bundle's operators Vela left to the CPU
+    sram             an Ethos-U bundle's peak SRAM bytes, as Vela estimates them
     top1, top5, ...  the compressed model's accuracy with an evaluate block, in percentage points
     cosine           the worst parity cosine of the artifacts
     max_abs_diff     the largest parity max abs difference of the artifacts
@@ -36,7 +38,7 @@ from evc.errors import InputError
 from evc.layout import BENCH_RESULTS, MANIFEST
 
 BENCH = "bench.json"
-METRICS = ("macs", "params", "size", "latency", "cosine", "max_abs_diff", "agreement")  # and top1, top5, ...
+METRICS = ("macs", "params", "size", "latency", "cosine", "max_abs_diff", "agreement", "cpu_ops", "sram")  # and top1, top5, ...
 _THRESHOLD = re.compile(r"^\s*([a-z_0-9]+)\s*([+-])\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
 
 
@@ -128,9 +130,15 @@ def figures(path: Path) -> dict[str, float]:
     for key, value in compressed.items():
         if re.fullmatch(r"top\d+", key):
             out[key] = 100 * value
+    estimate = next((a["ethos_u"] for a in artifacts if isinstance(a.get("ethos_u"), dict)), None)
+    if estimate is not None:
+        out["cpu_ops"] = estimate["ops"]["cpu"]
+        out["sram"] = estimate["memory"].get("Sram", 0)
     latency = _bench_latency(path.parent / BENCH)
     if latency is None:
         latency = _saved_latency(path.parent / BENCH_RESULTS)
+    if latency is None and estimate is not None:
+        latency = estimate["inference_ms"]
     if latency is None:
         latency = compressed.get("latency_ms")
     if latency is not None:
@@ -194,6 +202,8 @@ def _source(metric: str) -> str:
                ".latency_ms (an evaluate block)"
     if metric.startswith("top"):
         return f"key 'evaluation.compressed.{metric}': the spec needs an evaluate block with {metric[3:]} in top"
+    if metric in ("cpu_ops", "sram"):
+        return "no Vela estimate: not an Ethos-U bundle (device = ethos_u)"
     if metric == "agreement":
         return "no artifact's parity has a top-1 agreement: none was checked, or each output is a map"
     return "no artifact with key 'parity' in its manifest"
@@ -232,6 +242,10 @@ def _shown(metric: str, value: float | None) -> str:
         return f"{value / 1e6:.3f} M"
     if metric == "size":
         return f"{value / 1e6:.3f} MB"
+    if metric == "sram":
+        return f"{value / 1024:.1f} KiB"
+    if metric == "cpu_ops":
+        return f"{value:.0f}"
     if metric == "latency":
         return f"{value:.3f} ms"
     if metric.startswith("top") or metric == "agreement":

@@ -8,7 +8,8 @@ It reads what the build and the benchmarks left: each bundle's manifest.json
 pruning groups, frozen ones with why; parity; accuracy; the budget's search),
 an X5 bundle's op_check.json, and the figures benchmarks wrote into bundles
 (`evc bench`'s results/evc_bench.json, an X5's results.json, a phone's
-results/results.jsonl, a Jetson's results/results.json).
+results/results.jsonl, a Jetson's results/results.json), and an Ethos-U bundle's
+Vela estimate (its latency, and its operator placement from ethos_u.json).
 Charts are Vega-Lite specs made with altair, drawn by vega-embed, whose
 JavaScript vl-convert bundles and the page carries inline.
 """
@@ -25,7 +26,7 @@ from evc.layout import BENCH_RESULTS, MANIFEST, read_manifest
 
 REPORT = "report.html"
 PARTS = ("attention", "mlp", "tokens")
-PLACES = ("bpu", "cpu", "folded", "unsupported")
+PLACES = ("bpu", "npu", "cpu", "folded", "unsupported")
 KINDS = ["original", "compressed", "artifact"]
 
 
@@ -113,11 +114,38 @@ def _target(folder: Path, manifest: dict) -> dict:
         if check:
             report = folder / Path(artifact["path"]).parent / check["report"]
             nodes = json.loads(report.read_text())["nodes"] if report.is_file() else check["cpu"]
-            placement = {"artifact": artifact["path"], "march": check["march"], "summary": check["summary"],
+            s = check["summary"]
+            placement = {"artifact": artifact["path"], "march": check["march"], "summary": s, "accelerator": "BPU",
+                         "line": f"{s['bpu']} on the BPU, {s['cpu']} on the CPU, {s['unsupported']} unsupported, "
+                                 f"{s['folded']} folded",
                          "nodes": nodes, "off": check["cpu"] + check["unsupported"]}
+        if artifact.get("ethos_u"):
+            placement = _npu_placement(folder, artifact["ethos_u"])
     return {"name": manifest["target"]["name"], "folder": folder, "device": manifest["target"]["device"],
             "format": manifest["target"]["format"], "artifacts": manifest["artifacts"],
             "latency": latency_rows(folder, manifest), "placement": placement}
+
+
+def _npu_placement(folder: Path, estimate: dict) -> dict:
+    """Vela's placement of an Ethos-U bundle's model: operators by type on the NPU and the CPU (ethos_u.json), and
+    each CPU operator with Vela's reasons."""
+    summary = folder / estimate["summary"]
+    by_op = json.loads(summary.read_text())["by_op"] if summary.is_file() else {}
+    nodes = [{"op": op, "on": place} for op, places in by_op.items() for place, n in places.items() for _ in range(n)]
+    return {"artifact": estimate["files"]["model"], "accelerator": "NPU",
+            "march": f"{estimate['accelerator']}, {estimate['system']}, {estimate['memory_mode']}",
+            "summary": estimate["ops"], "line": f"{estimate['ops']['npu']} on the NPU, {estimate['ops']['cpu']} on "
+                                                 "the CPU",
+            "nodes": nodes, "off": [{"node": op["output"], "op": op["op"], "on": "cpu", "why": "; ".join(op["reasons"])}
+                                    for op in estimate["cpu_ops"]]}
+
+
+def estimate_line(estimate: dict) -> str:
+    """Vela's estimate in one line, as `evc build` prints it under the artifact."""
+    memory = ", ".join(f"{name} {size / 1024:.0f} KiB" for name, size in estimate["memory"].items())
+    return (f"Vela, {estimate['accelerator']} ({estimate['system']}, {estimate['memory_mode']}): "
+            f"{estimate['inference_ms']:.3f} ms, {estimate['ops']['npu']} ops on the NPU, {estimate['ops']['cpu']} on "
+            f"the CPU; {memory}")
 
 
 def _result_files(folder: Path) -> list[Path]:
@@ -131,6 +159,10 @@ def latency_rows(folder: Path, manifest: dict) -> list[dict]:
     here, board, jetson, phone = _result_files(folder)
     first = manifest["artifacts"][0]
     rows = []
+    estimate = first.get("ethos_u")
+    if estimate:  # no board reached: Vela's estimate is the bundle's latency
+        rows.append({"artifact": estimate["files"]["model"], "threads": None, "latency_ms": estimate["inference_ms"],
+                     "statistic": "estimate", "where": f"Vela ({estimate['accelerator']}, {estimate['system']})"})
     if here.is_file():
         record = json.loads(here.read_text())
         rows += [{"artifact": r["artifact"], "threads": r["threads"], "latency_ms": r["median_ms"],
