@@ -11,7 +11,9 @@ runtime's call cost: a model of no block would not lower). Each is timed in
 the target's runtime here, taking turns run by run, at the target's first
 thread count.
 
-Measured here for targets whose device is this machine (`device = cpu`, ONNX
+Estimated for a format whose compiler estimates its artifact's latency
+(`Estimated`: Vela's cycles for an Ethos-U NPU at its system's clock), with no
+device and no timing. Measured here for targets whose device is this machine (`device = cpu`, ONNX
 Runtime or LiteRT); for a device timed from here (`RemoteTimed`: a phone over
 adb, by TFLite's benchmark_model), on it, one model after another (`evc
 profile --serial`). A device evc does not reach (`BoardTimed`) gets a board
@@ -66,7 +68,7 @@ def table_for(plan, target_name: str, program, cache, load_key: str, progress, s
     import json
 
     from evc.context import Context
-    from evc.registry import DEVICES, FORMATS, BoardTimed, RemoteTimed, Runtime
+    from evc.registry import DEVICES, FORMATS, BoardTimed, Estimated, RemoteTimed, Runtime
 
     target = next(t for t in plan.targets if t.name == target_name)
     fmt = FORMATS[target.format].plugin
@@ -93,6 +95,12 @@ def table_for(plan, target_name: str, program, cache, load_key: str, progress, s
             paths = lowered(grid_models(program), lower, Path(folder))
             times = device.time(phone, binary, paths, target.params, threads)
         table = replace(table_of(program, times, threads), runtime=f"{target.format} on {serial}")
+    elif isinstance(fmt, Estimated):  # a compiler's estimate (Vela's): no device, no timing
+        with progress.stage(f"profile target '{target.name}': a latency table from {target.format}'s estimates"), \
+                tempfile.TemporaryDirectory() as folder:
+            paths = lowered(grid_models(program), lower, Path(folder))
+            times = {key: fmt.estimated_ms(path) for key, path in paths.items()}
+        table = replace(table_of(program, times, threads), runtime=f"{target.format} estimate")
     elif not isinstance(device, BoardTimed) and isinstance(fmt, Runtime):
         with progress.stage(stage):
             table, _ = measure(program, lower, fmt.session, threads, target.params["runs"], target.params["warmups"])

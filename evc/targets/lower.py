@@ -22,7 +22,7 @@ from evc.cache import Cache
 from evc.context import Context
 from evc.errors import BuildError, EvcError, first_line
 from evc.progress import Progress
-from evc.registry import FORMATS, Runtime
+from evc.registry import FORMATS, Estimated, Runtime
 from evc.spec.plan import DataPlan, Plan, TargetPlan
 
 CHECKED = "lowered.json"  # the validation record, kept with the cached artifacts
@@ -88,10 +88,12 @@ def lower(plan: Plan, target: TargetPlan, compiled, folder: Path, progress: Prog
     checked = {"artifacts": [a.describe(folder) for a in artifacts], "output_shape": list(output.shape),
                "validation": validation}
     budget = compiled.budget
-    if budget and budget["metric"] == "latency" and budget["on"] == target.name and target.device == "cpu" \
-            and not failures:  # a phone's model is timed on the phone: evc bench --serial
-        checked["latency"] = _timed(plan, target, fmt, folder / artifacts[0].path, program, budget, progress,
-                                    original)
+    if budget and budget["metric"] == "latency" and budget["on"] == target.name and not failures:
+        path = folder / artifacts[0].path
+        if isinstance(fmt, Estimated):
+            checked["latency"] = _estimated(plan, target, fmt, path, program, budget, progress, original)
+        elif target.device == "cpu":  # a phone's model is timed on the phone: evc bench --serial
+            checked["latency"] = _timed(plan, target, fmt, path, program, budget, progress, original)
     (folder / CHECKED).write_text(json.dumps(checked, indent=2) + "\n")
     if failures:
         kept = Path(tempfile.mkdtemp(prefix="evc-failed-"))
@@ -154,6 +156,24 @@ def _timed(plan: Plan, target: TargetPlan, fmt: Runtime, path: Path, program, bu
     return {"budget_ms": budget["target"], "predicted_ms": predicted, "measured_ms": times["model"],
             "loaded_measured_ms": times["loaded"], "predicted_share": predicted / budget["loaded_ms"],
             "measured_share": times["model"] / times["loaded"], "threads": threads}
+
+
+def _estimated(plan: Plan, target: TargetPlan, fmt: Estimated, path: Path, program, budget: dict,
+               progress: Progress, whole) -> dict:
+    """The artifact a latency budget was searched for, its latency estimated as its table's was (Vela's), beside
+    the model as loaded, lowered alike: predicted against estimated, in ms and as a share of the loaded model's,
+    and whether the estimate meets the budget."""
+    from evc.ir.latency import Table
+
+    table = Table.from_dict(budget["table"])
+    with progress.stage(f"estimate {path.name} against the latency budget"), \
+            tempfile.TemporaryDirectory() as folder:
+        reference = Path(folder) / fmt.lower(whole, target, Path(folder), Context(plan, progress, whole))[0].path
+        estimated, loaded = fmt.estimated_ms(path), fmt.estimated_ms(reference)
+    predicted = table.predict(program.structure)
+    return {"budget_ms": budget["target"], "predicted_ms": predicted, "estimated_ms": estimated,
+            "loaded_estimated_ms": loaded, "predicted_share": predicted / budget["loaded_ms"],
+            "estimated_share": estimated / loaded, "met": estimated <= budget["target"]}
 
 
 def _validate(plan: Plan, target: TargetPlan, compiled, fmt: Runtime, folder: Path, artifacts, progress: Progress,
