@@ -91,7 +91,7 @@ def lower(plan: Plan, target: TargetPlan, compiled, folder: Path, progress: Prog
     if budget and budget["metric"] == "latency" and budget["on"] == target.name and not failures:
         path = folder / artifacts[0].path
         if isinstance(fmt, Estimated):
-            checked["latency"] = _estimated(plan, target, fmt, path, program, budget, progress, original)
+            checked["latency"] = _estimated(fmt, path, program, budget)
         elif target.device == "cpu":  # a phone's model is timed on the phone: evc bench --serial
             checked["latency"] = _timed(plan, target, fmt, path, program, budget, progress, original)
     (folder / CHECKED).write_text(json.dumps(checked, indent=2) + "\n")
@@ -158,22 +158,17 @@ def _timed(plan: Plan, target: TargetPlan, fmt: Runtime, path: Path, program, bu
             "measured_share": times["model"] / times["loaded"], "threads": threads}
 
 
-def _estimated(plan: Plan, target: TargetPlan, fmt: Estimated, path: Path, program, budget: dict,
-               progress: Progress, whole) -> dict:
-    """The artifact a latency budget was searched for, its latency estimated as its table's was (Vela's), beside
-    the model as loaded, lowered alike: predicted against estimated, in ms and as a share of the loaded model's,
+def _estimated(fmt: Estimated, path: Path, program, budget: dict) -> dict:
+    """The artifact a latency budget was searched for, its latency estimated as its table's was (Vela's): predicted
+    against estimated, in ms and as a share of the model as loaded (whose estimate is the table's widest point),
     and whether the estimate meets the budget."""
     from evc.ir.latency import Table
 
-    table = Table.from_dict(budget["table"])
-    with progress.stage(f"estimate {path.name} against the latency budget"), \
-            tempfile.TemporaryDirectory() as folder:
-        reference = Path(folder) / fmt.lower(whole, target, Path(folder), Context(plan, progress, whole))[0].path
-        estimated, loaded = fmt.estimated_ms(path), fmt.estimated_ms(reference)
-    predicted = table.predict(program.structure)
+    predicted = Table.from_dict(budget["table"]).predict(program.structure)
+    estimated = fmt.estimated_ms(path)
     return {"budget_ms": budget["target"], "predicted_ms": predicted, "estimated_ms": estimated,
-            "loaded_estimated_ms": loaded, "predicted_share": predicted / budget["loaded_ms"],
-            "estimated_share": estimated / loaded, "met": estimated <= budget["target"]}
+            "loaded_estimated_ms": budget["loaded_ms"], "predicted_share": predicted / budget["loaded_ms"],
+            "estimated_share": estimated / budget["loaded_ms"], "met": estimated <= budget["target"]}
 
 
 def _validate(plan: Plan, target: TargetPlan, compiled, fmt: Runtime, folder: Path, artifacts, progress: Progress,

@@ -38,7 +38,8 @@ from evc.errors import InputError
 from evc.layout import BENCH_RESULTS, MANIFEST
 
 BENCH = "bench.json"
-METRICS = ("macs", "params", "size", "latency", "cosine", "max_abs_diff", "agreement", "cpu_ops", "sram")  # and top1, top5, ...
+# and top1, top5, ...
+METRICS = ("macs", "params", "size", "latency", "cosine", "max_abs_diff", "agreement", "cpu_ops", "sram")
 _THRESHOLD = re.compile(r"^\s*([a-z_0-9]+)\s*([+-])\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
 
 

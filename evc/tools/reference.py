@@ -62,8 +62,8 @@ def reference() -> str:
                  "every artifact with a runtime here", *_table(EVALUATE_PARAMS),
              "", "### `target NAME { ... }` (one or more)", *_table(TARGET_PARAMS)]
     for device in sorted(DEVICES.values(), key=lambda d: d.name):
-        lines += ["", f"#### `device = {device.name}`: {device.help} (formats: {', '.join(device.formats)})",
-                  *_table(device.params)]
+        heading = f"#### `device = {device.name}`: {device.help} (formats: {', '.join(device.formats)})"
+        lines += ["", heading, *(_table(device.params) if device.params else ["", "No keys of its own."])]
     for fmt in sorted(FORMATS.values(), key=lambda f: f.name):
         lines += ["", f"#### `format = {fmt.name}`: {fmt.help}", *_table(fmt.params)]
     lines += ["", "### `compress { PASS { ... } ... }` (at most one; passes run in the order written)",
