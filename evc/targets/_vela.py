@@ -132,7 +132,9 @@ def compile_tflite(tflite: Path, npu: str, system: str | None = None, memory_mod
 def _placement(source: Path, compiled: Path, reasons: dict) -> dict:
     """Operators by place: every operator of the input model that Vela's output keeps as itself runs on the CPU
     (with Vela's reasons); the rest Vela took into its NPU custom operators."""
-    before, after = _operators(source), _operators(compiled)
+    from evc.targets.tflite import operators
+
+    before, after = operators(source), operators(compiled)
     on_cpu = {(op, out) for op, out in after if op != CUSTOM_OP}
     cpu = [{"op": op, "output": out, "reasons": reasons.get(out, [])} for op, out in before if (op, out) in on_cpu]
     by_op: dict[str, dict[str, int]] = {}
@@ -141,24 +143,6 @@ def _placement(source: Path, compiled: Path, reasons: dict) -> dict:
         by_op.setdefault(op, {"npu": 0, "cpu": 0})[place] += 1
     return {"ops": {"npu": len(before) - len(cpu), "cpu": len(cpu)}, "by_op": dict(sorted(by_op.items())),
             "cpu_ops": cpu, "npu_parts": sum(op == CUSTOM_OP for op, _ in after)}
-
-
-def _operators(path: Path) -> list[tuple[str, str]]:
-    """(operator name, its first output tensor's name) for each operator of a .tflite's first subgraph."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
-    model = schema.Model.GetRootAs(path.read_bytes(), 0)
-    graph = model.Subgraphs(0)
-    ops = []
-    for j in range(graph.OperatorsLength()):
-        op = graph.Operators(j)
-        code = model.OperatorCodes(op.OpcodeIndex())
-        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        name = code.CustomCode().decode() if builtin == schema.BuiltinOperator.CUSTOM else names[builtin]
-        output = graph.Tensors(op.Outputs(0)).Name().decode() if op.OutputsLength() else ""
-        ops.append((name, output))
-    return ops
 
 
 def _reasons(text: str) -> dict[str, list[str]]:
