@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from evc.cache import Cache
@@ -155,8 +156,8 @@ def show(plan: Plan, record: dict, console: Console) -> None:
     for t in record["targets"]:
         given = ", ".join(filter(None, [_entries(t["written"]), _entries(t["defaults"]) and
                                         f"defaults: {_entries(t['defaults'])}"]))
-        console.print(f"[bold]target[/] {t['name']}: {DEVICES[t['device']].help or t['device']}, "
-                      f"{FORMATS[t['format']].help} ({given})", highlight=False)
+        console.print(f"[bold]target[/] {escape(t['name'])}: {escape(DEVICES[t['device']].help or t['device'])}, "
+                      f"{escape(FORMATS[t['format']].help)} ({escape(given)})", highlight=False)
         if t["placement"] is not None:
             console.print(placement_text(t["placement"]), markup=False, highlight=False)
 
