@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 
 from evc.errors import BuildError
-from evc.registry import Estimated, Format, Runtime, register_format
+from evc.registry import Estimated, Format, Placement, Runtime, register_format
 from evc.spec.params import Choice, DataRef, Invalid, ListOf, Param
 from evc.targets._quantized import check_quantized, parity_thresholds, threshold_params
 from evc.targets.artifact import Artifact
@@ -72,29 +72,32 @@ def _check(values: dict, spans: dict, device: str) -> None:
     *threshold_params(THRESHOLDS),
     check=_check,
 )
-class Vela(Format, Runtime, Estimated):
+class Vela(Format, Runtime, Estimated, Placement):
     """Full-integer TFLite compiled by Vela for an Arm Ethos-U NPU, with Vela's estimate; parity in LiteRT."""
 
     def lower(self, program, target, out_dir: Path, ctx) -> list[Artifact]:
-        from evc.targets._ethos_native import for_the_npu
-        from evc.targets._vela import compile_tflite
-        from evc.targets.tflite import convert, describe_ops, io_types, quantize
+        from evc.targets.tflite import describe_ops, io_types
 
         params = target.params
-        lowered, rewrites = for_the_npu(program)
-        model = quantize(convert(lowered), "int8", ctx.images(params["calibrate"]), int16=params["int16"])
-        path = out_dir / MODEL
-        path.write_bytes(model)
-        estimate = compile_tflite(path, params["npu"], params["system"], params["memory_mode"], out_dir)
-        record = {**estimate, "rewrites": rewrites, "files": {"model": COMPILED, "per_layer": "vela_per_layer.csv",
-                                                              "summary": "vela_summary.csv"}}
-        (out_dir / SUMMARY).write_text(json.dumps(record, indent=1) + "\n")
-        if estimate["ops"]["npu"] == 0:
+        path, record = compiled(program, params, ctx.images(params["calibrate"]), out_dir)
+        if record["ops"]["npu"] == 0:
             raise BuildError(f"target '{target.name}': Vela placed no operator on the {params['npu']} NPU")
         thresholds = parity_thresholds(params, THRESHOLDS, random_weights=ctx.random_weights)
         return [Artifact(Path(MODEL), "tflite", details={
             "quantize": "int8", "int16": list(params["int16"]), "parity_thresholds": thresholds,
-            "io": io_types(path), **describe_ops(path), "ethos_u": _manifest_record(record)})]
+            "io": io_types(path), **describe_ops(path), "ethos_u": _manifest_record(record),
+            "placement": placement_of(record)})]
+
+    def placement(self, program, target) -> dict:
+        """Vela's placement of `program` for `target`, writing no bundle: calibrated on random images, as where
+        an operator runs does not depend on its ranges."""
+        import tempfile  # here, as plug-ins stay light to import (evc.registry)
+
+        import numpy as np
+
+        images = np.random.default_rng(0).standard_normal((4, *program.input.shape[1:]), dtype=np.float32)
+        with tempfile.TemporaryDirectory() as tmp:
+            return placement_of(compiled(program, target.params, images, Path(tmp))[1])
 
     def session(self, path: Path, threads: int | None = None):
         """run(x) for one input batch of the int8 model, in the LiteRT interpreter on this machine's CPU."""
@@ -108,6 +111,31 @@ class Vela(Format, Runtime, Estimated):
     def estimated_ms(self, artifact: Path) -> float:
         """Vela's estimate of one inference, as `lower` recorded it beside the artifact."""
         return json.loads((artifact.parent / SUMMARY).read_text())["inference_ms"]
+
+
+def compiled(program, params: dict, images, out_dir: Path) -> tuple[Path, dict]:
+    """`program` rewritten for the NPU, converted, quantized (calibrated on `images`) into out_dir/model.tflite and
+    compiled by Vela as `params` say; (that path, the record ethos_u.json keeps)."""
+    from evc.targets._ethos_native import for_the_npu
+    from evc.targets._vela import compile_tflite
+    from evc.targets.tflite import convert, quantize
+
+    lowered, rewrites = for_the_npu(program)
+    path = out_dir / MODEL
+    path.write_bytes(quantize(convert(lowered), "int8", images, int16=params["int16"]))
+    estimate = compile_tflite(path, params["npu"], params["system"], params["memory_mode"], out_dir)
+    record = {**estimate, "rewrites": rewrites, "files": {"model": COMPILED, "per_layer": "vela_per_layer.csv",
+                                                          "summary": "vela_summary.csv"}}
+    (out_dir / SUMMARY).write_text(json.dumps(record, indent=1) + "\n")
+    return path, record
+
+
+def placement_of(record: dict) -> dict:
+    """Vela's placement as `evc explain` shows an operator check: counts by place, each CPU operator and why."""
+    return {"march": f"{record['accelerator']}, {record['system']}, {record['memory_mode']}",
+            "summary": dict(record["ops"]), "unsupported": [],
+            "cpu": [{"node": op["output"], "op": op["op"], "on": "cpu", "why": "; ".join(op["reasons"])}
+                    for op in record["cpu_ops"]]}
 
 
 def _manifest_record(record: dict) -> dict:

@@ -92,14 +92,16 @@ def _compiled(plan: Plan, cache: Cache, keys: Keys, placements: dict) -> tuple[d
 
 
 def _cached_placement(cache: Cache, keys: Keys, target: TargetPlan) -> dict | None:
-    """The operator check a build of this target kept with its cached artifacts, or None."""
+    """The operator check (an Ethos-U target's: Vela's placement) a build of this target kept with its cached
+    artifacts, or None."""
     from evc.targets.lower import CHECKED
 
     hit = cache.get("lower", keys.lower[target.name])
     if hit is None:
         return None
     checked = json.loads((hit / CHECKED).read_text())
-    return next((a["op_check"] for a in checked["artifacts"] if "op_check" in a), None)
+    return next((a.get("op_check") or a["placement"] for a in checked["artifacts"]
+                 if "op_check" in a or "placement" in a), None)
 
 
 def _weights(plan: Plan) -> str:

@@ -166,6 +166,19 @@ def test_int16_parts_make_the_softmax_int16_and_vela_still_runs_it_on_the_u55(de
 
 
 @pytest.mark.slow
+def test_explain_shows_vela_s_placement_from_the_build_cache(deit):
+    spec = deit["u55"].bundle.parent.parent.parent / "spec.evc"
+    done = run_evc("explain", spec, "--out", spec.parent / "out", "--json")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["cached"]
+    placement = {t["name"]: t["placement"] for t in record["targets"]}
+    ops = deit["u85"].manifest["artifacts"][0]["ethos_u"]["ops"]
+    assert placement["u85"]["summary"] == ops and placement["u85"]["cpu"] == []
+    assert placement["u55"]["march"] == "ethos-u55-128, Ethos_U55_High_End_Embedded, Shared_Sram"
+
+
+@pytest.mark.slow
 def test_estimate_takes_a_tflite_and_an_npu_for_any_config(deit):
     """What benchmarks/npu.py calls: a .tflite path and an NPU, no build."""
     result = estimate(deit["u55"].bundle / "model.tflite", "u65_256")
