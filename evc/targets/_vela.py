@@ -18,12 +18,15 @@ lines); those are read back and attached to the operator by its output tensor.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
 
+FACTS_PATH = Path(__file__).parent / "devices" / "ethos_u.json"  # vela_facts(), as the installed Vela last said
+FACTS = json.loads(FACTS_PATH.read_text())
 VELA_INI = ("Arm", "vela.ini")
 DEFAULT = "internal-default"  # Vela's ArchitectureFeatures.DEFAULT_CONFIG: its own default for the NPU
 CUSTOM_OP = "ethos-u"  # the custom operator Vela writes for each part it runs on the NPU
@@ -223,8 +226,6 @@ class _captured:
 
 
 if __name__ == "__main__":  # write devices/ethos_u.json again from the installed Vela
-    import json
-
     from evc.atomic import write_text
 
-    write_text(Path(__file__).parent / "devices" / "ethos_u.json", json.dumps(vela_facts(), indent=1) + "\n")
+    write_text(FACTS_PATH, json.dumps(vela_facts(), indent=1) + "\n")

@@ -10,17 +10,15 @@ format reads them to check a spec and compiles with Vela's own API.
 No board is reached from here: the latency is Vela's estimate.
 """
 
-import json
-from pathlib import Path
-
 from evc.registry import Device, register_device
+from evc.targets._vela import FACTS
 
 
 @register_device(
     "ethos_u",
     formats=("vela",),
     templates="ethos_u",
-    facts=json.loads((Path(__file__).parent / "devices" / "ethos_u.json").read_text()),
+    facts=FACTS,
 )
 class EthosU(Device):
     """an Arm Ethos-U NPU, its latency and memory estimated by Vela"""

@@ -33,10 +33,10 @@ from evc.errors import BuildError
 from evc.registry import Estimated, Format, Placement, Runtime, register_format
 from evc.spec.params import Choice, DataRef, Invalid, ListOf, Param
 from evc.targets._quantized import check_quantized, parity_thresholds, threshold_params
+from evc.targets._vela import FACTS
 from evc.targets.artifact import Artifact
 
 MODEL, COMPILED, SUMMARY = "model.tflite", "model_vela.tflite", "ethos_u.json"
-FACTS = json.loads((Path(__file__).parent / "devices" / "ethos_u.json").read_text())
 # The same quantizer as the tflite format's int8, so the same thresholds (evc/targets/tflite.py says where
 # they come from); int16 parts measured on the reduced DeiT-Tiny: 0.91 (softmax), 0.88 (softmax, layernorm).
 THRESHOLDS = {"int8": (0.6, 0.75)}
