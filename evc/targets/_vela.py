@@ -135,7 +135,7 @@ def compile_tflite(tflite: Path, npu: str, system: str | None = None, memory_mod
 def _placement(source: Path, compiled: Path, reasons: dict) -> dict:
     """Operators by place: every operator of the input model that Vela's output keeps as itself runs on the CPU
     (with Vela's reasons); the rest Vela took into its NPU custom operators."""
-    from evc.targets.tflite import operators
+    from evc.targets._flatbuffer import operators
 
     before, after = operators(source), operators(compiled)
     on_cpu = {(op, out) for op, out in after if op != CUSTOM_OP}

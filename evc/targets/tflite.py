@@ -151,34 +151,14 @@ def describe_ops(path: Path) -> dict:
     """Every op of a .tflite: its count, whether it is a builtin, whether it needs the Flex delegate."""
     from ai_edge_litert import schema_py_generated as schema
 
+    from evc.targets._flatbuffer import operators
+
     counts = Counter(name for name, _ in operators(path))
     builtins = {name for name in vars(schema.BuiltinOperator) if not name.startswith("_")} - {"CUSTOM"}
     # The converter names a TensorFlow op it keeps as a custom op "Flex<Op>".
     ops = {name: {"count": n, "builtin": name in builtins, "flex": name.startswith("Flex")}
            for name, n in sorted(counts.items())}
     return {"ops": ops, "needs_flex": any(op["flex"] for op in ops.values())}
-
-
-def operators(path: Path) -> list[tuple[str, str]]:
-    """(op name, its first output tensor's name) for every op of a .tflite, subgraph by subgraph; a custom op
-    by its custom code."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    builtin_names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
-    model = schema.Model.GetRootAs(path.read_bytes(), 0)
-    names = []
-    for i in range(model.OperatorCodesLength()):
-        code = model.OperatorCodes(i)
-        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())  # older files fill only the deprecated one
-        names.append(code.CustomCode().decode() if builtin == schema.BuiltinOperator.CUSTOM
-                     else builtin_names[builtin])
-    ops = []
-    for graph in (model.Subgraphs(i) for i in range(model.SubgraphsLength())):
-        for j in range(graph.OperatorsLength()):
-            op = graph.Operators(j)
-            output = graph.Tensors(op.Outputs(0)).Name().decode() if op.OutputsLength() else ""
-            ops.append((names[op.OpcodeIndex()], output))
-    return ops
 
 
 def io_types(path: Path) -> dict:
