@@ -13,8 +13,8 @@ thread count.
 
 Estimated for a format whose compiler estimates its artifact's latency
 (`Estimated`: Vela's cycles for an Ethos-U NPU at its system's clock), with no
-device and no timing. Measured here for targets whose device is this machine (`device = cpu`, ONNX
-Runtime or LiteRT); for a device timed from here (`RemoteTimed`: a phone over
+device and no timing. Measured here for targets whose device is this machine
+(`device = cpu`, ONNX Runtime or LiteRT); for a device timed from here (`RemoteTimed`: a phone over
 adb, by TFLite's benchmark_model), on it, one model after another (`evc
 profile --serial`). A device evc does not reach (`BoardTimed`) gets a board
 kit instead (evc.bundle.kit). The blocks must be alike (a plain ViT or DeiT):

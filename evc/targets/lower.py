@@ -91,7 +91,11 @@ def lower(plan: Plan, target: TargetPlan, compiled, folder: Path, progress: Prog
     if budget and budget["metric"] == "latency" and budget["on"] == target.name and not failures:
         path = folder / artifacts[0].path
         if isinstance(fmt, Estimated):
-            checked["latency"] = _estimated(fmt, path, program, budget)
+            checked["latency"] = timed = _estimated(fmt, path, program, budget)
+            if not timed["met"]:
+                progress.warn(f"target '{target.name}': the estimate of the built model, {timed['estimated_ms']:.3f} "
+                              f"ms, misses the latency budget of {timed['budget_ms']:.3f} ms (its table predicted "
+                              f"{timed['predicted_ms']:.3f} ms)")
         elif target.device == "cpu":  # a phone's model is timed on the phone: evc bench --serial
             checked["latency"] = _timed(plan, target, fmt, path, program, budget, progress, original)
     (folder / CHECKED).write_text(json.dumps(checked, indent=2) + "\n")
