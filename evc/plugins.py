@@ -415,6 +415,44 @@ FORMATS = (
         has_check=True,
     ),
     FormatInfo(
+        name='pte',
+        params=(
+            Param(
+                name='quantize',
+                kind=Choice(options=('none', 'int8')),
+                default='none',
+                help='none (fp32) or int8 (XNNPACKQuantizer: int8 weights per channel, int8 activations calibrated on `calibrate`)',
+            ),
+            Param(
+                name='calibrate',
+                kind=DataRef(),
+                default=None,
+                help='images that set activation ranges for quantize = int8',
+                needed_when=(When(key='quantize', values=('int8',)),),
+            ),
+            Param(
+                name='tolerance',
+                kind=Float(low=0, open_low=True),
+                default=0.0001,
+                help='largest max abs diff from PyTorch that passes parity at quantize = none',
+            ),
+            Param(
+                name='min_cosine',
+                kind=Float(low=-1, high=1),
+                default=None,
+                help='worst cosine to PyTorch that passes a quantized mode (default: int8 0.8)',
+            ),
+            Param(
+                name='min_top1',
+                kind=Ratio(),
+                default=None,
+                help='top-1 agreement with PyTorch that passes a quantized mode (default: int8 0.9; not judged at random weights)',
+            ),
+        ),
+        module='evc.targets.pte',
+        help='ExecuTorch .pte, delegated to XNNPACK, quantized by its XNNPACKQuantizer, checked in its runtime.',
+    ),
+    FormatInfo(
         name='tflite',
         params=(
             Param(
@@ -487,7 +525,7 @@ DEVICES = (
         ),
         module='evc.targets.android',
         help="an Android phone running TFLite's benchmark_model over adb",
-        formats=('tflite',),
+        formats=('tflite', 'pte'),
         templates='android',
         files=('parse_benchmark_model.py',),
     ),
@@ -511,7 +549,7 @@ DEVICES = (
         ),
         module='evc.targets.cpu',
         help='a plain CPU with ONNX Runtime (onnx) or the LiteRT interpreter (tflite)',
-        formats=('onnx', 'tflite'),
+        formats=('onnx', 'tflite', 'pte'),
         templates='cpu',
     ),
     DeviceInfo(

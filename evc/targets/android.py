@@ -154,7 +154,7 @@ def _cell(value) -> str:
     Param("peers", ListOf(Text(pattern=r"[A-Za-z0-9._-]+:[0-9]{1,5}", shape='"HOST:PORT"')), (),
           "where a decomposed model's parts are served, one per part in part order: collab.json's placement "
           "and evc infer's default --peers"),
-    formats=("tflite",),
+    formats=("tflite", "pte"),
     templates="android",
     files=("parse_benchmark_model.py",),
 )

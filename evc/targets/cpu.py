@@ -18,7 +18,7 @@ from evc.spec.params import AnyOf, Choice, Int, ListOf, Param, Text
     Param("peers", ListOf(Text(pattern=r"[A-Za-z0-9._-]+:[0-9]{1,5}", shape='"HOST:PORT"')), (),
           "where a decomposed model's parts are served, one per part in part order: collab.json's placement "
           "and evc infer's default --peers"),
-    formats=("onnx", "tflite"),
+    formats=("onnx", "tflite", "pte"),
     templates="cpu",
 )
 class Cpu(Device):
