@@ -500,7 +500,7 @@ DEVICES = (
                 name='threads',
                 kind=ListOf(item=Int(low=1, high=64), or_single=True),
                 default=(4,),
-                help='threads benchmark_model runs with (--num_threads); a list runs once per count',
+                help="threads the benchmark runs with (benchmark_model's --num_threads, executor_runner's --cpu_threads); a list runs once per count",
             ),
             Param(
                 name='cores',
@@ -508,8 +508,18 @@ DEVICES = (
                 default=None,
                 help='taskset mask the benchmark is pinned to, e.g. "f0" for cores 4-7 (the big cores of most phones)',
             ),
-            Param(name='runs', kind=Int(low=1), default=50, help='timed runs (--num_runs)'),
-            Param(name='warmups', kind=Int(low=0), default=10, help='untimed runs before timing (--warmup_runs)'),
+            Param(
+                name='runs',
+                kind=Int(low=1),
+                default=50,
+                help='timed runs (--num_runs; executor_runner: executions after the warm-ups)',
+            ),
+            Param(
+                name='warmups',
+                kind=Int(low=0),
+                default=10,
+                help='untimed runs before timing (--warmup_runs; executor_runner: the first executions, left out of the figures)',
+            ),
             Param(
                 name='serial',
                 kind=Text(pattern='[A-Za-z0-9._:-]{1,64}', shape='an adb serial, e.g. "R58M12ABCDE"'),
@@ -524,10 +534,10 @@ DEVICES = (
             ),
         ),
         module='evc.targets.android',
-        help="an Android phone running TFLite's benchmark_model over adb",
+        help="an Android phone running TFLite's benchmark_model or ExecuTorch's executor_runner over adb",
         formats=('tflite', 'pte'),
         templates='android',
-        files=('parse_benchmark_model.py',),
+        format_files={'tflite': ('parse_benchmark_model.py',), 'pte': ('parse_executor_runner.py',)},
     ),
     DeviceInfo(
         name='cpu',

@@ -101,10 +101,10 @@ class Pte(Format, Runtime, Export):
         from evc.targets._executorch import set_threads
         from evc.targets.tflite import quiet
 
-        with quiet():  # the runtime's first load reports, in C++, what it reads of the CPU
+        with quiet():  # the runtime reports, in C++, what it reads of the CPU and each thread pool it makes
             method = Executorch.get().load_program(Path(path)).load_method("forward")
-        if threads:
-            set_threads(threads)
+            if threads:
+                set_threads(threads)
         return lambda x: np.asarray(method.execute([torch.from_numpy(np.ascontiguousarray(x, np.float32))])[0])
 
     def check_parity(self, parity, params, artifact) -> str | None:
