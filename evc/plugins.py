@@ -558,7 +558,7 @@ DEVICES = (
             ),
         ),
         module='evc.targets.cpu',
-        help='a plain CPU with ONNX Runtime (onnx) or the LiteRT interpreter (tflite)',
+        help='a plain CPU with ONNX Runtime (onnx), the LiteRT interpreter (tflite) or ExecuTorch with XNNPACK (pte)',
         formats=('onnx', 'tflite', 'pte'),
         templates='cpu',
     ),
