@@ -18,9 +18,10 @@ from tests.conftest import run_evc, small_spec
 from tests.targets.test_parse_executor_runner import OUTPUT
 
 DEIT = 'timm("deit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = 2, num_classes = 10)'
-# EfficientFormer-L1 narrowed, one block a stage: four stages of conv blocks on maps (pooling mixers, 1x1 conv
-# MLPs, batch norm), then one attention block on the last stage's flattened tokens; its bias is made for 224.
-EFFICIENTFORMER = ('timm("efficientformer_l1", depths = [1, 1, 1, 2], embed_dims = [16, 16, 32, 32], num_vit = 1, '
+# EfficientFormer-L1 narrowed, one block a stage: three stages of conv blocks on maps (pooling mixers, 1x1 conv
+# MLPs, batch norm), then the last stage's map flattened to tokens for one attention block; its bias is made
+# for 224 px.
+EFFICIENTFORMER = ('timm("efficientformer_l1", depths = [1, 1, 1, 1], embed_dims = [16, 16, 32, 32], num_vit = 1, '
                    "num_classes = 10)")
 ADB_PORT = "5139"  # not adb's default 5037, nor test_android's: the tests start and kill their own server
 
@@ -44,9 +45,10 @@ def deit(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def efficientformer(tmp_path_factory):
-    return build_spec(tmp_path_factory.mktemp("pte_efficientformer"), EFFICIENTFORMER, 224, (
-        "target fp32 { device = cpu, format = pte }\n"
-        "target int8 { device = cpu, format = pte, quantize = int8, calibrate = calib }"))
+    """int8 alone: its fp32 lowering differs only by the batch norms it keeps (docs/targets.md has both), and each
+    lowering of it costs ExecuTorch some 10 s."""
+    return build_spec(tmp_path_factory.mktemp("pte_efficientformer"), EFFICIENTFORMER, 224,
+                      "target int8 { device = cpu, format = pte, quantize = int8, calibrate = calib }")
 
 
 def artifact(result) -> dict:
@@ -105,23 +107,22 @@ def test_int8_pte_is_a_third_of_fp32_every_quantize_op_is_delegated_and_it_passe
 
 
 @pytest.mark.slow
-def test_a_hierarchical_model_puts_its_conv_stages_and_attention_on_xnnpack_fp32_and_int8(efficientformer):
-    fp32, int8 = artifact(efficientformer["fp32"]), artifact(efficientformer["int8"])
-    assert fp32["parity"]["max_abs_diff"] < 1e-4
+def test_a_hierarchical_models_conv_stages_and_attention_go_to_xnnpack_in_int8(efficientformer):
+    int8 = artifact(efficientformer["int8"])
     assert int8["parity"]["cosine"] >= THRESHOLDS["int8"][0]
-    for placed in (fp32["delegation"], int8["delegation"]):
-        ops = placed["ops"]
-        # 13 convolutions (stem, conv MLPs, downsamples) and 4 pooling mixers, all on XNNPACK
-        assert ops["aten.convolution.default"] == {"delegated": 13, "portable": 0}
-        assert ops["aten.avg_pool2d.default"] == {"delegated": 4, "portable": 0}
-        assert ops["aten._softmax.default"] == {"delegated": 1, "portable": 0}
-        # the attention block's two LayerNorms and the final norm; the head's token mean
-        assert ops["aten.native_layer_norm.default"] == {"delegated": 0, "portable": 3}
-        assert ops["aten.mean.dim"] == {"delegated": 0, "portable": 1}
-    # fp32 keeps batch norm as XNNPACK ops; int8's quantizer folds it into the convolutions
-    assert fp32["delegation"]["ops"]["aten._native_batch_norm_legit_no_training.default"]["delegated"] == 13
-    assert "aten._native_batch_norm_legit_no_training.default" not in int8["delegation"]["ops"]
-    assert int8["size"] < 0.6 * fp32["size"]
+    placed = int8["delegation"]
+    ops = placed["ops"]
+    # 11 convolutions (stem 2, conv MLPs 6, downsamples 3) and 3 pooling mixers, all on XNNPACK
+    assert ops["aten.convolution.default"] == {"delegated": 11, "portable": 0}
+    assert ops["aten.avg_pool2d.default"] == {"delegated": 3, "portable": 0}
+    assert ops["aten.linear.default"] == {"delegated": 6, "portable": 0}
+    assert ops["aten._softmax.default"] == {"delegated": 1, "portable": 0}
+    # the attention block's two LayerNorms and the final norm; the head's token mean
+    assert ops["aten.native_layer_norm.default"] == {"delegated": 0, "portable": 3}
+    assert ops["aten.mean.dim"] == {"delegated": 0, "portable": 1}
+    # the quantizer folds batch norm into the convolutions, and every quantize op is delegated
+    assert "aten._native_batch_norm_legit_no_training.default" not in ops
+    assert placed["quantize_ops"]["portable"] == 0 and placed["partitions"] == 7
 
 
 @pytest.mark.slow
@@ -235,8 +236,7 @@ def test_int8_without_calibrate_is_a_check_error_pointing_at_quantize(write_spec
     assert re.search(r"small\.evc:6:\d+: error: quantize = int8 needs calibrate", done.stderr)
 
 
-@pytest.mark.slow
-def test_a_model_executorch_cannot_lower_fails_naming_the_node_exit_1(tmp_path):
+def test_a_model_executorch_cannot_lower_fails_naming_the_node_with_exit_code_1(tmp_path):
     (tmp_path / "median_head.py").write_text(
         "from torch import nn\n"
         "class MedianHead(nn.Module):\n"
@@ -245,14 +245,16 @@ def test_a_model_executorch_cannot_lower_fails_naming_the_node_exit_1(tmp_path):
         "        self.conv = nn.Conv2d(3, 10, 4, stride=4)\n"
         "    def forward(self, x):\n"
         "        return self.conv(x).flatten(2).median(-1).values\n")
+    text = ('evc 1\nmodel m {\n    source = python("median_head:MedianHead")\n    input = image(32, 32)\n}\n'
+            "target t { device = cpu, format = pte }\n")
     spec = tmp_path / "median.evc"
-    spec.write_text('evc 1\nmodel m {\n    source = python("median_head:MedianHead")\n    input = image(32, 32)\n}\n'
-                    "target t { device = cpu, format = pte }\n")
-    done = run_evc("build", spec, "--out", tmp_path / "out", cwd=tmp_path)
-    assert done.returncode == 1, done.stderr
-    assert ("error: target 't': lowering to pte failed: at node 'median' (Tensor.median): "
-            "Operator torch._ops.aten.median.dim is not in Core ATen opset") in done.stderr
-    assert "Traceback" not in done.stderr
+    spec.write_text(text)
+    with pytest.raises(BuildError) as failed:
+        build(parse_and_check(text, spec), tmp_path / "out")
+    assert failed.value.exit_code == 1  # what evc/cli.py exits with, printing the message alone
+    assert str(failed.value).startswith(
+        "target 't': lowering to pte failed: at node 'median' (Tensor.median): "
+        "Operator torch._ops.aten.median.dim is not in Core ATen opset")
 
 
 @pytest.mark.slow
