@@ -1,6 +1,6 @@
 """The pte format's work with ExecuTorch: export, int8 quantization, XNNPACK lowering, where operators run.
 
-    edge = to_edge(program, calibration_images)   # an EdgeProgramManager, lowered to XNNPACK
+    edge = lowered_module(module, (example,), calibration_images)   # an EdgeProgramManager, lowered to XNNPACK
     placed = delegation(edge)                      # per operator: delegated or portable; every portable node
     edge.to_executorch().buffer                    # the .pte's bytes
 
@@ -21,15 +21,6 @@ BACKEND = "XnnpackBackend"
 # Tuple access after a multi-output op: bookkeeping, not an operator that runs anywhere.
 NOT_OPERATORS = {"getitem"}
 QUANTIZE_NAMESPACE = "quantized_decomposed."
-
-
-def to_edge(program, images=None):
-    """`program` lowered to XNNPACK: fp32, or int8 by XNNPACKQuantizer calibrated on `images` (N×3×H×W)."""
-    from evc.targets.onnx import explicit_attention
-
-    # Attention spelled out keeps it on XNNPACK whole: torch.export decomposes scaled_dot_product_attention
-    # with a guard against fully masked rows (eq, any, where, logical_not) that XNNPACK does not take.
-    return lowered_module(explicit_attention(program.graph), (program.example(),), images)
 
 
 def lowered_module(module, args: tuple, images=None):

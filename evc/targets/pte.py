@@ -76,7 +76,7 @@ class Pte(Format, Runtime, Export):
     """ExecuTorch .pte, delegated to XNNPACK, quantized by its XNNPACKQuantizer, checked in its runtime."""
 
     def lower(self, program, target, out_dir: Path, ctx) -> list[Artifact]:
-        from evc.targets._executorch import delegation, delegation_summary, to_edge, version
+        from evc.targets._executorch import delegation, delegation_summary, version
         from evc.targets.onnx import calibration
 
         params = target.params
@@ -112,14 +112,22 @@ class Pte(Format, Runtime, Export):
 
     def export(self, program, path: Path) -> None:
         """The model alone as an fp32 .pte, as this format lowers it: for timing outside a target."""
-        from evc.targets._executorch import to_edge
-
         path.write_bytes(to_edge(program).to_executorch().buffer)
 
     def export_module(self, module, args: tuple, path: Path, inputs: tuple[str, ...]) -> None:
         from evc.targets._executorch import lowered_module
 
         path.write_bytes(lowered_module(module, args).to_executorch().buffer)
+
+
+def to_edge(program, images=None):
+    """`program` lowered to XNNPACK (an EdgeProgramManager): fp32, or int8 calibrated on `images` (N×3×H×W)."""
+    from evc.targets._executorch import lowered_module
+    from evc.targets.onnx import explicit_attention
+
+    # Attention spelled out stays on XNNPACK whole: torch.export decomposes scaled_dot_product_attention with a
+    # guard against fully masked rows (eq, any, logical_not, where) that XNNPACK does not take.
+    return lowered_module(explicit_attention(program.graph), (program.example(),), images)
 
 
 def latency_ms(path: Path, threads: int = 1, runs: int = 50, warmups: int = 10) -> dict:
