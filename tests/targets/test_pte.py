@@ -1,7 +1,6 @@
 """format = pte: ExecuTorch through XNNPACK, fp32 and int8, where each operator runs, parity, its bench scripts."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from evc.spec.check import parse_and_check
 from evc.targets.android import benchmark_command
 from evc.targets.pte import THRESHOLDS, Pte, latency_ms
 from tests.conftest import run_evc, small_spec
+from tests.targets.conftest import median_head_spec, stand_in_adb
 from tests.targets.test_parse_executor_runner import OUTPUT
 
 DEIT = 'timm("deit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = 2, num_classes = 10)'
@@ -23,7 +23,6 @@ DEIT = 'timm("deit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = 2, 
 # for 224 px.
 EFFICIENTFORMER = ('timm("efficientformer_l1", depths = [1, 1, 1, 1], embed_dims = [16, 16, 32, 32], num_vit = 1, '
                    "num_classes = 10)")
-ADB_PORT = "5139"  # not adb's default 5037, nor test_android's: the tests start and kill their own server
 
 
 def build_spec(folder, source: str, size: int, targets: str) -> dict:
@@ -176,29 +175,12 @@ def test_the_android_bundle_carries_the_pte_the_runner_script_and_its_parser(dei
     assert done.returncode == 0, done.stdout
 
 
-# No phone can be attached here, so this adb stands in for one: it records what the script asks of it and
-# answers a run of executor_runner with the real runner's log.
-STAND_IN_ADB = f"""#!/bin/bash
-echo "$@" >> "$ADB_LOG"
-case "$*" in
-    *get-state*) echo device ;;
-    *executor_runner\\ --model_path*) cat <<'EOF'
-{OUTPUT}EOF
-    ;;
-esac
-"""
-
-
 @pytest.mark.slow
 def test_the_bench_script_pushes_the_runner_runs_each_thread_count_and_parses(deit, tmp_path):
     work = tmp_path / "bundle"
     subprocess.run(["cp", "-r", str(deit["phone"].bundle), str(work)], check=True)
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "adb").write_text(STAND_IN_ADB)
-    (tmp_path / "bin" / "adb").chmod(0o755)
+    env, log = stand_in_adb(tmp_path, "executor_runner", OUTPUT)
     (work / "executor_runner").write_text("a binary for the phone\n")
-    log = tmp_path / "adb.log"
-    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "ADB_LOG": str(log)}
     done = subprocess.run(["bash", str(work / "bench.sh"), "--serial", "R58M"], capture_output=True, text=True,
                           env=env)
     assert done.returncode == 0, done.stderr
@@ -210,14 +192,6 @@ def test_the_bench_script_pushes_the_runner_runs_each_thread_count_and_parses(de
     rows = [json.loads(line) for line in (work / "results" / "results.jsonl").read_text().splitlines()]
     # the stand-in's log has 5 iterations; the spec's 10 warm-ups leave none, so the total's average stands
     assert [r["threads"] for r in rows] == [1, 4] and rows[0]["executions"] == 5
-
-
-@pytest.fixture
-def adb_port(monkeypatch):
-    """adb and adbutils on a port of the tests' own; the server is killed afterwards."""
-    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", ADB_PORT)
-    yield
-    subprocess.run(["adb", "kill-server"], capture_output=True)
 
 
 @pytest.mark.slow
@@ -237,16 +211,7 @@ def test_int8_without_calibrate_is_a_check_error_pointing_at_quantize(write_spec
 
 
 def test_a_model_executorch_cannot_lower_fails_naming_the_node_with_exit_code_1(tmp_path):
-    (tmp_path / "median_head.py").write_text(
-        "from torch import nn\n"
-        "class MedianHead(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.conv = nn.Conv2d(3, 10, 4, stride=4)\n"
-        "    def forward(self, x):\n"
-        "        return self.conv(x).flatten(2).median(-1).values\n")
-    text = ('evc 1\nmodel m {\n    source = python("median_head:MedianHead")\n    input = image(32, 32)\n}\n'
-            "target t { device = cpu, format = pte }\n")
+    text = median_head_spec(tmp_path, "target t { device = cpu, format = pte }")
     spec = tmp_path / "median.evc"
     spec.write_text(text)
     with pytest.raises(BuildError) as failed:
