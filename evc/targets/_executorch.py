@@ -115,10 +115,13 @@ def _module_of(node) -> str | None:
 
 
 def set_threads(threads: int) -> None:
-    """XNNPACK's thread pool in ExecuTorch's Python runtime, for the whole process."""
-    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    """XNNPACK's thread pool in ExecuTorch's Python runtime, for the whole process. A program's XNNPACK
+    partitions hold the pool they were loaded with, and a reset frees it (running one afterwards crashed or hung
+    here), so the pool is made anew only when the count changes, before the programs that use it are loaded."""
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
 
-    _unsafe_reset_threadpool(threads)
+    if _threadpool_get_thread_count() != threads:
+        _unsafe_reset_threadpool(threads)
 
 
 def version() -> str:

@@ -92,8 +92,9 @@ class Pte(Format, Runtime, Export):
             "delegation": delegation_summary(placed)})]
 
     def session(self, path: Path, threads: int | None = None):
-        """run(x) for one input batch, in ExecuTorch's runtime on this machine's CPU; `threads` sets XNNPACK's
-        thread pool, which is the process's own: the last session made sets it for all."""
+        """run(x) for one input batch, in ExecuTorch's runtime on this machine's CPU. `threads` sets XNNPACK's
+        thread pool, the process's own, before the program is loaded: its XNNPACK partitions keep the pool they
+        were loaded with, so a session made at another count leaves the earlier ones unusable."""
         import numpy as np
         import torch
         from executorch.runtime import Runtime as Executorch
@@ -102,9 +103,9 @@ class Pte(Format, Runtime, Export):
         from evc.targets.tflite import quiet
 
         with quiet():  # the runtime reports, in C++, what it reads of the CPU and each thread pool it makes
-            method = Executorch.get().load_program(Path(path)).load_method("forward")
             if threads:
                 set_threads(threads)
+            method = Executorch.get().load_program(Path(path)).load_method("forward")
         return lambda x: np.asarray(method.execute([torch.from_numpy(np.ascontiguousarray(x, np.float32))])[0])
 
     def check_parity(self, parity, params, artifact) -> str | None:

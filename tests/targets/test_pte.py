@@ -8,8 +8,11 @@ import sys
 import numpy as np
 import pytest
 
+from evc.bundle.scripts import render_scripts
+from evc.bundle.write import _script_context
 from evc.driver import build
 from evc.errors import BuildError
+from evc.registry import DEVICES
 from evc.spec.check import parse_and_check
 from evc.targets.android import benchmark_command
 from evc.targets.pte import THRESHOLDS, Pte, latency_ms
@@ -173,6 +176,23 @@ def test_the_android_bundle_carries_the_pte_the_runner_script_and_its_parser(dei
     assert "taskset f0" in readme and "quantize = int8" in readme
     done = subprocess.run(["shellcheck", str(bundle / "bench.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.slow
+def test_spec_strings_rendered_into_the_runner_script_cannot_run_shell(deit, tmp_path):
+    """Even past the checker, every value reaches bench.sh quoted: running it runs none of them."""
+    marker = tmp_path / "injected"
+    hostile = f"$(touch {marker})`touch {marker}`;touch {marker}"
+    bundle = deit["phone"].bundle
+    spec = bundle.parents[2] / "spec.evc"
+    plan = parse_and_check(spec.read_text(), spec)
+    phone = next(t for t in plan.targets if t.name == "phone")
+    context = {**_script_context(plan, phone, deit["phone"].manifest, bundle),
+               "cores": hostile, "serial": hostile, "artifact": hostile}
+    render_scripts(DEVICES["android"], context, tmp_path)
+    done = subprocess.run(["bash", str(tmp_path / "bench.sh")], capture_output=True, text=True,
+                          env={"PATH": "/bin:/usr/bin", "EXECUTOR_RUNNER": str(tmp_path / "none")})
+    assert done.returncode == 2 and "no executor_runner binary" in done.stderr and not marker.exists()
 
 
 @pytest.mark.slow
