@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch.fx as torch_fx
 
 from evc.bundle.scripts import render_scripts
 from evc.bundle.write import _script_context
@@ -240,6 +241,32 @@ def test_a_model_executorch_cannot_lower_fails_naming_the_node_with_exit_code_1(
     assert str(failed.value).startswith(
         "target 't': lowering to pte failed: at node 'median' (Tensor.median): "
         "Operator torch._ops.aten.median.dim is not in Core ATen opset")
+
+
+def refuse(x):
+    raise RuntimeError("this kernel has no export")
+
+
+torch_fx.wrap("refuse")  # a leaf of the traced graph: its node calls it when torch.export runs the graph
+
+
+def test_an_export_that_fails_inside_the_graph_names_the_node_its_traceback_passed_through():
+    import torch
+    from torch import nn
+
+    from evc.targets._executorch import LoweringFailed, lowered_module
+
+    class Refusing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 4, stride=4)
+
+        def forward(self, x):
+            return refuse(self.conv(x)).flatten(1)
+
+    # The message names no operator: only the frame of the graph's own code says where it failed.
+    with pytest.raises(LoweringFailed, match=r"^at node 'refuse' \(refuse\): this kernel has no export$"):
+        lowered_module(torch_fx.symbolic_trace(Refusing()), (torch.randn(1, 3, 8, 8),))
 
 
 @pytest.mark.slow
