@@ -78,6 +78,11 @@ class DeviceInfo(Info):
     formats: tuple[str, ...] = ()
     templates: str = ""  # a folder under evc/targets/templates
     files: tuple[str, ...] = ()  # files of evc/targets/payload/ copied verbatim into the bundle
+    format_files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ... into a bundle of that format only
+
+    def files_for(self, fmt: str) -> tuple[str, ...]:
+        """The payload files a bundle of format `fmt` carries."""
+        return self.files + self.format_files.get(fmt, ())
 
     @property
     def facts(self) -> dict:

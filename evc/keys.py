@@ -29,7 +29,7 @@ from evc.spec.plan import HubWeights
 
 # Libraries whose versions change what a stage produces.
 _LIBRARIES = ("evc", "torch", "timm", "transformers", "onnx", "onnxruntime", "onnxslim", "litert-torch",
-              "ai-edge-litert", "ai-edge-quantizer")
+              "ai-edge-litert", "ai-edge-quantizer", "executorch", "torchao")
 
 
 @dataclass(frozen=True)

@@ -415,6 +415,44 @@ FORMATS = (
         has_check=True,
     ),
     FormatInfo(
+        name='pte',
+        params=(
+            Param(
+                name='quantize',
+                kind=Choice(options=('none', 'int8')),
+                default='none',
+                help='none (fp32) or int8 (XNNPACKQuantizer: int8 weights per channel, int8 activations calibrated on `calibrate`)',
+            ),
+            Param(
+                name='calibrate',
+                kind=DataRef(),
+                default=None,
+                help='images that set activation ranges for quantize = int8',
+                needed_when=(When(key='quantize', values=('int8',)),),
+            ),
+            Param(
+                name='tolerance',
+                kind=Float(low=0, open_low=True),
+                default=0.0001,
+                help='largest max abs diff from PyTorch that passes parity at quantize = none',
+            ),
+            Param(
+                name='min_cosine',
+                kind=Float(low=-1, high=1),
+                default=None,
+                help='worst cosine to PyTorch that passes a quantized mode (default: int8 0.8)',
+            ),
+            Param(
+                name='min_top1',
+                kind=Ratio(),
+                default=None,
+                help='top-1 agreement with PyTorch that passes a quantized mode (default: int8 0.9; not judged at random weights)',
+            ),
+        ),
+        module='evc.targets.pte',
+        help='ExecuTorch .pte, delegated to XNNPACK, quantized by its XNNPACKQuantizer, checked in its runtime.',
+    ),
+    FormatInfo(
         name='tflite',
         params=(
             Param(
@@ -549,7 +587,7 @@ DEVICES = (
                 name='threads',
                 kind=ListOf(item=Int(low=1, high=64), or_single=True),
                 default=(4,),
-                help='threads benchmark_model runs with (--num_threads); a list runs once per count',
+                help="threads the benchmark runs with (benchmark_model's --num_threads, executor_runner's --cpu_threads); a list runs once per count",
             ),
             Param(
                 name='cores',
@@ -557,8 +595,18 @@ DEVICES = (
                 default=None,
                 help='taskset mask the benchmark is pinned to, e.g. "f0" for cores 4-7 (the big cores of most phones)',
             ),
-            Param(name='runs', kind=Int(low=1), default=50, help='timed runs (--num_runs)'),
-            Param(name='warmups', kind=Int(low=0), default=10, help='untimed runs before timing (--warmup_runs)'),
+            Param(
+                name='runs',
+                kind=Int(low=1),
+                default=50,
+                help='timed runs (--num_runs; executor_runner: executions after the warm-ups)',
+            ),
+            Param(
+                name='warmups',
+                kind=Int(low=0),
+                default=10,
+                help='untimed runs before timing (--warmup_runs; executor_runner: the first executions, left out of the figures)',
+            ),
             Param(
                 name='serial',
                 kind=Text(pattern='[A-Za-z0-9._:-]{1,64}', shape='an adb serial, e.g. "R58M12ABCDE"'),
@@ -573,10 +621,10 @@ DEVICES = (
             ),
         ),
         module='evc.targets.android',
-        help="an Android phone running TFLite's benchmark_model over adb",
-        formats=('tflite',),
+        help="an Android phone running TFLite's benchmark_model or ExecuTorch's executor_runner over adb",
+        formats=('tflite', 'pte'),
         templates='android',
-        files=('parse_benchmark_model.py',),
+        format_files={'tflite': ('parse_benchmark_model.py',), 'pte': ('parse_executor_runner.py',)},
     ),
     DeviceInfo(
         name='cpu',
@@ -597,8 +645,8 @@ DEVICES = (
             ),
         ),
         module='evc.targets.cpu',
-        help='a plain CPU with ONNX Runtime (onnx) or the LiteRT interpreter (tflite)',
-        formats=('onnx', 'tflite'),
+        help='a plain CPU with ONNX Runtime (onnx), the LiteRT interpreter (tflite) or ExecuTorch with XNNPACK (pte)',
+        formats=('onnx', 'tflite', 'pte'),
         templates='cpu',
     ),
     DeviceInfo(

@@ -267,9 +267,12 @@ def register_format(name: str, *params: Param, check: Callable | None = None):
 
 
 def register_device(name: str, *params: Param, formats: tuple[str, ...], templates: str, facts: dict | None = None,
-                    files: tuple[str, ...] = ()):
+                    files: tuple[str, ...] = (), format_files: dict[str, tuple[str, ...]] | None = None):
+    """`files` are copied from evc/targets/payload/ into every bundle of the device, `format_files` into those
+    of one format: `format_files={"tflite": ("parse_benchmark_model.py",)}`."""
     return _register(DEVICES, DeviceInfo, Device, name, params, {"facts": facts or {}}, formats=tuple(formats),
-                     templates=templates, files=tuple(files))
+                     templates=templates, files=tuple(files),
+                     format_files={k: tuple(v) for k, v in (format_files or {}).items()})
 
 
 def exclusion(a: str, b: str) -> str | None:

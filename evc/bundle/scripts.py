@@ -32,11 +32,11 @@ def _environment(folder: str) -> jinja2.Environment:
 
 
 def render_scripts(device, context: dict, out_dir: Path) -> list[str]:
-    """Render each `NAME.j2` of the device's templates to `out_dir/NAME` and copy its payload files; scripts are
-    executable."""
+    """Render each `NAME.j2` of the device's templates to `out_dir/NAME` and copy the payload files of the
+    target's format; scripts are executable."""
     env = _environment(device.templates)
     written = []
-    for name in device.files:
+    for name in device.files_for(context["target"].format):
         path = out_dir / name
         path.write_text((payload_root() / name).read_text())
         path.chmod(0o755)
@@ -59,9 +59,10 @@ def render_one(templates: str, name: str, path: Path, **context) -> None:
 
 
 def bundle_files(device) -> list[Path]:
-    """Every file a device's bundles are made from: its templates and its payload files."""
-    templates = [*(templates_root() / device.templates).glob("*.j2"), *(templates_root() / SHARED).iterdir()]
-    return sorted(templates) + [payload_root() / f for f in device.files]
+    """Every file a device's bundles are made from: its templates, what they include, and its payload files."""
+    templates = [*(templates_root() / device.templates).iterdir(), *(templates_root() / SHARED).iterdir()]
+    payload = dict.fromkeys(device.files + sum(device.format_files.values(), ()))
+    return sorted(templates) + [payload_root() / f for f in payload]
 
 
 def payload_root() -> Path:

@@ -13,10 +13,10 @@ from evc.registry import DEVICES
 from evc.spec.check import parse_and_check
 from evc.targets.android import benchmark_command
 from tests.conftest import ROOT, run_evc, small_spec
+from tests.targets.conftest import ADB_PORT, stand_in_adb
 from tests.targets.test_parse_benchmark_model import OUTPUT
 
 PHONE = 'target phone { device = android, format = tflite, quantize = dynamic, threads = [1, 4], cores = "f0" }'
-ADB_PORT = "5137"  # not adb's default 5037: the tests start and kill their own server
 
 
 @pytest.fixture(scope="module")
@@ -86,30 +86,12 @@ def test_the_bench_script_says_plainly_what_is_missing(bundle, tmp_path):
     assert no_binary.returncode == 2 and "no benchmark_model binary" in no_binary.stderr
 
 
-# No phone can be attached here, so this adb stands in for one: it records
-# what the script asks of it and answers a benchmark run with the real
-# tool's output.
-STAND_IN_ADB = f"""#!/bin/bash
-echo "$@" >> "$ADB_LOG"
-case "$*" in
-    *get-state*) echo device ;;
-    *benchmark_model\\ --graph*) cat <<'EOF'
-{OUTPUT}EOF
-    ;;
-esac
-"""
-
-
 @pytest.mark.slow
 def test_the_bench_script_pushes_runs_each_thread_count_and_parses(bundle, tmp_path):
     work = tmp_path / "bundle"
     subprocess.run(["cp", "-r", str(bundle.bundle), str(work)], check=True)
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "adb").write_text(STAND_IN_ADB)
-    (tmp_path / "bin" / "adb").chmod(0o755)
+    env, log = stand_in_adb(tmp_path, "benchmark_model", OUTPUT)
     (work / "benchmark_model").write_text("a binary for the phone\n")
-    log = tmp_path / "adb.log"
-    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "ADB_LOG": str(log)}
     done = subprocess.run(["bash", str(work / "bench.sh"), "--serial", "R58M", "--profile"],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
@@ -121,14 +103,6 @@ def test_the_bench_script_pushes_runs_each_thread_count_and_parses(bundle, tmp_p
     assert "-s R58M pull /data/local/tmp/evc/op_profile.csv results/op_profile.t4.csv" in calls
     rows = [json.loads(line) for line in (work / "results" / "results.jsonl").read_text().splitlines()]
     assert [r["threads"] for r in rows] == [1, 4] and rows[1]["inference_avg_ms"] == 47.4403
-
-
-@pytest.fixture
-def adb_port(monkeypatch):
-    """adb and adbutils on a port of the tests' own; the server is killed afterwards."""
-    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", ADB_PORT)
-    yield
-    subprocess.run(["adb", "kill-server"], capture_output=True)
 
 
 @pytest.mark.slow

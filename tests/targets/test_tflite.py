@@ -15,6 +15,7 @@ from evc.spec.check import parse_and_check
 from evc.targets.tflite import THRESHOLDS, Tflite, describe_ops
 from tests.conftest import SMALL_MODEL, run_evc, small_spec
 from tests.emulated import logits_on, needs_qemu
+from tests.targets.conftest import median_head_spec
 
 MODES = ("none", "float16", "dynamic", "int8")
 
@@ -123,16 +124,7 @@ def test_int8_without_calibrate_is_a_check_error_pointing_at_quantize(write_spec
 
 
 def test_a_model_litert_torch_cannot_lower_fails_naming_the_op(tmp_path):
-    (tmp_path / "median_head.py").write_text(
-        "from torch import nn\n"
-        "class MedianHead(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.conv = nn.Conv2d(3, 10, 4, stride=4)\n"
-        "    def forward(self, x):\n"
-        "        return self.conv(x).flatten(2).median(-1).values\n")
-    text = ('evc 1\nmodel m {\n    source = python("median_head:MedianHead")\n    input = image(32, 32)\n}\n'
-            "target t { device = android, format = tflite }\n")
+    text = median_head_spec(tmp_path, "target t { device = android, format = tflite }")
     with pytest.raises(BuildError, match="lowering to tflite failed: .*median"):
         build_spec(tmp_path, text)
 

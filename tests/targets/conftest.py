@@ -1,0 +1,51 @@
+"""What the target tests share: a phone's adb stand-in, the tests' own adb server, a model no exporter takes."""
+
+import os
+import subprocess
+
+import pytest
+
+ADB_PORT = "5137"  # not adb's default 5037: the tests start and kill their own server
+
+
+@pytest.fixture
+def adb_port(monkeypatch):
+    """adb and adbutils on a port of the tests' own; the server is killed afterwards."""
+    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", ADB_PORT)
+    yield
+    subprocess.run(["adb", "kill-server"], capture_output=True)
+
+
+def stand_in_adb(folder, tool: str, output: str) -> tuple[dict, object]:
+    """No phone can be attached here, so an adb in `folder`/bin stands in for one: it records what a bench
+    script asks of it and answers a run of `tool` with `output`, the real tool's. (the environment that puts
+    it first on PATH, the log of its calls)."""
+    (folder / "bin").mkdir()
+    adb = folder / "bin" / "adb"
+    adb.write_text(f"""#!/bin/bash
+echo "$@" >> "$ADB_LOG"
+case "$*" in
+    *get-state*) echo device ;;
+    *{tool}\\ --*) cat <<'EOF'
+{output}EOF
+    ;;
+esac
+""")
+    adb.chmod(0o755)
+    log = folder / "adb.log"
+    return {"PATH": f"{folder / 'bin'}:{os.environ['PATH']}", "ADB_LOG": str(log)}, log
+
+
+def median_head_spec(folder, target: str) -> str:
+    """A spec of one target on a model whose median (torch.median) no exporter here lowers; the model's module
+    is written beside it."""
+    (folder / "median_head.py").write_text(
+        "from torch import nn\n"
+        "class MedianHead(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 10, 4, stride=4)\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x).flatten(2).median(-1).values\n")
+    return ('evc 1\nmodel m {\n    source = python("median_head:MedianHead")\n    input = image(32, 32)\n}\n'
+            f"{target}\n")
