@@ -60,7 +60,7 @@ from evc.driver import Stages  # noqa: E402
 from evc.ir.macs import summarize  # noqa: E402
 from evc.ir.program import Program  # noqa: E402
 from evc.model.data import dataset  # noqa: E402
-from evc.passes.budget import search  # noqa: E402
+from evc.passes.budget import pinned, search  # noqa: E402
 from evc.passes.train import Recipe, distill, top1  # noqa: E402
 from evc.progress import Progress  # noqa: E402
 from evc.registry import PASSES  # noqa: E402
@@ -178,14 +178,19 @@ def macs(module, image) -> int:
 
 def searched(base: Path, original, before: dict, budget: float, epochs: int):
     """The budget's choice, judged after recovery by the finetune, and the model its passes make (before
-    that finetune); the search's record and seconds."""
+    that finetune); the search's record and seconds, and a function that makes any judged candidate's model
+    from its record entry."""
     compress = (f"    budget     {{ macs = {budget:.0%}, data = train, judge_data = tune }}\n"
                 + PASSES_TEXT.replace("KEEP_H", "").replace("KEEP_U", "") + "\n" + FINETUNE.format(epochs=epochs))
     plan = planned(base, spec(base, compress), "budget")
     start = time.perf_counter()
     passes, record = search(plan, original, before, Progress(), f"bench-{budget}")
     seconds = time.perf_counter() - start
-    return compressed(plan, original, [p for p in passes if p.name != "finetune"]), record, seconds
+
+    def made(passes):
+        return compressed(plan, original, [p for p in passes if p.name != "finetune"])
+
+    return made(passes), record, seconds, lambda candidate: made(pinned(plan.passes, {"chosen": candidate["chosen"]}))
 
 
 def uniform(base: Path, original, budget: float, whole: int):
@@ -255,6 +260,9 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
     parser.add_argument("--latency-only", action="store_true", help="only the latency budget")
     parser.add_argument("--no-latency", action="store_true", help="leave the latency budget out")
+    parser.add_argument("--every", action="store_true",
+                        help="finetune every candidate the search judged, not only its choice: how well the "
+                             "judge's ranking foretells the finetuned one")
     args = parser.parse_args()
     if args.latency_only:
         with tempfile.TemporaryDirectory() as folder:
@@ -277,16 +285,17 @@ def main() -> None:
             whole = macs(original.graph, original.input)
             train_set = dataset(plan.data["train"], original.input)
             val_set = dataset(plan.data["val"], original.input)
+            tune_set = dataset(plan.data["tune"], original.input)
             teacher = original.graph.eval()
             for budget in args.budgets:
-                compare(name, base, original, before, teacher, whole, budget, train_set, val_set, args)
+                compare(name, base, original, before, teacher, whole, budget, train_set, val_set, tune_set, args)
         if "digits" in args.tasks and not args.no_latency:
             latency(work)
 
 
-def compare(name, base, original, before, teacher, whole, budget, train_set, val_set, args) -> None:
+def compare(name, base, original, before, teacher, whole, budget, train_set, val_set, tune_set, args) -> None:
     """One task at one budget: the three ways, each finetuned once per seed; a table, and the verdict."""
-    program, record, seconds = searched(base, original, before, budget, args.epochs)
+    program, record, seconds, candidate_model = searched(base, original, before, budget, args.epochs)
     judge = record["judge"]
     rows = [("evc budget (judged after recovery)", program.graph,
              f"{judge['winner']}: {chosen_text(record)}")]
@@ -325,6 +334,34 @@ def compare(name, base, original, before, teacher, whole, budget, train_set, val
     verdict = "met" if difference > error else "not met"
     print(f"\nsearched − uniform: {100 * difference:+.2f} points, standard error of the difference "
           f"{100 * error:.2f}: goal (more than one standard error above uniform) {verdict}\n", flush=True)
+    if args.every:
+        every(judge, candidate_model, teacher, train_set, val_set, tune_set, args)
+
+
+def every(judge, candidate_model, teacher, train_set, val_set, tune_set, args) -> None:
+    """Every judged candidate finetuned alike: its judged top-1 beside its finetuned one, and its gain over
+    the uniform candidate with the standard error of that gain."""
+    print(f"every candidate, finetuned {args.epochs} epochs, {args.seeds} seeds:\n")
+    print("| candidate | judged top-1 (tune) | finetuned top-1 on tune, mean | finetuned top-1, mean ± std "
+          "| − uniform (SE) |")
+    print("|---|---|---|---|---|")
+    scores = {}
+    for c in judge["candidates"]:
+        if c["top1"] is None:
+            continue
+        model = candidate_model(c).graph
+        runs = [finetuned(copy.deepcopy(model), teacher, train_set, val_set, args.epochs, seed)
+                for seed in range(args.seeds)]
+        scores[c["name"]] = [score for _, score in runs]
+        on_tune = statistics.mean(top1(student, tune_set) for student, _ in runs)
+        flat, mine = scores.get("uniform", scores[c["name"]]), scores[c["name"]]
+        gain = statistics.mean(mine) - statistics.mean(flat)
+        error = math.sqrt(statistics.variance(mine) / len(mine) + statistics.variance(flat) / len(flat))
+        mark = " (chosen)" if c["name"] == judge["winner"] else ""
+        print(f"| {c['name']}{mark} | {100 * c['top1']:.2f}% | {100 * on_tune:.2f}% | "
+              f"{100 * statistics.mean(mine):.2f} ± {100 * statistics.stdev(mine):.2f}% "
+              f"| {100 * gain:+.2f} ({100 * error:.2f}) |", flush=True)
+    print()
 
 
 def chosen_text(record: dict) -> str:
