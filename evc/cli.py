@@ -79,7 +79,7 @@ def cmd_profile(args) -> int:
                          "board kit's scripts logged (rdk_x5 and jetson targets)")
     if isinstance(device, RemoteTimed) and not (args.serial or target.params.get("serial")):
         raise InputError(f"--target {args.target} is a phone: give --serial SERIAL (adb devices lists them) and "
-                         "--binary, a benchmark_model built for its ABI")
+                         f"--binary, the {device.binary(target.format)} built for its ABI")
     progress = Progress(Console(stderr=True))
     cache = Cache(Path(args.out) / ".cache", warn=progress.warn)
     stages = Stages(plan, cache, progress)
@@ -310,7 +310,8 @@ def parser() -> argparse.ArgumentParser:
                                                    "for rdk_x5 and jetson, the models and scripts to time it there")
     p.add_argument("--results", help="a board kit's folder with the logs its scripts left: read them into the table")
     p.add_argument("--serial", help="an android target's phone (adb devices)")
-    p.add_argument("--binary", help="benchmark_model for the phone's ABI (default: ./benchmark_model)")
+    p.add_argument("--binary", help="the tool that times the target's format, built for the phone's ABI (default: "
+                                    "./benchmark_model for tflite, ./executor_runner for pte)")
     p.add_argument("--out", default="build", help="where the cache is (default: build)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON document")
     p.set_defaults(run=cmd_profile)

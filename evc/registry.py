@@ -150,6 +150,10 @@ class RemoteTimed(ABC):
     """Capability of a device: `evc profile --serial S --binary B` times a latency grid's models on it from here."""
 
     @abstractmethod
+    def binary(self, fmt: str) -> str:
+        """The tool that times a model of format `fmt` on the device: what `--binary` defaults to."""
+
+    @abstractmethod
     def connect(self, serial: str, binary: Path):
         """The device, checked before any model is made for it (InputError when it is not there)."""
 

@@ -63,7 +63,8 @@ def lowered(models: dict, lower, folder: Path) -> dict:
 def table_for(plan, target_name: str, program, cache, load_key: str, progress, serial: str | None = None,
               binary: Path | None = None) -> Table:
     """The latency table of `program` on the spec's target `target_name`, from the cache when it is there.
-    A cpu target is timed here; an android one on the phone `serial` by `binary` (benchmark_model), only
+    A cpu target is timed here; an android one on the phone `serial` by `binary` (by default the device's tool
+    for the target's format: benchmark_model for tflite, executor_runner for pte), only
     when they are given: a build reads the table `evc profile --serial` measured."""
     import json
 
@@ -85,11 +86,11 @@ def table_for(plan, target_name: str, program, cache, load_key: str, progress, s
 
     stage = f"profile target '{target.name}': a latency table, {target.format} at {threads} thread(s)"
     if isinstance(device, RemoteTimed):
+        tool = device.binary(target.format)
         if serial is None:
             raise InputError(f"target '{target.name}' has no latency table yet: measure it on the phone with "
-                             f"`evc profile {plan.path} --target {target.name} --serial SERIAL --binary "
-                             "benchmark_model`")
-        binary = Path(binary or "benchmark_model")
+                             f"`evc profile {plan.path} --target {target.name} --serial SERIAL --binary {tool}`")
+        binary = Path(binary or tool)
         phone = device.connect(serial, binary)  # before the models: a phone that is not there says so at once
         with progress.stage(stage + f" on '{serial}'"), tempfile.TemporaryDirectory() as folder:
             paths = lowered(grid_models(program), lower, Path(folder))

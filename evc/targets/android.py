@@ -24,7 +24,8 @@ from evc.spec.params import Int, ListOf, Param, Text
 DEVICE_DIR = "/data/local/tmp/evc"  # adb shell may write here without root
 BINARY = "benchmark_model"
 RUNNER = "executor_runner"  # ExecuTorch's, built with XNNPACK: what runs a .pte
-TOOLS = {".tflite": BINARY, ".pte": RUNNER}  # the binary that benchmarks a model, by its file's suffix
+FORMAT_TOOLS = {"tflite": BINARY, "pte": RUNNER}  # the binary that benchmarks a model, by its format
+TOOLS = {f".{fmt}": tool for fmt, tool in FORMAT_TOOLS.items()}  # ... by its file's suffix: each format's own
 RUN_TIMEOUT_S = 1800
 
 
@@ -189,6 +190,9 @@ class Android(Device, RemoteBench, RemoteTimed):
 
     def bench(self, bundle: Path, manifest: dict, serial: str, runs: int | None, console) -> list[dict]:
         return bench_on_phone(bundle, manifest, serial, runs, console)
+
+    def binary(self, fmt: str) -> str:
+        return FORMAT_TOOLS[fmt]
 
     def connect(self, serial: str, binary: Path):
         return profiling_phone(serial, binary)

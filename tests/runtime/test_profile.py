@@ -135,6 +135,26 @@ def test_a_phones_table_is_measured_over_adb_and_a_build_without_it_says_how(tmp
     assert "no device 'emulator-5554' attached" in profile.stderr
 
 
+def _phone_spec(tmp_path, fmt: str):
+    spec = tmp_path / "m.evc"
+    spec.write_text(SPEC.format(budget="macs = 50%, data = calib").replace("format = tflite", f"format = {fmt}"))
+    return spec
+
+
+@pytest.mark.parametrize("fmt, tool", [("pte", "executor_runner"), ("tflite", "benchmark_model")])
+def test_a_phones_profile_asks_for_the_tool_of_the_targets_format(tmp_path, fmt, tool):
+    done = run_evc("profile", _phone_spec(tmp_path, fmt), "--target", "phone", "--out", tmp_path / "out")
+    assert done.returncode == 2 and f"--binary, the {tool} built for its ABI" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_pte_phones_profile_looks_for_executor_runner_when_no_binary_is_given(tmp_path):
+    spec = _phone_spec(tmp_path, "pte")
+    # no phone, and no tool in the folder it runs in: the default it looked for is named
+    done = run_evc("profile", spec, "--target", "phone", "--serial", "R58M", "--out", tmp_path / "out", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--binary executor_runner: no such file" in done.stderr
+
 BOARD_SPEC = """evc 1
 model m {{
     source = timm("vit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = 2, num_classes = 10)
