@@ -76,7 +76,7 @@ def test_capabilities_are_declared_by_the_classes_plugins_inherit():
     assert {name for name, f in FORMATS.items() if isinstance(f.plugin, Runtime)} == {"onnx", "tflite", "bpu", "vela",
                                                                                        "pte"}
     assert {name for name, f in FORMATS.items() if isinstance(f.plugin, Estimated)} == {"vela"}
-    assert {name for name, f in FORMATS.items() if isinstance(f.plugin, Placement)} == {"bpu", "vela"}
+    assert {name for name, f in FORMATS.items() if isinstance(f.plugin, Placement)} == {"bpu", "pte", "vela"}
     assert {name for name, f in FORMATS.items() if isinstance(f.plugin, Export)} == {"onnx", "pte"}
     assert {name for name, d in DEVICES.items() if isinstance(d.plugin, RemoteBench)} == {"android"}
 

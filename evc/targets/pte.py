@@ -48,7 +48,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evc.registry import Export, Format, Runtime, register_format
+from evc.registry import Export, Format, Placement, Runtime, register_format
 from evc.spec.params import Choice, DataRef, Float, Param, When
 from evc.targets._quantized import check_quantized, parity_thresholds, threshold_params
 from evc.targets.artifact import Artifact
@@ -72,7 +72,7 @@ THREADS_CALL = "executorch.extension.pybindings.portable_lib._unsafe_reset_threa
           "largest max abs diff from PyTorch that passes parity at quantize = none"),
     *threshold_params(THRESHOLDS),
 )
-class Pte(Format, Runtime, Export):
+class Pte(Format, Runtime, Export, Placement):
     """ExecuTorch .pte, delegated to XNNPACK, quantized by its XNNPACKQuantizer, checked in its runtime."""
 
     def lower(self, program, target, out_dir: Path, ctx) -> list[Artifact]:
@@ -89,7 +89,20 @@ class Pte(Format, Runtime, Export):
         return [Artifact(Path(MODEL), "pte", details={
             "quantize": mode, "executorch": version(), "threads_set_by": THREADS_CALL,
             "parity_thresholds": parity_thresholds(params, THRESHOLDS, random_weights=ctx.random_weights),
-            "delegation": delegation_summary(placed)})]
+            "delegation": delegation_summary(placed), "placement": placement_of(placed, mode)})]
+
+    def placement(self, program, target) -> dict:
+        """Which operators of `program` XNNPACK takes and which stay portable, as `target` lowers it, writing no
+        bundle; at int8 calibrated on random images, as which operators XNNPACK takes does not depend on ranges."""
+        import numpy as np
+
+        from evc.targets._executorch import delegation
+
+        mode = target.params["quantize"]
+        images = None
+        if mode == "int8":
+            images = np.random.default_rng(0).standard_normal((2, *program.input.shape[1:]), dtype=np.float32)
+        return placement_of(delegation(to_edge(program, images)), mode)
 
     def session(self, path: Path, threads: int | None = None):
         """run(x) for one input batch, in ExecuTorch's runtime on this machine's CPU. `threads` sets XNNPACK's
@@ -119,6 +132,21 @@ class Pte(Format, Runtime, Export):
         from evc.targets._executorch import lowered_module
 
         path.write_bytes(lowered_module(module, args).to_executorch().buffer)
+
+
+def placement_of(placed: dict, mode: str) -> dict:
+    """The delegation as `evc explain` and the report show an operator check: operators in XNNPACK's partitions
+    and in the portable graph (quantize/dequantize apart), and each portable node with the module it came from."""
+    from evc.targets._executorch import QUANTIZE_NAMESPACE, version
+
+    quantize = placed["quantize_ops"]
+    return {"march": f"ExecuTorch {version()}, {placed['partitions']} XNNPACK partitions, quantize = {mode}",
+            "summary": {"xnnpack": placed["delegated"], "portable": placed["portable"]}, "unsupported": [],
+            "quantize_ops": quantize,
+            "cpu": [{"node": n["node"], "op": n["op"], "on": "portable",
+                     "why": "not taken by XnnpackPartitioner: a portable kernel"
+                     + (f", from {n['module']}" if n["module"] else "")}
+                    for n in placed["portable_nodes"] if not n["op"].startswith(QUANTIZE_NAMESPACE)]}
 
 
 def to_edge(program, images=None):

@@ -26,7 +26,7 @@ from evc.layout import BENCH_RESULTS, MANIFEST, read_manifest
 
 REPORT = "report.html"
 PARTS = ("attention", "mlp", "tokens")
-PLACES = ("bpu", "npu", "cpu", "folded", "unsupported")
+PLACES = ("bpu", "npu", "xnnpack", "cpu", "portable", "folded", "unsupported")
 KINDS = ["original", "compressed", "artifact"]
 
 
@@ -121,6 +121,8 @@ def _target(folder: Path, manifest: dict) -> dict:
                          "nodes": nodes, "off": check["cpu"] + check["unsupported"]}
         if artifact.get("ethos_u"):
             placement = _npu_placement(folder, artifact["ethos_u"])
+        if artifact.get("delegation") and artifact.get("placement"):
+            placement = _delegated_placement(artifact)
     return {"name": manifest["target"]["name"], "folder": folder, "device": manifest["target"]["device"],
             "format": manifest["target"]["format"], "artifacts": manifest["artifacts"],
             "latency": latency_rows(folder, manifest), "placement": placement}
@@ -138,6 +140,19 @@ def _npu_placement(folder: Path, estimate: dict) -> dict:
                                                  "the CPU",
             "nodes": nodes, "off": [{"node": op["output"], "op": op["op"], "on": "cpu", "why": "; ".join(op["reasons"])}
                                     for op in estimate["cpu_ops"]]}
+
+
+def _delegated_placement(artifact: dict) -> dict:
+    """ExecuTorch's delegation of a pte bundle's model: operators by type in XNNPACK's partitions and in the portable
+    graph (the manifest's counts), and each portable node with the module it came from."""
+    ops, check = artifact["delegation"]["ops"], artifact["placement"]
+    places = {"delegated": "xnnpack", "portable": "portable"}
+    nodes = [{"op": op, "on": places[where]} for op, counts in ops.items() for where, n in counts.items()
+             for _ in range(n)]
+    s = check["summary"]
+    return {"artifact": artifact["path"], "accelerator": "XNNPACK", "march": check["march"], "summary": s,
+            "line": f"{s['xnnpack']} operators in XNNPACK's partitions, {s['portable']} portable", "nodes": nodes,
+            "off": check["cpu"]}
 
 
 def estimate_line(estimate: dict) -> str:

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,6 +98,45 @@ def test_delegation_json_names_every_portable_node_and_the_module_it_came_from(d
     readme = (deit["cpu"].bundle / "README.md").read_text()
     assert "| `aten.native_layer_norm.default` | 0 | 5 |" in readme and "12 XNNPACK partition(s)" in readme
 
+
+@pytest.mark.slow  # 28 s here: ExecuTorch's import and one lowering
+def test_placement_puts_a_vits_layernorms_and_token_ops_on_portable_kernels_writing_no_bundle():
+    import timm
+
+    from evc.ir.program import Program
+    from evc.spec.plan import ImageInput
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10)
+    placement = Pte().placement(Program.from_module(model.eval(), ImageInput(32, 32)),
+                                SimpleNamespace(params={"quantize": "none"}))
+    # one block: its qkv, proj, fc1, fc2 and the head, two bmm, softmax, gelu, the patch conv, the adds...
+    assert placement["summary"]["xnnpack"] >= 10
+    # ...and LayerNorm, the class token's expand and select, the squeeze around the attention left portable
+    off = placement["cpu"]
+    assert placement["summary"]["portable"] == len(off) and placement["unsupported"] == []
+    norms = [n["why"].split(", from ")[-1] for n in off if n["op"] == "aten.native_layer_norm.default"]
+    assert norms == ["blocks.0.norm1", "blocks.0.norm2", "norm"]
+    assert {n["on"] for n in off} == {"portable"}
+    assert placement["march"].startswith("ExecuTorch ") and "quantize = none" in placement["march"]
+
+
+@pytest.mark.slow
+def test_explain_and_the_report_show_xnnpack_and_portable_operators_from_the_build(deit):
+    spec = deit["cpu"].bundle.parent.parent.parent / "spec.evc"
+    done = run_evc("explain", spec, "--out", spec.parent / "out", "--json")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["cached"]  # read from the lowering the build cached, not lowered again
+    placement = {t["name"]: t["placement"] for t in record["targets"]}
+    for name in ("cpu", "phone"):
+        placed = artifact(deit[name])["delegation"]
+        assert placement[name]["summary"] == {"xnnpack": placed["delegated"], "portable": placed["portable"]}
+        assert len(placement[name]["cpu"]) == placed["portable"]
+    assert "quantize = int8" in placement["phone"]["march"]
+    text = run_evc("explain", spec, "--out", spec.parent / "out")
+    assert "operator check (ExecuTorch" in text.stdout and "(aten.native_layer_norm.default): portable" in text.stdout
+    page = (deit["cpu"].bundle.parent / "report.html").read_text()
+    assert "operators in XNNPACK&#39;s partitions" in page and "nodes off the XNNPACK" in page
 
 @pytest.mark.slow
 def test_int8_pte_is_a_third_of_fp32_every_quantize_op_is_delegated_and_it_passes_its_threshold(deit):
