@@ -144,9 +144,15 @@ def placement_of(placed: dict, mode: str) -> dict:
             "summary": {"xnnpack": placed["delegated"], "portable": placed["portable"]}, "unsupported": [],
             "quantize_ops": quantize,
             "cpu": [{"node": n["node"], "op": n["op"], "on": "portable",
-                     "why": "not taken by XnnpackPartitioner: a portable kernel"
-                     + (f", from {n['module']}" if n["module"] else "")}
+                     "why": "not taken by XnnpackPartitioner: a portable kernel" + _origin(n)}
                     for n in placed["portable_nodes"] if not n["op"].startswith(QUANTIZE_NAMESPACE)]}
+
+
+def _origin(node: dict) -> str:
+    """Where a portable node came from: the model's module, else the Program's graph node it descends from."""
+    if node["module"]:
+        return f", from {node['module']}"
+    return f", from node {node['from']}" if node["from"] else ""
 
 
 def to_edge(program, images=None):
