@@ -112,8 +112,8 @@ def on_npus(program, folder: Path) -> dict[str, dict]:
     found = {NPUS[0]: {**first, "by_type": cycles_by_type(folder / first["files"]["per_layer"])}}
     for npu in NPUS[1:]:
         (folder / npu).mkdir()
-        found[npu] = {**estimate(path, npu, out_dir=folder / npu)}
-        found[npu]["by_type"] = cycles_by_type(folder / npu / first["files"]["per_layer"])
+        record = estimate(path, npu, out_dir=folder / npu)
+        found[npu] = {**record, "by_type": cycles_by_type(folder / npu / first["files"]["per_layer"])}
     return found
 
 
