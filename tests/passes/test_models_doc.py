@@ -30,7 +30,11 @@ DOC = ROOT / "docs" / "models.md"
 MARKER = "<!-- families table: each cell is measured by tests/passes/test_models_doc.py -->"
 # evc's passes and formats the table leaves out, and why.
 NOT_COLUMNS = {"finetune": "retrains weights, changes no structure", "bpu": "int8 on a board, not lowered here",
-               "decompose": "makes N models of one, each pruned by head_prune and ffn_prune: test_decompose.py"}
+               "decompose": "makes N models of one, each pruned by head_prune and ffn_prune: test_decompose.py",
+               "pte": "lowered on a reduced DeiT-Tiny and EfficientFormer-L1 by tests/targets/test_pte.py, not yet "
+                      "per family",
+               "vela": "lowered on a reduced DeiT-Tiny, EfficientFormer-L1 and EfficientFormerV2 by "
+                       "tests/targets/test_ethos_u.py, not yet per family"}
 
 
 class _Ctx(Ctx):
