@@ -14,7 +14,7 @@ from evc.spec.plan import ImageInput
 from tests.conftest import check_fails, run_evc
 
 load_plugins()
-from evc.targets._ethos_native import for_the_npu  # noqa: E402  (registered by load_plugins)
+from evc.targets._ethos_native import for_the_npu, mean_flattened, softmax_rows  # noqa: E402  (registered by load_plugins)
 from evc.targets._vela import vela_facts  # noqa: E402
 from evc.targets.vela import FACTS, THRESHOLDS, estimate  # noqa: E402
 
@@ -86,10 +86,38 @@ def test_the_npu_rewrites_compute_the_same_values_and_leave_the_users_program_al
     torch.manual_seed(0)
     program = Program.from_module(TalkingHeads().eval(), ImageInput(32, 32))
     lowered, rewrites = for_the_npu(program)
-    assert rewrites == {"softmax_rows": 1, "mean_flattened": 1}
+    assert rewrites == {"softmax_rows": 1, "mean_flattened": 1, "patches_linear": 1}
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(lowered.run(x), program.run(x))
+    assert torch.allclose(lowered.run(x), program.run(x), rtol=0, atol=1e-5)  # the patches sum in another order
     assert "softmax" in program.graph.code and "softmax_rows" not in program.graph.code
+    assert "patches_linear" in lowered.graph.code and "patches_linear" not in program.graph.code
+
+
+def test_softmax_rows_and_mean_flattened_give_the_values_they_replace():
+    x = torch.randn(2, 4, 6, 6)
+    assert torch.equal(softmax_rows(x, -1), x.softmax(-1))
+    assert torch.allclose(softmax_rows(x, 1), x.softmax(1), rtol=0, atol=1e-6)  # over another axis: its sums reordered
+    assert torch.equal(mean_flattened(x), x.mean((2, 3)))
+    assert torch.equal(mean_flattened(x, keepdim=True), x.mean((2, 3), keepdim=True))
+
+
+def test_only_a_patchifying_conv_becomes_a_linear_over_its_patches():
+    class Convs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, 8, 4, 4)  # rewritten
+            self.pointwise = torch.nn.Conv2d(8, 8, 1)  # a 1 x 1 conv: kept
+            self.padded = torch.nn.Conv2d(8, 8, 2, 2, padding=1)  # padded: kept
+            self.overlapping = torch.nn.Conv2d(8, 8, 3, 2)  # kernel > stride: kept
+
+        def forward(self, x):
+            return self.overlapping(self.padded(self.pointwise(self.patch(x))))
+
+    program = Program.from_module(Convs().eval(), ImageInput(32, 32))
+    lowered, rewrites = for_the_npu(program)
+    assert rewrites["patches_linear"] == 1
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(lowered.run(x), program.run(x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -109,6 +137,29 @@ def test_the_rewrites_move_softmax_and_global_mean_from_the_cpu_to_every_npu(tmp
         assert "Unsupported depth-reduction" in mean["reasons"][0]
         assert lowered["ops"]["cpu"] == 0 and lowered["cpu_ops"] == []
         assert lowered["by_op"]["SOFTMAX"] == {"npu": 1, "cpu": 0}
+
+
+@pytest.mark.slow
+def test_a_patch_embedding_as_a_linear_over_its_patches_is_estimated_faster_on_the_u55_and_u65(tmp_path):
+    from evc.targets.tflite import convert, quantize
+
+    class Embedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch, self.head = torch.nn.Conv2d(3, 96, 16, 16), torch.nn.Linear(96, 10)
+
+        def forward(self, x):
+            return self.head(self.patch(x).flatten(2).transpose(1, 2).mean(1))
+
+    torch.manual_seed(0)
+    program = Program.from_module(Embedding().eval(), ImageInput(128, 128))
+    calibration = np.random.default_rng(0).standard_normal((4, 3, 128, 128)).astype(np.float32)
+    for name, version in (("raw", program), ("lowered", for_the_npu(program)[0])):
+        (tmp_path / f"{name}.tflite").write_bytes(quantize(convert(version), "int8", calibration))
+    for npu in ("u55_128", "u65_256"):
+        raw, lowered = estimate(tmp_path / "raw.tflite", npu), estimate(tmp_path / "lowered.tflite", npu)
+        assert "CONV_2D" in raw["by_op"] and "CONV_2D" not in lowered["by_op"] and lowered["ops"]["cpu"] == 0
+        assert lowered["inference_ms"] < raw["inference_ms"] / 2, (npu, raw["inference_ms"], lowered["inference_ms"])
 
 
 # ---- deit_tiny reduced, through the build --------------------------------------------------------------
@@ -138,6 +189,7 @@ def test_every_operator_of_the_pruned_deit_runs_on_the_npu_with_vela_s_estimate_
         summary = json.loads((deit[name].bundle / "ethos_u.json").read_text())
         assert sum(p["npu"] for p in summary["by_op"].values()) == record["ops"]["npu"]
         assert {"BATCH_MATMUL", "SOFTMAX", "FULLY_CONNECTED"} <= set(summary["by_op"])
+        assert record["rewrites"]["patches_linear"] == 1 and "CONV_2D" not in summary["by_op"]  # the patch embedding
 
 
 @pytest.mark.slow
@@ -211,7 +263,7 @@ def test_efficientformerv2_runs_wholly_on_every_npu_after_the_rewrites(tmp_path)
     target = "target mcu { device = ethos_u, format = vela, npu = u55_128, calibrate = calib }"
     built = build_spec(tmp_path, spec_text(target, source=source))["mcu"]
     (artifact,) = built.manifest["artifacts"]
-    assert artifact["ethos_u"]["rewrites"] == {"softmax_rows": 3, "mean_flattened": 1}
+    assert artifact["ethos_u"]["rewrites"] == {"softmax_rows": 3, "mean_flattened": 1, "patches_linear": 0}
     assert artifact["parity"]["cosine"] >= THRESHOLDS["int8"][0]
     for npu in NPUS:  # the same int8 model, compiled for each
         record = estimate(built.bundle / "model.tflite", npu)
