@@ -49,3 +49,18 @@ def median_head_spec(folder, target: str) -> str:
         "        return self.conv(x).flatten(2).median(-1).values\n")
     return ('evc 1\nmodel m {\n    source = python("median_head:MedianHead")\n    input = image(32, 32)\n}\n'
             f"{target}\n")
+
+
+def explained_placements(bundle) -> dict:
+    """`evc explain --json` on the spec a build fixture wrote `bundle` from (three folders up), which must read
+    the lowering the build cached: each target's placement, by target name."""
+    import json
+
+    from tests.conftest import run_evc
+
+    spec = bundle.parent.parent.parent / "spec.evc"
+    done = run_evc("explain", spec, "--out", spec.parent / "out", "--json")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["cached"]  # read from the lowering the build cached, not lowered again
+    return {t["name"]: t["placement"] for t in record["targets"]}

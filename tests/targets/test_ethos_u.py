@@ -12,6 +12,7 @@ from evc.registry import load_plugins
 from evc.spec.check import parse_and_check
 from evc.spec.plan import ImageInput
 from tests.conftest import check_fails, run_evc
+from tests.targets.conftest import explained_placements
 
 load_plugins()
 from evc.targets._ethos_native import for_the_npu, mean_flattened, softmax_rows  # noqa: E402  (registered by load_plugins)
@@ -219,12 +220,7 @@ def test_int16_parts_make_the_softmax_int16_and_vela_still_runs_it_on_the_u55(de
 
 @pytest.mark.slow
 def test_explain_shows_vela_s_placement_from_the_build_cache(deit):
-    spec = deit["u55"].bundle.parent.parent.parent / "spec.evc"
-    done = run_evc("explain", spec, "--out", spec.parent / "out", "--json")
-    assert done.returncode == 0, done.stderr
-    record = json.loads(done.stdout)
-    assert record["cached"]
-    placement = {t["name"]: t["placement"] for t in record["targets"]}
+    placement = explained_placements(deit["u55"].bundle)
     ops = deit["u85"].manifest["artifacts"][0]["ethos_u"]["ops"]
     assert placement["u85"]["summary"] == ops and placement["u85"]["cpu"] == []
     assert placement["u55"]["march"] == "ethos-u55-128, Ethos_U55_High_End_Embedded, Shared_Sram"

@@ -19,7 +19,7 @@ from evc.spec.check import parse_and_check
 from evc.targets.android import benchmark_command
 from evc.targets.pte import THRESHOLDS, Pte, latency_ms
 from tests.conftest import run_evc, small_spec
-from tests.targets.conftest import median_head_spec, stand_in_adb
+from tests.targets.conftest import explained_placements, median_head_spec, stand_in_adb
 from tests.targets.test_parse_executor_runner import OUTPUT
 
 DEIT = 'timm("deit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = 2, num_classes = 10)'
@@ -122,12 +122,8 @@ def test_placement_puts_a_vits_layernorms_and_token_ops_on_portable_kernels_writ
 
 @pytest.mark.slow
 def test_explain_and_the_report_show_xnnpack_and_portable_operators_from_the_build(deit):
+    placement = explained_placements(deit["cpu"].bundle)
     spec = deit["cpu"].bundle.parent.parent.parent / "spec.evc"
-    done = run_evc("explain", spec, "--out", spec.parent / "out", "--json")
-    assert done.returncode == 0, done.stderr
-    record = json.loads(done.stdout)
-    assert record["cached"]  # read from the lowering the build cached, not lowered again
-    placement = {t["name"]: t["placement"] for t in record["targets"]}
     for name in ("cpu", "phone"):
         placed = artifact(deit[name])["delegation"]
         assert placement[name]["summary"] == {"xnnpack": placed["delegated"], "portable": placed["portable"]}
