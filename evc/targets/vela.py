@@ -120,7 +120,7 @@ def compiled(program, params: dict, images, out_dir: Path) -> tuple[Path, dict]:
     from evc.targets._vela import compile_tflite
     from evc.targets.tflite import convert, quantize
 
-    lowered, rewrites = for_the_npu(program)
+    lowered, rewrites = for_the_npu(program, params["npu"])
     path = out_dir / MODEL
     path.write_bytes(quantize(convert(lowered), "int8", images, int16=params["int16"]))
     estimate = compile_tflite(path, params["npu"], params["system"], params["memory_mode"], out_dir)

@@ -1,4 +1,5 @@
-"""What the target tests share: a phone's adb stand-in, the tests' own adb server, a model no exporter takes."""
+"""What the target tests share: a phone's adb stand-in, the tests' own adb server, a model no exporter takes, a
+narrowed hierarchical model."""
 
 import os
 import subprocess
@@ -6,6 +7,12 @@ import subprocess
 import pytest
 
 ADB_PORT = "5137"  # not adb's default 5037: the tests start and kill their own server
+
+# EfficientFormer-L1 narrowed, one block a stage: three stages of conv blocks on maps (pooling mixers, 1x1 conv
+# MLPs, batch norm), then the last stage's map flattened to tokens for one attention block; its bias is made
+# for 224 px.
+EFFICIENTFORMER = ('timm("efficientformer_l1", depths = [1, 1, 1, 1], embed_dims = [16, 16, 32, 32], num_vit = 1, '
+                   "num_classes = 10)")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from evc.driver import build
 from evc.ir.program import Program
@@ -12,10 +13,10 @@ from evc.registry import load_plugins
 from evc.spec.check import parse_and_check
 from evc.spec.plan import ImageInput
 from tests.conftest import check_fails, run_evc
-from tests.targets.conftest import explained_placements
+from tests.targets.conftest import EFFICIENTFORMER, explained_placements
 
 load_plugins()
-from evc.targets._ethos_native import for_the_npu, mean_flattened, softmax_rows  # noqa: E402  (registered by load_plugins)
+from evc.targets._ethos_native import for_the_npu, mean_flattened, pool_blend, softmax_rows, window_weights  # noqa: E402, E501
 from evc.targets._vela import vela_facts  # noqa: E402
 from evc.targets.vela import FACTS, THRESHOLDS, estimate  # noqa: E402
 
@@ -86,8 +87,8 @@ class TalkingHeads(torch.nn.Module):
 def test_the_npu_rewrites_compute_the_same_values_and_leave_the_users_program_alone():
     torch.manual_seed(0)
     program = Program.from_module(TalkingHeads().eval(), ImageInput(32, 32))
-    lowered, rewrites = for_the_npu(program)
-    assert rewrites == {"softmax_rows": 1, "mean_flattened": 1, "patches_linear": 1}
+    lowered, rewrites = for_the_npu(program, "u55_128")
+    assert rewrites == {"softmax_rows": 1, "mean_flattened": 1, "patches_linear": 1, "pool_depthwise": 0}
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(lowered.run(x), program.run(x), rtol=0, atol=1e-5)  # the patches sum in another order
     assert "softmax" in program.graph.code and "softmax_rows" not in program.graph.code
@@ -115,10 +116,84 @@ def test_only_a_patchifying_conv_becomes_a_linear_over_its_patches():
             return self.overlapping(self.padded(self.pointwise(self.patch(x))))
 
     program = Program.from_module(Convs().eval(), ImageInput(32, 32))
-    lowered, rewrites = for_the_npu(program)
+    lowered, rewrites = for_the_npu(program, "u55_128")
     assert rewrites["patches_linear"] == 1
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(lowered.run(x), program.run(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("counts_padding", [False, True])
+@pytest.mark.parametrize("height, width", [(3, 3), (5, 8), (7, 4)])
+def test_pool_blend_is_a_times_x_plus_b_times_the_pool_at_every_pixel(counts_padding, height, width):
+    torch.manual_seed(0)
+    a, b, x = torch.randn(6), torch.randn(6), torch.randn(2, 6, height, width)
+    pooled = F.avg_pool2d(x, 3, 1, 1, count_include_pad=counts_padding)
+    want = a.view(1, -1, 1, 1) * x + b.view(1, -1, 1, 1) * pooled
+    assert torch.allclose(pool_blend(x, *window_weights(a, b, counts_padding)), want, rtol=0, atol=1e-5)
+
+
+class PoolMixers(torch.nn.Module):
+    """Pooling token mixers in small: EfficientFormer's whole chain x + γ·(pool(x) − x), the last step through a
+    DropPath stand-in; PoolFormer v2's, whose pool reads a norm of the stream, so its residual add stays; a pool
+    counting its padding; and a 5 x 5 pool, which no rewrite takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 4, 4)
+        self.pool = torch.nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.gamma = torch.nn.Parameter(torch.rand(8))
+        self.drop_path = torch.nn.Identity()
+        self.norm = torch.nn.BatchNorm2d(8)
+        self.padded, self.wide = torch.nn.AvgPool2d(3, 1, 1), torch.nn.AvgPool2d(5, 1, 2, count_include_pad=False)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.drop_path((self.pool(x) - x) * self.gamma.view(1, -1, 1, 1))
+        n = self.norm(x)
+        x = x + self.gamma[:, None, None] * (self.pool(n) - n)
+        return x + (self.padded(x) - x) + (self.wide(x) - x)
+
+
+def test_a_pooling_mixer_becomes_depthwise_convs_for_the_u55_and_u65_and_stays_a_pool_for_the_u85():
+    torch.manual_seed(0)
+    program = Program.from_module(PoolMixers().eval(), ImageInput(32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    for npu in ("u55_128", "u65_256"):
+        lowered, rewrites = for_the_npu(program, npu)
+        assert rewrites["pool_depthwise"] == 3
+        assert torch.allclose(lowered.run(x), program.run(x), rtol=0, atol=1e-5)  # the windows sum in another order
+        pools = [m for m in lowered.graph.modules() if isinstance(m, torch.nn.AvgPool2d)]
+        assert [p.kernel_size for p in pools] == [5]  # the 5 x 5 pool alone is left
+        adds = [n for n in lowered.graph.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+        assert len(adds) == 2  # PoolFormer v2's residual and the 5 x 5 pool's: the other two are in the convs
+    assert for_the_npu(program, "u85_256")[1]["pool_depthwise"] == 0
+
+
+@pytest.mark.slow
+def test_pooling_mixers_as_depthwise_convs_are_estimated_faster_on_the_u55_and_u65(tmp_path):
+    from evc.targets.tflite import convert, quantize
+
+    class Mixers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.pool = torch.nn.Conv2d(3, 32, 3, 2, 1), torch.nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+            self.gamma = torch.nn.Parameter(torch.rand(32))
+
+        def forward(self, x):
+            x = self.stem(x)
+            for _ in range(2):
+                x = x + self.gamma.view(1, -1, 1, 1) * (self.pool(x) - x)
+            return x
+
+    torch.manual_seed(0)
+    program = Program.from_module(Mixers().eval(), ImageInput(64, 64))
+    calibration = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    for npu in ("u55_128", "u85_256"):
+        (tmp_path / f"{npu}.tflite").write_bytes(quantize(convert(for_the_npu(program, npu)[0]), "int8", calibration))
+    for npu in ("u55_128", "u65_256"):  # (the U85's choice is measured on a whole model: benchmarks/npu.py)
+        pool, convs = estimate(tmp_path / "u85_256.tflite", npu), estimate(tmp_path / "u55_128.tflite", npu)
+        assert pool["ops"]["cpu"] == convs["ops"]["cpu"] == 0 and "AVERAGE_POOL_2D" not in convs["by_op"]
+        assert convs["inference_ms"] < 0.6 * pool["inference_ms"], (npu, pool["inference_ms"], convs["inference_ms"])
 
 
 @pytest.mark.slow
@@ -128,7 +203,7 @@ def test_the_rewrites_move_softmax_and_global_mean_from_the_cpu_to_every_npu(tmp
     torch.manual_seed(0)
     program = Program.from_module(TalkingHeads().eval(), ImageInput(32, 32))
     calibration = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    for name, version in (("raw", program), ("lowered", for_the_npu(program)[0])):
+    for name, version in (("raw", program), ("lowered", for_the_npu(program, "u55_128")[0])):
         (tmp_path / f"{name}.tflite").write_bytes(quantize(convert(version), "int8", calibration))
     for npu in NPUS:
         raw, lowered = estimate(tmp_path / "raw.tflite", npu), estimate(tmp_path / "lowered.tflite", npu)
@@ -155,7 +230,7 @@ def test_a_patch_embedding_as_a_linear_over_its_patches_is_estimated_faster_on_t
     torch.manual_seed(0)
     program = Program.from_module(Embedding().eval(), ImageInput(128, 128))
     calibration = np.random.default_rng(0).standard_normal((4, 3, 128, 128)).astype(np.float32)
-    for name, version in (("raw", program), ("lowered", for_the_npu(program)[0])):
+    for name, version in (("raw", program), ("lowered", for_the_npu(program, "u55_128")[0])):
         (tmp_path / f"{name}.tflite").write_bytes(quantize(convert(version), "int8", calibration))
     for npu in ("u55_128", "u65_256"):
         raw, lowered = estimate(tmp_path / "raw.tflite", npu), estimate(tmp_path / "lowered.tflite", npu)
@@ -259,12 +334,25 @@ def test_efficientformerv2_runs_wholly_on_every_npu_after_the_rewrites(tmp_path)
     target = "target mcu { device = ethos_u, format = vela, npu = u55_128, calibrate = calib }"
     built = build_spec(tmp_path, spec_text(target, source=source))["mcu"]
     (artifact,) = built.manifest["artifacts"]
-    assert artifact["ethos_u"]["rewrites"] == {"softmax_rows": 3, "mean_flattened": 1, "patches_linear": 0}
+    assert artifact["ethos_u"]["rewrites"] == {"softmax_rows": 3, "mean_flattened": 1, "patches_linear": 0,
+                                               "pool_depthwise": 0}
     assert artifact["parity"]["cosine"] >= THRESHOLDS["int8"][0]
     for npu in NPUS:  # the same int8 model, compiled for each
         record = estimate(built.bundle / "model.tflite", npu)
         assert record["ops"]["cpu"] == 0, record["cpu_ops"]
         assert record["by_op"]["SOFTMAX"] == {"npu": 3, "cpu": 0} and "EXP" not in record["by_op"]
+
+
+@pytest.mark.slow
+def test_efficientformer_l1_s_pooling_mixers_run_as_depthwise_convs_on_the_u55_and_pass_parity(tmp_path):
+    target = "target mcu { device = ethos_u, format = vela, npu = u55_128, calibrate = calib }"
+    built = build_spec(tmp_path, spec_text(target, source=EFFICIENTFORMER, size=224))["mcu"]
+    (artifact,) = built.manifest["artifacts"]
+    assert artifact["ethos_u"]["rewrites"]["pool_depthwise"] == 3  # one a stage, the last stage's block attends
+    assert artifact["parity"]["cosine"] >= THRESHOLDS["int8"][0]
+    record = json.loads((built.bundle / "ethos_u.json").read_text())
+    assert record["ops"]["cpu"] == 0 and "AVERAGE_POOL_2D" not in record["by_op"]
+    assert record["by_op"]["DEPTHWISE_CONV_2D"]["npu"] == 3 * 9
 
 
 # ---- a latency budget for an NPU, from Vela's estimates ---------------------------------------------------

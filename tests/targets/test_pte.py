@@ -19,15 +19,10 @@ from evc.spec.check import parse_and_check
 from evc.targets.android import benchmark_command
 from evc.targets.pte import THRESHOLDS, Pte, latency_ms
 from tests.conftest import run_evc, small_spec
-from tests.targets.conftest import explained_placements, median_head_spec, stand_in_adb
+from tests.targets.conftest import EFFICIENTFORMER, explained_placements, median_head_spec, stand_in_adb
 from tests.targets.test_parse_executor_runner import OUTPUT
 
 DEIT = 'timm("deit_tiny_patch16_224", img_size = 32, patch_size = 8, depth = 2, num_classes = 10)'
-# EfficientFormer-L1 narrowed, one block a stage: three stages of conv blocks on maps (pooling mixers, 1x1 conv
-# MLPs, batch norm), then the last stage's map flattened to tokens for one attention block; its bias is made
-# for 224 px.
-EFFICIENTFORMER = ('timm("efficientformer_l1", depths = [1, 1, 1, 1], embed_dims = [16, 16, 32, 32], num_vit = 1, '
-                   "num_classes = 10)")
 
 
 def build_spec(folder, source: str, size: int, targets: str) -> dict:
