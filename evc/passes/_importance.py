@@ -99,32 +99,37 @@ def taylor(gm: fx.GraphModule, names: list[str], mask_shapes: list, images: np.n
     return scores
 
 
+def head_sites(gm: fx.GraphModule, block) -> list[tuple[str, object]]:
+    """Where each head of `block`'s attention gets a mask: (node, its mask's shape for a batch) for each node, in
+    head order; one node holding every head, or one per head (cascaded)."""
+    if block.attn.heads_out:  # cascaded: one mask per head's output, (B x windows, head_dim, H, W)
+        windows = node_shape(node_named(gm, block.attn.heads_out[0]))[0]
+        return [(name, lambda b, w=windows: (b * w, 1, 1, 1)) for name in block.attn.heads_out]
+    shape = node_shape(node_named(gm, block.attn.context_node))
+    if shape is None or len(shape) != 4 or shape[1] != block.attn.num_heads:
+        raise InputError(f"block {block.index}: node '{block.attn.context_node}' has shape {shape}, "
+                         "expected (batch, heads, tokens, head_dim)")
+    # the example's batch is 1: a context with more rows runs each sample's windows as rows
+    return [(block.attn.context_node, lambda b, h=block.attn.num_heads, windows=shape[0]: (b * windows, h, 1, 1))]
+
+
+def hidden_sites(block) -> list[tuple[str, object]]:
+    """Where `block`'s MLP hidden units get a mask: [(its activation node, the mask's shape for a batch)]."""
+    m = block.mlp
+    return [(m.act_node, lambda b: (b, m.hidden, 1, 1) if m.axis == 1 else (b, 1, m.hidden))]
+
+
 def head_taylor(gm: fx.GraphModule, blocks, images: np.ndarray) -> list[np.ndarray]:
     """Taylor importance of every head of `blocks`, normalised per layer (Michel et al.)."""
-    names, shapes, heads = [], [], []
-    for block in blocks:
-        if block.attn.heads_out:  # cascaded: one mask per head's output, (B x windows, head_dim, H, W)
-            windows = node_shape(node_named(gm, block.attn.heads_out[0]))[0]
-            names += block.attn.heads_out
-            shapes += [lambda b, w=windows: (b * w, 1, 1, 1)] * block.attn.num_heads
-            heads.append(block.attn.num_heads)
-            continue
-        shape = node_shape(node_named(gm, block.attn.context_node))
-        if shape is None or len(shape) != 4 or shape[1] != block.attn.num_heads:
-            raise InputError(f"block {block.index}: node '{block.attn.context_node}' has shape {shape}, "
-                             "expected (batch, heads, tokens, head_dim)")
-        # the example's batch is 1: a context with more rows runs each sample's windows as rows
-        shapes.append(lambda b, h=block.attn.num_heads, windows=shape[0]: (b * windows, h, 1, 1))
-        names.append(block.attn.context_node)
-        heads.append(1)
-    scores = iter(taylor(gm, names, shapes, images))
-    per_layer = [np.concatenate([next(scores) for _ in range(n)]) for n in heads]
+    sites = [head_sites(gm, block) for block in blocks]
+    scores = iter(taylor(gm, [n for s in sites for n, _ in s], [f for s in sites for _, f in s], images))
+    per_layer = [np.concatenate([next(scores) for _ in s]) for s in sites]
     return [s / max(np.linalg.norm(s), 1e-12) for s in per_layer]
 
 
 def hidden_taylor(gm: fx.GraphModule, blocks, images: np.ndarray) -> list[np.ndarray]:
-    shapes = [lambda b, m=block.mlp: (b, m.hidden, 1, 1) if m.axis == 1 else (b, 1, m.hidden) for block in blocks]
-    return taylor(gm, [b.mlp.act_node for b in blocks], shapes, images)
+    sites = [site for block in blocks for site in hidden_sites(block)]
+    return taylor(gm, [n for n, _ in sites], [f for _, f in sites], images)
 
 
 class _Watch(fx.Interpreter):

@@ -11,6 +11,9 @@ candidates closer to the final model. Here every candidate meets the budget by a
       rest uniform   blocks can take alike (at most 4), the other's one share the largest within the budget
     early wider,   the share falls (rises) linearly over the depth, the first (last) block keeping half as
     late wider       much again as the middle one
+    learned,       gates on every head and unit, trained under the budget with the weights frozen, or
+    learned with     with them (UVC's learned allocation; evc.passes.learned)
+      weights
 
 and each is given `steps` steps of the finetune's own recipe (its teacher, loss, batch and learning rate;
 the warm-up and cosine decay shortened alike), then judged on labelled images the model as loaded never
@@ -79,8 +82,11 @@ def judged(search, plan, program, progress):
         run = plugin.recovery(uniform.program, finetune.params, ctx)
     steps = params["steps"] if params["steps"] != "auto" else _quarter(run, len(run.images))
     split = _split(plan, run, ctx)
-    workers = _workers(params["workers"], run.recipe.device, len(candidates))
     limit = params["time"]
+    if limit is None or time.monotonic() - started < limit:
+        with progress.stage("budget: gates on every head and unit, trained under the budget"):
+            candidates += _learned(search, run, split, candidates)
+    workers = _workers(params["workers"], run.recipe.device, len(candidates))
     with progress.stage(f"budget: judge {len(candidates)} candidates after {steps} steps of {finetune.name}, on "
                         f"{split.count} {split.where} ({workers} at a time)"):
         _train_all(candidates, run, split, steps, workers, started, limit, progress)
@@ -136,18 +142,46 @@ def _candidates(search) -> list[Candidate]:
             made.append(Candidate(name, widths))
         if name == "uniform":
             made.append(Candidate("sensitivity", sensitivity))
-    unique, seen = [], set()
+    unique = _new(made, [])
+    for candidate in unique:
+        _compressed(search, candidate)
+    return unique
+
+
+def _learned(search, run, split, candidates) -> list[Candidate]:
+    """The learned candidates, compressed and counted, unless a searched pass takes no gates; none that repeats
+    another."""
+    from evc.passes.learned import learned_widths
+
+    made = []
+    for name, joint in (("learned", False), ("learned with weights", True)):
+        widths = learned_widths(search, run, split.train, joint)
+        if widths is None:
+            return []
+        made.append(Candidate(name, widths))
+    new = _new(made, candidates)
+    for candidate in new:
+        _compressed(search, candidate)
+    return new
+
+
+def _new(made: list[Candidate], known: list[Candidate]) -> list[Candidate]:
+    """The candidates of `made` whose widths neither `known` nor an earlier one of `made` has."""
+    seen, unique = {tuple(sorted(c.widths.items())) for c in known}, []
     for candidate in made:
         key = tuple(sorted(candidate.widths.items()))
         if key not in seen:
             seen.add(key)
             unique.append(candidate)
-    for candidate in unique:
-        search.set_widths(candidate.widths)
-        candidate.passes = search.filled()
-        candidate.program = search.compress(candidate.passes)
-        candidate.count = search.count(candidate.program)[search.metric]
     return unique
+
+
+def _compressed(search, candidate: Candidate) -> None:
+    """The candidate's passes filled, run and counted."""
+    search.set_widths(candidate.widths)
+    candidate.passes = search.filled()
+    candidate.program = search.compress(candidate.passes)
+    candidate.count = search.count(candidate.program)[search.metric]
 
 
 def _levels(groups) -> list[float]:

@@ -79,7 +79,7 @@ def test_uniform_is_always_judged_and_the_winner_never_measured_worse_than_it(tm
     judge = budget["judge"]
     assert judge["by"] == "recovery" and judge["pass"] == "finetune" and judge["steps"] == 6
     names = [c["name"] for c in judge["candidates"]]
-    assert names[:2] == ["uniform", "sensitivity"] and "early wider" in names and "late wider" in names
+    assert names[:2] == ["uniform", "sensitivity"] and {"early wider", "late wider", "learned"} <= set(names)
     assert judge["images"] == pytest.approx(0.2 * 1438, abs=10)  # a fifth of each class of train
     assert judge["on"] == "images held back from the finetune's"
     losses = {c["name"]: c["loss"] for c in judge["candidates"]}
@@ -128,6 +128,29 @@ def test_explain_and_the_report_say_why_the_winner_beat_uniform_with_the_numbers
     else:
         assert f"{judge['winner']} beat uniform ratios after the same recovery" in done.stdout
         assert f"against uniform's {uniform['top1']:.2%}" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_learned_gates_cut_the_mlps_that_add_nothing_first(tmp_path, trained):
+    from fractions import Fraction
+
+    import prepare
+    from safetensors.torch import load_file
+
+    digits, folder = trained
+    state = load_file(folder / "vit.safetensors")
+    for block in (2, 3):  # these MLPs add nothing to the residual stream: every unit's gate is worth nothing
+        state[f"blocks.{block}.mlp.fc2.weight"].zero_()
+        state[f"blocks.{block}.mlp.fc2.bias"].zero_()
+    (tmp_path / "idle").mkdir()
+    prepare.save_file(state, tmp_path / "idle" / "vit.safetensors")
+    done = run_evc("build", write(tmp_path, (digits, tmp_path / "idle"), ", steps = 2"), "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    budget = manifest(tmp_path / "out")["budget"]
+    learned = next(c for c in budget["judge"]["candidates"] if c["name"] == "learned")
+    assert learned["count"] <= budget["target"] and learned["loss"] is not None
+    keep = [Fraction(k) for k in next(e for e in learned["chosen"] if e["pass"] == "ffn_prune")["keep"]]
+    assert keep[2] == keep[3] == Fraction(8, 384) < min(keep[0], keep[1])  # down to round_to, before any other
 
 
 @pytest.mark.slow
