@@ -1,6 +1,7 @@
 """A budget's learned candidate: gates on every searched head and hidden unit, trained under the budget (UVC).
 
-    widths = learned_widths(search, run, train, joint=False)   # {id(Group): width} within the budget, or None
+    groups, share = learned_shares(search, run, train, joint=False, steps=300)   # or None: no gates here
+    share(group, r)            # the share of the group's units kept at the threshold 1 - r
 
 One-shot sensitivity prices each block alone, before any training, and the
 other candidates are shapes drawn by hand (uniform, tapers). UVC (Yu et al.,
@@ -37,23 +38,27 @@ GATED = {"head_prune": "heads", "ffn_prune": "units"}  # the passes whose units 
 GATE_INIT = 3.0  # σ(3) ≈ 0.95
 GATE_LR = 0.05  # Adam's: a gate's logit moves about this much a step
 PENALTY = 10.0  # on the budget's excess, a share of the budget
-STEPS = 300
+STEPS = 300  # at most
+PER_JUDGED_STEP = 25  # gate steps per step of a candidate's recovery
 
 
-def learned_widths(search, run, train: list[int], joint: bool, steps: int = STEPS) -> dict | None:
-    """Widths learned by gates (the module's docstring) trained on `run`'s images at `train`, with the model's
+def gate_steps(judged_steps: int) -> int:
+    return min(STEPS, PER_JUDGED_STEP * judged_steps)
+
+
+def learned_shares(search, run, train: list[int], joint: bool, steps: int):
+    """(the gated groups, share(group, r)): the share of each group's units whose learned gate (the module's
+    docstring) clears 1 - r, the gates trained `steps` steps on `run`'s images at `train`, with the model's
     weights (`joint`) or without; None where a searched pass is not one whose units take gates."""
-    from evc.passes.recovery import _bisected
-
     groups = [g for g in search.groups if g.saved > 0]
     if not groups or any(search.passes[g.pass_index].name not in GATED for g in groups):
         return None
     gates = _trained_gates(search, groups, run, train, joint, steps)
 
-    def share(group, r):  # the share of the group's units whose gate clears 1 - r
+    def share(group, r):
         return float((gates[id(group)] >= 1 - r).float().mean())
 
-    return _bisected(search, groups, share)
+    return groups, share
 
 
 def _trained_gates(search, groups, run, train, joint: bool, steps: int) -> dict[int, torch.Tensor]:

@@ -85,7 +85,7 @@ def judged(search, plan, program, progress):
     limit = params["time"]
     if limit is None or time.monotonic() - started < limit:
         with progress.stage("budget: gates on every head and unit, trained under the budget"):
-            candidates += _learned(search, run, split, candidates)
+            candidates += _learned(search, run, split, steps, candidates)
     workers = _workers(params["workers"], run.recipe.device, len(candidates))
     with progress.stage(f"budget: judge {len(candidates)} candidates after {steps} steps of {finetune.name}, on "
                         f"{split.count} {split.where} ({workers} at a time)"):
@@ -148,17 +148,19 @@ def _candidates(search) -> list[Candidate]:
     return unique
 
 
-def _learned(search, run, split, candidates) -> list[Candidate]:
-    """The learned candidates, compressed and counted, unless a searched pass takes no gates; none that repeats
-    another."""
-    from evc.passes.learned import learned_widths
+def _learned(search, run, split, steps: int, candidates) -> list[Candidate]:
+    """The learned candidates, their gates trained for `steps` judged steps' worth, compressed and counted,
+    unless a searched pass takes no gates; none that repeats another."""
+    from evc.passes.learned import gate_steps, learned_shares
 
     made = []
     for name, joint in (("learned", False), ("learned with weights", True)):
-        widths = learned_widths(search, run, split.train, joint)
-        if widths is None:
+        learned = learned_shares(search, run, split.train, joint, gate_steps(steps))
+        if learned is None:
             return []
-        made.append(Candidate(name, widths))
+        widths = _bisected(search, *learned)
+        if widths is not None:
+            made.append(Candidate(name, widths))
     new = _new(made, candidates)
     for candidate in new:
         _compressed(search, candidate)
