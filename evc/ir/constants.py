@@ -1,6 +1,8 @@
 """Fold what a layer computes from its weights alone into weights, as inference sees them.
 
     fold_constants(gm)
+    constant_nodes(gm.graph)          # the nodes computed from weights and literals alone
+    constant_value(gm, node)          # one such node's value
 
 - A Linear whose bias is computed, `F.linear(x, self.qkv.weight, torch.cat((q_bias, k_bias, v_bias)))`
   (BEiT, EVA), becomes an ordinary Linear holding that bias: q/k/v is then one
@@ -27,7 +29,7 @@ _SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax, "softmax")
 
 
 def fold_constants(gm: fx.GraphModule) -> None:
-    constant = _constants(gm.graph)
+    constant = constant_nodes(gm.graph)
     changed = False
     for node in list(gm.graph.nodes):
         if node.target in _LINEARS:
@@ -42,7 +44,7 @@ def fold_constants(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _constants(graph: fx.Graph) -> set[fx.Node]:
+def constant_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes computed from weights and literals alone: not from the input, nor its shape."""
     variable, constant = set(), set()
     for node in graph.nodes:
@@ -66,7 +68,7 @@ def _fold_linear(gm: fx.GraphModule, node: fx.Node, constant: set[fx.Node]) -> b
     w = gm.get_parameter(weight.target)
     linear = nn.Linear(w.shape[1], w.shape[0])
     linear.weight = w
-    linear.bias = nn.Parameter(_value(gm, bias).detach(), requires_grad=w.requires_grad)
+    linear.bias = nn.Parameter(constant_value(gm, bias).detach(), requires_grad=w.requires_grad)
     name = owner if _replaceable(_submodule(gm, owner)) else _free(gm, f"{owner}.linear")
     gm.set_submodule(name, linear)
     with gm.graph.inserting_before(node):
@@ -107,7 +109,7 @@ def _logit_terms(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
 
 
 def _fold_buffer(gm: fx.GraphModule, value: fx.Node, leaf: str) -> None:
-    tensor = _value(gm, value)
+    tensor = constant_value(gm, value)
     if tensor.dtype == torch.bool:
         return
     # Named by the layer whose weights it comes from; tracing's own `_tensor_constant`s say nothing.
@@ -128,7 +130,7 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
     return list(seen)
 
 
-def _value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+def constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The value of a constant node, computed by the nodes it comes from alone."""
     needed = set(_ancestors(node))
     graph, env = fx.Graph(), {}

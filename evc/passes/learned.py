@@ -1,4 +1,4 @@
-"""A budget's learned candidate: gates on every searched head and hidden unit, trained under the budget (UVC).
+"""A budget's learned candidates: gates on every searched head and hidden unit, trained under the budget (UVC).
 
     groups, share = learned_shares(search, run, train, joint=False, steps=300)   # or None: no gates here
     share(group, r)            # the share of the group's units kept at the threshold 1 - r

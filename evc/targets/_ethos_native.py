@@ -55,6 +55,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from evc.ir.constants import constant_nodes, constant_value
+from evc.ir.view import node_shape
+
 
 def softmax_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     """softmax(x, dim) as a softmax over the rows of a 2-D view (the form the converter keeps as SOFTMAX)."""
@@ -117,7 +120,8 @@ def for_the_npu(program, npu: str):
     graph = copy.deepcopy(program.graph)
     matchers = [_softmax, _mean, lambda node: _patches(graph, node)]
     if npu.startswith(POOL_AS_DEPTHWISE):
-        matchers.append(lambda node: _pool_mixer(graph, node))
+        constants = constant_nodes(graph.graph)
+        matchers.append(lambda node: _pool_mixer(graph, node, constants))
     rewrites = {"softmax_rows": 0, "mean_flattened": 0, "patches_linear": 0, "pool_depthwise": 0}
     erased = set()  # the inside of each chain replaced
     for node in list(graph.graph.nodes):
@@ -212,7 +216,7 @@ _SUB, _MUL, _ADD = (operator.sub, torch.sub), (operator.mul, torch.mul), (operat
 _PASS_THROUGH = (torch.nn.Identity, torch.nn.Dropout)  # in eval; and timm's DropPath, by name
 
 
-def _pool_mixer(graph, node):
+def _pool_mixer(graph, node, constants: set):
     """avg_pool2d(x, 3, 1, 1) − x (a module AvgPool2d), then as much of `· γ` (γ a per-channel constant) and
     `x + ·` as follows it, each the only user of the one before: (name, pool_blend, (x, *weights), last node)."""
     if not (node.op == "call_function" and node.target in _SUB and not node.kwargs and len(node.args) == 2):
@@ -226,7 +230,7 @@ def _pool_mixer(graph, node):
             _pair(v) != want for v, want in ((pool.kernel_size, (3, 3)), (pool.stride, (1, 1)),
                                              (pool.padding, (1, 1)))) or pool.ceil_mode or pool.divisor_override:
         return None
-    shape = getattr(x.meta.get("tensor_meta"), "shape", None) if isinstance(x, torch.fx.Node) else None
+    shape = node_shape(x) if isinstance(x, torch.fx.Node) else None
     if shape is None or len(shape) != 4 or min(shape[2:]) < 3:
         return None
     channels = shape[1]
@@ -237,7 +241,7 @@ def _pool_mixer(graph, node):
             last = user
         elif user.op == "call_function" and user.target in _MUL and not user.kwargs and len(user.args) == 2 \
                 and user.args.count(last) == 1 \
-                and (gamma := _per_channel(graph, user.args[user.args[0] is last], channels)) is not None:
+                and (gamma := _per_channel(graph, constants, user.args[user.args[0] is last], channels)) is not None:
             a, b, last = a * gamma, b * gamma, user
         elif user.op == "call_function" and user.target in _ADD and not user.kwargs \
                 and sorted(map(id, user.args)) == sorted((id(x), id(last))):
@@ -256,36 +260,17 @@ def _passes_through(module) -> bool:
     return isinstance(module, _PASS_THROUGH) or type(module).__name__ == "DropPath" and not module.training
 
 
-def _per_channel(graph, value, channels: int) -> torch.Tensor | None:
-    """`value`'s (C,) per-channel factors, if it is a constant (computed from the graph's attributes alone) that
-    broadcasts over (1, C, H, W) along the channels only; else None."""
-    constant = _constant(graph, value)
-    if constant is None:
+def _per_channel(graph, constants: set, value, channels: int) -> torch.Tensor | None:
+    """`value`'s (C,) per-channel factors, if it is a number or a constant node (`constants`: computed from the
+    graph's attributes alone) that broadcasts over (1, C, H, W) along the channels only; else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        constant = torch.tensor(value)
+    elif isinstance(value, torch.fx.Node) and value in constants:
+        constant = torch.as_tensor(constant_value(graph, value))
+    else:
         return None
     try:
         full = torch.broadcast_shapes(constant.shape, (1, channels, 1, 1))
     except RuntimeError:
         return None
     return constant.float().broadcast_to(full).reshape(channels) if full == (1, channels, 1, 1) else None
-
-
-def _constant(graph, value) -> torch.Tensor | None:
-    """The value of a graph value that depends on no input (a number, or attributes and ops on them); else None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(value)
-    if not isinstance(value, torch.fx.Node):
-        return None
-    if value.op == "get_attr":
-        found = operator.attrgetter(value.target)(graph)
-        return found.detach() if isinstance(found, torch.Tensor) else None
-    if value.op not in ("call_function", "call_method"):
-        return None
-    inputs = [_constant(graph, n) for n in value.all_input_nodes]
-    if any(i is None for i in inputs):
-        return None
-    known = dict(zip(value.all_input_nodes, inputs))
-    args, kwargs = torch.fx.node.map_arg((value.args, value.kwargs), known.__getitem__)
-    with torch.no_grad():
-        out = getattr(args[0], value.target)(*args[1:], **kwargs) if value.op == "call_method" \
-            else value.target(*args, **kwargs)
-    return out if isinstance(out, torch.Tensor) else None
