@@ -85,33 +85,48 @@ target cpu { device = cpu, format = onnx }
 """
 
 
-def textures(root: Path, per_class: int = 150, seed: int = 0) -> None:
+def textures(root: Path, per_class: int = 150, more: int = 70, seed: int = 0) -> None:
     """10 classes of 32×32 textures, each image with its own phase, frequency, contrast, tint and noise:
-    gratings at 0, 45, 90 and 135 degrees at a low and a high frequency, checkerboards and dots."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
+    gratings at 0, 45, 90 and 135 degrees at a low and a high frequency, checkerboards and dots. Of
+    `per_class` a class, a fifth go to val, a fifth to tune and the rest to train; then `more` a class to
+    each of tune and val, drawn from a second stream so that the first images (and the ViT trained on
+    them) are the same whatever `more` is."""
+    first, second = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     for label in range(10):
         for i in range(per_class):
-            phase, contrast = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 1.0)
-            if label < 8:
-                angle = np.pi / 4 * (label % 4) + rng.normal(0, 0.12)
-                frequency = (0.12 if label < 4 else 0.3) * rng.uniform(0.8, 1.25)
-                value = np.sin(2 * np.pi * frequency * (x * np.cos(angle) + y * np.sin(angle)) + phase)
-            elif label == 8:
-                size = rng.uniform(3, 6)
-                value = np.sign(np.sin(np.pi * (x + phase) / size) * np.sin(np.pi * (y + phase) / size))
-            else:
-                value = -np.ones_like(x)
-                for cx, cy in rng.uniform(0, 32, (rng.integers(4, 10), 2)):
-                    value[(x - cx) ** 2 + (y - cy) ** 2 < rng.uniform(2, 9)] = 1
-            gray = 0.5 + 0.5 * contrast * value + rng.normal(0, 0.35, value.shape)
-            rgb = np.clip(gray[..., None] * rng.uniform(0.6, 1.0, 3), 0, 1)
             part = "val" if i < per_class // 5 else "tune" if i < 2 * (per_class // 5) else "train"
-            folder = root / "data" / part / str(label)
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((rgb * 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+            _texture(first, label).save(_slot(root, part, label, i))
+    for label in range(10):
+        for i in range(2 * more):
+            _texture(second, label).save(_slot(root, "val" if i < more else "tune", label, per_class + i))
+
+
+def _slot(root: Path, part: str, label: int, i: int) -> Path:
+    folder = root / "data" / part / str(label)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{i:04d}.png"
+
+
+def _texture(rng, label: int):
+    """One image of class `label`, drawn from `rng`."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
+    phase, contrast = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 1.0)
+    if label < 8:
+        angle = np.pi / 4 * (label % 4) + rng.normal(0, 0.12)
+        frequency = (0.12 if label < 4 else 0.3) * rng.uniform(0.8, 1.25)
+        value = np.sin(2 * np.pi * frequency * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+    elif label == 8:
+        size = rng.uniform(3, 6)
+        value = np.sign(np.sin(np.pi * (x + phase) / size) * np.sin(np.pi * (y + phase) / size))
+    else:
+        value = -np.ones_like(x)
+        for cx, cy in rng.uniform(0, 32, (rng.integers(4, 10), 2)):
+            value[(x - cx) ** 2 + (y - cy) ** 2 < rng.uniform(2, 9)] = 1
+    gray = 0.5 + 0.5 * contrast * value + rng.normal(0, 0.35, value.shape)
+    rgb = np.clip(gray[..., None] * rng.uniform(0.6, 1.0, 3), 0, 1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
 
 
 def task(name: str, work: Path) -> Path:
@@ -306,13 +321,14 @@ def compare(name, base, original, before, teacher, whole, budget, train_set, val
     print(f"### {name}, macs = {budget:.0%}\n")
     print(f"the search: {seconds:.0f} s, {len(judge['candidates'])} candidates judged after {judge['steps']} steps "
           f"on {judge['images']} {judge['on']}:\n")
-    print("| candidate | MACs | top-1 there | loss there |")
-    print("|---|---|---|---|")
+    print(f"| candidate | MACs | top-1 there | loss there | lead over {judge['baseline']} (SE) |")
+    print("|---|---|---|---|---|")
     for c in judge["candidates"]:
         mark = " (chosen)" if c["name"] == judge["winner"] else ""
         top = f"{100 * c['top1']:.2f}%" if c["top1"] is not None else "–"
         loss = f"{c['loss']:.4f}" if c["loss"] is not None else "not judged"
-        print(f"| {c['name']}{mark} | {c['count'] / 1e6:.2f} M | {top} | {loss} |")
+        lead = f"{100 * c['lead']:+.2f} ({100 * c['se']:.2f})" if c["lead"] is not None else "–"
+        print(f"| {c['name']}{mark} | {c['count'] / 1e6:.2f} M | {top} | {loss} | {lead} |")
     print(f"\n| model | MACs | × the model's | top-1 before finetune | top-1 after {args.epochs} epochs, mean ± std "
           f"of {args.seeds} seeds | what was kept |")
     print("|---|---|---|---|---|---|")

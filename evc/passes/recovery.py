@@ -19,10 +19,16 @@ and each is given `steps` steps of the finetune's own recipe (its teacher, loss,
 the warm-up and cosine decay shortened alike), then judged on labelled images the model as loaded never
 trained on: the budget's `judge_data`, else the evaluate block's data. Without either, it trains on the
 finetune's images less a held-back share of each class and is judged on that share, which favours the
-allocations that keep the model's own outputs on images it may have learnt by heart. The most images right
-wins, the recipe's loss breaking ties; uniform is always judged and wins a full tie, so the search never
-chooses an allocation that measured worse than uniform ratios there. The winner is then trained by the
-finetune as written, like any model the passes leave.
+allocations that keep the model's own outputs on images it may have learnt by heart.
+
+The candidates are ranked by the images they class right (by the recipe's loss on unlabelled images), the
+loss breaking ties. A few images apart on a few hundred is noise, so the search keeps uniform ratios unless
+another allocation leads them by more than one standard error of the paired difference over the judged
+images: the baseline is the best ranked of the candidates alike in every block (`uniform`, and a coarse
+pass's shares with the rest uniform), and the winner the best ranked of those that lead it by that much,
+else the baseline. So the search never chooses an allocation that measured worse than uniform ratios there,
+nor one that measured better only by a few images' chance. The winner is then trained by the finetune as
+written, like any model the passes leave.
 
 Candidates are trained in parallel worker processes where the cores allow (one per 2 cores), or one at a
 time on the GPU when the finetune trains there.
@@ -47,11 +53,13 @@ LEVELS = 4  # shares of the coarsest pass tried with the rest uniform
 class Candidate:
     name: str
     widths: dict  # id(Group) -> width
+    alike: bool = False  # every block at one share of each pass: uniform ratios
     passes: list | None = None  # filled PassPlans
     program: object = None  # the passes' Program, as the build would make it
     count: float = 0.0  # of the budget's metric, counted
     loss: float | None = None  # on the judged images, after recovery
     top1: float | None = None
+    scores: object = None  # each judged image's (numpy): 1 right, 0 wrong (labelled), else minus its loss
     seconds: float = 0.0
 
     def rank(self, uniform) -> tuple:
@@ -59,10 +67,32 @@ class Candidate:
         first of equals."""
         return (-self.top1 if self.top1 is not None else 0.0, self.loss, self is not uniform)
 
-    def row(self, search) -> dict:
+    def lead(self, other) -> tuple[float, float]:
+        """Its mean lead over `other` on the judged images (top-1, or loss when unlabelled), and the
+        standard error of that mean."""
+        d = self.scores - other.scores
+        return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+
+    def row(self, search, baseline) -> dict:
         """What the manifest keeps of a candidate."""
+        lead, error = self.lead(baseline) if self.scores is not None else (None, None)
         return {"name": self.name, "count": self.count, "loss": _round(self.loss), "top1": _round(self.top1),
-                "seconds": round(self.seconds, 1), "chosen": search.record_of(self.widths)}
+                "lead": _round(lead), "se": _round(error), "seconds": round(self.seconds, 1),
+                "chosen": search.record_of(self.widths)}
+
+
+def winner(candidates: list[Candidate], uniform: Candidate) -> tuple[Candidate, Candidate]:
+    """(the winner, the baseline) of the judged candidates: the baseline the best ranked alike in every
+    block, the winner the best ranked that leads it by more than one standard error, else the baseline."""
+    ranked = sorted((c for c in candidates if c.loss is not None), key=lambda c: c.rank(uniform))
+    baseline = next(c for c in ranked if c.alike)
+    for candidate in ranked:
+        if candidate is baseline:
+            break
+        lead, error = candidate.lead(baseline)
+        if lead > error:
+            return candidate, baseline
+    return baseline, baseline
 
 
 def judged(search, plan, program, progress):
@@ -90,12 +120,12 @@ def judged(search, plan, program, progress):
     with progress.stage(f"budget: judge {len(candidates)} candidates after {steps} steps of {finetune.name}, on "
                         f"{split.count} {split.where} ({workers} at a time)"):
         _train_all(candidates, run, split, steps, workers, started, limit, progress)
-    judged_ = [c for c in candidates if c.loss is not None]
-    best = min(judged_, key=lambda c: c.rank(uniform))
+    best, baseline = winner(candidates, uniform)
     return best, {"by": "recovery", "pass": finetune.name, "index": index, "steps": steps, "on": split.where,
                   "images": split.count, "lr": run.recipe.lr, "workers": workers,
                   "seconds": round(time.monotonic() - started, 1), "winner": best.name,
-                  "candidates": [c.row(search) for c in candidates],
+                  "baseline": baseline.name, "measure": "top1" if uniform.top1 is not None else "loss",
+                  "candidates": [c.row(search, baseline) for c in candidates],
                   "left_out": [c.name for c in candidates if c.loss is None]}
 
 
@@ -121,7 +151,7 @@ def _candidates(search) -> list[Candidate]:
 
     sensitivity = {id(g): g.width for g in search.groups}  # as Search.run left them
     ratio = [g for g in search.groups if PASSES[search.passes[g.pass_index].name].knob.ratio]
-    shapes = [("uniform", lambda g, r: r)]
+    shapes = [("uniform", lambda g, r: r)]  # alike in every block: uniform, and `name share, rest uniform`
     passes = sorted({g.pass_index for g in ratio})
     if len(passes) > 1:  # one share per pass: the coarsest pass (heads) at each of its shares, the rest bisected
         coarse = min(passes, key=lambda i: min((g.full - g.least) // g.step for g in ratio if g.pass_index == i))
@@ -139,7 +169,7 @@ def _candidates(search) -> list[Candidate]:
     for name, shape in shapes:
         widths = _bisected(search, ratio, shape)
         if widths is not None:
-            made.append(Candidate(name, widths))
+            made.append(Candidate(name, widths, alike=name == "uniform" or name.endswith("rest uniform")))
         if name == "uniform":
             made.append(Candidate("sensitivity", sensitivity))
     unique = _new(made, [])
@@ -286,11 +316,12 @@ class Job:
 
 def recovered(job: Job) -> dict:
     """Train `job.graph` for `job.steps` steps of the run's recipe on the split's training images and score it
-    on its judged ones: {"loss", "top1", "seconds"}. Runs in a worker process or in this one."""
+    on its judged ones: {"loss", "top1", "scores" (each image's, as Candidate's), "seconds"}. Runs in a worker
+    process or in this one."""
     import torch
     from torch.utils.data import Subset
 
-    from evc.passes.train import distill, held_out_score
+    from evc.passes.train import distill, held_out_scores
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -307,8 +338,10 @@ def recovered(job: Job) -> dict:
     result = distill(job.graph, job.run.teacher, Subset(job.run.images, train), short, progress=_silent)
     judged = job.split.judged(job.run)
     labelled = job.split.judged_on is not None or getattr(job.run.images, "classes", None) is not None
-    loss, top1 = held_out_score(result.student.eval(), job.run.teacher, judged, short, labelled=labelled)
-    return {"loss": loss, "top1": top1, "seconds": time.perf_counter() - start}
+    losses, right = held_out_scores(result.student.eval(), job.run.teacher, judged, short, labelled=labelled)
+    scores = right.double() if right is not None else -losses.double()
+    return {"loss": float(losses.mean()), "top1": float(right.double().mean()) if right is not None else None,
+            "scores": scores.numpy(), "seconds": time.perf_counter() - start}
 
 
 def _silent(*_):
@@ -343,7 +376,8 @@ def _train_all(candidates, run, split, steps, workers, started, limit, progress)
             for k, score in finished:
                 del running[k]
                 candidate = candidates[k]
-                candidate.loss, candidate.top1, candidate.seconds = score["loss"], score["top1"], score["seconds"]
+                candidate.loss, candidate.top1, candidate.scores = score["loss"], score["top1"], score["scores"]
+                candidate.seconds = score["seconds"]
                 top = f"top-1 {candidate.top1:.2%}, " if candidate.top1 is not None else ""
                 progress.note(f"  {candidate.name}: {top}loss {candidate.loss:.4f} ({candidate.seconds:.0f}s)")
     finally:

@@ -144,17 +144,19 @@ def logits(output) -> Tensor:
 
 
 def distillation_loss(student: Tensor, teacher: Tensor | None, labels: Tensor, alpha: float,
-                      temperature: float) -> Tensor:
-    """A term whose weight is 0 is not computed, so alpha = 1 never reads labels and alpha = 0 needs no teacher."""
-    loss = student.new_zeros(())
+                      temperature: float, per_image: bool = False) -> Tensor:
+    """The batch's mean loss, or each image's (`per_image`). A term whose weight is 0 is not computed, so
+    alpha = 1 never reads labels and alpha = 0 needs no teacher."""
+    loss = student.new_zeros(len(student) if per_image else ())
     if alpha > 0:
         t = temperature
         # T² keeps the soft term's gradients on the scale of the hard term's as T grows (Hinton et al., 2015).
-        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean",
-                      log_target=True)
+        a, b = F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1)
+        kl = (F.kl_div(a, b, reduction="none", log_target=True).sum(-1) if per_image
+              else F.kl_div(a, b, reduction="batchmean", log_target=True))
         loss = loss + alpha * t * t * kl
     if alpha < 1:
-        loss = loss + (1 - alpha) * F.cross_entropy(student, labels)
+        loss = loss + (1 - alpha) * F.cross_entropy(student, labels, reduction="none" if per_image else "mean")
     return loss
 
 
@@ -199,20 +201,20 @@ def top1(model: nn.Module, dataset: Dataset, batch: int = 256) -> float:
     return top_k(model, dataset, batch, 1)
 
 
-def held_out_score(model: nn.Module, teacher: nn.Module | None, dataset: Dataset, recipe: Recipe,
-                   labelled: bool = True, batch: int = 256) -> tuple[float, float | None]:
-    """The recipe's loss on `dataset` (mean over its images) and top-1 (None when `labelled` is False), in
-    eval mode on the CPU: how a budget judges a candidate after its short recovery."""
+def held_out_scores(model: nn.Module, teacher: nn.Module | None, dataset: Dataset, recipe: Recipe,
+                    labelled: bool = True, batch: int = 256) -> tuple[Tensor, Tensor | None]:
+    """Each image's loss by the recipe on `dataset`, and whether the model classed it right (None when
+    `labelled` is False), in eval mode on the CPU: how a budget judges a candidate after its short recovery."""
     alpha = recipe.alpha if labelled else 1.0  # unlabelled images are judged by the teacher alone
-    total, hits = 0.0, 0
+    losses, right = [], []
     model.eval()
     with torch.no_grad():
         for images, labels in DataLoader(dataset, batch):
             out = logits(model(images))
             target = logits(teacher(images)) if teacher is not None and alpha > 0 else None
-            total += distillation_loss(out, target, labels, alpha, recipe.temperature).item() * len(labels)
-            hits += (out.argmax(-1) == labels).sum().item()
-    return total / len(dataset), (hits / len(dataset) if labelled else None)
+            losses.append(distillation_loss(out, target, labels, alpha, recipe.temperature, per_image=True))
+            right.append(out.argmax(-1) == labels)
+    return torch.cat(losses), (torch.cat(right) if labelled else None)
 
 
 def print_epoch(record: Epoch, epochs: int, seconds_left: float, console: Console | None = None) -> None:

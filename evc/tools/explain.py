@@ -184,26 +184,39 @@ def budget_text(plan: Plan, record: dict) -> str:
 
 
 def judged_text(judge: dict, human) -> list[str]:
-    """Each candidate's estimate after its short recovery, and why the winner beat uniform ratios."""
+    """Each candidate's estimate after its short recovery, its lead over uniform ratios, and why the winner
+    was chosen, with the numbers."""
+    by_loss = judge.get("measure") == "loss"
     lines = [f"  judged after {judge['steps']} steps of {judge['pass']}'s recipe (lr {judge['lr']:.3g}), on "
-             f"{judge['images']} {judge['on']}; the most right wins, then the least loss:"]
+             f"{judge['images']} {judge['on']}; ranked by {'loss' if by_loss else 'images right, then loss'}, "
+             "and chosen over uniform ratios only by a lead of more than one standard error:"]
     width = max(len(c["name"]) for c in judge["candidates"])
     for c in judge["candidates"]:
         top1 = f"  top-1 {c['top1']:.2%}" if c["top1"] is not None else ""
         loss = f"loss {c['loss']:.4f}" if c["loss"] is not None else "not judged (time)"
+        lead = f"  lead {_lead(c, by_loss)}" if c.get("lead") is not None else ""
         mark = "→" if c["name"] == judge["winner"] else " "
-        lines.append(f"   {mark} {c['name']:<{width}}  {human(c['count']):>8}  {loss}{top1}")
-    uniform = next(c for c in judge["candidates"] if c["name"] == "uniform")
-    winner = next(c for c in judge["candidates"] if c["name"] == judge["winner"])
-    if winner is uniform:
-        lines.append("  uniform ratios recovered best: no other allocation measured better on the held-back images")
+        lines.append(f"   {mark} {c['name']:<{width}}  {human(c['count']):>8}  {loss}{top1}{lead}")
+    named = {c["name"]: c for c in judge["candidates"]}
+    baseline, winner = named[judge.get("baseline", "uniform")], named[judge["winner"]]
+    flat = "uniform ratios" + (f" ({baseline['name']})" if baseline["name"] != "uniform" else "")
+    if winner is baseline:
+        rivals = [c for c in judge["candidates"] if c is not baseline and c.get("lead") is not None]
+        nearest = max(rivals, key=lambda c: c["lead"], default=None)
+        why = f"; the nearest, {nearest['name']}, led by {_lead(nearest, by_loss)}" if nearest else ""
+        lines.append(f"  {flat} kept: no other allocation led them by more than one standard error{why}")
     else:
-        better = f"loss {winner['loss']:.4f} against uniform's {uniform['loss']:.4f}"
-        if winner["top1"] is not None:
-            better = f"top-1 {winner['top1']:.2%} against uniform's {uniform['top1']:.2%}, " + better.replace(
-                "uniform's ", "")
-        lines.append(f"  {judge['winner']} beat uniform ratios after the same recovery: {better}")
+        measure = (f"loss {winner['loss']:.4f} against {baseline['loss']:.4f}" if by_loss else
+                   f"top-1 {winner['top1']:.2%} against {baseline['top1']:.2%}")
+        lines.append(f"  {winner['name']} beat {flat} after the same recovery: {measure}, a lead of "
+                     f"{_lead(winner, by_loss)}")
     return lines
+
+
+def _lead(candidate: dict, by_loss: bool) -> str:
+    """A candidate's lead over the baseline and its standard error: in points of top-1, or of loss."""
+    scale, unit = (1, "") if by_loss else (100, " points")
+    return f"{scale * candidate['lead']:+.2f}{unit} (standard error {scale * candidate['se']:.2f})"
 
 
 def _spec_value(value) -> str:

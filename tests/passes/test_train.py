@@ -86,6 +86,10 @@ def test_the_loss_mixes_cross_entropy_and_scaled_kl_by_alpha():
     assert torch.allclose(distillation_loss(student, teacher, labels, 1.0, 2.0), kl_t2)
     assert torch.allclose(distillation_loss(student, teacher, labels, 0.25, 2.0), 0.25 * kl_t2 + 0.75 * ce)
     assert distillation_loss(teacher, teacher, labels, 1.0, 2.0).abs() < 1e-6
+    each = distillation_loss(student, teacher, labels, 0.25, 2.0, per_image=True)  # how a budget judges images
+    assert each.shape == (8,) and torch.allclose(each.mean(), 0.25 * kl_t2 + 0.75 * ce)
+    alone = distillation_loss(student[3:4], teacher[3:4], labels[3:4], 0.25, 2.0)
+    assert torch.allclose(each[3], alone)
 
 
 def test_a_distilled_deits_two_heads_are_averaged():
