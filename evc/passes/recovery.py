@@ -22,13 +22,15 @@ finetune's images less a held-back share of each class and is judged on that sha
 allocations that keep the model's own outputs on images it may have learnt by heart.
 
 The candidates are ranked by the images they class right (by the recipe's loss on unlabelled images), the
-loss breaking ties. A few images apart on a few hundred is noise, so the search keeps uniform ratios unless
-another allocation leads them by more than one standard error of the paired difference over the judged
-images: the baseline is the best ranked of the candidates alike in every block (`uniform`, and a coarse
-pass's shares with the rest uniform), and the winner the best ranked of those that lead it by that much,
-else the baseline. So the search never chooses an allocation that measured worse than uniform ratios there,
-nor one that measured better only by a few images' chance. The winner is then trained by the finetune as
-written, like any model the passes leave.
+loss breaking ties. A few images apart on a few hundred is chance, so the search keeps uniform ratios unless
+another allocation leads them by more than `bar(k)` standard errors of the paired difference over the judged
+images. The baseline is the best ranked of the candidates alike in every block (`uniform`, and a coarse
+pass's shares with the rest uniform); the winner is the best ranked of the k others that leads it by that
+much, else the baseline. One standard error is the bar for one rival; for k, the bar that one of k rivals
+no better than uniform ratios clears as rarely (16%: Bonferroni's correction), 2.0 for 7. So the search
+never chooses an allocation that measured worse than uniform ratios there, nor one that measured better by
+a chance k draws make likely. The winner is then trained by the finetune as written, like any model the
+passes leave.
 
 Candidates are trained in parallel worker processes where the cores allow (one per 2 cores), or one at a
 time on the GPU when the finetune trains there.
@@ -81,18 +83,29 @@ class Candidate:
                 "chosen": search.record_of(self.widths)}
 
 
-def winner(candidates: list[Candidate], uniform: Candidate) -> tuple[Candidate, Candidate]:
-    """(the winner, the baseline) of the judged candidates: the baseline the best ranked alike in every
-    block, the winner the best ranked that leads it by more than one standard error, else the baseline."""
+def bar(rivals: int) -> float:
+    """The standard errors by which one of `rivals` allocations must lead uniform ratios: as unlikely to be
+    cleared by chance by one of them as one standard error is by one (the module's docstring)."""
+    from statistics import NormalDist
+
+    chance = 1 - NormalDist().cdf(1.0)
+    return NormalDist().inv_cdf(1 - chance / max(1, rivals))
+
+
+def winner(candidates: list[Candidate], uniform: Candidate) -> tuple[Candidate, Candidate, float]:
+    """(the winner, the baseline, the bar) of the judged candidates: the baseline the best ranked alike in
+    every block, the winner the best ranked of the rest that leads it by more than `bar` standard errors,
+    else the baseline."""
     ranked = sorted((c for c in candidates if c.loss is not None), key=lambda c: c.rank(uniform))
-    baseline = next(c for c in ranked if c.alike)
+    baseline = next((c for c in ranked if c.alike), ranked[0])  # none alike: uniform could not be drawn
+    needed = bar(sum(not c.alike for c in ranked))
     for candidate in ranked:
         if candidate is baseline:
             break
         lead, error = candidate.lead(baseline)
-        if lead > error:
-            return candidate, baseline
-    return baseline, baseline
+        if lead > needed * error:
+            return candidate, baseline, needed
+    return baseline, baseline, needed
 
 
 def judged(search, plan, program, progress):
@@ -120,11 +133,12 @@ def judged(search, plan, program, progress):
     with progress.stage(f"budget: judge {len(candidates)} candidates after {steps} steps of {finetune.name}, on "
                         f"{split.count} {split.where} ({workers} at a time)"):
         _train_all(candidates, run, split, steps, workers, started, limit, progress)
-    best, baseline = winner(candidates, uniform)
+    best, baseline, needed = winner(candidates, uniform)
     return best, {"by": "recovery", "pass": finetune.name, "index": index, "steps": steps, "on": split.where,
                   "images": split.count, "lr": run.recipe.lr, "workers": workers,
                   "seconds": round(time.monotonic() - started, 1), "winner": best.name,
-                  "baseline": baseline.name, "measure": "top1" if uniform.top1 is not None else "loss",
+                  "baseline": baseline.name, "bar": round(needed, 3),
+                  "measure": "top1" if uniform.top1 is not None else "loss",
                   "candidates": [c.row(search, baseline) for c in candidates],
                   "left_out": [c.name for c in candidates if c.loss is None]}
 

@@ -189,7 +189,7 @@ def judged_text(judge: dict, human) -> list[str]:
     by_loss = judge.get("measure") == "loss"
     lines = [f"  judged after {judge['steps']} steps of {judge['pass']}'s recipe (lr {judge['lr']:.3g}), on "
              f"{judge['images']} {judge['on']}; ranked by {'loss' if by_loss else 'images right, then loss'}, "
-             "and chosen over uniform ratios only by a lead of more than one standard error:"]
+             f"and chosen over uniform ratios only by a lead of more than {judge.get('bar', 1):.2f} standard errors:"]
     width = max(len(c["name"]) for c in judge["candidates"])
     for c in judge["candidates"]:
         top1 = f"  top-1 {c['top1']:.2%}" if c["top1"] is not None else ""
@@ -204,7 +204,8 @@ def judged_text(judge: dict, human) -> list[str]:
         rivals = [c for c in judge["candidates"] if c is not baseline and c.get("lead") is not None]
         nearest = max(rivals, key=lambda c: c["lead"], default=None)
         why = f"; the nearest, {nearest['name']}, led by {_lead(nearest, by_loss)}" if nearest else ""
-        lines.append(f"  {flat} kept: no other allocation led them by more than one standard error{why}")
+        lines.append(f"  {flat} kept: no other allocation led them by more than {judge.get('bar', 1):.2f} standard "
+                     f"errors{why}")
     else:
         measure = (f"loss {winner['loss']:.4f} against {baseline['loss']:.4f}" if by_loss else
                    f"top-1 {winner['top1']:.2%} against {baseline['top1']:.2%}")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from evc.passes.recovery import Candidate, Split, winner
+from evc.passes.recovery import Candidate, Split, bar, winner
 from evc.passes.train import Recipe, Run
 from tests.conftest import check_fails, run_evc
 
@@ -92,10 +92,12 @@ def test_uniform_is_always_judged_and_the_winner_never_measured_worse_than_it(tm
     assert baseline["lead"] == 0 and baseline["se"] == 0
     winner = next(c for c in judge["candidates"] if c["name"] == judge["winner"])
     above = ranked[:ranked.index(baseline)]
-    if winner is baseline:  # nothing ranked above uniform ratios led them by more than a standard error
-        assert all(c["lead"] <= c["se"] for c in above)
+    rivals = sum(not (c["name"] == "uniform" or c["name"].endswith("rest uniform")) for c in ranked)
+    assert judge["bar"] == pytest.approx(bar(rivals), abs=1e-3) and judge["bar"] > 1.5  # 6 or 7 rivals
+    if winner is baseline:  # nothing ranked above uniform ratios led them by more than the bar
+        assert all(c["lead"] <= judge["bar"] * c["se"] for c in above)
     else:  # the first ranked that did
-        assert winner == next(c for c in above if c["lead"] > c["se"])
+        assert winner == next(c for c in above if c["lead"] > judge["bar"] * c["se"])
         assert winner["top1"] - baseline["top1"] == pytest.approx(winner["lead"], abs=1e-5)
     assert (winner["top1"], -winner["loss"]) >= (baseline["top1"], -baseline["loss"])
     for c in judge["candidates"]:  # every candidate met the budget, by a count
@@ -138,7 +140,7 @@ def test_explain_and_the_report_say_why_the_winner_beat_uniform_with_the_numbers
     assert f"lead {100 * winner['lead']:+.2f} points (standard error {100 * winner['se']:.2f})" in done.stdout
     assert "lead over uniform (standard error)" in table
     if winner is baseline:
-        assert "kept: no other allocation led them by more than one standard error" in done.stdout
+        assert f"kept: no other allocation led them by more than {judge['bar']:.2f} standard errors" in done.stdout
     else:
         assert f"{judge['winner']} beat uniform ratios" in done.stdout
         assert f"top-1 {winner['top1']:.2%} against {baseline['top1']:.2%}, a lead of" in done.stdout
@@ -276,12 +278,22 @@ def test_an_allocation_a_few_images_ahead_of_uniform_ratios_is_not_chosen_over_t
     assert noisy.top1 > uniform.top1
     lead, error = noisy.lead(uniform)
     assert lead == pytest.approx(2 / 300) and lead < error
-    assert winner([uniform, noisy], uniform) == (uniform, uniform)
+    assert winner([uniform, noisy], uniform) == (uniform, uniform, bar(1))
 
     clear = flat.copy()  # 12 images ahead, none behind
     clear[np.flatnonzero(~flat)[:12]] = True
     better = judged("better", clear)
-    assert winner([uniform, noisy, better], uniform) == (better, uniform)
+    assert winner([uniform, noisy, better], uniform) == (better, uniform, bar(2))
+
+
+def test_the_more_rivals_the_higher_the_bar_one_must_clear_to_be_chosen_over_uniform_ratios():
+    from statistics import NormalDist
+
+    assert bar(1) == pytest.approx(1.0) and bar(7) == pytest.approx(2.0, abs=0.01)
+    chance = 1 - NormalDist().cdf(1.0)  # that one rival no better than uniform clears one standard error
+    for rivals in (2, 3, 7, 12):  # that one of `rivals` clears the bar: the same, at most
+        assert 1 - (1 - (1 - NormalDist().cdf(bar(rivals)))) ** rivals <= chance
+        assert bar(rivals) > bar(rivals - 1)
 
 
 def test_the_baseline_is_the_best_of_the_uniform_ratios_and_the_first_ranked_that_leads_it_wins():
@@ -294,13 +306,13 @@ def test_the_baseline_is_the_best_of_the_uniform_ratios_and_the_first_ranked_tha
     heads[150:160] = 1  # 10 ahead of uniform, and alike in every block: the baseline
     flat = judged("head_prune 2/3, rest uniform", heads, alike=True)
     first = heads.copy()
-    first[160:164], first[:2] = 1, 0  # 2 ahead of the baseline, 6 images apart: ranked first, by chance
+    first[160:167], first[:4] = 1, 0  # 3 ahead of the baseline, 11 images apart: ranked first, by chance
     second = heads.copy()
-    second[160:162] = 1  # 2 ahead, none behind: a lead of more than its standard error
+    second[160:163] = 1  # 3 ahead, none behind: a lead of 1.74 standard errors
     a, b = judged("ahead by chance", first, loss=0.4), judged("ahead", second, loss=0.45)
-    assert a.top1 == b.top1 and a.lead(flat)[0] <= a.lead(flat)[1] and b.lead(flat)[0] > b.lead(flat)[1]
-    assert winner([uniform, flat, a, b], uniform) == (b, flat)
-    assert winner([uniform, flat, a], uniform) == (flat, flat)
+    assert a.top1 == b.top1 and a.lead(flat)[0] / a.lead(flat)[1] < 1 < bar(2) < b.lead(flat)[0] / b.lead(flat)[1]
+    assert winner([uniform, flat, a, b], uniform) == (b, flat, bar(2))
+    assert winner([uniform, flat, a], uniform) == (flat, flat, bar(1))
     unjudged = judged("left out", np.ones(200))
     unjudged.loss = None  # past the time limit: not judged, never chosen
-    assert winner([uniform, unjudged], uniform) == (uniform, uniform)
+    assert winner([uniform, unjudged], uniform) == (uniform, uniform, bar(1))
