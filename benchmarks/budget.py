@@ -10,8 +10,8 @@ Two tasks, each a ViT of 6 blocks of 3 heads, width 96, MLP 384, at 32×32 in pa
     digits      scikit-learn's handwritten digits, split as examples/digits/prepare.py splits them, a fifth
                 of each class of its training images moved to `tune`; the ViT trained on the rest (40 epochs)
     textures    made here: 10 classes of noisy textures (gratings at 4 angles and 2 frequencies,
-                checkerboards, dots), 90 training, 30 tune and 30 validation images per class; the ViT
-                trained on train (15 epochs)
+                checkerboards, dots), 90 training, 100 tune and 100 validation images per class (1000
+                judged and 1000 scored: 0.5 points apart is 5 images); the ViT trained on train (15 epochs)
 
 at each budget (half and 35% of the MACs), three ways:
 
