@@ -32,9 +32,10 @@ writes its `keep` keeps it, and every other pass runs as written. The search
 
 4. **Judged after recovery** (evc.passes.recovery), when a finetune follows
    the searched passes (`judge = auto`, or `recovery`): the allocation above
-   is one candidate among uniform ratios and depth tapers, each trained
-   briefly by that finetune's recipe and scored on images it held back. The
-   least loss wins; uniform ratios are always judged and win a tie.
+   is one candidate among uniform ratios, depth tapers and learned gates,
+   each trained briefly by that finetune's recipe and scored on images it
+   held back. Uniform ratios are always judged and kept unless another
+   candidate leads them by more than a bar of standard errors.
 
 A pass that trains the model back (finetune) changes no count and is not run
 while counting. The choice is deterministic: the same spec, weights and data

@@ -115,8 +115,11 @@ def test_candidates_are_judged_on_the_data_the_budget_names_the_model_never_trai
     assert done.returncode == 0, done.stderr
     judge = manifest(tmp_path / "out")["budget"]["judge"]
     assert judge["on"] == "images of data 'val'" and judge["images"] == 359
-    best = max(c["top1"] for c in judge["candidates"])
-    assert next(c for c in judge["candidates"] if c["name"] == judge["winner"])["top1"] == best
+    winner = next(c for c in judge["candidates"] if c["name"] == judge["winner"])
+    ahead = [c for c in judge["candidates"] if c["top1"] > winner["top1"]]
+    if ahead:  # the most right, unless uniform ratios were kept for want of a clear lead
+        assert judge["winner"] == judge["baseline"]
+        assert all(c["lead"] <= judge["bar"] * c["se"] for c in ahead)
     assert all(round(c["top1"] * 359) == pytest.approx(c["top1"] * 359, abs=1e-3) for c in judge["candidates"])
 
 
