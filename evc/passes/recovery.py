@@ -165,25 +165,25 @@ def _candidates(search) -> list[Candidate]:
 
     sensitivity = {id(g): g.width for g in search.groups}  # as Search.run left them
     ratio = [g for g in search.groups if PASSES[search.passes[g.pass_index].name].knob.ratio]
-    shapes = [("uniform", lambda g, r: r)]  # alike in every block: uniform, and `name share, rest uniform`
+    shapes = [("uniform", lambda g, r: r, True)]  # (name, share of group g at r, alike in every block)
     passes = sorted({g.pass_index for g in ratio})
     if len(passes) > 1:  # one share per pass: the coarsest pass (heads) at each of its shares, the rest bisected
         coarse = min(passes, key=lambda i: min((g.full - g.least) // g.step for g in ratio if g.pass_index == i))
         name = search.passes[coarse].name
         for share in _levels([g for g in ratio if g.pass_index == coarse]):
             shapes.append((f"{name} {Fraction(share).limit_denominator(64)}, rest uniform",
-                           lambda g, r, i=coarse, s=share: s if g.pass_index == i else r))
+                           lambda g, r, i=coarse, s=share: s if g.pass_index == i else r, True))
     depth = search.program.structure.depth
 
     def tapered(sign):
         return lambda g, r: r * (1 + sign * TAPER * (1 - 2 * g.block / max(1, depth - 1)))
 
-    shapes += [("early wider", tapered(1)), ("late wider", tapered(-1))]
+    shapes += [("early wider", tapered(1), False), ("late wider", tapered(-1), False)]
     made = []
-    for name, shape in shapes:
+    for name, shape, alike in shapes:
         widths = _bisected(search, ratio, shape)
         if widths is not None:
-            made.append(Candidate(name, widths, alike=name == "uniform" or name.endswith("rest uniform")))
+            made.append(Candidate(name, widths, alike=alike))
         if name == "uniform":
             made.append(Candidate("sensitivity", sensitivity))
     unique = _new(made, [])
