@@ -278,6 +278,9 @@ def main() -> None:
     parser.add_argument("--every", action="store_true",
                         help="finetune every candidate the search judged, not only its choice: how well the "
                              "judge's ranking foretells the finetuned one")
+    parser.add_argument("--random", type=int, default=0, metavar="N",
+                        help="instead of the three ways: uniform ratios and N random allocations of the same "
+                             "passes, each finetuned with no judge (what any search of these passes could reach)")
     args = parser.parse_args()
     if args.latency_only:
         with tempfile.TemporaryDirectory() as folder:
@@ -303,6 +306,9 @@ def main() -> None:
             tune_set = dataset(plan.data["tune"], original.input)
             teacher = original.graph.eval()
             for budget in args.budgets:
+                if args.random:
+                    drawn(name, base, original, teacher, whole, budget, train_set, val_set, args)
+                    continue
                 compare(name, base, original, before, teacher, whole, budget, train_set, val_set, tune_set, args)
         if "digits" in args.tasks and not args.no_latency:
             latency(work)
@@ -378,6 +384,68 @@ def every(judge, candidate_model, teacher, train_set, val_set, tune_set, args) -
               f"{100 * statistics.mean(mine):.2f} ± {100 * statistics.stdev(mine):.2f}% "
               f"| {100 * gain:+.2f} ({100 * error:.2f}) |", flush=True)
     print()
+
+
+def drawn(name, base, original, teacher, whole, budget, train_set, val_set, args) -> None:
+    """Uniform ratios (each share of the heads, the MLP bisected) and `--random` allocations, each finetuned
+    alike with no judge: heads per block drawn from 1 to 3, the MLP's share per block drawn from 0.4 to 1.6
+    times one share bisected to the budget. Each one's mean paired lead over the best uniform ratios, seed
+    by seed, with its standard error."""
+    rng = np.random.default_rng(1)
+    shapes = [(f"uniform, heads {h}/3", [h] * 6, [1.0] * 6) for h in (1, 2, 3)]
+    shapes += [(f"random {i}", [int(h) for h in rng.integers(1, 4, 6)], [float(w) for w in rng.uniform(0.4, 1.6, 6)])
+               for i in range(args.random)]
+    print(f"### {name}, macs = {budget:.0%}: uniform ratios and {args.random} random allocations, each finetuned "
+          f"{args.epochs} epochs, {args.seeds} seeds\n")
+    print("| allocation | heads kept per block | MLP units kept per block | × the model's MACs "
+          "| finetuned top-1, mean ± std | − the best uniform (SE) |")
+    print("|---|---|---|---|---|---|")
+    runs, best = [], None
+    for label, heads, weights in shapes:
+        fitted = allocated(base, original, budget * whole, heads, weights)
+        if fitted is None:
+            print(f"| {label} | {heads} | over the budget at the least MLP | | | |", flush=True)
+            continue
+        units, program = fitted
+        scores = np.array([finetuned(copy.deepcopy(program.graph), teacher, train_set, val_set, args.epochs, seed)[1]
+                           for seed in range(args.seeds)])
+        runs.append((label, heads, units, macs(program.graph, original.input) / whole, scores))
+        if label.startswith("uniform") and (best is None or scores.mean() > best.mean()):
+            best = scores
+    for label, heads, units, share, scores in runs:
+        lead = scores - best
+        print(f"| {label} | {heads} | {units} | {share:.3f} | {100 * scores.mean():.2f} ± "
+              f"{100 * scores.std(ddof=1):.2f}% | {100 * lead.mean():+.2f} "
+              f"({100 * lead.std(ddof=1) / math.sqrt(len(lead)):.2f}) |")
+    print(flush=True)
+
+
+def allocated(base: Path, original, limit: float, heads: list[int], weights: list[float]):
+    """(MLP units per block, the model) for `heads` of 3 kept per block and each block's MLP at its weight
+    times the largest share within `limit` MACs (bisected, multiples of 8 of 384); None when even the least
+    MLP is over it."""
+    def made(r):
+        units = [max(8, min(384, 8 * round(384 * min(1.0, w * r) / 8))) for w in weights]
+        keep_h = "[" + ", ".join(f"{h}/3" for h in heads) + "]"
+        keep_u = "[" + ", ".join(f"{u}/384" for u in units) + "]"
+        plan = planned(base, spec(base, PASSES_TEXT.replace("KEEP_H", f"keep = {keep_h}, ")
+                                  .replace("KEEP_U", f"keep = {keep_u}, ")), "drawn")
+        program = compressed(plan, original, plan.passes)
+        return units, program, macs(program.graph, original.input) <= limit
+
+    low, high, best = 0.0, 1.0 / min(weights), None
+    units, program, fits = made(low)
+    if not fits:
+        return None
+    best = units, program
+    for _ in range(10):
+        middle = (low + high) / 2
+        units, program, fits = made(middle)
+        if fits:
+            low, best = middle, (units, program)
+        else:
+            high = middle
+    return best
 
 
 def chosen_text(record: dict) -> str:
