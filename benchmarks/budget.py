@@ -212,17 +212,8 @@ def uniform(base: Path, original, budget: float, whole: int):
     """Heads at the share nearest the budget in every block, and the largest MLP width (a multiple of 8 of
     384) within the budget, bisected."""
     heads = max(1, math.floor(budget * 3 + 0.5))
-    low, high, best = 1, 48, None
-    while low <= high:
-        mid = (low + high) // 2
-        compress = PASSES_TEXT.replace("KEEP_H", f"keep = {heads}/3, ").replace("KEEP_U", f"keep = {8 * mid}/384, ")
-        plan = planned(base, spec(base, compress), "uniform")
-        program = compressed(plan, original, plan.passes)
-        if macs(program.graph, original.input) <= budget * whole:
-            best, low = (f"heads {heads}/3, MLP {8 * mid}/384 in every block", program), mid + 1
-        else:
-            high = mid - 1
-    return best
+    units, program = allocated(base, original, budget * whole, [heads] * 6, [1.0] * 6)
+    return f"heads {heads}/3, MLP {units[0]}/384 in every block", program
 
 
 def torch_pruning(model, image, budget: float, whole: int):
@@ -447,11 +438,10 @@ def allocated(base: Path, original, limit: float, heads: list[int], weights: lis
         program = compressed(plan, original, plan.passes)
         return units, program, macs(program.graph, original.input) <= limit
 
-    low, high, best = 0.0, 1.0 / min(weights), None
-    units, program, fits = made(low)
+    units, program, fits = made(0.0)
     if not fits:
         return None
-    best = units, program
+    low, high, best = 0.0, 1.0 / min(weights), (units, program)
     for _ in range(10):
         middle = (low + high) / 2
         units, program, fits = made(middle)
