@@ -301,7 +301,7 @@ def main() -> None:
                     drawn(name, base, original, teacher, whole, budget, train_set, val_set, args)
                     continue
                 compare(name, base, original, before, teacher, whole, budget, train_set, val_set, tune_set, args)
-        if "digits" in args.tasks and not args.no_latency:
+        if "digits" in args.tasks and not args.no_latency and not args.random:
             latency(work)
 
 
