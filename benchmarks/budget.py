@@ -129,7 +129,7 @@ def _texture(rng, label: int):
     return Image.fromarray((rgb * 255).astype(np.uint8))
 
 
-def task(name: str, work: Path) -> Path:
+def task(name: str, work: Path, judged: int = 100) -> Path:
     """The task's spec under `work`, with three splits: train (the ViT's training images and the finetune's),
     tune (images the ViT never trained on: the budget judges its candidates there) and val (the score)."""
     folder = work / name
@@ -138,7 +138,7 @@ def task(name: str, work: Path) -> Path:
         held(folder / "data", "train", "tune", 0.2)
         text = (DIGITS / "digits.evc").read_text()
     else:
-        textures(folder)
+        textures(folder, more=judged - 30)
         text = TEXTURES_SPEC
     text = text.replace('data val ', 'data tune  { images = "data/tune" }\ndata val ', 1)
     torch.manual_seed(0)
@@ -191,11 +191,12 @@ def macs(module, image) -> int:
     return summarize(program.graph, program.structure, program.example()).total.macs
 
 
-def searched(base: Path, original, before: dict, budget: float, epochs: int):
+def searched(base: Path, original, before: dict, budget: float, epochs: int, refine: bool = False):
     """The budget's choice, judged after recovery by the finetune, and the model its passes make (before
     that finetune); the search's record and seconds, and a function that makes any judged candidate's model
     from its record entry."""
-    compress = (f"    budget     {{ macs = {budget:.0%}, data = train, judge_data = tune }}\n"
+    more = ", refine = auto" if refine else ""
+    compress = (f"    budget     {{ macs = {budget:.0%}, data = train, judge_data = tune{more} }}\n"
                 + PASSES_TEXT.replace("KEEP_H", "").replace("KEEP_U", "") + "\n" + FINETUNE.format(epochs=epochs))
     plan = planned(base, spec(base, compress), "budget")
     start = time.perf_counter()
@@ -264,6 +265,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="finetune runs per model, each from its own seed")
     parser.add_argument("--tasks", nargs="+", default=["digits", "textures"], choices=["digits", "textures"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
+    parser.add_argument("--refine", action="store_true",
+                        help="the search's second round (refine = auto): the best uniform ratios and their neighbours")
+    parser.add_argument("--judged", type=int, default=100, metavar="N",
+                        help="textures: images per class in each of tune (judged by the search) and val (scored)")
     parser.add_argument("--latency-only", action="store_true", help="only the latency budget")
     parser.add_argument("--no-latency", action="store_true", help="leave the latency budget out")
     parser.add_argument("--every", action="store_true",
@@ -288,7 +293,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         for name in args.tasks:
-            base = task(name, work)
+            base = task(name, work, args.judged)
             plan = parse_and_check(base.read_text(), base)
             original, before = Stages(plan, Cache(work / ".cache"), Progress()).loaded
             whole = macs(original.graph, original.input)
@@ -307,7 +312,7 @@ def main() -> None:
 
 def compare(name, base, original, before, teacher, whole, budget, train_set, val_set, tune_set, args) -> None:
     """One task at one budget: the three ways, each finetuned once per seed; a table, and the verdict."""
-    program, record, seconds, candidate_model = searched(base, original, before, budget, args.epochs)
+    program, record, seconds, candidate_model = searched(base, original, before, budget, args.epochs, args.refine)
     judge = record["judge"]
     rows = [("evc budget (judged after recovery)", program.graph,
              f"{judge['winner']}: {chosen_text(record)}")]
@@ -316,16 +321,19 @@ def compare(name, base, original, before, teacher, whole, budget, train_set, val
     ratio, tp_model = torch_pruning(teacher_module(base), original.input, budget, whole)
     rows.append(("Torch-Pruning global", tp_model, f"pruning_ratio {ratio:.3f}"))
     print(f"### {name}, macs = {budget:.0%}\n")
-    print(f"the search: {seconds:.0f} s, {len(judge['candidates'])} candidates judged after {judge['steps']} steps "
-          f"on {judge['images']} {judge['on']}:\n")
-    print(f"| candidate | MACs | top-1 there | loss there | lead over {judge['baseline']} (SE) |")
-    print("|---|---|---|---|---|")
-    for c in judge["candidates"]:
-        mark = " (chosen)" if c["name"] == judge["winner"] else ""
-        top = f"{100 * c['top1']:.2f}%" if c["top1"] is not None else "–"
-        loss = f"{c['loss']:.4f}" if c["loss"] is not None else "not judged"
-        lead = f"{100 * c['lead']:+.2f} ({100 * c['se']:.2f})" if c["lead"] is not None else "–"
-        print(f"| {c['name']}{mark} | {c['count'] / 1e6:.2f} M | {top} | {loss} | {lead} |")
+    rounds = [*judge.get("earlier_rounds", []), judge]
+    print(f"the search: {seconds:.0f} s, on {judge['images']} {judge['on']}, in {len(rounds)} round(s)")
+    for round_ in rounds:
+        print(f"\n{len(round_['candidates'])} candidates judged after {round_['steps']} steps, bar "
+              f"{round_['bar']:.2f} standard errors:\n")
+        print(f"| candidate | MACs | top-1 there | loss there | lead over {round_['baseline']} (SE) |")
+        print("|---|---|---|---|---|")
+        for c in round_["candidates"]:
+            mark = " (chosen)" if c["name"] == round_["winner"] else ""
+            top = f"{100 * c['top1']:.2f}%" if c["top1"] is not None else "–"
+            loss = f"{c['loss']:.4f}" if c["loss"] is not None else "not judged"
+            lead = f"{100 * c['lead']:+.2f} ({100 * c['se']:.2f})" if c["lead"] is not None else "–"
+            print(f"| {c['name']}{mark} | {c['count'] / 1e6:.2f} M | {top} | {loss} | {lead} |")
     print(f"\n| model | MACs | × the model's | top-1 before finetune | top-1 after {args.epochs} epochs, mean ± std "
           f"of {args.seeds} seeds | what was kept |")
     print("|---|---|---|---|---|---|")

@@ -134,13 +134,29 @@ def judged(search, plan, program, progress):
                         f"{split.count} {split.where} ({workers} at a time)"):
         _train_all(candidates, run, split, steps, workers, started, limit, progress)
     best, baseline, needed = winner(candidates, uniform)
-    return best, {"by": "recovery", "pass": finetune.name, "index": index, "steps": steps, "on": split.where,
+    rounds = [_round_record(search, steps, candidates, best, baseline, needed)]
+    if params["refine"] != "none" and (limit is None or time.monotonic() - started < limit):
+        longer = params["refine"] if params["refine"] != "auto" else 4 * steps
+        finalists = [replace(c, loss=None, top1=None, scores=None, seconds=0.0)
+                     for c in ([baseline] if best is baseline else [baseline, best])] + neighbours(search, baseline)
+        with progress.stage(f"budget: refine: {baseline.name}, {'the winner, ' if best is not baseline else ''}"
+                            f"and {len(finalists) - 1 - (best is not baseline)} neighbours, each after {longer} "
+                            f"steps"):
+            _train_all(finalists, run, split, longer, workers, started, limit, progress)
+        best, baseline, needed = winner(finalists, finalists[0])
+        rounds.append(_round_record(search, longer, finalists, best, baseline, needed))
+    return best, {"by": "recovery", "pass": finetune.name, "index": index, "on": split.where,
                   "images": split.count, "lr": run.recipe.lr, "workers": workers,
-                  "seconds": round(time.monotonic() - started, 1), "winner": best.name,
-                  "baseline": baseline.name, "bar": round(needed, 3),
+                  "seconds": round(time.monotonic() - started, 1),
                   "measure": "top1" if uniform.top1 is not None else "loss",
-                  "candidates": [c.row(search, baseline) for c in candidates],
-                  "left_out": [c.name for c in candidates if c.loss is None]}
+                  **rounds[-1], "earlier_rounds": rounds[:-1]}
+
+
+def _round_record(search, steps: int, candidates: list[Candidate], best, baseline, needed: float) -> dict:
+    """What the manifest keeps of one round of judging."""
+    return {"steps": steps, "winner": best.name, "baseline": baseline.name, "bar": round(needed, 3),
+            "candidates": [c.row(search, baseline) for c in candidates],
+            "left_out": [c.name for c in candidates if c.loss is None]}
 
 
 def _split(plan, run, ctx) -> Split:
@@ -164,11 +180,10 @@ def _candidates(search) -> list[Candidate]:
     from fractions import Fraction
 
     sensitivity = {id(g): g.width for g in search.groups}  # as Search.run left them
-    ratio = [g for g in search.groups if PASSES[search.passes[g.pass_index].name].knob.ratio]
+    ratio = _ratio_groups(search)
     shapes = [("uniform", lambda g, r: r, True)]  # (name, share of group g at r, alike in every block)
-    passes = sorted({g.pass_index for g in ratio})
-    if len(passes) > 1:  # one share per pass: the coarsest pass (heads) at each of its shares, the rest bisected
-        coarse = min(passes, key=lambda i: min((g.full - g.least) // g.step for g in ratio if g.pass_index == i))
+    coarse = _coarse(ratio)
+    if len({g.pass_index for g in ratio}) > 1:  # one share per pass: the coarsest (heads) at each, the rest bisected
         name = search.passes[coarse].name
         for share in _levels([g for g in ratio if g.pass_index == coarse]):
             shapes.append((f"{name} {Fraction(share).limit_denominator(64)}, rest uniform",
@@ -190,6 +205,41 @@ def _candidates(search) -> list[Candidate]:
     for candidate in unique:
         _compressed(search, candidate)
     return unique
+
+
+def _ratio_groups(search) -> list:
+    """The groups of the searched passes that keep a share of their width (heads, units)."""
+    return [g for g in search.groups if PASSES[search.passes[g.pass_index].name].knob.ratio]
+
+
+def _coarse(ratio) -> int | None:
+    """The pass of the fewest steps per block (heads rather than units): None when none keeps a share."""
+    return min(sorted({g.pass_index for g in ratio}), default=None,
+               key=lambda i: min((g.full - g.least) // g.step for g in ratio if g.pass_index == i))
+
+
+def neighbours(search, baseline: Candidate) -> list[Candidate]:
+    """The baseline with one block's coarse pass (heads) a step narrower or wider, the other passes at one
+    share again, bisected to the budget: whether one head more or fewer somewhere buys more than the MLP
+    units it costs (or frees) in every block. None twice, nor the baseline."""
+    ratio = _ratio_groups(search)
+    coarse = _coarse(ratio)
+    if coarse is None:
+        return []
+    rest = [g for g in ratio if g.pass_index != coarse]
+    kept = {id(g): baseline.widths[id(g)] for g in ratio if g.pass_index == coarse}
+    made = []
+    for group in (g for g in ratio if g.pass_index == coarse):
+        for step in (-group.step, group.step):
+            width = kept[id(group)] + step
+            if group.least <= width <= group.full:
+                widths = _bisected(search, rest, lambda g, r: r, kept | {id(group): width})
+                if widths is not None:
+                    made.append(Candidate(f"{search.passes[coarse].name} block {group.block} {step:+d}", widths))
+    new = _new(made, [baseline])
+    for candidate in new:
+        _compressed(search, candidate)
+    return new
 
 
 def _learned(search, run, split, steps: int, candidates) -> list[Candidate]:
@@ -231,18 +281,18 @@ def _compressed(search, candidate: Candidate) -> None:
 
 
 def _levels(groups) -> list[float]:
-    """The shares every group of one pass can take alike, below whole: at most LEVELS, spread evenly."""
+    """The shares every group of one pass can take alike, whole among them: at most LEVELS, spread evenly."""
     g = groups[0]
-    shares = [w / g.full for w in range(g.least, g.full, g.step)]
+    shares = [w / g.full for w in range(g.least, g.full + 1, g.step)]
     if len(shares) > LEVELS:
         shares = [shares[round(k * (len(shares) - 1) / (LEVELS - 1))] for k in range(LEVELS)]
     return shares
 
 
-def _bisected(search, groups, shape) -> dict | None:
+def _bisected(search, groups, shape, fixed: dict | None = None) -> dict | None:
     """Widths with each group at `shape(group, r)` of its own, for the largest r within the budget (by a
-    count); the other groups whole. None when even r = 0 is over it."""
-    whole = {id(g): g.full for g in search.groups}
+    count); the other groups at their `fixed` width, else whole. None when even r = 0 is over it."""
+    whole = {id(g): g.full for g in search.groups} | (fixed or {})
 
     def widths(r):
         chosen = dict(whole)

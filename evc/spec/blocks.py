@@ -228,6 +228,9 @@ BUDGET_PARAMS = (
           "sensitivity alone; auto: recovery when a finetune follows the searched passes"),
     Param("steps", AnyOf((Int(1), Choice(("auto",)))), "auto",
           "training steps each candidate gets, of the finetune's own recipe; auto: a quarter of the finetune's"),
+    Param("refine", AnyOf((Int(1), Choice(("auto", "none")))), "none",
+          "a second round: the best candidate alike in every block and its neighbours (one block's heads one "
+          "fewer or one more, the MLPs at one share again), each trained this many steps; auto: 4 × steps"),
     Param("judge_data", DataRef(), None, "labelled images the model as loaded never trained on, to judge "
                                         "candidates on; default: the evaluate block's, else `holdout`"),
     Param("holdout", Ratio(0, 0.5), 0.2, "without judge_data or an evaluate block: the share of the finetune's "

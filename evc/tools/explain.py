@@ -184,19 +184,18 @@ def budget_text(plan: Plan, record: dict) -> str:
 
 
 def judged_text(judge: dict, human) -> list[str]:
-    """Each candidate's estimate after its short recovery, its lead over uniform ratios, and why the winner
-    was chosen, with the numbers."""
+    """Each candidate's estimate after its short recovery, round by round, its lead over uniform ratios, and why
+    the winner was chosen, with the numbers."""
     by_loss = judge.get("measure") == "loss"
-    lines = [f"  judged after {judge['steps']} steps of {judge['pass']}'s recipe (lr {judge['lr']:.3g}), on "
-             f"{judge['images']} {judge['on']}; ranked by {'loss' if by_loss else 'images right, then loss'}, "
-             f"and chosen over uniform ratios only by a lead of more than {judge.get('bar', 1):.2f} standard errors:"]
-    width = max(len(c["name"]) for c in judge["candidates"])
-    for c in judge["candidates"]:
-        top1 = f"  top-1 {c['top1']:.2%}" if c["top1"] is not None else ""
-        loss = f"loss {c['loss']:.4f}" if c["loss"] is not None else "not judged (time)"
-        lead = f"  lead {_lead(c, by_loss)}" if c.get("lead") is not None else ""
-        mark = "→" if c["name"] == judge["winner"] else " "
-        lines.append(f"   {mark} {c['name']:<{width}}  {human(c['count']):>8}  {loss}{top1}{lead}")
+    rounds = [*judge.get("earlier_rounds", []), judge]
+    lines = [f"  judged after {rounds[0]['steps']} steps of {judge['pass']}'s recipe (lr {judge['lr']:.3g}), on "
+             f"{judge['images']} {judge['on']}; ranked by {'loss' if by_loss else 'images right, then loss'}, and "
+             f"chosen over uniform ratios only by a lead of more than {rounds[0].get('bar', 1):.2f} standard errors:"]
+    for earlier, later in zip(rounds, rounds[1:]):
+        lines += _candidate_lines(earlier, human, by_loss)
+        lines.append(f"  then {earlier['baseline']}, the best alike in every block, and its neighbours, each after "
+                     f"{later['steps']} steps (bar {later['bar']:.2f}):")
+    lines += _candidate_lines(judge, human, by_loss)
     named = {c["name"]: c for c in judge["candidates"]}
     baseline, winner = named[judge.get("baseline", "uniform")], named[judge["winner"]]
     flat = "uniform ratios" + (f" ({baseline['name']})" if baseline["name"] != "uniform" else "")
@@ -211,6 +210,19 @@ def judged_text(judge: dict, human) -> list[str]:
                    f"top-1 {winner['top1']:.2%} against {baseline['top1']:.2%}")
         lines.append(f"  {winner['name']} beat {flat} after the same recovery: {measure}, a lead of "
                      f"{_lead(winner, by_loss)}")
+    return lines
+
+
+def _candidate_lines(round_: dict, human, by_loss: bool) -> list[str]:
+    """One line per candidate of a round of judging, its winner marked."""
+    width = max(len(c["name"]) for c in round_["candidates"])
+    lines = []
+    for c in round_["candidates"]:
+        top1 = f"  top-1 {c['top1']:.2%}" if c["top1"] is not None else ""
+        loss = f"loss {c['loss']:.4f}" if c["loss"] is not None else "not judged (time)"
+        lead = f"  lead {_lead(c, by_loss)}" if c.get("lead") is not None else ""
+        mark = "→" if c["name"] == round_["winner"] else " "
+        lines.append(f"   {mark} {c['name']:<{width}}  {human(c['count']):>8}  {loss}{top1}{lead}")
     return lines
 
 

@@ -110,6 +110,42 @@ def test_uniform_is_always_judged_and_the_winner_never_measured_worse_than_it(tm
 
 
 @pytest.mark.slow
+def test_refine_judges_the_best_uniform_ratios_and_their_neighbours_after_longer_training(tmp_path, trained):
+    from fractions import Fraction
+
+    spec = write(tmp_path, trained, ", steps = 2, refine = 6")
+    done = run_evc("build", spec, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    budget = manifest(tmp_path / "out")["budget"]
+    judge = budget["judge"]
+    (first,) = judge["earlier_rounds"]
+    assert first["steps"] == 2 and judge["steps"] == 6
+    named = {c["name"]: c for c in first["candidates"]}
+    start, *rivals = judge["candidates"]
+    assert start["name"] == first["baseline"] and start["chosen"] == named[first["baseline"]]["chosen"]
+
+    def keeps(candidate):
+        return {e["pass"]: [Fraction(k) for k in e["keep"]] for e in candidate["chosen"]}
+
+    heads, units = keeps(start)["head_prune"], keeps(start)["ffn_prune"]
+    neighbours = [c for c in rivals if c["name"] != first["winner"]]
+    assert len(neighbours) >= 4  # one block's heads one fewer or one more, where it can take it
+    for c in neighbours:
+        moved = [(b, k - h) for b, (h, k) in enumerate(zip(heads, keeps(c)["head_prune"])) if k != h]
+        (block, step), = moved
+        assert c["name"] == f"head_prune block {block} {round(3 * step):+d}" and abs(step) == Fraction(1, 3)
+        assert len(set(keeps(c)["ffn_prune"])) == 1 and keeps(c)["ffn_prune"] != units  # the MLPs rebisected
+        assert c["count"] <= budget["target"] and c["loss"] is not None
+    winner = next(c for c in judge["candidates"] if c["name"] == judge["winner"])
+    assert (winner["top1"], -winner["loss"]) >= (start["top1"], -start["loss"])  # never worse than uniform ratios
+    assert judge["bar"] == pytest.approx(bar(len(rivals)), abs=1e-3)
+    assert budget["chosen"] == winner["chosen"]
+    said = run_evc("explain", spec, "--out", tmp_path / "out").stdout
+    assert f"then {first['baseline']}, the best alike in every block, and its neighbours, each after 6 steps" in said
+    assert "judged after 2 steps" in said and f"head_prune block {block} {round(3 * step):+d}" in said
+
+
+@pytest.mark.slow
 def test_candidates_are_judged_on_the_data_the_budget_names_the_model_never_trained_on(tmp_path, trained):
     done = run_evc("build", write(tmp_path, trained, ", steps = 4, judge_data = val"), "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
