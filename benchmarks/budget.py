@@ -129,7 +129,7 @@ def _texture(rng, label: int):
     return Image.fromarray((rgb * 255).astype(np.uint8))
 
 
-def task(name: str, work: Path, judged: int = 100) -> Path:
+def task(name: str, work: Path) -> Path:
     """The task's spec under `work`, with three splits: train (the ViT's training images and the finetune's),
     tune (images the ViT never trained on: the budget judges its candidates there) and val (the score)."""
     folder = work / name
@@ -138,7 +138,7 @@ def task(name: str, work: Path, judged: int = 100) -> Path:
         held(folder / "data", "train", "tune", 0.2)
         text = (DIGITS / "digits.evc").read_text()
     else:
-        textures(folder, more=judged - 30)
+        textures(folder)
         text = TEXTURES_SPEC
     text = text.replace('data val ', 'data tune  { images = "data/tune" }\ndata val ', 1)
     torch.manual_seed(0)
@@ -267,8 +267,6 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35])
     parser.add_argument("--refine", action="store_true",
                         help="the search's second round (refine = auto): the best uniform ratios and their neighbours")
-    parser.add_argument("--judged", type=int, default=100, metavar="N",
-                        help="textures: images per class in each of tune (judged by the search) and val (scored)")
     parser.add_argument("--latency-only", action="store_true", help="only the latency budget")
     parser.add_argument("--no-latency", action="store_true", help="leave the latency budget out")
     parser.add_argument("--every", action="store_true",
@@ -293,7 +291,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         for name in args.tasks:
-            base = task(name, work, args.judged)
+            base = task(name, work)
             plan = parse_and_check(base.read_text(), base)
             original, before = Stages(plan, Cache(work / ".cache"), Progress()).loaded
             whole = macs(original.graph, original.input)
@@ -360,14 +358,14 @@ def compare(name, base, original, before, teacher, whole, budget, train_set, val
 
 
 def every(judge, candidate_model, teacher, train_set, val_set, tune_set, args) -> None:
-    """Every judged candidate finetuned alike: its judged top-1 beside its finetuned one, and its gain over
-    the uniform candidate with the standard error of that gain."""
+    """Every candidate of the deciding round finetuned alike: its judged top-1 beside its finetuned one, and its
+    gain over the baseline (the best uniform ratios there) with the standard error of that gain."""
     print(f"every candidate, finetuned {args.epochs} epochs, {args.seeds} seeds:\n")
     print("| candidate | judged top-1 (tune) | finetuned top-1 on tune, mean | finetuned top-1, mean ± std "
-          "| − uniform (SE) |")
+          f"| − {judge['baseline']} (SE) |")
     print("|---|---|---|---|---|")
     scores = {}
-    for c in judge["candidates"]:
+    for c in sorted(judge["candidates"], key=lambda c: c["name"] != judge["baseline"]):
         if c["top1"] is None:
             continue
         model = candidate_model(c).graph
@@ -375,7 +373,7 @@ def every(judge, candidate_model, teacher, train_set, val_set, tune_set, args) -
                 for seed in range(args.seeds)]
         scores[c["name"]] = [score for _, score in runs]
         on_tune = statistics.mean(top1(student, tune_set) for student, _ in runs)
-        flat, mine = scores.get("uniform", scores[c["name"]]), scores[c["name"]]
+        flat, mine = scores[judge["baseline"]], scores[c["name"]]
         gain = statistics.mean(mine) - statistics.mean(flat)
         error = math.sqrt(statistics.variance(mine) / len(mine) + statistics.variance(flat) / len(flat))
         mark = " (chosen)" if c["name"] == judge["winner"] else ""
