@@ -29,8 +29,14 @@ pass's shares with the rest uniform); the winner is the best ranked of the k oth
 much, else the baseline. One standard error is the bar for one rival; for k, the bar that one of k rivals
 no better than uniform ratios clears as rarely (16%: Bonferroni's correction), 2.0 for 7. So the search
 never chooses an allocation that measured worse than uniform ratios there, nor one that measured better by
-a chance k draws make likely. The winner is then trained by the finetune as written, like any model the
-passes leave.
+a chance k draws make likely.
+
+With `refine`, a second round: the first round's baseline (the best uniform ratios) and its neighbours,
+each with one block's heads one fewer or one more and the MLPs at one share again, bisected to the budget,
+are trained for longer (`refine` steps; auto: 4 × `steps`) and judged as before, the baseline against its
+neighbours (and the first round's winner, when it was not the baseline). Uniform ratios step a whole head
+in every block at once; a neighbour takes the shares between. The winner of the last round is then trained
+by the finetune as written, like any model the passes leave.
 
 Candidates are trained in parallel worker processes where the cores allow (one per 2 cores), or one at a
 time on the GPU when the finetune trains there.
