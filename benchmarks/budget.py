@@ -3,6 +3,7 @@
     .venv/bin/python examples/digits/prepare.py           # for the latency budget: digits.evc's model
     .venv/bin/pip install -r benchmarks/requirements.txt  # Torch-Pruning, benchmark only
     .venv/bin/python benchmarks/budget.py [--seeds 5] [--epochs 10] [--tasks digits textures] [--budgets 0.5 0.35]
+    .venv/bin/python benchmarks/budget.py --refine          # the search's second round (refine = auto)
     .venv/bin/python benchmarks/budget.py --latency-only  # the latency budget on the CPU alone
 
 Two tasks, each a ViT of 6 blocks of 3 heads, width 96, MLP 384, at 32×32 in patches of 4, trained here:

@@ -143,11 +143,11 @@ def judged(search, plan, program, progress):
     rounds = [_round_record(search, steps, candidates, best, baseline, needed)]
     if params["refine"] != "none" and (limit is None or time.monotonic() - started < limit):
         longer = params["refine"] if params["refine"] != "auto" else 4 * steps
-        finalists = [replace(c, loss=None, top1=None, scores=None, seconds=0.0)
-                     for c in ([baseline] if best is baseline else [baseline, best])] + neighbours(search, baseline)
-        with progress.stage(f"budget: refine: {baseline.name}, {'the winner, ' if best is not baseline else ''}"
-                            f"and {len(finalists) - 1 - (best is not baseline)} neighbours, each after {longer} "
-                            f"steps"):
+        again = [baseline] if best is baseline else [baseline, best]
+        near = _neighbours(search, baseline)
+        finalists = [replace(c, loss=None, top1=None, scores=None, seconds=0.0) for c in again] + near
+        with progress.stage(f"budget: refine: {' and '.join(c.name for c in again)} and {len(near)} neighbours, "
+                            f"each after {longer} steps"):
             _train_all(finalists, run, split, longer, workers, started, limit, progress)
         best, baseline, needed = winner(finalists, finalists[0])
         rounds.append(_round_record(search, longer, finalists, best, baseline, needed))
@@ -224,7 +224,7 @@ def _coarse(ratio) -> int | None:
                key=lambda i: min((g.full - g.least) // g.step for g in ratio if g.pass_index == i))
 
 
-def neighbours(search, baseline: Candidate) -> list[Candidate]:
+def _neighbours(search, baseline: Candidate) -> list[Candidate]:
     """The baseline with one block's coarse pass (heads) a step narrower or wider, the other passes at one
     share again, bisected to the budget: whether one head more or fewer somewhere buys more than the MLP
     units it costs (or frees) in every block. None twice, nor the baseline."""
