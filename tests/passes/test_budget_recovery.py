@@ -27,6 +27,7 @@ compress {{
 target cpu {{ device = cpu, format = onnx, runs = 2, warmups = 1 }}
 """
 FINETUNE = "    finetune   { data = train, epochs = 2, lr = 1e-3, batch = 64, augment = none }\n"
+ON_CPU = FINETUNE.replace("augment = none", "augment = none, device = cpu")  # a GPU judges one at a time
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,17 @@ def trained(digits, tmp_path_factory):
     return digits, folder
 
 
+@pytest.fixture(scope="module")
+def built(trained, tmp_path_factory):
+    """One build of the trained ViT judged in one process and pinned, which the tests of its manifest, explain,
+    `--pin` and worker processes share: (the spec, the build's output folder, the finished build)."""
+    folder = tmp_path_factory.mktemp("built")
+    spec = write(folder, trained, ", steps = 4, workers = 1", ON_CPU)
+    done = run_evc("build", spec, "--out", folder / "out", "--pin")
+    assert done.returncode == 0, done.stderr
+    return spec, folder / "out", done
+
+
 def _vit():
     import timm
 
@@ -73,12 +85,11 @@ def manifest(out):
 
 
 @pytest.mark.slow
-def test_uniform_is_always_judged_and_the_winner_never_measured_worse_than_it(tmp_path, trained):
-    done = run_evc("build", write(tmp_path, trained, ", steps = 6"), "--out", tmp_path / "out")
-    assert done.returncode == 0, done.stderr
-    budget = manifest(tmp_path / "out")["budget"]
+def test_uniform_is_always_judged_and_the_winner_never_measured_worse_than_it(built):
+    _, out, done = built
+    budget = manifest(out)["budget"]
     judge = budget["judge"]
-    assert judge["by"] == "recovery" and judge["pass"] == "finetune" and judge["steps"] == 6
+    assert judge["by"] == "recovery" and judge["pass"] == "finetune" and judge["steps"] == 4
     names = [c["name"] for c in judge["candidates"]]
     assert names[:2] == ["uniform", "sensitivity"] and {"early wider", "late wider", "learned"} <= set(names)
     assert judge["images"] == pytest.approx(0.2 * 1438, abs=10)  # a fifth of each class of train
@@ -160,16 +171,15 @@ def test_candidates_are_judged_on_the_data_the_budget_names_the_model_never_trai
 
 
 @pytest.mark.slow
-def test_explain_and_the_report_say_why_the_winner_beat_uniform_with_the_numbers(tmp_path, trained):
-    spec = write(tmp_path, trained, ", steps = 4")
-    assert run_evc("build", spec, "--out", tmp_path / "out").returncode == 0
-    done = run_evc("explain", spec, "--out", tmp_path / "out")
+def test_explain_and_the_report_say_why_the_winner_beat_uniform_with_the_numbers(built):
+    spec, out, _ = built
+    done = run_evc("explain", spec, "--out", out)
     assert done.returncode == 0, done.stderr
-    judge = manifest(tmp_path / "out")["budget"]["judge"]
+    judge = manifest(out)["budget"]["judge"]
     uniform = next(c for c in judge["candidates"] if c["name"] == "uniform")
     assert "judged after 4 steps of finetune's recipe" in done.stdout
     assert f"loss {uniform['loss']:.4f}" in done.stdout
-    page = (tmp_path / "out" / "m" / "report.html").read_text()  # the report's table of the same candidates
+    page = (out / "m" / "report.html").read_text()  # the report's table of the same candidates
     table = page[page.index('<table id="budget-candidates">'):]
     table = table[:table.index("</table>")]
     assert table.count("<tr") == 1 + len(judge["candidates"]) and f"{uniform['loss']:.4f}" in table
@@ -209,18 +219,16 @@ def test_the_learned_gates_cut_the_mlps_that_add_nothing_first(tmp_path, trained
 
 
 @pytest.mark.slow
-def test_pin_repeats_the_judged_choice_without_judging_again(tmp_path, trained):
-    spec = write(tmp_path, trained, ", steps = 4")
-    first = run_evc("build", spec, "--out", tmp_path / "a", "--pin")
-    assert first.returncode == 0, first.stderr
-    assert (tmp_path / "m.evc.lock").is_file()
-    chosen = manifest(tmp_path / "a")["budget"]["chosen"]
-    again = run_evc("build", spec, "--out", tmp_path / "b")
+def test_pin_repeats_the_judged_choice_without_judging_again(tmp_path, built):
+    spec, out, _ = built
+    assert spec.with_name("m.evc.lock").is_file()
+    chosen = manifest(out)["budget"]["chosen"]
+    again = run_evc("build", spec, "--out", tmp_path / "again")
     assert again.returncode == 0, again.stderr
-    pinned = manifest(tmp_path / "b")["budget"]
+    pinned = manifest(tmp_path / "again")["budget"]
     assert pinned["pinned"] == "m.evc.lock" and pinned["chosen"] == chosen
     assert "  uniform: top-1" not in again.stderr  # no candidate trained
-    assert manifest(tmp_path / "b")["params_macs"]["after"] == manifest(tmp_path / "a")["params_macs"]["after"]
+    assert manifest(tmp_path / "again")["params_macs"]["after"] == manifest(out)["params_macs"]["after"]
 
 
 @pytest.mark.slow
@@ -235,12 +243,10 @@ def test_past_the_time_limit_only_uniform_and_the_sensitivity_allocation_are_jud
 
 
 @pytest.mark.slow
-def test_candidates_judged_in_two_worker_processes_score_as_one_process_does(tmp_path, trained):
-    on_cpu = FINETUNE.replace("augment = none", "augment = none, device = cpu")  # a GPU judges one at a time
-    one = run_evc("build", write(tmp_path, trained, ", steps = 3, workers = 1", on_cpu), "--out", tmp_path / "one")
-    two = run_evc("build", write(tmp_path, trained, ", steps = 3, workers = 2", on_cpu), "--out", tmp_path / "two")
-    assert one.returncode == 0 and two.returncode == 0, two.stderr
-    a, b = (manifest(tmp_path / d)["budget"]["judge"] for d in ("one", "two"))
+def test_candidates_judged_in_two_worker_processes_score_as_one_process_does(tmp_path, trained, built):
+    two = run_evc("build", write(tmp_path, trained, ", steps = 4, workers = 2", ON_CPU), "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    a, b = manifest(built[1])["budget"]["judge"], manifest(tmp_path / "two")["budget"]["judge"]
     assert a["workers"] == 1 and b["workers"] == 2
     assert [c["name"] for c in a["candidates"]] == [c["name"] for c in b["candidates"]]
     for x, y in zip(a["candidates"], b["candidates"]):  # threads differ, so float sums may: not the training
