@@ -190,6 +190,9 @@ def test_explain_and_the_report_say_why_the_winner_beat_uniform_with_the_numbers
     assert "lead over uniform (standard error)" in table
     if winner is baseline:
         assert f"kept: no other allocation led them by more than {judge['bar']:.2f} standard errors" in done.stdout
+        nearest = max((c for c in judge["candidates"] if c is not baseline), key=lambda c: c["lead"])
+        assert (f"; the nearest, {nearest['name']}, led by" if nearest["lead"] > 0 else
+                f"; none led them at all: the nearest, {nearest['name']}, was") in done.stdout
     else:
         assert f"{judge['winner']} beat uniform ratios" in done.stdout
         assert f"top-1 {winner['top1']:.2%} against {baseline['top1']:.2%}, a lead of" in done.stdout
