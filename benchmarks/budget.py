@@ -4,6 +4,7 @@
     .venv/bin/pip install -r benchmarks/requirements.txt  # Torch-Pruning, benchmark only
     .venv/bin/python benchmarks/budget.py [--seeds 5] [--epochs 10] [--tasks digits textures] [--budgets 0.5 0.35]
     .venv/bin/python benchmarks/budget.py --refine          # the search's second round (refine = auto)
+    .venv/bin/python benchmarks/budget.py --held-out 1000   # textures judged and scored on 10000 images each
     .venv/bin/python benchmarks/budget.py --latency-only  # the latency budget on the CPU alone
 
 Two tasks, each a ViT of 6 blocks of 3 heads, width 96, MLP 384, at 32×32 in patches of 4, trained here:
@@ -130,16 +131,17 @@ def _texture(rng, label: int):
     return Image.fromarray((rgb * 255).astype(np.uint8))
 
 
-def task(name: str, work: Path) -> Path:
+def task(name: str, work: Path, held_out: int = 100) -> Path:
     """The task's spec under `work`, with three splits: train (the ViT's training images and the finetune's),
-    tune (images the ViT never trained on: the budget judges its candidates there) and val (the score)."""
+    tune (images the ViT never trained on: the budget judges its candidates there) and val (the score).
+    Textures have `held_out` tune and as many val images a class; the training images stay the same."""
     folder = work / name
     if name == "digits":
         prepare.write_folders(folder / "data")
         held(folder / "data", "train", "tune", 0.2)
         text = (DIGITS / "digits.evc").read_text()
     else:
-        textures(folder)
+        textures(folder, more=held_out - 150 // 5)
         text = TEXTURES_SPEC
     text = text.replace('data val ', 'data tune  { images = "data/tune" }\ndata val ', 1)
     torch.manual_seed(0)
@@ -273,6 +275,8 @@ def main() -> None:
     parser.add_argument("--every", action="store_true",
                         help="finetune every candidate the search judged, not only its choice: how well the "
                              "judge's ranking foretells the finetuned one")
+    parser.add_argument("--held-out", type=int, default=100, metavar="N",
+                        help="textures: N tune and N val images a class (the ViT and its training images unchanged)")
     parser.add_argument("--random", type=int, default=0, metavar="N",
                         help="instead of the three ways: uniform ratios and N random allocations of the same "
                              "passes, each finetuned with no judge (what any search of these passes could reach)")
@@ -292,7 +296,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         for name in args.tasks:
-            base = task(name, work)
+            base = task(name, work, args.held_out)
             plan = parse_and_check(base.read_text(), base)
             original, before = Stages(plan, Cache(work / ".cache"), Progress()).loaded
             whole = macs(original.graph, original.input)

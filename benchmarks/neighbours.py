@@ -1,6 +1,6 @@
 """Can a judge on one split foresee the scores on another? The best uniform ratios and their neighbours.
 
-    .venv/bin/python benchmarks/neighbours.py [--seeds 2]
+    .venv/bin/python benchmarks/neighbours.py [--seeds 2] [--tasks textures digits] [--held-out 100]
 
 The tasks and models of benchmarks/budget.py. For textures at 50% of the MACs and digits at 35%, the best
 uniform ratios (heads 3/3 and 2/3 in every block: benchmarks/budget.py --random) and each neighbour that
@@ -8,7 +8,8 @@ uniform ratios (heads 3/3 and 2/3 in every block: benchmarks/budget.py --random)
 and the allocations --random found best there, are each finetuned as budget.py finetunes (10 epochs, once per
 seed), then scored on `tune` (the images the search judges on) and on `val` (those the benchmark scores on).
 Each lead over the uniform ratios is printed seed by seed: on tune, with its paired standard error over the
-images; the recipe's loss on tune; and on val.
+images; the recipe's loss on tune; and on val, with its SE; then the correlation over the allocations
+of the leads on tune (top-1 and loss) with those on val.
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ CASES = {  # (task, share of the MACs): (the best uniform ratios' heads, allocat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--tasks", nargs="+", default=["textures", "digits"], choices=["textures", "digits"])
+    parser.add_argument("--held-out", type=int, default=100, metavar="N",
+                        help="textures: N tune and N val images a class (the ViT and its training images unchanged)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     for (name, budget), (heads, found) in CASES.items():
-        base = bench.task(name, work)
+        if name not in args.tasks:
+            continue
+        base = bench.task(name, work, args.held_out)
         plan = bench.parse_and_check(base.read_text(), base)
         original, _ = bench.Stages(plan, bench.Cache(work / ".cache"), bench.Progress()).loaded
         whole = bench.macs(original.graph, original.input)
@@ -70,8 +76,15 @@ def main() -> None:
             tune_top1 = each(lambda r, q: f"{100 * (r[0] - q[0]).mean():+.2f} "
                                           f"({100 * (r[0] - q[0]).std(ddof=1) / np.sqrt(len(r[0])):.2f})")
             tune_loss = each(lambda r, q: f"{100 * (r[1] - q[1]).mean():+.3f}")
-            val_top1 = each(lambda r, q: f"{100 * (r[2] - q[2]).mean():+.2f}")
+            val_top1 = each(lambda r, q: f"{100 * (r[2] - q[2]).mean():+.2f} "
+                                         f"({100 * (r[2] - q[2]).std(ddof=1) / np.sqrt(len(r[2])):.2f})")
             print(f"| {label} | {h} | {units} | {tune_top1} | {tune_loss} | {val_top1} |", flush=True)
+        leads = np.array([[np.mean([(r[k] - q[k]).mean() for r, q in zip(runs, first)]) for k in (0, 1, 2)]
+                          for *_, runs in rows[1:]])
+        print(f"\nOver the {len(leads)} allocations, the correlation of the lead on val (mean of the seeds) "
+              f"with the top-1 lead on tune: {np.corrcoef(leads[:, 0], leads[:, 2])[0, 1]:+.2f}; with the "
+              f"loss lead on tune: {np.corrcoef(leads[:, 1], leads[:, 2])[0, 1]:+.2f} (negative foresees: "
+              f"less loss)\n", flush=True)
 
 
 def scored(label, heads, weights, base, original, teacher, limit, train, tune, val, seeds):
