@@ -87,13 +87,14 @@ target cpu { device = cpu, format = onnx }
 """
 
 
-def textures(root: Path, per_class: int = 150, more: int = 70, seed: int = 0) -> None:
+def textures(root: Path, held_out: int = 100, per_class: int = 150, seed: int = 0) -> None:
     """10 classes of 32×32 textures, each image with its own phase, frequency, contrast, tint and noise:
     gratings at 0, 45, 90 and 135 degrees at a low and a high frequency, checkerboards and dots. Of
-    `per_class` a class, a fifth go to val, a fifth to tune and the rest to train; then `more` a class to
-    each of tune and val, drawn from a second stream so that the first images (and the ViT trained on
-    them) are the same whatever `more` is."""
+    `per_class` a class, a fifth go to val, a fifth to tune and the rest to train; then as many more a class
+    to each of tune and val as make `held_out` there, drawn from a second stream so that the first images
+    (and the ViT trained on them) are the same whatever `held_out` is."""
     first, second = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    more = held_out - per_class // 5
     for label in range(10):
         for i in range(per_class):
             part = "val" if i < per_class // 5 else "tune" if i < 2 * (per_class // 5) else "train"
@@ -141,7 +142,7 @@ def task(name: str, work: Path, held_out: int = 100) -> Path:
         held(folder / "data", "train", "tune", 0.2)
         text = (DIGITS / "digits.evc").read_text()
     else:
-        textures(folder, more=held_out - 150 // 5)
+        textures(folder, held_out)
         text = TEXTURES_SPEC
     text = text.replace('data val ', 'data tune  { images = "data/tune" }\ndata val ', 1)
     torch.manual_seed(0)

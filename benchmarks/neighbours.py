@@ -73,11 +73,12 @@ def main() -> None:
             def each(f):
                 return " / ".join(f(run, ref) for run, ref in zip(runs, first))
 
-            tune_top1 = each(lambda r, q: f"{100 * (r[0] - q[0]).mean():+.2f} "
-                                          f"({100 * (r[0] - q[0]).std(ddof=1) / np.sqrt(len(r[0])):.2f})")
+            def paired(k):  # the lead in top-1 on split k, in points, and its standard error over the images
+                return each(lambda r, q: f"{100 * (r[k] - q[k]).mean():+.2f} "
+                                         f"({100 * (r[k] - q[k]).std(ddof=1) / np.sqrt(len(r[k])):.2f})")
+
+            tune_top1, val_top1 = paired(0), paired(2)
             tune_loss = each(lambda r, q: f"{100 * (r[1] - q[1]).mean():+.3f}")
-            val_top1 = each(lambda r, q: f"{100 * (r[2] - q[2]).mean():+.2f} "
-                                         f"({100 * (r[2] - q[2]).std(ddof=1) / np.sqrt(len(r[2])):.2f})")
             print(f"| {label} | {h} | {units} | {tune_top1} | {tune_loss} | {val_top1} |", flush=True)
         leads = np.array([[np.mean([(r[k] - q[k]).mean() for r, q in zip(runs, first)]) for k in (0, 1, 2)]
                           for *_, runs in rows[1:]])

@@ -202,9 +202,12 @@ def judged_text(judge: dict, human) -> list[str]:
     if winner is baseline:
         rivals = [c for c in judge["candidates"] if c is not baseline and c.get("lead") is not None]
         nearest = max(rivals, key=lambda c: c["lead"], default=None)
-        why = ("" if nearest is None else f"; the nearest, {nearest['name']}, led by {_lead(nearest, by_loss)}"
-               if nearest["lead"] > 0 else f"; none led them at all: the nearest, {nearest['name']}, "
-                                           f"was {_lead(nearest, by_loss)}")
+        if nearest is None:
+            why = ""
+        elif nearest["lead"] > 0:
+            why = f"; the nearest, {nearest['name']}, led by {_lead(nearest, by_loss)}"
+        else:
+            why = f"; none led them at all: the nearest, {nearest['name']}, was {_lead(nearest, by_loss)}"
         lines.append(f"  {flat} kept: no other allocation led them by more than {judge.get('bar', 1):.2f} standard "
                      f"errors{why}")
     else:
