@@ -401,7 +401,7 @@ FORMATS = (
                 name='min_cosine',
                 kind=Float(low=0, high=1),
                 default=0.9,
-                help='worst cosine of the int8 proxy to PyTorch below which the build fails (only for given weights)',
+                help='mean cosine of the int8 proxy to PyTorch over the validation images, below which the build fails (only for given weights)',
             ),
             Param(
                 name='int16',

@@ -3,6 +3,8 @@
 A classifier's output, (batch, classes), is judged on max abs diff, cosine
 and top-1 agreement; a map (segmentation, depth, a backbone's features: any
 other shape) on max abs diff and cosine alone: its argmax names no class.
+Cosine is per sample: the worst says how far one input strayed, the mean how
+far the artifact as a whole did.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 class Parity:
     max_abs_diff: float
     cosine: float  # the worst per-sample cosine similarity
+    mean_cosine: float  # the mean of the per-sample cosines
     top1_agreement: float | None  # share of samples whose argmax agrees; None for a map
     samples: int
 
@@ -48,6 +51,7 @@ def compare(reference: np.ndarray, outputs: np.ndarray) -> Parity:
     return Parity(
         max_abs_diff=float(np.abs(reference - outputs).max()),
         cosine=float(cosine.min()),
+        mean_cosine=float(cosine.mean()),
         top1_agreement=None if is_map else float(agree.mean()),
         samples=len(reference),
     )
@@ -61,4 +65,7 @@ def describe(parity: dict | None, gate: dict | None = None) -> str:
         return f"not judged: {gate['summary']} (figures in manifest.json)"
     agreement = parity.get("top1_agreement")
     top1 = "a map" if agreement is None else f"{agreement:.0%}"
-    return f"max|Δ| {parity['max_abs_diff']:.2g}, cosine {parity['cosine']:.5f}, top-1 {top1}"
+    cosine = f"cosine {parity['cosine']:.5f}"
+    if "mean_cosine" in parity:  # manifests written before evc recorded it have none
+        cosine += f" (mean {parity['mean_cosine']:.5f})"
+    return f"max|Δ| {parity['max_abs_diff']:.2g}, {cosine}, top-1 {top1}"

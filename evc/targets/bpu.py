@@ -16,6 +16,16 @@ what it can without it:
 - `model_int8_proxy.onnx`, the same ONNX quantized by ONNX Runtime as config.yaml
   tells hb_mapper to (_bpu_proxy.py), with the same data: the driver compares it
   with PyTorch, so an int8 collapse shows here.
+
+The proxy's gate, `min_cosine`, judges the mean of its per-image cosines to
+PyTorch, not the worst image's, as the formats that quantize only MatMul, Gemm
+and Conv do. Every node of the proxy is int8, so one image's cosine is an
+extreme of a wide tail: on the digits ViT trained with four seeds (examples/
+digits, 359 val images, `int16 = [softmax, layernorm]`) the worst image's
+ranged from 0.78 to 0.98 with no image's top-1 lost, while the mean stayed at
+0.994 or above. The mean falls where the model does: LayerNorm's pieces in
+int8 cost one seed 12 points of top-1 at a mean of 0.84, and a class token
+below int8 resolution gives 0.63 (tests/targets/test_bpu.py).
 """
 
 from __future__ import annotations
@@ -69,7 +79,8 @@ def _check(values: dict, spans: dict, device: str) -> None:
     Param("tolerance", Float(0, open_low=True), 1e-4,
           "largest max abs diff of model.onnx from PyTorch that passes parity"),
     Param("min_cosine", Float(0, 1), 0.9,
-          "worst cosine of the int8 proxy to PyTorch below which the build fails (only for given weights)"),
+          "mean cosine of the int8 proxy to PyTorch over the validation images, below which the build fails "
+          "(only for given weights)"),
     Param("int16", ListOf(Choice(tuple(PARTS)), or_single=True), ("softmax",),
           "parts hb_mapper runs in int16 on the BPU, named in config.yaml's node_info and so kept in the int8 "
           "proxy: softmax (every Softmax, which runs on the BPU only so named), layernorm (each LayerNorm's "
@@ -131,10 +142,15 @@ class Bpu(Format, Runtime, Placement):
         """model.onnx passes within `tolerance`; the int8 proxy fails only on a collapse below `min_cosine`."""
         if "quantize" not in artifact.details:
             return parity.beyond(params["tolerance"])
-        if artifact.details["gate"]["applied"] and parity.cosine < params["min_cosine"]:
-            return (f"the int8 proxy collapsed: worst cosine to PyTorch {parity.cosine:.4f} is below "
-                    f"min_cosine {params['min_cosine']:g}")
-        return None
+        if not artifact.details["gate"]["applied"] or parity.mean_cosine >= params["min_cosine"]:
+            return None
+        reason = (f"the int8 proxy collapsed: mean cosine to PyTorch {parity.mean_cosine:.4f} over "
+                  f"{parity.samples} images is below min_cosine {params['min_cosine']:g} "
+                  f"(the worst image's: {parity.cosine:.4f})")
+        if "layernorm" not in params["int16"]:
+            reason += ("; LayerNorm's pieces are int8 here, and int16 = [softmax, layernorm] puts them in int16 "
+                       "(docs/targets.md)")
+        return reason
 
     def placement(self, program, target) -> dict:
         """The operator check of `program` for `target`'s device, as the manifest keeps it, writing no bundle."""

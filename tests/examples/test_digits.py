@@ -14,8 +14,9 @@ EXAMPLE = ROOT / "examples" / "digits"
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """The example's data and a checkpoint trained for eight epochs instead of forty: far less accurate
-    (about 28% against 96%), but trained, which is what the pipeline needs to show accuracy surviving."""
+    """The example's data and its checkpoint, trained as prepare.py trains it (40 epochs, about 96% top-1):
+    the int8 proxy is judged only on a model that has learned. At 8 epochs (28%) the logits' margins are so
+    thin that int8's noise flipped 2 points of top-1."""
     folder = tmp_path_factory.mktemp("digits")
     sys.path.insert(0, str(EXAMPLE))
     import prepare
@@ -23,7 +24,7 @@ def prepared(tmp_path_factory):
     prepare.write_folders(folder / "data")
     torch.manual_seed(0)
     model = prepare.digits_vit()
-    prepare.train(model, *prepare.read_folder(folder / "data" / "train"), epochs=8, lr=3e-3)
+    prepare.train(model, *prepare.read_folder(folder / "data" / "train"), epochs=40)
     prepare.save_file(model.state_dict(), folder / "digits_vit.safetensors")
     return folder
 
@@ -47,7 +48,7 @@ def test_the_spec_halves_the_macs_keeps_accuracy_and_prints_the_table(prepared):
     manifest = json.loads((prepared / "build" / "digits" / "cpu" / "manifest.json").read_text())
     evaluation = manifest["evaluation"]
     assert evaluation["compressed"]["macs"] <= 0.55 * evaluation["original"]["macs"]
-    assert evaluation["original"]["top1"] > 0.2  # above chance (0.1): trained, if briefly
+    assert evaluation["original"]["top1"] > 0.2  # above chance (0.1): trained
     assert evaluation["compressed"]["top1"] >= evaluation["original"]["top1"] - 0.05
     assert manifest["artifacts"][0]["accuracy"]["top1"] == pytest.approx(evaluation["compressed"]["top1"], abs=0.01)
     finetune = manifest["passes"][2]
@@ -97,14 +98,17 @@ def test_the_x5_int8_proxy_of_the_trained_model_keeps_top1_within_a_point_of_the
     beside model.onnx (the float model lowered for the BPU)."""
     done, manifests = x5_built
     model, proxy = manifests["x5"]["artifacts"]
-    assert model["accuracy"]["top1"] > 0.2  # trained: above chance
-    assert abs(proxy["accuracy"]["top1"] - model["accuracy"]["top1"]) <= 0.01
+    assert model["accuracy"]["top1"] > 0.9  # trained: 96.4% to 97.5% over four seeds
+    assert abs(proxy["accuracy"]["top1"] - model["accuracy"]["top1"]) <= 0.01  # 0 to 2 of 359 images apart
     assert proxy["gate"] == {"min_cosine": 0.9, "applied": True} and "not judged" not in done.stdout
+    assert proxy["parity"]["mean_cosine"] >= 0.9 and f"(mean {proxy['parity']['mean_cosine']:.5f})" in done.stdout
 
 
 @pytest.mark.slow
 def test_layer_norm_in_int16_brings_the_proxy_closer_to_pytorch_than_int8(x5_built):
     _, manifests = x5_built
     wide, narrow = (manifests[name]["artifacts"][1] for name in ("x5", "x5_softmax_int16"))
-    assert wide["parity"]["cosine"] > narrow["parity"]["cosine"] + 0.1  # 0.974 against 0.503 when measured
+    # Mean cosine over val, training seeds 0 to 3: 0.9993, 0.9938, 0.9941, 0.9979 against 0.9914, 0.8416, 0.9903,
+    # 0.8795; the worst image's is a tail too wide to order them (0.880 against 0.895 at seed 2).
+    assert wide["parity"]["mean_cosine"] > narrow["parity"]["mean_cosine"]
     assert wide["int16_tensors"] > narrow["int16_tensors"]

@@ -22,11 +22,12 @@ def test_an_all_zero_output_agrees_with_nothing():
     assert compare(np.zeros_like(x), np.zeros_like(x)).cosine == 1.0
 
 
-def test_cosine_is_the_worst_sample_and_top1_the_share_that_agrees():
+def test_cosine_is_the_worst_sample_mean_cosine_their_mean_and_top1_the_share_that_agrees():
     reference = np.array([[1.0, 0.0], [0.0, 1.0]])
     outputs = np.array([[1.0, 0.0], [1.0, 0.0]])
     parity = compare(reference, outputs)
     assert parity.cosine == 0.0 and parity.top1_agreement == 0.5 and parity.samples == 2
+    assert parity.mean_cosine == 0.5
 
 
 def test_a_map_has_no_top1_agreement_and_is_described_as_one():
@@ -53,7 +54,7 @@ def test_a_dense_model_builds_and_its_bundle_report_and_diff_say_its_output_is_a
     spec.write_text(DENSE)
     done = run_evc("build", spec, "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
-    assert "cosine 1.00000, top-1 a map" in done.stderr + done.stdout
+    assert "cosine 1.00000 (mean 1.00000), top-1 a map" in done.stderr + done.stdout
     bundle = tmp_path / "out" / "dense" / "cpu"
     assert json.loads((bundle / "manifest.json").read_text())["artifacts"][0]["parity"]["top1_agreement"] is None
     assert "top-1 agreement not measured (a map)" in (bundle / "README.md").read_text()
