@@ -18,8 +18,8 @@ what it can without it:
   with PyTorch, so an int8 collapse shows here.
 
 The proxy's gate, `min_cosine`, judges the mean of its per-image cosines to
-PyTorch, not the worst image's, as the formats that quantize only MatMul, Gemm
-and Conv do. Every node of the proxy is int8, so one image's cosine is an
+PyTorch. The formats that quantize only MatMul, Gemm and Conv judge the worst
+image's; every node of the proxy is int8, so here one image's cosine is the
 extreme of a wide tail: on the digits ViT trained with four seeds (examples/
 digits, 359 val images, `int16 = [softmax, layernorm]`) the worst image's
 ranged from 0.78 to 0.98 with no image's top-1 lost, while the mean stayed at
