@@ -42,8 +42,8 @@ def compare(reference: np.ndarray, outputs: np.ndarray) -> Parity:
     if reference.shape != outputs.shape:
         raise ValueError(f"output shapes differ: {reference.shape} vs {outputs.shape}")
     dot = (reference * outputs).sum(axis=1)
-    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(outputs, axis=1)
     ref_norm, out_norm = np.linalg.norm(reference, axis=1), np.linalg.norm(outputs, axis=1)
+    norms = ref_norm * out_norm
     # Two zero vectors agree; one zero vector agrees with nothing (a collapsed int8 model outputs zeros).
     both_zero = (ref_norm == 0) & (out_norm == 0)
     cosine = np.where(norms > 0, dot / np.maximum(norms, 1e-300), np.where(both_zero, 1.0, 0.0))
